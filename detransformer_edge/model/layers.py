@@ -1,0 +1,192 @@
+"""Building blocks shared by the encoder and the decoder.
+
+A decoupled layer is nothing but ``nd`` ordinary layers of residual width ``d_model / nd`` that
+each read and write their own slice of the hidden state. So one layer class per family serves
+both as a coupled layer (width ``d_model``) and as a sub-block (width ``d_sub``): the unit a
+device computes is an ordinary ``nn.Module`` that runs on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class KVCache:
+    """Keys and values seen so far by one attention module, grown as tokens arrive."""
+
+    k: torch.Tensor | None = None  # (B, n_kv_heads, T, head_dim)
+    v: torch.Tensor | None = None
+    _len: int = field(default=0, repr=False)
+
+    @property
+    def length(self) -> int:
+        return self._len
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add new keys/values (B, n_kv, T_new, hd); return everything cached so far."""
+        if self.k is None:
+            # Room for growth so decode steps do not reallocate every token.
+            cap = max(16, 2 * k.shape[2])
+            self.k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            self.v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+        assert self.v is not None
+        need = self._len + k.shape[2]
+        if need > self.k.shape[2]:
+            cap = max(need, 2 * self.k.shape[2])
+            grown_k = self.k.new_empty(self.k.shape[0], self.k.shape[1], cap, self.k.shape[3])
+            grown_v = self.v.new_empty(self.v.shape[0], self.v.shape[1], cap, self.v.shape[3])
+            grown_k[:, :, : self._len] = self.k[:, :, : self._len]
+            grown_v[:, :, : self._len] = self.v[:, :, : self._len]
+            self.k, self.v = grown_k, grown_v
+        self.k[:, :, self._len : need] = k
+        self.v[:, :, self._len : need] = v
+        self._len = need
+        return self.k[:, :, :need], self.v[:, :, :need]
+
+    def nbytes(self) -> int:
+        if self.k is None or self.v is None:
+            return 0
+        return self.k.nelement() * self.k.element_size() + self.v.nelement() * self.v.element_size()
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the "rotate half" convention (first and second half of each head pair up)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (T, head_dim) for integer positions (T,)."""
+        freqs = torch.outer(positions.to(torch.float32), self.inv_freq)  # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+        return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, hd); cos/sin: (T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head attention from residual width ``d_in`` to ``n_heads`` heads and back.
+
+    ``d_in`` is ``d_model`` in a coupled layer and ``d_model / nd`` in a sub-block, whose Q/K/V
+    still span all heads (d/nd -> d) unless the config asks for sliced attention.
+    """
+
+    def __init__(
+        self, d_in: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool, causal: bool
+    ) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.causal = causal
+        self.q_proj = nn.Linear(d_in, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_in, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_in, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, d_in, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        return self.o_proj(self.attend(x, mask, rope, cache))
+
+    def attend(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Attention up to (not including) the output projection: (B, T, n_heads * head_dim).
+
+        Split from ``forward`` so tensor-parallel shards can run their heads and project
+        with their rows of ``o_proj`` themselves.
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(k, v)
+        attn_mask, is_causal = mask, False
+        if self.causal:
+            if past == 0 and mask is None:
+                is_causal = T > 1
+            elif T > 1:
+                # Queries sit at positions past..past+T-1 and may see keys 0..their own position.
+                q_pos = torch.arange(past, past + T, device=x.device)[:, None]
+                k_pos = torch.arange(past + T, device=x.device)[None, :]
+                causal = k_pos <= q_pos  # (T, past+T)
+                attn_mask = causal if mask is None else (mask & causal)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            enable_gqa=self.n_heads != self.n_kv_heads,
+        )  # (B, H, T, hd)
+        return out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+
+
+class GeluMLP(nn.Module):
+    """BERT feed-forward: up, exact GELU, down."""
+
+    def __init__(self, d_in: int, d_ff: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_in, d_ff)
+        self.down = nn.Linear(d_ff, d_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class SwiGLU(nn.Module):
+    """Llama feed-forward: down(silu(gate(x)) * up(x)), no biases."""
+
+    def __init__(self, d_in: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(d_in, d_ff, bias=False)
+        self.up = nn.Linear(d_in, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d_in, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class DecoupledLayer(nn.Module):
+    """``nd`` independent sub-blocks, each owning one contiguous slice of the hidden state.
+
+    Running the sub-blocks one by one and concatenating is exactly this layer; no data
+    crosses sub-blocks, which is what lets devices compute them without communicating.
+    """
+
+    def __init__(self, sub_blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.sub_blocks = nn.ModuleList(sub_blocks)
+
+    def forward(self, h: torch.Tensor, *args: object, cache: list[KVCache] | None = None) -> torch.Tensor:
+        width = h.shape[-1] // len(self.sub_blocks)
+        slices = h.split(width, dim=-1)
+        outs = [
+            block(x, *args, cache=None if cache is None else cache[j])
+            for j, (block, x) in enumerate(zip(self.sub_blocks, slices))
+        ]
+        return torch.cat(outs, dim=-1)
+
+    def new_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.sub_blocks]
