@@ -216,8 +216,10 @@ class Plan:
 
     @classmethod
     def from_msgpack(cls, data: bytes) -> Plan:
+        if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > 1 << 20:
+            raise PlanError("a msgpack plan must be bytes of at most 1 MiB")
         try:
-            obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_buffer_size=1 << 20)
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
         except Exception as exc:  # msgpack raises several unrelated types for bad input
             raise PlanError(f"plan is not valid msgpack: {exc}") from None
         return cls.from_dict(obj)
