@@ -163,7 +163,8 @@ def encode_tensor(
         msg["data"] = q.tobytes()
         msg["scale"] = scale.astype("<f4").tobytes()
     else:
-        out = np.ascontiguousarray(x, dtype=np_dtype)
+        with np.errstate(over="ignore"):  # overflow is detected and reported just below
+            out = np.ascontiguousarray(x, dtype=np_dtype)
         if np_dtype == "<f2" and out.size and not np.isfinite(out).all():
             if np.isfinite(x).all():
                 raise WireError(
