@@ -7,7 +7,7 @@ import pytest
 from detransformer_edge.cluster.topics import (
     Assignment,
     ClusterTopics,
-    DeviceProfile,
+    ProfileRecord,
     DeviceStatus,
     LeaderLease,
     Presence,
@@ -20,7 +20,7 @@ from detransformer_edge.errors import DetransformerError
 
 T = ClusterTopics("home")
 
-PROFILE = DeviceProfile("kitchen-pi", "Kitchen Pi", "rpi4", 13.5, 3000.0, 90.0, 12.25, "0.1.0")
+PROFILE = ProfileRecord("kitchen-pi", "Kitchen Pi", "rpi4", 13.5, 3000.0, 90.0, 12.25, "0.1.0")
 STATUS = DeviceStatus("kitchen-pi", True, "leader", 0.42, 812.5, 3, ((0, 1), (1, 1)), 123.4, 1.7e9)
 LEASE = LeaderLease("kitchen-pi", 1764190000123, 1764190010.5, 10.0, "9f2c")
 ASSIGN = Assignment("kitchen-pi", 7, 3, {"sub_blocks": [[0, 1]], "sha256": "ab" * 32})
@@ -73,11 +73,11 @@ def test_topic_strings_and_matching() -> None:
     [
         (Presence, b"maybe", "online' or 'offline"),
         (Presence, b"\xff", "UTF-8"),
-        (DeviceProfile, b"{not json", "not valid UTF-8 JSON"),
-        (DeviceProfile, b"[1,2]", "JSON object"),
-        (DeviceProfile, b'{"id":"a","gflops":1,"mem_mb":1,"link_mbit":1}', "'score'"),
-        (DeviceProfile, b'{"id":"a","gflops":"fast","mem_mb":1,"link_mbit":1,"score":1}', "gflops"),
-        (DeviceProfile, b'{"id":"a","gflops":-1,"mem_mb":1,"link_mbit":1,"score":1}', ">= 0"),
+        (ProfileRecord, b"{not json", "not valid UTF-8 JSON"),
+        (ProfileRecord, b"[1,2]", "JSON object"),
+        (ProfileRecord, b'{"id":"a","gflops":1,"mem_mb":1,"link_mbit":1}', "'score'"),
+        (ProfileRecord, b'{"id":"a","gflops":"fast","mem_mb":1,"link_mbit":1,"score":1}', "gflops"),
+        (ProfileRecord, b'{"id":"a","gflops":-1,"mem_mb":1,"link_mbit":1,"score":1}', ">= 0"),
         (DeviceStatus, b'{"id":"a","ready":1,"role":"leader","load":0,"rss_mb":0,"placement_version":0}', "true or false"),
         (DeviceStatus, b'{"id":"a","ready":true,"role":"king","load":0,"rss_mb":0,"placement_version":0}', "role"),
         (DeviceStatus, b'{"id":"a","ready":true,"role":"leader","load":0,"rss_mb":0,"placement_version":0,"sub_blocks":[[1]]}', "sub_blocks"),
@@ -109,3 +109,14 @@ def test_reply_needs_exactly_one_of_result_and_error() -> None:
 def test_bad_cluster_name() -> None:
     with pytest.raises(ProtocolError, match="cluster name"):
         ClusterTopics("my home")
+
+
+def test_profile_record_from_planner_profile() -> None:
+    from detransformer_edge.planner.profile import load_profile, profile_from_dict
+
+    p = load_profile("firmware_profiles/raspberry-pi-4b.toml")
+    rec = ProfileRecord.from_device_profile("kitchen-pi", p, name="Kitchen Pi", version="0.1.0")
+    assert rec.score == p.capability_score and rec.device_class == p.name
+    back = ProfileRecord.from_json(rec.to_json())
+    assert back == rec
+    assert profile_from_dict(dict(back.planner)).name == "kitchen-pi"

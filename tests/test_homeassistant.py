@@ -7,7 +7,7 @@ import json
 import jinja2
 import pytest
 
-from detransformer_edge.cluster.topics import ClusterTopics, DeviceProfile, DeviceStatus
+from detransformer_edge.cluster.topics import ClusterTopics, ProfileRecord, DeviceStatus
 from detransformer_edge.integrations.homeassistant import (
     BIRTH_TOPIC,
     SENSORS,
@@ -18,7 +18,7 @@ from detransformer_edge.integrations.homeassistant import (
 )
 
 T = ClusterTopics("home")
-PROFILE = DeviceProfile("kitchen.pi", "Kitchen Pi", "rpi4", 13.5, 3000.0, 90.0, 12.0)
+PROFILE = ProfileRecord("kitchen.pi", "Kitchen Pi", "rpi4", 13.5, 3000.0, 90.0, 12.0)
 
 
 def render(template: str, status: DeviceStatus) -> str:

@@ -181,23 +181,50 @@ class Presence(Message):
 
 
 @dataclass(frozen=True)
-class DeviceProfile(Message):
-    """`P/devices/<id>/profile` (retained): what a device can do; the election ranks by `score`."""
+class ProfileRecord(Message):
+    """`P/devices/<id>/profile` (retained): what a device can do; the election ranks by `score`.
+
+    `planner` carries the full planner profile (`planner.profile.profile_to_dict`) so the leader
+    can plan with `profile_from_dict(record.planner)`; the flat fields are for dashboards, Home
+    Assistant and the election."""
 
     SCHEMA: ClassVar[str] = "profile"
     id: str
-    name: str
-    device_class: str  # e.g. "rpi4", "mini-pc", "laptop", "speaker"
-    gflops: float  # measured fp32 matmul throughput
-    mem_mb: float  # memory budget the agent may use for weights and activations
-    link_mbit: float  # measured or configured link to the broker
-    score: float  # capability score; higher leads (see election.py)
-    version: str = ""  # software version of the agent
+    name: str  # human-readable device name
+    device_class: str  # board / profile kind, e.g. "raspberry-pi-4b", "n100"
+    gflops: float  # sustained fp32 matmul throughput
+    mem_mb: float  # memory the agent may use
+    link_mbit: float  # the device's link to the broker
+    score: float  # capability score; higher leads (planner DeviceProfile.capability_score)
+    version: str = ""  # agent software version
+    planner: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_name(self.id, "device id")
         for key in ("gflops", "mem_mb", "link_mbit", "score"):
             _num(getattr(self, key), key, self.SCHEMA, 0.0)
+
+    @classmethod
+    def from_device_profile(
+        cls, device_id: str, profile: Any, *, name: str = "", device_class: str = "", version: str = ""
+    ) -> ProfileRecord:
+        """Build the record from a `detransformer_edge.planner.profile.DeviceProfile`."""
+        from dataclasses import replace
+
+        from detransformer_edge.planner.profile import profile_to_dict
+
+        own = replace(profile, name=device_id)  # the planner names devices by their id
+        return cls(
+            id=device_id,
+            name=name or device_id,
+            device_class=device_class or profile.name,
+            gflops=float(profile.gflops),
+            mem_mb=float(profile.ram_mb),
+            link_mbit=float(profile.link_mbit),
+            score=float(profile.capability_score),
+            version=version,
+            planner=profile_to_dict(own),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -209,26 +236,26 @@ class DeviceProfile(Message):
             "link_mbit": self.link_mbit,
             "score": self.score,
             "version": self.version,
+            "planner": dict(self.planner),
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Self:
         s = cls.SCHEMA
-        try:
-            return cls(
-                id=req_str(d, "id", s),
-                name=opt_str(d, "name", s) or req_str(d, "id", s),
-                device_class=opt_str(d, "device_class", s, "unknown") or "unknown",
-                gflops=req_num(d, "gflops", s, minimum=0),
-                mem_mb=req_num(d, "mem_mb", s, minimum=0),
-                link_mbit=req_num(d, "link_mbit", s, minimum=0),
-                score=req_num(d, "score", s, minimum=0),
-                version=opt_str(d, "version", s),
-            )
-        except ProtocolError:
-            raise
-        except DetransformerError as exc:  # pragma: no cover - defensive
-            raise ProtocolError(f"{s}: {exc}") from exc
+        planner = d.get("planner", {})
+        if not isinstance(planner, dict):
+            raise ProtocolError(f"{s}: field 'planner' must be a JSON object")
+        return cls(
+            id=req_str(d, "id", s),
+            name=opt_str(d, "name", s) or req_str(d, "id", s),
+            device_class=opt_str(d, "device_class", s, "unknown") or "unknown",
+            gflops=req_num(d, "gflops", s, minimum=0),
+            mem_mb=req_num(d, "mem_mb", s, minimum=0),
+            link_mbit=req_num(d, "link_mbit", s, minimum=0),
+            score=req_num(d, "score", s, minimum=0),
+            version=opt_str(d, "version", s),
+            planner=planner,
+        )
 
 
 def _sub_blocks(v: Any, schema: str) -> tuple[tuple[int, int], ...]:
@@ -552,7 +579,7 @@ class ClusterTopics:
         self.prefix = f"{root}/{cluster}"
         p = self.prefix
         self.presence = TopicFamily(f"{p}/devices/{{id}}/presence", Presence, qos=1, retain=True)
-        self.profile = TopicFamily(f"{p}/devices/{{id}}/profile", DeviceProfile, qos=1, retain=True)
+        self.profile = TopicFamily(f"{p}/devices/{{id}}/profile", ProfileRecord, qos=1, retain=True)
         self.status = TopicFamily(f"{p}/devices/{{id}}/status", DeviceStatus, qos=0, retain=True)
         self.leader = TopicFamily(f"{p}/leader", LeaderLease, qos=1, retain=True)
         self.assign = TopicFamily(f"{p}/assign/{{id}}", Assignment, qos=1, retain=False)

@@ -24,7 +24,7 @@ from detransformer_edge.cluster.topics import (
     PRESENCE_OFFLINE,
     PRESENCE_ONLINE,
     ClusterTopics,
-    DeviceProfile,
+    ProfileRecord,
 )
 
 DISCOVERY_PREFIX = "homeassistant"
@@ -72,7 +72,7 @@ def node_id(cluster: str, device_id: str) -> str:
     return _SAFE.sub("_", f"detransformer_{cluster}_{device_id}")
 
 
-def device_block(profile: DeviceProfile, cluster: str, sw_version: str) -> dict[str, Any]:
+def device_block(profile: ProfileRecord, cluster: str, sw_version: str) -> dict[str, Any]:
     return {
         "identifiers": [node_id(cluster, profile.id)],
         "name": profile.name,
@@ -83,7 +83,7 @@ def device_block(profile: DeviceProfile, cluster: str, sw_version: str) -> dict[
 
 
 def discovery_messages(
-    topics: ClusterTopics, profile: DeviceProfile, sw_version: str, prefix: str = DISCOVERY_PREFIX
+    topics: ClusterTopics, profile: ProfileRecord, sw_version: str, prefix: str = DISCOVERY_PREFIX
 ) -> list[tuple[str, str]]:
     """(topic, JSON payload) for every sensor of this agent; publish retained, QoS 1."""
     node = node_id(topics.cluster, profile.id)
