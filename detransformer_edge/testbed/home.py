@@ -55,8 +55,8 @@ class NodeLink:
 
     def describe(self) -> str:
         link = (
-            f"{self.shaping.mbit} Mbit/s tbf burst {self.shaping.burst_bytes} B "
-            f"latency {self.shaping.latency_ms} ms, both directions"
+            f"{self.shaping.mbit} Mbit/s both ways (tbf burst {self.shaping.burst_bytes} B, "
+            f"queue {self.shaping.limit_bytes} B = {self.shaping.max_queue_ms:.0f} ms)"
             if self.shaping
             else "unshaped (wired hub)"
         )
@@ -133,8 +133,11 @@ class Home:
         if record is None:
             return
         self._stop_spawned()
-        leftovers = teardown(record.netns, record.cgroups)
         _unregister(self)
+        if not record.is_current():
+            log.warning("home %s was already removed (cleanup_stale?)", record.prefix)
+            return
+        leftovers = teardown(record.netns, record.cgroups)
         if leftovers:
             msg = f"home {record.prefix}: could not remove " + "; ".join(leftovers)
             log.error("%s (run cleanup_stale(%r) later)", msg, record.prefix)
@@ -223,7 +226,9 @@ class Home:
         return self.spec.address(name)
 
     def netns(self, name: str) -> str:
-        """Network namespace name of a node, for `ip netns exec` by hand."""
+        """Network namespace of a node (or "router": the bridge's), for `ip -n` by hand."""
+        if name == ROUTER:
+            return self.spec.netns(ROUTER)
         return self._link(name).netns
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -45,11 +46,19 @@ class HomeRecord:
     owner_start: str
     netns: list[str]
     cgroups: list[str]  # absolute directories, one per node and controller hierarchy
+    token: str  # tells this opening of a prefix from a later one
 
     @classmethod
     def for_this_process(cls, prefix: str, netns: list[str], cgroups: list[str]) -> HomeRecord:
         pid = os.getpid()
-        return cls(prefix, pid, _start_time(pid) or "", netns, cgroups)
+        return cls(prefix, pid, _start_time(pid) or "", netns, cgroups, secrets.token_hex(8))
+
+    def is_current(self) -> bool:
+        """Whether the record on disk is still this one (not cleaned or replaced since)."""
+        try:
+            return HomeRecord.load(self.path).token == self.token
+        except (OSError, ValueError, TypeError):
+            return False
 
     @property
     def path(self) -> Path:
