@@ -247,23 +247,35 @@ class CostModel:
         return rows * width * WIRE_ITEMSIZE[wire] + scales + ENVELOPE_BYTES
 
     # -- memory ----------------------------------------------------------------------------------
+    def _pieces(self, held: DeviceWeights) -> tuple[int, int]:
+        """(sub-block instances, whole coupled layers) held; a whole decoupled layer counts as
+        all its sub-blocks, and a sub-block held both ways counts once."""
+        whole = set(held.whole_layers)
+        n_subs = 0
+        n_layers = 0
+        for i, kind in enumerate(self.layer_kinds):
+            if kind == "coupled":
+                n_layers += i in whole
+            else:
+                n_subs += self.nd if i in whole else len(held.sub_blocks)
+        return n_subs, n_layers
+
     def weights_bytes(self, held: DeviceWeights) -> int:
         cfg = self.cfg
-        params = 0
+        n_subs, n_layers = self._pieces(held)
+        layer = analysis.coupled_layer_params(cfg)
+        params = n_subs * analysis.subblock_params(cfg) + n_layers * layer
         if held.embeddings:
             params += analysis.embedding_params(cfg)
-        if held.sub_blocks:
-            params += len(held.sub_blocks) * self.n_dec * analysis.subblock_params(cfg)
-        layer = analysis.coupled_layer_params(cfg)
-        params += len(held.coupled_layers) * layer
         for _rank, k in held.tp_shards:
             params += self.n_cpl * layer // k
         return params * analysis.WEIGHT_BYTES
 
     def kv_bytes(self, held: DeviceWeights, work: Workload) -> int:
         cfg = self.cfg
-        kv = len(held.sub_blocks) * self.n_dec * analysis.subblock_kv_bytes(cfg, work.context, work.batch)
-        kv += len(held.coupled_layers) * analysis.coupled_kv_bytes(cfg, work.context, work.batch)
+        n_subs, n_layers = self._pieces(held)
+        kv = n_subs * analysis.subblock_kv_bytes(cfg, work.context, work.batch)
+        kv += n_layers * analysis.coupled_kv_bytes(cfg, work.context, work.batch)
         for _rank, k in held.tp_shards:
             kv += self.n_cpl * analysis.coupled_kv_bytes(cfg, work.context, work.batch, k)
         return kv
@@ -276,12 +288,7 @@ class CostModel:
         return total
 
     def required(self, plan: Plan, device: str) -> DeviceWeights:
-        """Weights ``device`` needs for ``plan``. A single device running a decoupled model needs
-        every sub-block and the coupled layers (``parallel.plan.required_weights`` asks for
-        whole layers there, which a decoupled model does not have)."""
-        if plan.mode == "single" and self.decoupled and device in plan.devices:
-            coupled = tuple(i for i, k in enumerate(self.layer_kinds) if k == "coupled")
-            return DeviceWeights(True, tuple(range(self.nd)), coupled)
+        """Weights ``device`` needs for ``plan`` (``parallel.plan.required_weights``)."""
         return required_weights(plan, self.layer_kinds, device)
 
     def _plan_memory(

@@ -82,7 +82,7 @@ class RuntimePlanner:
         n_layers = len(self.layer_kinds)
         self.full_layers = set(range(n_layers))
         self.coordinators = [d for d in self.devices if self.holdings[d].embeddings]
-        self.replicas = [d for d in self.devices if set(self.coupled_idx) <= set(self.holdings[d].coupled_layers)]
+        self.replicas = [d for d in self.devices if set(self.coupled_idx) <= set(self.holdings[d].whole_layers)]
         self.tp_groups = self._tp_groups()
 
     # -- public ----------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ class RuntimePlanner:
         n_layers = len(self.layer_kinds)
         work = request.workload
         others = sorted(
-            (d for d in self.devices if d != coord and self.holdings[d].coupled_layers),
+            (d for d in self.devices if d != coord and self.holdings[d].whole_layers),
             key=lambda d: (self.cost.time(d, work, "layer"), d),
         )
         for k in range(1, len(others) + 1):
@@ -287,7 +287,7 @@ class RuntimePlanner:
         layer, stages, used = 0, [], set()
         device = coord
         while layer < n_layers:
-            held = set(self.holdings[device].coupled_layers)
+            held = set(self.holdings[device].whole_layers)
             end = layer
             while end < n_layers and end in held:
                 end += 1
@@ -300,10 +300,10 @@ class RuntimePlanner:
             layer = end
             if layer == n_layers:
                 break
-            nxt = [d for d in self.devices if d not in used and layer in self.holdings[d].coupled_layers]
+            nxt = [d for d in self.devices if d not in used and layer in self.holdings[d].whole_layers]
             if not nxt:
                 return None
-            device = max(nxt, key=lambda d: (_run_length(self.holdings[d].coupled_layers, layer), -self.devices.index(d)))
+            device = max(nxt, key=lambda d: (_run_length(self.holdings[d].whole_layers, layer), -self.devices.index(d)))
         return tuple(stages)
 
     def _all_plans(self, wires: tuple[str, ...]) -> Iterator[Plan]:
@@ -412,8 +412,8 @@ def holdings_summary(holdings: Mapping[str, DeviceWeights]) -> str:
             bits.append("emb")
         if h.sub_blocks:
             bits.append("sub" + ",".join(map(str, h.sub_blocks)))
-        if h.coupled_layers:
-            bits.append(f"{len(h.coupled_layers)} layers")
+        if h.whole_layers:
+            bits.append(f"{len(h.whole_layers)} layers")
         if h.tp_shards:
             bits.append("tp" + ",".join(f"{r}/{k}" for r, k in h.tp_shards))
         parts.append(f"{d}[{' '.join(bits) or '-'}]")

@@ -223,11 +223,11 @@ def _decoupled_candidates(
     coupled = tuple(i for i, k in enumerate(cost.layer_kinds) if k == "coupled")
     emb = {coord: DeviceWeights(embeddings=True)}
     options: list[tuple[str, dict[str, DeviceWeights]]] = [
-        ("coupled replicated", {d: replace(emb.get(d, DeviceWeights()), coupled_layers=coupled) for d in group}),
+        ("coupled replicated", {d: replace(emb.get(d, DeviceWeights()), whole_layers=coupled) for d in group}),
     ]
     fastest = max(group, key=lambda d: (speed[d], d == coord))
     options.append(
-        (f"coupled on {fastest}", {**emb, fastest: replace(emb.get(fastest, DeviceWeights()), coupled_layers=coupled)})
+        (f"coupled on {fastest}", {**emb, fastest: replace(emb.get(fastest, DeviceWeights()), whole_layers=coupled)})
     )
     k = len(group)
     if k > 1 and getattr(cost.cfg, "n_heads") % k == 0:
@@ -289,7 +289,7 @@ def _add_spares(
         return DeviceWeights(
             held.embeddings or emb,
             tuple(sorted(set(held.sub_blocks) | set(subs))),
-            tuple(sorted(set(held.coupled_layers) | set(layers))),
+            tuple(sorted(set(held.whole_layers) | set(layers))),
             held.tp_shards,
         )
 
@@ -299,8 +299,9 @@ def _add_spares(
             return True
         return False
 
-    # 1. the whole model on the coordinator: the single-device fallback
-    whole = coupled if cost.decoupled else tuple(range(n_layers))
+    # 1. the whole model on the coordinator: the single-device fallback (whole layers), its
+    #    sub-blocks also usable in block plans
+    whole = tuple(range(n_layers))
     try_add(coord, merged(h[coord], emb=True, subs=all_subs, layers=whole))
     if cost.decoupled:
         # 2. coupled replicas on every owner (all-gather needs them)
@@ -319,11 +320,11 @@ def _add_spares(
     else:
         by_speed = sorted(names, key=lambda d: (-speed[d], d))
         for d in by_speed:
-            if d != coord and h[d].coupled_layers:
+            if d != coord and h[d].whole_layers:
                 try_add(d, merged(h[d], layers=whole))
     # 4. the embeddings on a second device, for coordinator failover
     for d in sorted(names, key=lambda d: (-speed[d], d)):
-        if d != coord and (h[d].sub_blocks or h[d].coupled_layers) and try_add(d, merged(h[d], emb=True)):
+        if d != coord and (h[d].sub_blocks or h[d].whole_layers) and try_add(d, merged(h[d], emb=True)):
             break
     return {d: held for d, held in h.items() if held != DeviceWeights()}
 
@@ -334,12 +335,13 @@ def _shortfall(names: list[str], speed: dict[str, float], cost: CostModel, budge
     if cost.decoupled:
         sub = budget.need(DeviceWeights(sub_blocks=(0,))) - budget.need(DeviceWeights())
         units += [(f"sub-block {j}", sub) for j in range(cost.nd)]
-        layer = budget.need(DeviceWeights(coupled_layers=(0,))) - budget.need(DeviceWeights())
+        first_coupled = cost.layer_kinds.index("coupled")
+        layer = budget.need(DeviceWeights(whole_layers=(first_coupled,))) - budget.need(DeviceWeights())
         n_cpl = cost.n_cpl
         per = n_cpl * layer // len(names)
         coupled_share = {d: per for d in names}
     else:
-        layer = budget.need(DeviceWeights(coupled_layers=(0,))) - budget.need(DeviceWeights())
+        layer = budget.need(DeviceWeights(whole_layers=(0,))) - budget.need(DeviceWeights())
         units += [(f"layer {i}", layer) for i in range(len(cost.layer_kinds))]
         coupled_share = dict.fromkeys(names, 0)
     emb = budget.need(DeviceWeights(embeddings=True)) - budget.need(DeviceWeights())

@@ -1,0 +1,220 @@
+"""Cost model on hand-computed cases: FLOP counts, broker phases, whole plans, memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from detransformer_edge.model import analysis
+from detransformer_edge.model.analysis import Workload
+from detransformer_edge.model.config import get_config
+from detransformer_edge.parallel.plan import DeviceWeights, Plan
+from detransformer_edge.planner.cost import (
+    ENVELOPE_BYTES,
+    PROCESS_OVERHEAD_MB,
+    Broker,
+    CostModel,
+    PlanningError,
+    Request,
+)
+from detransformer_edge.planner.profile import DeviceProfile
+
+HUGE_BW = 1e6  # GB/s: makes every roofline compute-bound so FLOPs alone set the time
+
+
+def dev(name: str, gflops: float = 1.0, link_mbit: float = 80.0, rtt_ms: float = 0.0, **kw: object) -> DeviceProfile:
+    return DeviceProfile(
+        name, gflops=gflops, mem_bw_gbs=kw.pop("mem_bw_gbs", HUGE_BW), ram_mb=kw.pop("ram_mb", 4096),  # type: ignore[arg-type]
+        link_mbit=link_mbit, rtt_ms=rtt_ms, **kw,  # type: ignore[arg-type]
+    )
+
+
+# -- analysis -----------------------------------------------------------------------------------
+
+
+def test_layer_flops_by_hand() -> None:
+    cfg = get_config("tiny-encoder")  # d=64, 4 heads of 16, d_ff=256, 4 layers
+    c = analysis.coupled_layer_cost(cfg, Workload(16, 16))
+    # QKV 2*16*64*192 + O 2*16*64*64 + FFN 2*2*16*64*256
+    assert c.gemm_flops == 2 * 16 * (64 * 192 + 64 * 64 + 2 * 64 * 256) == 1_572_864
+    assert c.attn_flops == 4 * 16 * 16 * 64 == 65_536
+    half = analysis.coupled_layer_cost(cfg, Workload(16, 16), shard=2)
+    assert half.gemm_flops == c.gemm_flops / 2 and half.attn_flops == c.attn_flops / 2
+    with pytest.raises(Exception, match="divide n_heads"):
+        analysis.coupled_layer_cost(cfg, Workload(16, 16), shard=3)
+
+
+def test_subblock_flops_and_params_match_config() -> None:
+    cfg = get_config("tiny-encoder", nd=2, nb=2)
+    ip = cfg.d_ff_sub
+    c = analysis.subblock_cost(cfg, Workload(16, 16))
+    # sub-block: Q/K/V 32 -> 64 each (all heads), O 64 -> 32, FFN 32 -> I' -> 32
+    assert c.gemm_flops == 2 * 16 * (32 * 192 + 64 * 32 + 2 * 32 * ip)
+    assert c.attn_flops == 4 * 16 * 16 * 64  # every sub-block attends with all heads
+    assert analysis.subblock_params(cfg) == cfg.layer_params(32, 4, ip)
+    assert analysis.layer_counts(cfg) == (2, 2)
+    # the decoupled model keeps the standard model's size (I' is chosen for that)
+    std = analysis.model_params(get_config("tiny-encoder"))
+    assert abs(analysis.model_params(cfg) - std) / std < 0.01
+
+
+def test_bert_base_flops_anchor() -> None:
+    """The testbed profile derives 48 GFLOPS from 'BERT-base seq 128 takes 0.46 s': 22.3 GFLOP."""
+    flops = analysis.model_flops(get_config("bert-base"), Workload(128, 128))
+    assert flops == pytest.approx(22.35e9, rel=0.01)
+    assert analysis.model_params(get_config("bert-base")) == pytest.approx(109e6, rel=0.01)
+
+
+def test_decoder_workloads_and_kv() -> None:
+    cfg = get_config("smollm2-135m")
+    w = Request("decode", 100).workload
+    assert (w.tokens, w.context, w.causal) == (1, 101, True)
+    assert Request("prefill", 64).workload.mean_context == pytest.approx(32.5)
+    # K and V of 3 KV heads x 64 dims, fp32, per layer
+    assert analysis.coupled_kv_bytes(cfg, 100) == 2 * 100 * 192 * 4
+    assert analysis.coupled_kv_bytes(get_config("bert-base"), 100) == 0
+    assert analysis.model_params(cfg) == pytest.approx(134.5e6, rel=0.01)
+
+
+def test_request_validation() -> None:
+    with pytest.raises(PlanningError, match="mode must be one of"):
+        Request("train", 10)  # type: ignore[arg-type]
+    with pytest.raises(PlanningError, match="seq_len > 0"):
+        Request("encode", 0)
+
+
+# -- broker phases ----------------------------------------------------------------------------
+
+
+def test_one_message_store_and_forward() -> None:
+    m = CostModel(get_config("tiny-encoder"), [dev("a"), dev("b")], Broker(per_message_ms=1.0))
+    seconds, up, down, pubs = m.phase_time([("a", 1_000_000, ("b",))])
+    # 1 MB up at 10 MB/s + 1 ms broker + 1 MB down at 10 MB/s
+    assert seconds == pytest.approx(0.1 + 0.001 + 0.1)
+    assert (up, down, pubs) == ({"a": 1e6}, {"b": 1e6}, 1)
+
+
+def test_allgather_design_anchor() -> None:
+    """DESIGN.md: 4-way all-gather of 98 KB chunks at 100 Mbit ~ 31.9 ms measured."""
+    devs = [dev(f"d{i}", link_mbit=100.0) for i in range(4)]
+    m = CostModel(get_config("tiny-encoder"), devs, Broker(per_message_ms=0.0))
+    chunk = 98_304
+    names = [d.name for d in devs]
+    seconds, _, down, pubs = m.phase_time([(n, chunk, tuple(o for o in names if o != n)) for n in names])
+    assert seconds == pytest.approx((chunk + 3 * chunk) / 12.5e6)  # 31.46 ms
+    assert down == {n: 3 * chunk for n in names} and pubs == 4
+
+
+def test_broker_link_bottleneck_and_latency() -> None:
+    devs = [dev(f"d{i}", link_mbit=1000.0, rtt_ms=2.0 * (i + 1)) for i in range(4)]
+    m = CostModel(get_config("tiny-encoder"), devs, Broker(link_mbit=100.0, per_message_ms=0.5))
+    names = [d.name for d in devs]
+    chunk = 125_000
+    seconds, *_ = m.phase_time([(n, chunk, tuple(o for o in names if o != n)) for n in names])
+    broker_in = 4 * chunk / 12.5e6  # 40 ms: the broker's link takes every upload
+    broker_out = 12 * chunk / 12.5e6  # 120 ms: and sends every copy
+    latency = 0.5 * (8e-3 + 8e-3)  # half the slowest sender's + receiver's round trip
+    assert seconds == pytest.approx(broker_in + 4 * 0.5e-3 + broker_out + latency)
+
+
+def test_default_rtt_by_link_kind() -> None:
+    a = dev("a", rtt_ms=None, link="wifi5")  # type: ignore[arg-type]
+    b = dev("b", rtt_ms=None, link="ethernet")  # type: ignore[arg-type]
+    m = CostModel(get_config("tiny-encoder"), [a, b], Broker(per_message_ms=0.0))
+    seconds, *_ = m.phase_time([("a", 0, ("b",))])
+    assert seconds == pytest.approx(0.5 * (3.0e-3 + 0.5e-3))
+
+
+def test_wire_bytes() -> None:
+    m = CostModel(get_config("tiny-encoder"), [dev("a")])
+    assert m.wire_bytes(16, 32, "float32") == 16 * 32 * 4 + ENVELOPE_BYTES
+    assert m.wire_bytes(16, 32, "float16") == 16 * 32 * 2 + ENVELOPE_BYTES
+    assert m.wire_bytes(16, 32, "int8") == 16 * 32 + 16 * 4 + ENVELOPE_BYTES
+
+
+# -- whole plans ------------------------------------------------------------------------------
+
+
+def test_single_plan_by_hand() -> None:
+    cfg = get_config("tiny-encoder")
+    m = CostModel(cfg, [dev("a", gflops=1.0)])
+    bd = m.predict(Plan("single", ("a",)), Request("encode", 16))
+    per_layer = 1_572_864 / 1e9 + 65_536 / 0.5e9  # attention runs at half rate when unmeasured
+    head = 16 * 64 / 1e9  # mean pooling
+    assert bd.total_s == pytest.approx(4 * per_layer + head, rel=1e-6)
+    assert bd.comm_s == 0 and bd.messages() == 0
+    assert bd.device("a").compute_s == pytest.approx(bd.total_s, rel=1e-6)
+
+
+def test_two_device_block_plan_by_hand() -> None:
+    cfg = get_config("tiny-encoder", nd=2, nb=2)  # 2 blocks: 1 decoupled + 1 coupled layer each
+    a, b = dev("a", gflops=1.0), dev("b", gflops=1.0)
+    m = CostModel(cfg, [a, b], Broker(per_message_ms=1.0))
+    plan = Plan("block", ("a", "b"), wire="float32", sub_block_owner=("a", "b"), coupled="allgather")
+    bd = m.predict(plan, Request("encode", 16))
+
+    ip = cfg.d_ff_sub
+    t_sub = 2 * 16 * (32 * 192 + 64 * 32 + 2 * 32 * ip) / 1e9 + 65_536 / 0.5e9
+    t_layer = 1_572_864 / 1e9 + 65_536 / 0.5e9
+    slice_bytes = 16 * 32 * 4 + ENVELOPE_BYTES  # one sub-block's slice, fp32
+    scatter = slice_bytes / 1e7 + 1e-3 + slice_bytes / 1e7  # a -> b
+    allgather = slice_bytes / 1e7 + 2 * 1e-3 + slice_bytes / 1e7  # each sends one, receives one
+    head = 16 * 64 / 1e9
+    expected = scatter + 2 * (t_sub + allgather + t_layer) + head
+    assert bd.total_s == pytest.approx(expected, rel=1e-6)
+    assert bd.comm_s == pytest.approx(scatter + 2 * allgather)
+    assert bd.messages() == 1 + 2 * 2
+    assert bd.device("b").download_bytes == slice_bytes * 3  # scatter + two all-gathers
+    assert bd.device("a").upload_bytes == slice_bytes * 3
+
+
+def test_gather_to_non_coordinator_sends_output_back() -> None:
+    cfg = get_config("tiny-encoder", nd=2, nb=2)
+    m = CostModel(cfg, [dev("a"), dev("b"), dev("c", gflops=10.0)], Broker(per_message_ms=0.0))
+    plan = Plan("block", ("a", "b", "c"), sub_block_owner=("a", "b"), coupled="gather", coupled_devices=("c",))
+    bd = m.predict(plan, Request("encode", 16))
+    names = [s.name for s in bd.steps]
+    assert "send output c->a" in names
+    gather = next(s for s in bd.steps if s.name.startswith("coupled: gather"))
+    scatter = next(s for s in bd.steps if s.name.startswith("coupled: scatter"))
+    assert (gather.count, gather.messages, scatter.count, scatter.messages) == (2, 2, 1, 2)
+
+
+def test_tp_message_counts() -> None:
+    cfg = get_config("tiny-encoder")  # 4 layers, 2 all-reduces each
+    m = CostModel(cfg, [dev("a"), dev("b")])
+    bd = m.predict(Plan("tp", ("a", "b")), Request("encode", 16))
+    # input broadcast + per all-reduce: reduce-scatter 2 + all-gather 2
+    assert bd.messages() == 1 + 8 * (2 + 2)
+    one_way = 16 * 32 * 4 + ENVELOPE_BYTES
+    assert bd.device("b").download_bytes == (16 * 64 * 4 + ENVELOPE_BYTES) + 8 * 2 * one_way
+
+
+def test_pipeline_steps() -> None:
+    cfg = get_config("tiny-encoder")
+    m = CostModel(cfg, [dev("a"), dev("b")], Broker(per_message_ms=0.0))
+    plan = Plan("pipeline", ("a", "b"), stages=({"device": "a", "start": 0, "end": 1}, {"device": "b", "start": 1, "end": 4}))
+    bd = m.predict(plan, Request("encode", 16))
+    full = 16 * 64 * 4 + ENVELOPE_BYTES
+    assert bd.comm_s == pytest.approx(2 * (2 * full / 1e7))  # a->b, then the output b->a
+    assert bd.device("b").compute_s == pytest.approx(3 * bd.device("a").compute_s, rel=0.01)
+
+
+def test_memory_accounting() -> None:
+    cfg = get_config("tiny-encoder", nd=2, nb=2)
+    m = CostModel(cfg, [dev("a", ram_mb=160), dev("b")])
+    held = DeviceWeights(True, (0, 1), (1, 3))
+    expect = (
+        analysis.embedding_params(cfg) + 2 * 2 * analysis.subblock_params(cfg) + 2 * analysis.coupled_layer_params(cfg)
+    ) * 4
+    assert m.weights_bytes(held) == expect
+    assert m.weights_bytes(DeviceWeights(tp_shards=((0, 2),))) == 2 * analysis.coupled_layer_params(cfg) // 2 * 4
+    bd = m.predict(Plan("single", ("a",)), Request("encode", 16))
+    mem = bd.device("a").memory_bytes
+    assert mem > PROCESS_OVERHEAD_MB * 1024 * 1024
+    assert bd.fits is (mem <= 160 * 1024 * 1024)
+
+
+def test_unknown_device() -> None:
+    m = CostModel(get_config("tiny-encoder"), [dev("a")])
+    with pytest.raises(PlanningError, match="no profile for device 'zz'"):
+        m.predict(Plan("single", ("zz",)), Request("encode", 8))
