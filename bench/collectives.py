@@ -227,6 +227,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repetitions")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    with contextlib.suppress(ImportError):  # the wire's float16 casts use torch; 2 shared cores
+        import torch
+
+        torch.set_num_threads(1)
     table = asyncio.run(main_async(args))
     sys.stdout.write(table + "\n")
     return 0

@@ -278,3 +278,18 @@ def test_fuzz_corrupted_valid_payloads(
     except WireError:
         return
     assert msg.array.dtype == np.float32
+
+
+def test_float16_torch_fast_path_matches_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    import detransformer_edge.transport.wire as wire
+
+    x = np.random.default_rng(4).standard_normal((8, 4096)).astype(np.float32) * 300
+    monkeypatch.setattr(wire, "_torch", lambda: torch)
+    fast = encode_tensor(x, "r", 0, "a", "float16")
+    fast_back = decode_tensor(fast).array
+    monkeypatch.setattr(wire, "_torch", lambda: None)
+    slow = encode_tensor(x, "r", 0, "a", "float16")
+    assert fast == slow
+    np.testing.assert_array_equal(fast_back, decode_tensor(slow).array)
+    assert fast_back.flags.writeable  # a fresh array, not a view of the message

@@ -25,6 +25,8 @@ fresh float32 array.
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -40,6 +42,7 @@ __all__ = [
     "MAX_ELEMENTS",
     "MAX_MESSAGE_BYTES",
     "WireDtype",
+    "WireError",
     "TensorMessage",
     "encode_tensor",
     "decode_tensor",
@@ -122,6 +125,52 @@ def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(x.shape), scale
 
 
+def _torch() -> Any | None:
+    """torch, if this process already imported it (never imported here: it takes seconds).
+
+    Its float16 casts use F16C/NEON and are ~30x faster than numpy's (0.08 ms vs 2.6 ms for
+    1 Mi elements, one thread); devices that run the model have torch loaded anyway.
+    """
+    if sys.byteorder != "little":
+        return None
+    return sys.modules.get("torch")
+
+
+def _to_f16(x: np.ndarray) -> np.ndarray:
+    torch = _torch()
+    if torch is None or x.size < 4096:
+        return np.ascontiguousarray(x, dtype="<f2")
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return t.to(torch.float16).numpy()
+
+
+def _from_f16(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    torch = _torch()
+    if torch is None or len(data) < 8192:
+        return np.frombuffer(data, dtype="<f2").astype(np.float32).reshape(shape)
+    with warnings.catch_warnings():  # read-only message bytes: torch only reads them here
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.frombuffer(data, dtype=torch.float16)
+    return t.to(torch.float32).numpy().reshape(shape)
+
+
+def _check_f16_range(x: np.ndarray) -> None:
+    """Refuse finite values that float16 would turn into inf; NaN and inf pass as in float32.
+
+    Checked on the float32 input (one max-reduction) because float16 arithmetic in numpy is
+    emulated and a finiteness scan of the output was the slowest step of the encode.
+    """
+    amax = float(np.max(np.abs(x)))
+    if amax <= _F16_MAX:  # False for NaN or inf: then look at the finite values only
+        return
+    finite = np.isfinite(x)
+    if finite.any() and float(np.max(np.abs(x[finite]))) > _F16_MAX:
+        raise WireError(
+            f"float16 overflow: |x| up to {float(np.max(np.abs(x[finite]))):.4g} > {_F16_MAX}; "
+            "send this tensor as float32"
+        )
+
+
 def encode_tensor(
     tensor: Any,
     req: str,
@@ -163,14 +212,10 @@ def encode_tensor(
         msg["data"] = q.tobytes()
         msg["scale"] = scale.astype("<f4").tobytes()
     else:
-        with np.errstate(over="ignore"):  # overflow is detected and reported just below
-            out = np.ascontiguousarray(x, dtype=np_dtype)
-        if np_dtype == "<f2" and out.size and not np.isfinite(out).all():
-            if np.isfinite(x).all():
-                raise WireError(
-                    f"float16 overflow: |x| up to {float(np.abs(x).max()):.4g} > {_F16_MAX}; "
-                    "send this tensor as float32"
-                )
+        if np_dtype == "<f2" and x.size:
+            _check_f16_range(x)
+        with np.errstate(over="ignore"):  # overflow was checked above
+            out = _to_f16(x) if np_dtype == "<f2" else np.ascontiguousarray(x, dtype=np_dtype)
         msg["data"] = out.tobytes()
     return msgpack.packb(msg, use_bin_type=True)
 
@@ -259,9 +304,10 @@ def decode_tensor(
     else:
         if scale_raw is not None:
             raise WireError(f"scale is only allowed with int8, not {dtype}")
-        arr = np.frombuffer(data, dtype=dtype).reshape(shape)
         if dtype == "<f2":
-            arr = arr.astype(np.float32)
+            arr = _from_f16(data, shape)
+        else:
+            arr = np.frombuffer(data, dtype=dtype).reshape(shape)
     return TensorMessage(
         req=obj["req"], step=obj["step"], src=obj["src"], wire_dtype=dtype, array=arr, version=v
     )
