@@ -96,6 +96,50 @@ def test_unavailable_lists_everything_missing(monkeypatch: pytest.MonkeyPatch) -
     assert "cgroup" not in str(info.value)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_write_limits_v1_and_v2(tmp_path: Path, version: int) -> None:
+    files = {
+        1: ["cpu.cfs_period_us", "cpu.cfs_quota_us", "memory.limit_in_bytes"],
+        2: ["cpu.max", "memory.max", "memory.swap.max"],
+    }[version]
+    for f in files:
+        (tmp_path / f).write_text("")
+    for name in ("cpu", "memory"):
+        ctrl = host_mod.CgroupController(name, tmp_path.parent, version)
+        host_mod.write_limits(ctrl, tmp_path, cpu=0.4, mem_mb=64)
+    got = {f: (tmp_path / f).read_text() for f in files}
+    if version == 1:
+        assert got == {
+            "cpu.cfs_period_us": "100000",
+            "cpu.cfs_quota_us": "40000",
+            "memory.limit_in_bytes": str(64 * 2**20),
+        }
+    else:
+        assert got == {
+            "cpu.max": "40000 100000",
+            "memory.max": str(64 * 2**20),
+            "memory.swap.max": "0",
+        }
+
+
+def test_find_controller_prefers_v1_then_v2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    v1, v2 = tmp_path / "cpu", tmp_path / "unified"
+    v1.mkdir()
+    v2.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("-1")
+    (v2 / "cgroup.controllers").write_text("cpu memory pids\n")
+    mounts = [(str(v1), "cgroup", {"rw", "cpu", "cpuacct"}), (str(v2), "cgroup2", {"rw"})]
+    monkeypatch.setattr(host_mod, "_mounts", lambda: mounts)
+    assert host_mod.find_controller("cpu") == host_mod.CgroupController("cpu", v1, 1)
+    assert host_mod.find_controller("memory") == host_mod.CgroupController("memory", v2, 2)
+    monkeypatch.setattr(host_mod, "_mounts", lambda: mounts[1:])
+    assert host_mod.find_controller("cpu") == host_mod.CgroupController("cpu", v2, 2)
+    monkeypatch.setattr(host_mod, "_mounts", list)
+    assert host_mod.find_controller("cpu") is None
+
+
 # ------------------------------------------------------------------ real homes (root)
 
 
@@ -108,11 +152,11 @@ def host() -> None:
 
 
 def _root_links() -> str:
-    return subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    return subprocess.run(["ip", "-o", "link"], check=True, capture_output=True, text=True).stdout
 
 
 def _root_addrs() -> str:
-    return subprocess.run(["ip", "-o", "addr"], capture_output=True, text=True).stdout
+    return subprocess.run(["ip", "-o", "addr"], check=True, capture_output=True, text=True).stdout
 
 
 def _assert_gone(spec: HomeSpec, cgroups: list[str]) -> None:
@@ -190,7 +234,7 @@ def test_cpu_quota_share(host: None) -> None:
         pytest.fail(f"host too busy to measure CPU quotas: an unlimited loop got {free:.2f}")
     assert 0.14 <= shares["slow"] <= 0.26, shares
     assert 0.75 * min(0.8, free) <= shares["fast"] <= 0.88, shares
-    assert shares["fast"] > 2 * shares["slow"], shares
+    assert shares["fast"] > 1.4 * shares["slow"], shares
 
 
 @pytest.mark.testbed
@@ -299,6 +343,5 @@ def test_sigterm_tears_down(host: None) -> None:
 @pytest.mark.testbed
 def test_live_prefix_is_refused(host: None) -> None:
     spec = HomeSpec(devices=[DeviceSpec("a")])
-    with Home(spec):
-        with pytest.raises(DetransformerError, match="in use by live process"):
-            Home(spec).open()
+    with Home(spec), pytest.raises(DetransformerError, match="in use by live process"):
+        Home(spec).open()

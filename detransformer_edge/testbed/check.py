@@ -1,8 +1,8 @@
 """`python -m detransformer_edge.testbed.check`: build a small home and show that the
 shaping does what it says, with numbers (run as root).
 
-Default: 2 devices at 100 Mbit/s and 0.5 CPU; measures TCP throughput device -> device
-(both ways) and device -> broker, then a busy loop's CPU share. `--mbit 20 50 100 300 1000`
+Default: 2 devices at 100 Mbit/s; measures TCP throughput device -> device (both ways)
+and device -> broker, then a busy loop's CPU share at quotas 0.2, 0.5, 0.8 and unlimited. `--mbit 20 50 100 300 1000`
 sweeps rates (one home per rate), which is how docs/TESTBED.md's table was measured.
 """
 
@@ -23,41 +23,59 @@ def _bytes_for(mbit: int, seconds: float) -> int:
     return max(2_000_000, int(mbit * 1e6 / 8 * seconds))
 
 
+def _check_links(mbit: int, cpu: float | None, broker_mbit: int | None, seconds: float) -> bool:
+    spec = HomeSpec(
+        devices=[DeviceSpec("dev1", cpu=cpu, mbit=mbit), DeviceSpec("dev2", cpu=cpu, mbit=mbit)],
+        broker=BrokerSpec(mbit=broker_mbit),
+    )
+    with Home(spec) as home:
+        for src, dst in (("dev1", "dev2"), ("dev2", "dev1"), ("dev1", BROKER)):
+            p = ping(home, src, dst)
+            if p.received != p.sent:
+                print(f"{src} -> {dst}: ping lost {p.sent - p.received} of {p.sent}")
+                return False
+            rate = mbit if broker_mbit is None or dst != BROKER else min(mbit, broker_mbit)
+            t = measure_throughput(home, src, dst, _bytes_for(rate, seconds))
+            print(
+                f"{rate:>7} Mb  {src + ' -> ' + dst:<16} {t.bytes:>11} "
+                f"{t.seconds:>8.3f} {t.mbit:>7.1f} Mb {t.mbit / rate:>6.3f}"
+            )
+    return True
+
+
+def _check_quotas(quotas: list[float], seconds: float) -> None:
+    devices = [DeviceSpec(f"q{i}", cpu=q) for i, q in enumerate(quotas)]
+    with Home(HomeSpec(devices=[*devices, DeviceSpec("free")])) as home:
+        shares = measure_cpu_shares(home, [d.name for d in devices] + ["free"], seconds)
+    for d in devices:
+        print(f"busy loop at cpu={d.cpu:<5g} achieved share {shares[d.name]:.3f}")
+    print(f"busy loop unlimited     achieved share {shares['free']:.3f} (what the host leaves)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m detransformer_edge.testbed.check")
     parser.add_argument("--mbit", type=int, nargs="+", default=[100], help="device link rates")
-    parser.add_argument("--cpu", type=float, default=0.5, help="CPU quota of each device")
+    parser.add_argument("--cpu", type=float, default=None, help="CPU quota of the link devices")
     parser.add_argument("--seconds", type=float, default=1.5, help="length of each transfer")
     parser.add_argument("--broker-mbit", type=int, default=None, help="default: unshaped hub")
+    parser.add_argument(
+        "--quotas", type=float, nargs="*", default=[0.2, 0.5, 0.8], help="CPU quotas to measure"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
-
-    print(f"{'configured':>10}  {'path':<16} {'bytes':>11} {'seconds':>8} {'measured':>9} {'ratio':>6}")
-    for mbit in args.mbit:
-        spec = HomeSpec(
-            devices=[DeviceSpec("dev1", cpu=args.cpu, mbit=mbit),
-                     DeviceSpec("dev2", cpu=args.cpu, mbit=mbit)],
-            broker=BrokerSpec(mbit=args.broker_mbit),
-        )  # fmt: skip
-        try:
-            with Home(spec) as home:
-                for src, dst in (("dev1", "dev2"), ("dev2", "dev1"), ("dev1", BROKER)):
-                    p = ping(home, src, dst)
-                    if p.received != p.sent:
-                        print(f"{src} -> {dst}: ping lost {p.sent - p.received}/{p.sent}")
-                        return 1
-                    t = measure_throughput(home, src, dst, _bytes_for(mbit, args.seconds))
-                    print(
-                        f"{mbit:>7} Mb  {src + ' -> ' + dst:<16} {t.bytes:>11} "
-                        f"{t.seconds:>8.3f} {t.mbit:>6.1f} Mb {t.mbit / mbit:>6.3f}"
-                    )
-                if mbit == args.mbit[-1]:
-                    shares = measure_cpu_shares(home, ["dev1"])
-                    print(f"busy loop at cpu={args.cpu:g}: achieved share {shares['dev1']:.3f}")
-        except TestbedUnavailable as exc:
-            print(exc, file=sys.stderr)
-            return 2
+    try:
+        print(
+            f"{'configured':>10}  {'path':<16} {'bytes':>11} {'seconds':>8} {'measured':>10} ratio"
+        )
+        for mbit in args.mbit:
+            if not _check_links(mbit, args.cpu, args.broker_mbit, args.seconds):
+                return 1
+        if args.quotas:
+            _check_quotas(args.quotas, seconds=3.0)
+    except TestbedUnavailable as exc:
+        print(exc, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Self
 
 from .errors import TestbedError
 from .host import HostCapabilities, check_host, enable_v2_controller, sh, write_limits
@@ -84,7 +84,7 @@ class Home:
 
     # ------------------------------------------------------------ lifecycle
 
-    def __enter__(self) -> Home:
+    def __enter__(self) -> Self:
         self.open()
         return self
 
@@ -209,9 +209,7 @@ class Home:
                 write_limits(c, group, node.cpu, node.mem_mb)
             except OSError as exc:
                 raise TestbedError(f"{node.name}: cannot set {c.name} limit in {group}: {exc}")
-        return NodeLink(
-            node.name, addr, ns, port, shaping, node.cpu, node.mem_mb, tuple(groups)
-        )
+        return NodeLink(node.name, addr, ns, port, shaping, node.cpu, node.mem_mb, tuple(groups))
 
     # ------------------------------------------------------------ queries
 
@@ -347,10 +345,10 @@ def _unregister(home: Home) -> None:
 
 @atexit.register
 def _close_all() -> None:
-    for home in list(_open_homes):
+    for home in _open_homes.copy():  # close() removes it from the list
         try:
             home.close(raise_on_leftovers=False)
-        except Exception:  # noqa: BLE001 - interpreter exit: log and go on with the rest
+        except Exception:  # interpreter exit: log and go on with the other homes
             log.exception("teardown of home %s failed", home.spec.prefix)
 
 

@@ -74,13 +74,14 @@ def find_controller(name: str) -> CgroupController | None:
             return CgroupController(name, Path(point), 1)
     for point, fstype, _ in mounts:
         controllers = Path(point) / "cgroup.controllers"
-        if fstype == "cgroup2" and controllers.exists():
-            if name in controllers.read_text().split():
-                return CgroupController(name, Path(point), 2)
+        if fstype == "cgroup2" and controllers.exists() and name in controllers.read_text().split():
+            return CgroupController(name, Path(point), 2)
     return None
 
 
-def write_limits(ctrl: CgroupController, group: Path, cpu: float | None, mem_mb: int | None) -> None:
+def write_limits(
+    ctrl: CgroupController, group: Path, cpu: float | None, mem_mb: int | None
+) -> None:
     """Write the CPU quota or memory limit of one group in one hierarchy."""
     if ctrl.name == "cpu" and cpu is not None:
         quota = max(1000, round(cpu * CFS_PERIOD_US))  # kernel minimum quota is 1 ms
@@ -138,16 +139,16 @@ def _probe_kernel(ip: str, tc: str) -> list[str]:
         done = sh([ip, "-n", ns, "link", "add", "br0", "type", "bridge"], check=False)
         if done.returncode != 0:
             missing.append(f"no Linux bridge support (kernel module bridge): {done.stderr.strip()}")
-        done = sh([ip, "-n", ns, "link", "add", "va", "type", "veth", "peer", "name", "vb"], check=False)
+        done = sh(
+            [ip, "-n", ns, "link", "add", "va", "type", "veth", "peer", "name", "vb"], check=False
+        )
         if done.returncode != 0:
             missing.append(f"no veth support (kernel module veth): {done.stderr.strip()}")
         else:
             tbf = TbfParams.for_rate(100).tc_args()
             done = sh([tc, "-n", ns, "qdisc", "add", "dev", "va", "root", *tbf], check=False)
             if done.returncode != 0:
-                missing.append(
-                    f"no tc tbf qdisc (kernel module sch_tbf): {done.stderr.strip()}"
-                )
+                missing.append(f"no tc tbf qdisc (kernel module sch_tbf): {done.stderr.strip()}")
     finally:
         sh([ip, "netns", "del", ns], check=False)
     return missing

@@ -196,9 +196,7 @@ def cleanup_stale(prefix: str | None = None) -> list[str]:
     problems: list[str] = []
     for record in list_records():
         if (prefix is None and not record.owner_alive()) or record.prefix == prefix:
-            log.warning(
-                "removing testbed home %s left by pid %d", record.prefix, record.owner_pid
-            )
+            log.warning("removing testbed home %s left by pid %d", record.prefix, record.owner_pid)
             problems += cleanup_record(record)
             cleaned.append(record.prefix)
     if prefix is not None:
@@ -212,4 +210,3 @@ def cleanup_stale(prefix: str | None = None) -> list[str]:
     if problems:
         raise TestbedError("could not remove testbed leftovers: " + "; ".join(problems))
     return cleaned
-
