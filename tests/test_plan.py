@@ -55,8 +55,9 @@ def test_model_checks():
         PLANS[3].check(n_layers=12, nd=8, decoupled=False)
     with pytest.raises(PlanError, match="cover layers"):
         PLANS[1].check(n_layers=12, nd=1, decoupled=False)
-    with pytest.raises(PlanError, match="divide"):
-        Plan("tp", ("a", "b", "c")).check(n_layers=4, nd=1, decoupled=False, n_heads=4)
+    Plan("tp", ("a", "b", "c")).check(n_layers=4, nd=1, decoupled=False, n_heads=4)  # uneven heads are fine
+    with pytest.raises(PlanError, match="at least 3 heads"):
+        Plan("tp", ("a", "b", "c")).check(n_layers=4, nd=1, decoupled=False, n_heads=2)
 
 
 @pytest.mark.parametrize("bad", ['{"mode": "single"}', "[1,2]", "{", '{"mode":"single","devices":"a"}',
@@ -75,8 +76,8 @@ def test_required_weights_and_placement():
     assert required_weights(plan, kinds, "a") == DeviceWeights(True, (0, 3), (), ((0, 2),))
     assert required_weights(plan, kinds, "c") == DeviceWeights(False, (2,), ())
     gather = PLANS[4]
-    assert required_weights(gather, kinds, "b").coupled_layers == (1, 3)
-    assert required_weights(gather, kinds, "a").coupled_layers == ()
+    assert required_weights(gather, kinds, "b").whole_layers == (1, 3)
+    assert required_weights(gather, kinds, "a").whole_layers == ()
     placement = Placement(1, {d: required_weights(plan, kinds, d) for d in plan.devices})
     assert placement.can_run(plan, kinds)
     assert not placement.can_run(PLANS[4], kinds)

@@ -84,11 +84,25 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, d_in: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool, causal: bool
+        self,
+        d_in: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        bias: bool,
+        causal: bool,
+        kv_map: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.causal = causal
+        # kv_map[i] = K/V head used by query head i. None: the usual even grouping. A tensor-
+        # parallel shard holding an uneven range of heads passes its own map.
+        if kv_map is not None and (len(kv_map) != n_heads or not all(0 <= i < n_kv_heads for i in kv_map)):
+            raise ValueError(f"kv_map {kv_map} does not map {n_heads} query heads onto {n_kv_heads} K/V heads")
+        self.register_buffer(
+            "kv_map", None if kv_map is None else torch.tensor(kv_map, dtype=torch.long), persistent=False
+        )
         self.q_proj = nn.Linear(d_in, n_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(d_in, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_in, n_kv_heads * head_dim, bias=bias)
@@ -126,6 +140,10 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.append(k, v)
+        gqa = self.n_heads != self.n_kv_heads
+        if self.kv_map is not None:
+            k, v = k.index_select(1, self.kv_map), v.index_select(1, self.kv_map)  # (B, H, S, hd)
+            gqa = False
         attn_mask, is_causal = mask, False
         if self.causal:
             if past == 0 and mask is None:
@@ -138,7 +156,7 @@ class Attention(nn.Module):
                 attn_mask = causal if mask is None else (mask & causal)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            enable_gqa=self.n_heads != self.n_kv_heads,
+            enable_gqa=gqa,
         )  # (B, H, T, hd)
         return out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
 

@@ -138,8 +138,9 @@ class Plan:
         if self.mode == "tp" and decoupled:
             raise PlanError("tensor parallelism over all layers is for standard models; use block mode with coupled='tp'")
         k = len(self.devices) if self.mode == "tp" else len(self.coupled_devices) if self.coupled == "tp" else 0
-        if k and n_heads is not None and n_heads % k:
-            raise PlanError(f"tensor parallelism over {k} devices needs it to divide the {n_heads} heads")
+        if k and n_heads is not None and k > n_heads:
+            # Heads are split in contiguous, possibly uneven ranges: at most one device per head.
+            raise PlanError(f"tensor parallelism over {k} devices needs at least {k} heads, the model has {n_heads}")
 
     # --- derived views ------------------------------------------------------------------------
 
@@ -234,14 +235,14 @@ class DeviceWeights:
 
     embeddings: bool = False  # token embeddings and output head (the coordinator)
     sub_blocks: tuple[int, ...] = ()  # sub-block indices, for every decoupled layer
-    coupled_layers: tuple[int, ...] = ()  # whole replicas of these (coupled or standard) layers
+    whole_layers: tuple[int, ...] = ()  # whole layers: a coupled layer, or every sub-block of a decoupled one
     tp_shards: tuple[tuple[int, int], ...] = ()  # (rank, k): Megatron shard of every coupled layer
 
     def covers(self, need: DeviceWeights) -> bool:
         return (
             (self.embeddings or not need.embeddings)
             and set(need.sub_blocks) <= set(self.sub_blocks)
-            and set(need.coupled_layers) <= set(self.coupled_layers)
+            and set(need.whole_layers) <= set(self.whole_layers)
             and set(need.tp_shards) <= set(self.tp_shards)
         )
 
