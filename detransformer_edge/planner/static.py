@@ -178,39 +178,59 @@ def _pick_coordinator(profiles: Sequence[DeviceProfile], budget: _Budget, cost: 
     return max(pool, key=lambda p: (p.capability_score, -order[p.name])).name  # ties: first listed
 
 
+def _deal_counts(group: Sequence[str], speed: dict[str, float], cap: dict[str, int], total: int, minimum: int = 0) -> list[int] | None:
+    """``total`` units over ``group`` in proportion to speed, each device at most ``cap`` (water
+    filling: what a full device cannot take goes to the others by speed); None if they don't fit."""
+    if sum(cap[d] for d in group) < total or any(cap[d] < minimum for d in group):
+        return None
+    counts = dict.fromkeys(group, minimum)
+    left = total - minimum * len(group)
+    if left < 0:
+        return None
+    active = [d for d in group if counts[d] < cap[d]]
+    while left > 0 and active:
+        share = proportional_counts([speed[d] for d in active], left)
+        assert share is not None
+        moved = 0
+        for d, c in zip(active, share):
+            take = min(c, cap[d] - counts[d], left - moved)
+            counts[d] += take
+            moved += take
+        left -= moved
+        active = [d for d in active if counts[d] < cap[d]]
+        if moved == 0 and active:  # rounding gave nothing: one unit to the fastest with room
+            d = max(active, key=lambda d: speed[d])
+            counts[d] += 1
+            left -= 1
+            active = [d for d in active if counts[d] < cap[d]]
+    return [counts[d] for d in group] if left == 0 else None
+
+
+def _capacity(device: str, held: DeviceWeights, budget: _Budget, limit: int, grow: object) -> int:
+    """How many more units ``grow(held, n)`` fit on ``device`` (at most ``limit``)."""
+    n = 0
+    while n < limit and budget.fits(device, grow(held, n + 1)):  # type: ignore[operator]
+        n += 1
+    return n
+
+
 def _deal_sub_blocks(
     group: Sequence[str], speed: dict[str, float], cost: CostModel, budget: _Budget, base: dict[str, DeviceWeights]
 ) -> dict[str, DeviceWeights] | None:
     """Sub-block indices per device in proportion to speed, capped by memory; None if they
     don't fit. ``base`` is what each device holds already (embeddings, coupled weights)."""
     nd = cost.nd
-    cap = {}
-    for d in group:
-        held = base.get(d, DeviceWeights())
-        n = 0
-        while n < nd and budget.fits(d, replace(held, sub_blocks=tuple(range(n + 1)))):
-            n += 1
-        cap[d] = n
-    if sum(cap.values()) < nd:
-        return None
-    counts = dict.fromkeys(group, 0)
-    active = [d for d in group if cap[d] > 0]
-    left = nd
-    while left > 0 and active:
-        share = proportional_counts([speed[d] for d in active], left)
-        assert share is not None
-        for d, c in zip(active, share):
-            take = min(c, cap[d] - counts[d])
-            counts[d] += take
-            left -= take
-        active = [d for d in active if counts[d] < cap[d]]
-    if left > 0:
+    cap = {
+        d: _capacity(d, base.get(d, DeviceWeights()), budget, nd, lambda h, n: replace(h, sub_blocks=tuple(range(n))))
+        for d in group
+    }
+    counts = _deal_counts(group, speed, cap, nd)
+    if counts is None:
         return None
     out, j = {}, 0
-    for d in group:
-        held = base.get(d, DeviceWeights())
-        out[d] = replace(held, sub_blocks=tuple(range(j, j + counts[d])))
-        j += counts[d]
+    for d, c in zip(group, counts):
+        out[d] = replace(base.get(d, DeviceWeights()), sub_blocks=tuple(range(j, j + c)))
+        j += c
     for d, held in base.items():
         out.setdefault(d, held)
     return out
@@ -251,13 +271,16 @@ def _standard_candidates(
     n_layers = len(cost.layer_kinds)
     out = []
     if len(group) <= n_layers:
-        counts = proportional_counts([speed[d] for d in group], n_layers, minimum=1)
-        assert counts is not None
-        holdings, start = {}, 0
-        for d, c in zip(group, counts):
-            holdings[d] = DeviceWeights(d == coord, (), tuple(range(start, start + c)))
-            start += c
-        if all(budget.fits(d, h) for d, h in holdings.items()):
+        cap = {
+            d: _capacity(d, DeviceWeights(d == coord), budget, n_layers, lambda h, n: replace(h, whole_layers=tuple(range(n))))
+            for d in group
+        }
+        counts = _deal_counts(group, speed, cap, n_layers, minimum=1)
+        if counts is not None:
+            holdings, start = {}, 0
+            for d, c in zip(group, counts):
+                holdings[d] = DeviceWeights(d == coord, (), tuple(range(start, start + c)))
+                start += c
             out.append(("pipeline", holdings))
     k = len(group)
     if k > 1 and getattr(cost.cfg, "n_heads") % k == 0:
