@@ -8,6 +8,7 @@ built, i.e. between namespaces they created.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -244,7 +245,7 @@ def test_memory_limit(host: None) -> None:
             "pi", [sys.executable, "-c", "b = bytearray(256 * 2**20); b[::4096] = b'x' * 65536"],
             check=False,
         )  # fmt: skip
-        assert hog.returncode != 0  # OOM-killed (or MemoryError) inside its cgroup
+        assert hog.returncode == -signal.SIGKILL  # the cgroup's OOM killer, not MemoryError
         assert home.run("pi", [sys.executable, "-c", "b = bytearray(8 * 2**20)"]).returncode == 0
 
 
@@ -255,6 +256,10 @@ def test_everything_gone_after_exit(host: None) -> None:
     with Home(spec) as home:
         cgroups = [g for link in home.links for g in link.cgroups]
         sleeper = home.spawn("a", ["sleep", "1000"])
+        env = home.run(
+            "a", ["sh", "-c", "echo $DETRANSFORMER_TESTBED_CPU $DETRANSFORMER_TESTBED_MBIT"]
+        )
+        assert env.stdout.split() == ["0.3", "100"]
         assert len(list_netns()) >= 4 and all(Path(g).is_dir() for g in cgroups)
     assert sleeper.poll() is not None
     _assert_gone(spec, cgroups)
@@ -272,12 +277,13 @@ def test_failure_inside_with_still_tears_down(host: None) -> None:
 
 @pytest.mark.testbed
 def test_abandoned_home_then_cleanup_stale(host: None) -> None:
-    spec = HomeSpec(devices=[DeviceSpec("a", cpu=0.5), DeviceSpec("b")], prefix="dtbtestcrash")
+    prefix = _unique("crash")
+    spec = HomeSpec(devices=[DeviceSpec("a", cpu=0.5), DeviceSpec("b")], prefix=prefix)
     crashed = Home(spec)
     crashed.open()  # never closed: a crash as far as the host is concerned
     cgroups = [g for link in crashed.links for g in link.cgroups]
     crashed.spawn("a", ["sleep", "1000"])
-    assert cleanup_stale("dtbtestcrash") == ["dtbtestcrash"]
+    assert cleanup_stale(prefix) == [prefix]
     _assert_gone(spec, cgroups)
     with Home(spec) as second:
         assert ping(second, "a", "b").received == 3
@@ -299,6 +305,11 @@ _CRASHING_RUN = textwrap.dedent(
 )
 
 
+def _unique(what: str) -> str:
+    """A prefix of its own, so concurrent runs of these tests never touch each other."""
+    return f"dtbt{what}{secrets.token_hex(3)}"
+
+
 def _start_owner(prefix: str) -> subprocess.Popen[str]:
     owner = subprocess.Popen(
         [sys.executable, "-c", _CRASHING_RUN, prefix], cwd=REPO, text=True,
@@ -310,7 +321,7 @@ def _start_owner(prefix: str) -> subprocess.Popen[str]:
 
 @pytest.mark.testbed
 def test_killed_owner_then_second_run(host: None) -> None:
-    prefix = "dtbtestkill"
+    prefix = _unique("kill")
     owner = _start_owner(prefix)
     owner.kill()  # SIGKILL: no atexit, no teardown
     owner.wait()
@@ -330,12 +341,15 @@ def test_killed_owner_then_second_run(host: None) -> None:
 
 
 @pytest.mark.testbed
-def test_sigterm_tears_down(host: None) -> None:
-    prefix = "dtbtestterm"
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, -signal.SIGINT)]
+)
+def test_signal_tears_down(host: None, sig: signal.Signals, code: int) -> None:
+    prefix = _unique("sig")
     owner = _start_owner(prefix)
     assert f"{prefix}-a" in list_netns()
-    owner.send_signal(signal.SIGTERM)
-    assert owner.wait(timeout=20) == 128 + signal.SIGTERM
+    owner.send_signal(sig)  # SIGINT: KeyboardInterrupt, as Ctrl-C
+    assert owner.wait(timeout=20) == code
     assert not [ns for ns in list_netns() if ns.startswith(prefix + "-")]
     assert not (STATE_DIR / f"{prefix}.json").exists()
 

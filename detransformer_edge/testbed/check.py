@@ -15,6 +15,7 @@ import sys
 from .errors import TestbedUnavailable
 from .home import Home
 from .measure import measure_cpu_shares, measure_throughput, ping
+from .registry import cleanup_stale
 from .spec import BROKER, BrokerSpec, DeviceSpec, HomeSpec
 
 
@@ -61,9 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quotas", type=float, nargs="*", default=[0.2, 0.5, 0.8], help="CPU quotas to measure"
     )
+    parser.add_argument(
+        "--cleanup-stale", action="store_true", help="only remove homes left by crashed runs"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if args.cleanup_stale:
+        print("removed:", " ".join(cleanup_stale()) or "nothing")
+        return 0
     try:
         print(
             f"{'configured':>10}  {'path':<16} {'bytes':>11} {'seconds':>8} {'measured':>10} ratio"

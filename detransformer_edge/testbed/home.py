@@ -253,6 +253,10 @@ class Home:
 
         env: variables added to this process's environment (not a replacement).
         popen_kwargs: passed to subprocess.Popen (stdout, stderr, text, cwd, ...).
+
+        The program also gets DETRANSFORMER_TESTBED_{NODE,CPU,MEM_MB,MBIT} (empty when
+        unlimited): `ip netns exec` mounts a fresh /sys, so the cgroup limits are not
+        readable from inside, and os.cpu_count() still counts the host's cores.
         """
         link = self._link(node)
         assert self._caps is not None
@@ -261,7 +265,7 @@ class Home:
             "sh", "-c", _JOIN_AND_EXEC, "testbed-join", *procs_files, "--",
             self._caps.ip, "netns", "exec", link.netns, *argv,
         ]  # fmt: skip
-        full_env = {**os.environ, **(env or {})}
+        full_env = {**os.environ, **self._node_env(link), **(env or {})}
         proc = subprocess.Popen(cmd, env=full_env, **popen_kwargs)
         log.debug("spawned pid %d in %s: %s", proc.pid, node, " ".join(argv))
         with self._lock:
@@ -293,6 +297,18 @@ class Home:
                 f"{node}: `{' '.join(argv)}` exited {done.returncode}: {err.strip()}"
             )
         return done
+
+    @staticmethod
+    def _node_env(link: NodeLink) -> dict[str, str]:
+        def text(value: float | None) -> str:
+            return "" if value is None else f"{value:g}"
+
+        return {
+            "DETRANSFORMER_TESTBED_NODE": link.node,
+            "DETRANSFORMER_TESTBED_CPU": text(link.cpu),
+            "DETRANSFORMER_TESTBED_MEM_MB": text(link.mem_mb),
+            "DETRANSFORMER_TESTBED_MBIT": text(link.shaping.mbit if link.shaping else None),
+        }
 
     def _stop_spawned(self) -> None:
         with self._lock:
