@@ -16,6 +16,8 @@ from detransformer_edge.errors import DetransformerError
 COMMANDS: tuple[tuple[str, str], ...] = (
     ("generate", "generate"),
     ("embed", "embed"),
+    ("profile", "profile"),
+    ("plan", "plan"),
 )
 
 

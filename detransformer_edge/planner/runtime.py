@@ -102,7 +102,13 @@ class RuntimePlanner:
             for cand, lat in self._improve(plan, scored[plan], request):
                 scored.setdefault(cand, lat)
         out: list[Breakdown] = []
+        shown: set[str] = set()
         for plan in sorted(scored, key=lambda p: _rank_key(scored[p], p)):
+            # plans differing only in which (equivalent) sub-block indices a device runs
+            # cost the same; keep one of each
+            if plan.describe() in shown:
+                continue
+            shown.add(plan.describe())
             bd = self.cost.predict(plan, request, self.holdings)
             if bd.fits:
                 out.append(bd)
