@@ -34,10 +34,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from detransformer_edge.parallel import collectives as C  # noqa: E402
-from detransformer_edge.transport.base import Transport  # noqa: E402
-from detransformer_edge.transport.mqtt import MqttTransport  # noqa: E402
-from detransformer_edge.transport.wire import decode_tensor, encode_tensor  # noqa: E402
+from detransformer_edge.parallel import collectives as C
+from detransformer_edge.transport.base import Transport
+from detransformer_edge.transport.mqtt import MqttTransport
+from detransformer_edge.transport.wire import decode_tensor, encode_tensor
 
 log = logging.getLogger("bench.collectives")
 IDS = ["pi4", "mini-pc", "laptop", "speaker"]
@@ -58,7 +58,9 @@ def mosquitto() -> Iterator[tuple[str, int]]:
         None,
     )
     if binary is None:
-        raise SystemExit("mosquitto is not installed: run `make setup-test` (apt-get install mosquitto)")
+        raise SystemExit(
+            "mosquitto is not installed: run `make setup-test` (apt-get install mosquitto)"
+        )
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "mosquitto.conf"
@@ -70,7 +72,10 @@ def mosquitto() -> Iterator[tuple[str, int]]:
         try:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                with (
+                    contextlib.suppress(OSError),
+                    socket.create_connection(("127.0.0.1", port), 0.2),
+                ):
                     break
                 time.sleep(0.05)
             yield "127.0.0.1", port
@@ -89,9 +94,7 @@ async def group(broker: tuple[str, int], n: int) -> AsyncIterator[list[Transport
         ]
 
 
-async def timed(
-    reps: int, warmup: int, one: Callable[[str], Awaitable[object]]
-) -> float:
+async def timed(reps: int, warmup: int, one: Callable[[str], Awaitable[object]]) -> float:
     """Median wall time in ms of ``one(request_id)`` over ``reps`` runs after ``warmup``."""
     times = []
     for k in range(warmup + reps):
@@ -109,48 +112,55 @@ def tensor_of(nbytes: int, cols: int = 256) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((n // cols, cols)).astype(np.float32)
 
 
+async def bench_one(ts: list[Transport], x: np.ndarray, reps: int, warmup: int) -> dict[str, float]:
+    """Median ms of p2p (one way), all-gather, all-reduce and broadcast of ``x`` over ``ts``."""
+    ids = [t.device_id for t in ts]
+
+    async def p2p(req: str) -> None:
+        a, b = ts[0], ts[1]
+        await C.send(a, b.device_id, req, "ping", x)
+        got = await C.recv(b, a.device_id, req, "ping", timeout=30)
+        await C.send(b, a.device_id, req, "pong", got)
+        await C.recv(a, b.device_id, req, "pong", timeout=30)
+
+    async def all_gather(req: str) -> None:
+        await asyncio.gather(*[C.all_gather(t, ids, req, 0, x, timeout=30) for t in ts])
+
+    async def all_reduce(req: str) -> None:
+        await asyncio.gather(*[C.all_reduce(t, ids, req, 0, x, timeout=30) for t in ts])
+
+    async def broadcast(req: str) -> None:
+        await asyncio.gather(
+            *[
+                C.broadcast(t, ids, req, 0, x if i == 0 else None, root=ids[0], timeout=30)
+                for i, t in enumerate(ts)
+            ]
+        )
+
+    return {
+        "n": len(ts),
+        "bytes": x.nbytes,
+        "p2p": await timed(reps, warmup, p2p) / 2,
+        "all_gather": await timed(reps, warmup, all_gather),
+        "all_reduce": await timed(reps, warmup, all_reduce),
+        "broadcast": await timed(reps, warmup, broadcast),
+    }
+
+
 async def bench_sizes(
     broker: tuple[str, int], ns: list[int], sizes: list[int], reps: int, warmup: int
 ) -> list[dict[str, float]]:
     rows = []
     for n in ns:
         async with group(broker, n) as ts:
-            ids = [t.device_id for t in ts]
             for size in sizes:
                 x = tensor_of(size)
-
-                async def p2p(req: str) -> None:
-                    a, b = ts[0], ts[1]
-                    await C.send(a, b.device_id, req, "ping", x)
-                    got = await C.recv(b, a.device_id, req, "ping", timeout=30)
-                    await C.send(b, a.device_id, req, "pong", got)
-                    await C.recv(a, b.device_id, req, "pong", timeout=30)
-
-                async def all_gather(req: str) -> None:
-                    await asyncio.gather(*[C.all_gather(t, ids, req, 0, x, timeout=30) for t in ts])
-
-                async def all_reduce(req: str) -> None:
-                    await asyncio.gather(*[C.all_reduce(t, ids, req, 0, x, timeout=30) for t in ts])
-
-                async def broadcast(req: str) -> None:
-                    await asyncio.gather(
-                        *[
-                            C.broadcast(t, ids, req, 0, x if i == 0 else None, root=ids[0], timeout=30)
-                            for i, t in enumerate(ts)
-                        ]
-                    )
-
-                p2p_ms = await timed(reps, warmup, p2p) / 2
-                row = {
-                    "n": n,
-                    "bytes": x.nbytes,
-                    "p2p": p2p_ms,
-                    "all_gather": await timed(reps, warmup, all_gather),
-                    "all_reduce": await timed(reps, warmup, all_reduce),
-                    "broadcast": await timed(reps, warmup, broadcast),
-                }
+                row = await bench_one(ts, x, reps, warmup)
+                p2p_ms = row["p2p"]
                 row["ag_serial"] = (n + n * (n - 1)) / 2 * p2p_ms
-                log.info("n=%d %s: %s", n, human(x.nbytes), {k: round(v, 2) for k, v in row.items()})
+                log.info(
+                    "n=%d %s: %s", n, human(x.nbytes), {k: round(v, 2) for k, v in row.items()}
+                )
                 rows.append(row)
     return rows
 
@@ -183,10 +193,14 @@ def human(nbytes: float) -> str:
     return f"{nbytes / KB:.0f} KB" if nbytes < 1024 * KB else f"{nbytes / KB / KB:.0f} MB"
 
 
-def markdown(rows: list[dict[str, float]], wire: list[dict[str, float | str]], wire_size: int) -> str:
+def markdown(
+    rows: list[dict[str, float]], wire: list[dict[str, float | str]], wire_size: int
+) -> str:
     out = [
-        "| devices | chunk | p2p one-way ms | all-gather ms | serial prediction ms | "
-        "all-gather / p2p | all-reduce ms | broadcast ms |",
+        (
+            "| devices | chunk | p2p one-way ms | all-gather ms | serial prediction ms | "
+            "all-gather / p2p | all-reduce ms | broadcast ms |"
+        ),
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
@@ -197,16 +211,16 @@ def markdown(rows: list[dict[str, float]], wire: list[dict[str, float | str]], w
         )
     out += [
         "",
-        f"Wire envelope throughput on a {human(wire_size)} float32 tensor "
-        "(MB/s of float32 input; best of runs):",
+        (
+            f"Wire envelope throughput on a {human(wire_size)} float32 tensor "
+            "(MB/s of float32 input; best of runs):"
+        ),
         "",
         "| wire dtype | bytes on the wire | encode MB/s | decode MB/s |",
         "| --- | ---: | ---: | ---: |",
     ]
     for w in wire:
-        out.append(
-            f"| {w['dtype']} | {w['wire_bytes']} | {w['encode']:.0f} | {w['decode']:.0f} |"
-        )
+        out.append(f"| {w['dtype']} | {w['wire_bytes']} | {w['encode']:.0f} | {w['decode']:.0f} |")
     return "\n".join(out)
 
 

@@ -118,7 +118,7 @@ def amqtt_broker() -> Iterator[tuple[str, int]]:
 
         try:
             loop.run_until_complete(boot())
-        except BaseException as e:  # reported to the test thread below
+        except Exception as e:  # noqa: BLE001 - re-raised in the test thread below
             failure.append(e)
             started.set()
             return

@@ -94,7 +94,10 @@ async def test_lossy_collectives_agree_bitwise_across_devices(wire_dtype: str) -
         gathered = await on_all(ts, lambda i, t: C.all_gather(t, group, "r", 0, xs[i], wire_dtype))
         reduced = await on_all(ts, lambda i, t: C.all_reduce(t, group, "r", 1, full[i], wire_dtype))
         bcast = await on_all(
-            ts, lambda i, t: C.broadcast(t, group, "r", 2, xs[0] if i == 0 else None, wire_dtype, root=group[0])
+            ts,
+            lambda i, t: C.broadcast(
+                t, group, "r", 2, xs[0] if i == 0 else None, wire_dtype, root=group[0]
+            ),
         )
     for outs in (gathered, reduced, bcast):
         for out in outs:
@@ -105,15 +108,19 @@ async def test_lossy_collectives_agree_bitwise_across_devices(wire_dtype: str) -
     assert np.abs(reduced[0] - np.sum(full, axis=0)).max() <= 6 * np.abs(full).max() / 127 * 2
 
 
+def broadcast_from(
+    group: list[str], root: str, r: int, x: np.ndarray
+) -> Callable[[int, Transport], Awaitable[Any]]:
+    return lambda i, t: C.broadcast(t, group, "r", f"b{r}", x if i == r else None, root=root)
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 async def test_broadcast_from_every_root(n: int) -> None:
     async with memory_group(n) as (_hub, ts):
         group = [t.device_id for t in ts]
         for r, root in enumerate(group):
             x = np.arange(12, dtype=np.float32).reshape(3, 4) + r
-            outs = await on_all(
-                ts, lambda i, t: C.broadcast(t, group, "r", f"b{r}", x if i == r else None, root=root)
-            )
+            outs = await on_all(ts, broadcast_from(group, root, r, x))
             for out in outs:
                 np.testing.assert_array_equal(out, x)
         for t in ts:  # each root published exactly once, to the whole group at once
@@ -185,7 +192,9 @@ async def test_three_concurrent_requests_interleaved() -> None:
 
         results = await asyncio.gather(*[request(f"req{k}", 100.0 * k) for k in range(3)])
         for k, outs in enumerate(results):
-            x = np.concatenate([np.full((2, w), 100.0 * k + i) for i, w in enumerate([4, 2, 2])], -1)
+            x = np.concatenate(
+                [np.full((2, w), 100.0 * k + i) for i, w in enumerate([4, 2, 2])], -1
+            )
             for out in outs:
                 np.testing.assert_array_equal(out, 3 * x)
         for t in ts:
@@ -200,7 +209,10 @@ async def test_missing_device_times_out_within_budget() -> None:
         with pytest.raises(TransportTimeout, match="laptop"):
             # the laptop never joins: two devices wait for its chunk
             await asyncio.gather(
-                *[C.all_gather(t, group, "r", 0, np.ones((1, 2), np.float32), timeout=0.3) for t in ts[:2]]
+                *[
+                    C.all_gather(t, group, "r", 0, np.ones((1, 2), np.float32), timeout=0.3)
+                    for t in ts[:2]
+                ]
             )
         assert loop.time() - t0 < 2
 

@@ -44,14 +44,29 @@ async def check_collectives(ts: list[Transport], req: str, wire_dtype: str = "fl
     full = [rng.standard_normal((16, 64)).astype(np.float32) for _ in range(n)]
     async with asyncio.timeout(30):
         gathered = await asyncio.gather(
-            *[C.all_gather(t, group, req, "ag", xs[i], wire_dtype, timeout=10) for i, t in enumerate(ts)]
+            *[
+                C.all_gather(t, group, req, "ag", xs[i], wire_dtype, timeout=10)
+                for i, t in enumerate(ts)
+            ]
         )
         reduced = await asyncio.gather(
-            *[C.all_reduce(t, group, req, "ar", full[i], wire_dtype, timeout=10) for i, t in enumerate(ts)]
+            *[
+                C.all_reduce(t, group, req, "ar", full[i], wire_dtype, timeout=10)
+                for i, t in enumerate(ts)
+            ]
         )
         bcast = await asyncio.gather(
             *[
-                C.broadcast(t, group, req, "bc", full[0] if i == 0 else None, wire_dtype, root=group[0], timeout=10)
+                C.broadcast(
+                    t,
+                    group,
+                    req,
+                    "bc",
+                    full[0] if i == 0 else None,
+                    wire_dtype,
+                    root=group[0],
+                    timeout=10,
+                )
                 for i, t in enumerate(ts)
             ]
         )
@@ -107,7 +122,9 @@ async def test_three_concurrent_requests_on_mosquitto(
                 *[device(i, t, f"req{k}", 100.0 * k) for k in range(3) for i, t in enumerate(ts)]
             )
         for k in range(3):
-            x = np.concatenate([np.full((8, w), 100.0 * k + i + 3) for i, w in enumerate(widths)], -1)
+            x = np.concatenate(
+                [np.full((8, w), 100.0 * k + i + 3) for i, w in enumerate(widths)], -1
+            )
             for out in results[3 * k : 3 * k + 3]:
                 np.testing.assert_array_equal(out, 3 * x)
         for t in ts:
@@ -131,7 +148,9 @@ async def test_timeout_and_cancel_on_mosquitto(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 3])
-async def test_collectives_on_amqtt(amqtt_broker: tuple[str, int], topic_prefix: str, n: int) -> None:
+async def test_collectives_on_amqtt(
+    amqtt_broker: tuple[str, int], topic_prefix: str, n: int
+) -> None:
     async with mqtt_group(amqtt_broker, topic_prefix, n) as ts:
         await check_collectives(ts, "req-amqtt")
         await check_collectives(ts, "req-amqtt-i8", "int8")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -72,7 +73,9 @@ async def test_int_and_str_steps_are_the_same_key(make_transport: Factory) -> No
         assert await b.recv("a", ("r", "4"), timeout=5) == b"p"
 
 
-async def test_publish_is_one_upload_and_reaches_only_listed_devices(make_transport: Factory) -> None:
+async def test_publish_is_one_upload_and_reaches_only_listed_devices(
+    make_transport: Factory,
+) -> None:
     async with cluster(make_transport, "a", "b", "c", "d") as (a, b, c, d):
         await a.publish(["a", "b", "c"], ("req", "bc"), b"hello")  # "a" itself is skipped
         assert a.stats.msgs_sent == 1
@@ -194,7 +197,7 @@ async def test_memory_hub_counts_fan_out() -> None:
 
 
 async def test_mailbox_ttl_expires_unclaimed_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    import detransformer_edge.transport.base as base
+    from detransformer_edge.transport import base
 
     now = [1000.0]
     monkeypatch.setattr(base.time, "monotonic", lambda: now[0])
@@ -223,15 +226,18 @@ async def test_mqtt_v5_uses_no_local(mosquitto_broker: tuple[str, int], topic_pr
 
 @pytest.mark.mosquitto
 async def test_mqtt_refused_connection_is_typed() -> None:
-    from conftest import free_port
-
-    t = MqttTransport("a", "127.0.0.1", free_port(), prefix="detransformer/x")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = MqttTransport("a", "127.0.0.1", port, prefix="detransformer/x")
     with pytest.raises(TransportError, match="cannot connect"):
         await t.start()
 
 
 @pytest.mark.mosquitto
-async def test_mqtt_close_cancels_its_task(mosquitto_broker: tuple[str, int], topic_prefix: str) -> None:
+async def test_mqtt_close_cancels_its_task(
+    mosquitto_broker: tuple[str, int], topic_prefix: str
+) -> None:
     host, port = mosquitto_broker
     before = {t.get_name() for t in asyncio.all_tasks()}
     async with MqttTransport("a", host, port, prefix=topic_prefix):

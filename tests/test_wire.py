@@ -198,10 +198,15 @@ def test_fuzz_random_bytes_give_wire_error_or_message(data: bytes) -> None:
 
 
 _msgpack_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
-    | st.text(max_size=8) | st.binary(max_size=16),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=16),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -282,7 +287,7 @@ def test_fuzz_corrupted_valid_payloads(
 
 def test_float16_torch_fast_path_matches_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
     torch = pytest.importorskip("torch")
-    import detransformer_edge.transport.wire as wire
+    from detransformer_edge.transport import wire
 
     x = np.random.default_rng(4).standard_normal((8, 4096)).astype(np.float32) * 300
     monkeypatch.setattr(wire, "_torch", lambda: torch)

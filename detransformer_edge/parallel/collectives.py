@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -46,13 +46,13 @@ from detransformer_edge.transport.wire import (
 )
 
 __all__ = [
-    "send",
-    "recv",
-    "broadcast",
-    "gather",
-    "scatter",
     "all_gather",
     "all_reduce",
+    "broadcast",
+    "gather",
+    "recv",
+    "scatter",
+    "send",
     "split_widths",
 ]
 
@@ -69,7 +69,7 @@ def _is_torch(x: Any) -> bool:
 
 def _to_f32(x: Tensor) -> np.ndarray:
     if _is_torch(x):
-        return x.detach().cpu().float().numpy()
+        return cast(np.ndarray, x.detach().cpu().float().numpy())
     return np.asarray(x, dtype=np.float32)
 
 
@@ -99,7 +99,9 @@ def _check_group(transport: Transport, group: Sequence[str], root: str | None = 
 
 def _check_dtype(wire_dtype: str) -> None:
     if wire_dtype not in WIRE_DTYPES:
-        raise CollectiveError(f"unknown wire dtype {wire_dtype!r}; choose one of {sorted(WIRE_DTYPES)}")
+        raise CollectiveError(
+            f"unknown wire dtype {wire_dtype!r}; choose one of {sorted(WIRE_DTYPES)}"
+        )
 
 
 def _roundtrip(x: np.ndarray, wire_dtype: str, req: str, step: str, src: str) -> np.ndarray:
@@ -142,7 +144,9 @@ def split_widths(total: int, parts: int) -> list[int]:
 def _concat(chunks: list[np.ndarray], axis: int, group: Sequence[str]) -> np.ndarray:
     ndims = {c.ndim for c in chunks}
     if len(ndims) != 1:
-        raise CollectiveError(f"chunks of different ranks {[c.shape for c in chunks]} from {list(group)}")
+        raise CollectiveError(
+            f"chunks of different ranks {[c.shape for c in chunks]} from {list(group)}"
+        )
     ndim = ndims.pop()
     if ndim == 0:
         raise CollectiveError("cannot concatenate scalars; send at least 1-D chunks")

@@ -50,11 +50,11 @@ from detransformer_edge.transport.errors import (
 )
 
 __all__ = [
-    "MessageKey",
-    "MailboxLimits",
     "Mailbox",
-    "TransportStats",
+    "MailboxLimits",
+    "MessageKey",
     "Transport",
+    "TransportStats",
     "check_device_id",
     "normalise_key",
 ]
@@ -88,9 +88,7 @@ def normalise_key(key: MessageKey) -> tuple[str, str]:
     step_s = str(step)
     for name, value in (("request id", req), ("step", step_s)):
         if not isinstance(value, str) or not _TOKEN_RE.match(value):
-            raise TransportError(
-                f"invalid {name} {value!r}: use 1-128 chars of [A-Za-z0-9_.:-]"
-            )
+            raise TransportError(f"invalid {name} {value!r}: use 1-128 chars of [A-Za-z0-9_.:-]")
     return req, step_s
 
 
@@ -174,8 +172,11 @@ class Mailbox:
             self.stats.dropped_overflow += 1
             self._remember_dropped(key)
             log.warning(
-                "mailbox full (%d msgs, %d bytes): dropped %s from %s", len(self._buf),
-                self._bytes, (req, step), src,
+                "mailbox full (%d msgs, %d bytes): dropped %s from %s",
+                len(self._buf),
+                self._bytes,
+                (req, step),
+                src,
             )
             return False
         self._buf[key] = _Buffered(payload)
@@ -196,7 +197,9 @@ class Mailbox:
         if key in self._dropped:
             raise TransportOverflow(f"message {(req, step)} from {src!r} was dropped: buffer full")
         if key in self._waiters:
-            raise TransportError(f"two receives wait for the same message {(req, step)} from {src!r}")
+            raise TransportError(
+                f"two receives wait for the same message {(req, step)} from {src!r}"
+            )
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiters[key] = fut
         try:

@@ -151,7 +151,9 @@ class MqttTransport(Transport):
                 try:
                     self._on_message(message.topic.value, bytes(payload))
                 except Exception:  # one bad message must not kill the device's inbox
-                    log.exception("device %s: dropping message on %s", self.device_id, message.topic)
+                    log.exception(
+                        "device %s: dropping message on %s", self.device_id, message.topic
+                    )
         except aiomqtt.MqttError as e:
             log.warning("device %s lost the broker connection: %s", self.device_id, e)
             self._mailbox.close(TransportError(f"broker connection lost: {e}"))

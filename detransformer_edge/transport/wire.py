@@ -28,7 +28,7 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 import msgpack
 import numpy as np
@@ -36,18 +36,18 @@ import numpy as np
 from detransformer_edge.transport.errors import WireError
 
 __all__ = [
-    "WIRE_VERSION",
-    "WIRE_DTYPES",
-    "MAX_RANK",
     "MAX_ELEMENTS",
     "MAX_MESSAGE_BYTES",
+    "MAX_RANK",
+    "WIRE_DTYPES",
+    "WIRE_VERSION",
+    "TensorMessage",
     "WireDtype",
     "WireError",
-    "TensorMessage",
-    "encode_tensor",
+    "decode_control",
     "decode_tensor",
     "encode_control",
-    "decode_control",
+    "encode_tensor",
 ]
 
 WIRE_VERSION: Final = 1
@@ -55,7 +55,9 @@ WireDtype = Literal["float32", "float16", "int8"]
 # wire dtype name -> numpy type string carried in the envelope
 WIRE_DTYPES: Final[dict[str, str]] = {"float32": "<f4", "float16": "<f2", "int8": "|i1"}
 _ITEMSIZE: Final[dict[str, int]] = {"<f4": 4, "<f2": 2, "|i1": 1}
-MAX_RANK: Final = 8  # activations are (B, T, d) or (B, H, T, hd); 8 leaves room, bounds the shape list
+MAX_RANK: Final = (
+    8  # activations are (B, T, d) or (B, H, T, hd); 8 leaves room, bounds the shape list
+)
 MAX_ELEMENTS: Final = 1 << 26  # 64 Mi elements = 256 MiB of float32, MQTT's own payload limit
 MAX_MESSAGE_BYTES: Final = 256 * 1024 * 1024 + 4096  # MQTT caps a payload at 256 MiB
 _MAX_ID_LEN: Final = 256
@@ -86,13 +88,15 @@ def _to_numpy(tensor: Any) -> np.ndarray:
         t = tensor.detach().cpu()
         if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16
             t = t.float()
-        return t.numpy()
+        return cast(np.ndarray, t.numpy())
     return np.asarray(tensor)
 
 
 def _check_id(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value or len(value) > _MAX_ID_LEN:
-        raise WireError(f"{name} must be a non-empty str of at most {_MAX_ID_LEN} chars, got {value!r}")
+        raise WireError(
+            f"{name} must be a non-empty str of at most {_MAX_ID_LEN} chars, got {value!r}"
+        )
 
 
 def _check_step(value: Any) -> None:
@@ -141,7 +145,7 @@ def _to_f16(x: np.ndarray) -> np.ndarray:
     if torch is None or x.size < 4096:
         return np.ascontiguousarray(x, dtype="<f2")
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    return t.to(torch.float16).numpy()
+    return cast(np.ndarray, t.to(torch.float16).numpy())
 
 
 def _from_f16(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
@@ -151,7 +155,7 @@ def _from_f16(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
     with warnings.catch_warnings():  # read-only message bytes: torch only reads them here
         warnings.simplefilter("ignore", UserWarning)
         t = torch.frombuffer(data, dtype=torch.float16)
-    return t.to(torch.float32).numpy().reshape(shape)
+    return cast(np.ndarray, t.to(torch.float32).numpy()).reshape(shape)
 
 
 def _check_f16_range(x: np.ndarray) -> None:
@@ -217,7 +221,7 @@ def encode_tensor(
         with np.errstate(over="ignore"):  # overflow was checked above
             out = _to_f16(x) if np_dtype == "<f2" else np.ascontiguousarray(x, dtype=np_dtype)
         msg["data"] = out.tobytes()
-    return msgpack.packb(msg, use_bin_type=True)
+    return cast(bytes, msgpack.packb(msg, use_bin_type=True))
 
 
 def _unpack(payload: bytes | bytearray | memoryview, max_bytes: int, what: str) -> Any:
@@ -286,9 +290,7 @@ def decode_tensor(
         raise WireError(f"data must be bin, got {type(data).__name__}")
     expected = n * _ITEMSIZE[dtype]
     if len(data) != expected:
-        raise WireError(
-            f"data is {len(data)} bytes but shape {shape} of {dtype} needs {expected}"
-        )
+        raise WireError(f"data is {len(data)} bytes but shape {shape} of {dtype} needs {expected}")
     scale_raw = obj.get("scale")
     if dtype == "|i1":
         if not isinstance(scale_raw, bytes):
@@ -325,7 +327,7 @@ def encode_control(message: dict[str, Any]) -> bytes:
     if not isinstance(message, dict):
         raise WireError(f"control message must be a dict, got {type(message).__name__}")
     try:
-        out = msgpack.packb(message, use_bin_type=True)
+        out = cast(bytes, msgpack.packb(message, use_bin_type=True))
     except (TypeError, ValueError, OverflowError) as e:
         raise WireError(f"control message is not msgpack-serialisable: {e}") from None
     if len(out) > _MAX_CONTROL_BYTES:
