@@ -17,8 +17,12 @@ a decoupled model has other shapes and is made by distillation (``model/convert.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -227,60 +231,51 @@ def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-@dataclass
-class GGUFFile:
-    """Metadata (plain Python values) and a lazy reader of one GGUF file."""
-
-    path: Path
-    metadata: dict[str, Any]
-    reader: Any  # gguf.GGUFReader (memory-mapped)
-
-    @classmethod
-    def open(cls, path: Path) -> GGUFFile:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        metadata = {key: f.contents() for key, f in reader.fields.items() if not key.startswith("GGUF.")}
-        return cls(path=path, metadata=metadata, reader=reader)
-
-    def arch_value(self, key: str, default: Any = None) -> Any:
-        arch = self.metadata.get("general.architecture", "llama")
-        return self.metadata.get(f"{arch}.{key}", default)
+def _arch_value(metadata: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    arch = metadata.get("general.architecture", "llama")
+    return metadata.get(f"{arch}.{key}", default)
 
 
-def decoder_config_from_gguf(gguf: GGUFFile, base: DecoderConfig) -> DecoderConfig:
+def read_gguf_metadata(reader: Any) -> dict[str, Any]:
+    """Every key/value of a ``gguf.GGUFReader`` as plain Python values (str, int, float, lists)."""
+    return {key: f.contents() for key, f in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+def decoder_config_from_gguf(metadata: Mapping[str, Any], base: DecoderConfig, tied: bool) -> DecoderConfig:
     """The preset, checked against the GGUF hyper-parameters (and exact in eps and theta)."""
     import dataclasses
 
-    arch = gguf.metadata.get("general.architecture")
+    arch = metadata.get("general.architecture")
     if arch != "llama":
-        raise ConfigError(f"{gguf.path.name}: architecture {arch!r} is not supported (llama only)")
-    n_heads = gguf.arch_value("attention.head_count")
+        raise ConfigError(f"GGUF architecture {arch!r} is not supported (llama only)")
+    n_heads = _arch_value(metadata, "attention.head_count")
     shape = {
-        "vocab_size": gguf.arch_value("vocab_size", len(gguf.metadata["tokenizer.ggml.tokens"])),
-        "d_model": gguf.arch_value("embedding_length"),
-        "n_layers": gguf.arch_value("block_count"),
+        "vocab_size": _arch_value(metadata, "vocab_size", len(metadata["tokenizer.ggml.tokens"])),
+        "d_model": _arch_value(metadata, "embedding_length"),
+        "n_layers": _arch_value(metadata, "block_count"),
         "n_heads": n_heads,
-        "n_kv_heads": gguf.arch_value("attention.head_count_kv", n_heads),
-        "d_ff": gguf.arch_value("feed_forward_length"),
+        "n_kv_heads": _arch_value(metadata, "attention.head_count_kv", n_heads),
+        "d_ff": _arch_value(metadata, "feed_forward_length"),
     }
     _check_shape(base, shape)
-    tied = not any(t.name == "output.weight" for t in gguf.reader.tensors)
     return dataclasses.replace(
         base,
-        norm_eps=float(gguf.arch_value("attention.layer_norm_rms_epsilon", base.norm_eps)),
-        rope_theta=float(gguf.arch_value("rope.freq_base", base.rope_theta)),
-        max_position=int(gguf.arch_value("context_length", base.max_position)),
+        norm_eps=float(_arch_value(metadata, "attention.layer_norm_rms_epsilon", base.norm_eps)),
+        rope_theta=float(_arch_value(metadata, "rope.freq_base", base.rope_theta)),
+        max_position=int(_arch_value(metadata, "context_length", base.max_position)),
         tie_embeddings=tied,
-        bos_token_id=int(gguf.metadata.get("tokenizer.ggml.bos_token_id", base.bos_token_id)),
-        eos_token_id=int(gguf.metadata.get("tokenizer.ggml.eos_token_id", base.eos_token_id)),
+        bos_token_id=int(metadata.get("tokenizer.ggml.bos_token_id", base.bos_token_id)),
+        eos_token_id=int(metadata.get("tokenizer.ggml.eos_token_id", base.eos_token_id)),
     )
 
 
 def llama_state_dict_from_gguf(
-    gguf: GGUFFile, n_heads: int, n_kv_heads: int, progress: Progress | None = None
+    reader: Any, metadata: Mapping[str, Any], progress: Progress | None = None
 ) -> dict[str, torch.Tensor]:
-    """All tensors of a llama GGUF as float32 under our names, Q/K rows back in HF order."""
+    """All tensors of a llama GGUF as float32 under our names, Q/K rows back in HF order.
+
+    ``reader`` is a ``gguf.GGUFReader``; head counts for the un-permutation come from ``metadata``.
+    """
     import numpy as np
     import torch
     from gguf import GGMLQuantizationType
@@ -294,7 +289,9 @@ def llama_state_dict_from_gguf(
         GGMLQuantizationType.Q4_0,
         GGMLQuantizationType.Q4_1,
     }
-    tensors = list(gguf.reader.tensors)
+    n_heads = int(_arch_value(metadata, "attention.head_count"))
+    n_kv_heads = int(_arch_value(metadata, "attention.head_count_kv", n_heads))
+    tensors = list(reader.tensors)
     out: dict[str, torch.Tensor] = {}
     for i, t in enumerate(tensors):
         name = gguf_name(t.name)
@@ -302,7 +299,7 @@ def llama_state_dict_from_gguf(
             log.debug("skipping GGUF tensor %s", t.name)
             continue
         if t.tensor_type not in supported:
-            raise ConfigError(f"{gguf.path.name}: tensor {t.name} has unsupported type {t.tensor_type.name}")
+            raise ConfigError(f"GGUF tensor {t.name} has unsupported type {t.tensor_type.name}")
         # GGUF lists dims fastest-first; numpy/torch want (rows, cols) = reversed.
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
@@ -314,19 +311,91 @@ def llama_state_dict_from_gguf(
             w = np.array(w, dtype=np.float32, order="C")
         out[name] = torch.from_numpy(w)
         if progress is not None and (i % 32 == 0 or i == len(tensors) - 1):
-            progress(f"dequantising {gguf.path.name}: {i + 1}/{len(tensors)} tensors")
+            progress(f"dequantising GGUF tensors: {i + 1}/{len(tensors)}")
     return out
+
+
+CACHE_ENV = "DETRANSFORMER_EDGE_CACHE"  # a directory, or "off"
+_CACHE_FORMAT = 1  # bump when the cached layout or the conversion changes
+
+
+def cache_dir() -> Path | None:
+    """Where dequantised weights are cached (``$DETRANSFORMER_EDGE_CACHE``, default
+    ``~/.cache/detransformer-edge``); None when the variable is ``off``."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None and value.lower() in ("off", "0", "no", "false", ""):
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "detransformer-edge"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_llama_gguf(
+    path: Path, progress: Progress | None = None, cache: Path | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata, float32 state dict under our names) of a llama GGUF.
+
+    Opening the GGUF and dequantising takes seconds on a small CPU; with ``cache`` set the result
+    is kept there as safetensors + JSON, keyed by the file's SHA-256, and later loads map it in
+    a fraction of a second. A cache that cannot be written is only logged.
+    """
+    from safetensors.torch import load_file, save_file
+
+    entry: Path | None = None
+    tmp: Path | None = None
+    if cache is not None:
+        entry = cache / f"{path.stem}-{file_sha256(path)[:16]}-v{_CACHE_FORMAT}"
+        meta_file, weights_file = entry / "metadata.json", entry / "weights.safetensors"
+        if meta_file.is_file() and weights_file.is_file():
+            try:
+                if progress is not None:
+                    progress(f"reading cached weights {entry}")
+                return json.loads(meta_file.read_text()), load_file(str(weights_file))
+            except (OSError, ValueError) as exc:  # a torn or foreign file: rebuild it
+                log.warning("ignoring unreadable weight cache %s: %s", entry, exc)
+    from gguf import GGUFReader
+
+    if progress is not None:
+        progress(f"reading {path.name} ({path.stat().st_size / 1e6:.0f} MB)")
+    reader = GGUFReader(str(path))
+    metadata = read_gguf_metadata(reader)
+    sd = llama_state_dict_from_gguf(reader, metadata, progress)
+    if entry is not None:
+        try:
+            tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / "metadata.json").write_text(json.dumps(metadata))
+            save_file(sd, str(tmp / "weights.safetensors"), metadata={"source": path.name})
+            if entry.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            os.replace(tmp, entry)
+            log.info("cached dequantised weights in %s", entry)
+        except OSError as exc:
+            log.warning("could not cache dequantised weights in %s: %s", entry, exc)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return metadata, sd
 
 
 # --------------------------------------------------------------------------------------------
 # Public entry point
 
 
-def load_model(name: str, nd: int = 1, nb: int | None = None, progress: Progress | None = None) -> LoadedModel:
+def load_model(
+    name: str, nd: int = 1, nb: int | None = None, progress: Progress | None = None, cache: bool = True
+) -> LoadedModel:
     """Pretrained preset ``name`` (``minilm-l6`` or ``smollm2-135m``) with tokenizer, offline.
 
     ``nd``/``nb`` must describe the standard layout (``nb=None``): pretrained checkpoints have
     no decoupled sub-blocks. ``progress`` receives one-line status messages while loading.
+    ``cache``: keep/reuse dequantised GGUF weights under ``cache_dir()`` (the GGUF takes seconds
+    to dequantise; the cache maps in well under one).
     """
     if nb is not None:
         raise ConfigError(
@@ -339,7 +408,7 @@ def load_model(name: str, nd: int = 1, nb: int | None = None, progress: Progress
     if source.kind == "encoder":
         loaded = _load_minilm(name, nd, say)
     else:
-        loaded = _load_smollm2(name, nd, say)
+        loaded = _load_smollm2(name, nd, say, cache)
     loaded.load_seconds = time.perf_counter() - started
     say(f"loaded {name} ({loaded.model.num_params() / 1e6:.1f} M parameters) in {loaded.load_seconds:.1f} s")
     return loaded
@@ -369,7 +438,7 @@ def _load_minilm(name: str, nd: int, say: Progress) -> LoadedModel:
     return LoadedModel(name=name, model=model.eval(), tokenizer=tokenizer, config=cfg, weights_path=path)
 
 
-def _load_smollm2(name: str, nd: int, say: Progress) -> LoadedModel:
+def _load_smollm2(name: str, nd: int, say: Progress, cache: bool) -> LoadedModel:
     import torch
 
     from detransformer_edge.model.chat import ChatTemplate
@@ -379,23 +448,21 @@ def _load_smollm2(name: str, nd: int, say: Progress) -> LoadedModel:
     from detransformer_edge.model.tokenizer import TextTokenizer
 
     path = weights_path(name)
-    say(f"reading {path.name} ({path.stat().st_size / 1e6:.0f} MB)")
-    gguf = GGUFFile.open(path)
+    metadata, sd = read_llama_gguf(path, progress=say, cache=cache_dir() if cache else None)
     base = get_config(name, nd=nd)
     assert isinstance(base, DecoderConfig)
-    cfg = decoder_config_from_gguf(gguf, base)
-    sd = llama_state_dict_from_gguf(gguf, cfg.n_heads, cfg.n_kv_heads, progress=say)
+    cfg = decoder_config_from_gguf(metadata, base, tied="lm_head.weight" not in sd)
     with torch.device("meta"):
         model = Decoder(cfg)
     if cfg.tie_embeddings:
-        sd.setdefault("lm_head.weight", sd["tok_emb.weight"])
+        sd["lm_head.weight"] = sd["tok_emb.weight"]
     _assign(model, sd, path)
     model.tie_weights()
     # inv_freq is a non-persistent buffer, so assign-loading left it on the meta device.
     model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-    tokenizer = TextTokenizer.from_gguf_metadata(gguf.metadata)
-    template = ChatTemplate.from_metadata(gguf.metadata)
-    meta = {k: gguf.metadata[k] for k in ("general.name", "general.file_type") if k in gguf.metadata}
+    tokenizer = TextTokenizer.from_gguf_metadata(metadata)
+    template = ChatTemplate.from_metadata(metadata)
+    meta = {k: metadata[k] for k in ("general.name", "general.file_type") if k in metadata}
     return LoadedModel(
         name=name, model=model.eval(), tokenizer=tokenizer, config=cfg, weights_path=path,
         chat_template=template, metadata=meta,
