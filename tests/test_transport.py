@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -251,3 +253,30 @@ async def test_mqtt_close_cancels_its_task(
 def test_prefix_with_wildcards_is_refused() -> None:
     with pytest.raises(TransportError, match="invalid topic prefix"):
         MqttTransport("a", prefix="detransformer/+")
+
+
+@pytest.mark.mosquitto
+async def test_broker_loss_fails_pending_receives(tmp_path: Path) -> None:
+    """A broker that dies mid-request must fail the waiting receive, not hang it."""
+    from tests.conftest import find_mosquitto, free_port, wait_for_port
+
+    binary = find_mosquitto()
+    if binary is None:
+        pytest.skip("mosquitto is not installed (scripts/setup.sh test installs it)")
+    port = free_port()
+    conf = tmp_path / "m.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for_port("127.0.0.1", port)
+        async with MqttTransport("a", "127.0.0.1", port, prefix="detransformer/loss") as a:
+            waiter = asyncio.create_task(a.recv("b", ("r", 0), timeout=30))
+            await asyncio.sleep(0.1)
+            proc.kill()
+            with pytest.raises(TransportError, match="connection lost"):
+                await asyncio.wait_for(waiter, 10)
+            with pytest.raises(TransportError):
+                await a.send("b", ("r", 1), b"x")
+    finally:
+        proc.kill()
+        proc.wait(timeout=5)
