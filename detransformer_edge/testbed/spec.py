@@ -44,9 +44,9 @@ class TbfParams:
     percent of a one-second transfer at every rate.
     limit_bytes: queue length, 25 ms worth of the rate plus the burst (a home router's
     buffer without gross bufferbloat), but at least 256 KiB: veth hands tbf TCP
-    super-packets of up to 64 KiB, which it splits into frames, and a shorter queue at
-    20-50 Mbit/s dropped about a third of a transfer's frames in slow start (measured:
-    3269 of 8560 at 20 Mbit/s with 95 KB, 113 with 256 KiB, 0 at 100 Mbit/s and above).
+    super-packets of up to 64 KiB, which it splits into frames, and the shorter queue at
+    20 Mbit/s (95 KB) dropped 3269 frames against 8560 sent in slow start, costing some
+    transfers a quarter of their rate; 256 KiB dropped 113 (docs/TESTBED.md).
     """
 
     mbit: int
