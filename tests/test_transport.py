@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -255,9 +255,9 @@ def test_prefix_with_wildcards_is_refused() -> None:
         MqttTransport("a", prefix="detransformer/+")
 
 
-@pytest.mark.mosquitto
-async def test_broker_loss_fails_pending_receives(tmp_path: Path) -> None:
-    """A broker that dies mid-request must fail the waiting receive, not hang it."""
+@pytest.fixture
+def private_mosquitto(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[bytes]]]:
+    """A Mosquitto of this test alone, so the test may kill it."""
     from tests.conftest import find_mosquitto, free_port, wait_for_port
 
     binary = find_mosquitto()
@@ -269,14 +269,23 @@ async def test_broker_loss_fails_pending_receives(tmp_path: Path) -> None:
     proc = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
     try:
         assert wait_for_port("127.0.0.1", port)
-        async with MqttTransport("a", "127.0.0.1", port, prefix="detransformer/loss") as a:
-            waiter = asyncio.create_task(a.recv("b", ("r", 0), timeout=30))
-            await asyncio.sleep(0.1)
-            proc.kill()
-            with pytest.raises(TransportError, match="connection lost"):
-                await asyncio.wait_for(waiter, 10)
-            with pytest.raises(TransportError):
-                await a.send("b", ("r", 1), b"x")
+        yield port, proc
     finally:
         proc.kill()
         proc.wait(timeout=5)
+
+
+@pytest.mark.mosquitto
+async def test_broker_loss_fails_pending_receives(
+    private_mosquitto: tuple[int, subprocess.Popen[bytes]],
+) -> None:
+    """A broker that dies mid-request must fail the waiting receive, not hang it."""
+    port, proc = private_mosquitto
+    async with MqttTransport("a", "127.0.0.1", port, prefix="detransformer/loss") as a:
+        waiter = asyncio.create_task(a.recv("b", ("r", 0), timeout=30))
+        await asyncio.sleep(0.1)
+        proc.kill()
+        with pytest.raises(TransportError, match="connection lost"):
+            await asyncio.wait_for(waiter, 10)
+        with pytest.raises(TransportError):
+            await a.send("b", ("r", 1), b"x")
