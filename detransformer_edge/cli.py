@@ -18,6 +18,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("embed", "embed"),
     ("profile", "profile"),
     ("plan", "plan"),
+    ("convert", "convert"),
+    ("train-intent", "train_intent"),
 )
 
 
