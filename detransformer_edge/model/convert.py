@@ -1,0 +1,383 @@
+"""Convert a pretrained (standard) encoder into a decoupled DeTransformer student and distil it.
+
+Initialisation (``init_student``) copies what carries over exactly and slices the rest:
+
+* embeddings and coupled layers: copied;
+* decoupled layer i, sub-block j owning features ``s = cfg.sub_slice(j)``:
+  Q/K/V take the teacher's input columns ``s`` (all heads, bias whole); the output projection takes
+  the teacher's rows ``s``; both LayerNorms take slice ``s``; the FFN takes input columns / output
+  rows ``s`` of the teacher's intermediate units, ordered with the sub-block's own group of
+  ``d_ff / nd`` units first and the other groups after it, trimmed (or zero-padded) to I'.
+  With I' close to d_ff (the parameter-matched I' of MiniLM is 1526 of 1536) every sub-block keeps
+  almost all of the teacher's units instead of a quarter of them; the group order decides which
+  few units are trimmed.
+
+With ``nd == 1`` (and I' = d_ff) the student is the teacher exactly; ``tests/test_convert.py``
+checks that. Distillation (``distil``) then trains the student to match the teacher's hidden
+states at every block boundary (MSE) and its sentence embedding (1 - cosine).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from detransformer_edge.errors import ConfigError
+from detransformer_edge.model.config import EncoderConfig
+from detransformer_edge.model.encoder import Encoder, mean_pool, padding_mask
+
+log = logging.getLogger(__name__)
+
+_LAYER_PARAMS = (
+    "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "attn_norm", "ffn.up", "ffn.down", "ffn_norm",
+)
+
+
+def _ffn_unit_order(d_ff: int, nd: int, j: int) -> torch.Tensor:
+    """Teacher FFN unit indices for sub-block j: its own group first, then the following groups."""
+    group = d_ff // nd
+    return torch.roll(torch.arange(d_ff), -j * group)
+
+
+@torch.no_grad()
+def init_student(teacher: Encoder, student_cfg: EncoderConfig, seed: int = 0) -> Encoder:
+    """A decoupled student initialised from ``teacher``'s weights (see module docstring)."""
+    tcfg = teacher.cfg
+    for name in ("d_model", "n_layers", "n_heads", "vocab_size", "max_position"):
+        if getattr(tcfg, name) != getattr(student_cfg, name):
+            raise ConfigError(f"student {name}={getattr(student_cfg, name)} differs from teacher's {getattr(tcfg, name)}")
+    if teacher.cfg.is_decoupled:
+        raise ConfigError("the teacher must be a standard (coupled) encoder")
+    if student_cfg.sub_attn != "full":
+        raise ConfigError("conversion supports sub_attn='full' (sub-block Q/K/V span all heads)")
+    torch.manual_seed(seed)
+    student = Encoder(student_cfg)
+    T = teacher.state_dict()
+    S = student.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key in S:
+        if key.startswith("embeddings."):
+            out[key] = T[key].clone()
+    for i, kind in enumerate(student_cfg.layer_kinds):
+        if kind == "coupled":
+            for p in _LAYER_PARAMS:
+                for w in ("weight", "bias"):
+                    out[f"layers.{i}.{p}.{w}"] = T[f"layers.{i}.{p}.{w}"].clone()
+            continue
+        I_sub = student_cfg.d_ff_sub
+        for j in range(student_cfg.nd):
+            s = student_cfg.sub_slice(j)
+
+            def t(p: str, i: int = i) -> torch.Tensor:
+                return T[f"layers.{i}.{p}"]
+
+            pre = f"layers.{i}.sub_blocks.{j}."
+            for p in ("q_proj", "k_proj", "v_proj"):
+                out[pre + f"attn.{p}.weight"] = t(f"attn.{p}.weight")[:, s].clone()  # (d_attn, d_sub)
+                out[pre + f"attn.{p}.bias"] = t(f"attn.{p}.bias").clone()
+            out[pre + "attn.o_proj.weight"] = t("attn.o_proj.weight")[s, :].clone()  # (d_sub, d_attn)
+            out[pre + "attn.o_proj.bias"] = t("attn.o_proj.bias")[s].clone()
+            for norm in ("attn_norm", "ffn_norm"):
+                for w in ("weight", "bias"):
+                    out[pre + f"{norm}.{w}"] = t(f"{norm}.{w}")[s].clone()
+            units = _ffn_unit_order(tcfg.d_ff, student_cfg.nd, j)[:I_sub]
+            n = len(units)
+            up_w = S[pre + "ffn.up.weight"].clone()  # (I', d_sub), random init for padded units
+            up_b = torch.zeros(I_sub)
+            down_w = torch.zeros(student_cfg.d_sub, I_sub)  # padded units start silent
+            up_w[:n] = t("ffn.up.weight")[units][:, s]
+            up_b[:n] = t("ffn.up.bias")[units]
+            down_w[:, :n] = t("ffn.down.weight")[s][:, units]
+            out[pre + "ffn.up.weight"], out[pre + "ffn.up.bias"] = up_w, up_b
+            out[pre + "ffn.down.weight"] = down_w
+            out[pre + "ffn.down.bias"] = t("ffn.down.bias")[s].clone()
+    missing = set(S) - set(out)
+    if missing:
+        raise ConfigError(f"conversion left student parameters unset: {sorted(missing)[:5]}")
+    student.load_state_dict(out)
+    return student
+
+
+def block_ends(cfg: EncoderConfig) -> list[int]:
+    """Indices of the layers that end a block (the coupled layers of a decoupled model)."""
+    return [blk[-1] for blk in cfg.blocks]
+
+
+def layer_outputs(model: Encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  layers: Sequence[int]) -> list[torch.Tensor]:
+    """Hidden states (B, T, d) after each layer in ``layers``."""
+    h = model.embeddings(input_ids)
+    mask = padding_mask(attention_mask)
+    outs: list[torch.Tensor] = []
+    for i, layer in enumerate(model.layers):
+        h = layer(h, mask)
+        if i in layers:
+            outs.append(h)
+    return outs
+
+
+@dataclass
+class DistilSettings:
+    steps: int = 600  # ~20 min on this project's shared 2-core CPU (docs/ACCURACY.md)
+    batch_size: int = 16
+    max_len: int = 48  # most corpus sentences are shorter; longer ones are cut
+    lr: float = 2e-4
+    warmup: int = 50
+    weight_decay: float = 0.01
+    cos_weight: float = 1.0  # weight of (1 - cosine) on the sentence embedding vs boundary MSE
+    checkpoint_every: int = 100
+    seed: int = 0
+    eval_sentences: int = 2000
+
+
+def distillation_loss(student: Encoder, teacher_hidden: list[torch.Tensor], teacher_emb: torch.Tensor,
+                      input_ids: torch.Tensor, attention_mask: torch.Tensor, cos_weight: float) -> torch.Tensor:
+    hs = layer_outputs(student, input_ids, attention_mask, block_ends(student.cfg))
+    m = attention_mask.to(hs[0].dtype)[..., None]  # (B, T, 1)
+    n = m.sum() * hs[0].shape[-1]
+    mse = sum(((h - t) ** 2 * m).sum() / n for h, t in zip(hs, teacher_hidden, strict=True))
+    emb = mean_pool(hs[-1], attention_mask)
+    cos = F.cosine_similarity(emb, teacher_emb, dim=-1).mean()
+    return mse / len(hs) + cos_weight * (1.0 - cos)
+
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency; quiet when stderr is not a terminal)."""
+
+    def __init__(self, total: int, start: int = 0, label: str = "", stream: Any = None) -> None:
+        self.total, self.done, self.label = total, start, label
+        self.stream = stream or sys.stderr
+        self.t0 = time.monotonic()
+        self.start = start
+        self.tty = self.stream.isatty()
+
+    def update(self, done: int, **info: float) -> None:
+        self.done = done
+        if not self.tty and done % max(1, self.total // 20) and done != self.total:
+            return
+        rate = (done - self.start) / max(1e-9, time.monotonic() - self.t0)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        width = 30
+        fill = int(width * done / max(1, self.total))
+        extra = " ".join(f"{k}={v:.4f}" for k, v in info.items())
+        line = f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} eta {eta:5.0f}s {extra}"
+        self.stream.write(("\r" if self.tty else "") + line + ("" if self.tty else "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def _batches(sentences: Sequence[str], batch_size: int, seed: int) -> Iterator[list[str]]:
+    """Endless shuffled batches; epoch e uses seed + e so a resumed run sees the same order."""
+    epoch = 0
+    while True:
+        order = list(range(len(sentences)))
+        random.Random(seed + epoch).shuffle(order)
+        for k in range(0, len(order) - batch_size + 1, batch_size):
+            yield [sentences[i] for i in order[k : k + batch_size]]
+        epoch += 1
+
+
+Tokenize = Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@torch.no_grad()
+def embedding_cosine(student: Encoder, teacher: Encoder, sentences: Sequence[str], tokenize: Tokenize,
+                     max_len: int = 64, batch_size: int = 64, device: str = "cpu") -> float:
+    """Mean cosine between student and teacher sentence embeddings."""
+    total, n = 0.0, 0
+    student.eval()
+    teacher.eval()
+    for k in range(0, len(sentences), batch_size):
+        ids, mask = tokenize(list(sentences[k : k + batch_size]), max_len)
+        ids, mask = ids.to(device), mask.to(device)
+        cos = F.cosine_similarity(student.sentence_embedding(ids, mask), teacher.sentence_embedding(ids, mask))
+        total += cos.sum().item()
+        n += len(cos)
+    return total / max(1, n)
+
+
+def distil(student: Encoder, teacher: Encoder, train: Sequence[str], tokenize: Tokenize,
+           settings: DistilSettings, out_dir: Path | None = None, device: str = "cpu",
+           progress: bool = True) -> list[float]:
+    """Train ``student`` towards ``teacher``; checkpoint to ``out_dir`` and resume from it if present.
+
+    Embeddings stay frozen (they are exact copies and the teacher's inputs to layer 0).
+    Returns the loss of every step run in this call.
+    """
+    student.to(device).train()
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    params = [p for n, p in student.named_parameters() if not n.startswith("embeddings.")]
+    for p in student.embeddings.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def lr_at(step: int) -> float:
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        frac = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    step = 0
+    ckpt = out_dir / "checkpoint.pt" if out_dir is not None else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        student.load_state_dict(state["student"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+        log.info("resuming distillation at step %d from %s", step, ckpt)
+    batches = _batches(train, settings.batch_size, settings.seed)
+    for _ in range(step):  # skip what the checkpoint already saw (cheap: no tokenising)
+        next(batches)
+    bar = Progress(settings.steps, step, "distil") if progress else None
+    losses: list[float] = []
+    while step < settings.steps:
+        ids, mask = tokenize(next(batches), settings.max_len)
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            t_hidden = layer_outputs(teacher, ids, mask, block_ends(student.cfg))
+            t_emb = mean_pool(t_hidden[-1], mask)
+        loss = distillation_loss(student, t_hidden, t_emb, ids, mask, settings.cos_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(step, loss=losses[-1])
+        if ckpt is not None and (step % settings.checkpoint_every == 0 or step == settings.steps):
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "step": step}, tmp)
+            os.replace(tmp, ckpt)
+    if bar is not None:
+        bar.close()
+    student.eval()
+    return losses
+
+
+def save_student(student: Encoder, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
+    """DIR/model.safetensors (float32) + DIR/config.json (the EncoderConfig fields)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(out_dir / "model.safetensors"))
+    cfg = {k: v for k, v in asdict(student.cfg).items() if k in _config_init_fields()}
+    (out_dir / "config.json").write_text(json.dumps({"encoder": cfg, **(extra or {})}, indent=2) + "\n")
+
+
+def _config_init_fields() -> set[str]:
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(EncoderConfig) if f.init}
+
+
+def load_student(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Encoder:
+    """Read a converted model written by ``save_student``."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.safetensors").exists():
+        raise ConfigError(f"{model_dir} has no model.safetensors; run `detransformer-edge convert --out {model_dir}`")
+    meta = json.loads((model_dir / "config.json").read_text())
+    cfg = EncoderConfig(**meta["encoder"])
+    with torch.device("meta"):
+        model = Encoder(cfg)
+    sd = load_file(str(model_dir / "model.safetensors"))
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+    return model.eval()
+
+
+def load_pretrained(name: str = "minilm-l6") -> tuple[Encoder, Any]:
+    """The pretrained standard encoder (float32, eval) and its ``TextTokenizer``."""
+    from detransformer_edge.model.loaders import load_model
+
+    loaded = load_model(name)
+    return loaded.model.float().eval(), loaded.tokenizer
+
+
+def make_tokenize(tokenizer: Any) -> Tokenize:
+    """``tokenize(texts, max_len) -> (input_ids, attention_mask)`` from a ``TextTokenizer``;
+    texts longer than ``max_len`` tokens are cut (keeping the final [SEP]), batches padded to the
+    longest row."""
+    backend = tokenizer.backend  # tokenizers.Tokenizer, padding and truncation off
+
+    def tokenize(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [e.ids if len(e.ids) <= max_len else e.ids[: max_len - 1] + e.ids[-1:]
+                for e in backend.encode_batch(texts)]
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = torch.tensor(r)
+            mask[b, : len(r)] = 1
+        return ids, mask
+
+    return tokenize
+
+
+def convert_and_distil(source: str, nd: int, nb: int, out_dir: str | Path, settings: DistilSettings,
+                       device: str = "cpu") -> dict[str, Any]:
+    """The whole `convert` command: init from ``source``, distil, write model, config and quality."""
+    from detransformer_edge.model.config import get_config
+    from detransformer_edge.model.corpus import load_corpus
+
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher, tokenizer = load_pretrained(source)
+    cfg = get_config(source, nd=nd, nb=nb)
+    if not isinstance(cfg, EncoderConfig):
+        raise ConfigError(f"{source!r} is not an encoder; conversion handles encoders only")
+    cfg = dataclasses_replace(cfg, norm_eps=teacher.cfg.norm_eps)
+    tokenize = make_tokenize(tokenizer)
+    corpus = load_corpus()
+    held = corpus.held_out[: settings.eval_sentences]
+    student = init_student(teacher, cfg, seed=settings.seed)
+    quality_path = out_dir / "quality.json"
+    init_cos = None
+    if quality_path.exists():  # resumed run: keep the first measurement
+        init_cos = json.loads(quality_path.read_text()).get("cosine_init")
+    if init_cos is None:
+        init_cos = embedding_cosine(student, teacher, held, tokenize, settings.max_len)
+        quality_path.write_text(json.dumps({"cosine_init": init_cos}) + "\n")
+    losses = distil(student, teacher.to(device), corpus.train, tokenize, settings, out_dir, device)
+    student.to("cpu")
+    teacher.to("cpu")
+    after = embedding_cosine(student, teacher, held, tokenize, settings.max_len)
+    quality = {
+        "source": source, "nd": nd, "nb": nb, "d_ff_sub": cfg.d_ff_sub,
+        "cosine_init": init_cos, "cosine_after": after, "held_out_sentences": len(held),
+        "train_sentences": len(corpus.train), "corpus_fingerprint": corpus.fingerprint,
+        "settings": asdict(settings), "final_loss": losses[-1] if losses else None,
+        "seconds": time.monotonic() - started, "device": device, "threads": torch.get_num_threads(),
+    }
+    save_student(student, out_dir, {"source": source, "quality": "quality.json"})
+    quality_path.write_text(json.dumps(quality, indent=2) + "\n")
+    return quality
+
+
+def dataclasses_replace(cfg: EncoderConfig, **changes: Any) -> EncoderConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,83 @@
+"""Wire precision of activations: what rounding hidden states for the network costs in accuracy.
+
+Activations cross the network at every synchronisation point of a decoupled model: the input of
+each coupled layer (sub-block outputs all-gathered) and the final hidden states (sent to the
+leader). ``wire_rounding(encoder, dtype)`` simulates a wire dtype by quantise -> dequantise at
+exactly those points, with forward hooks, so the model code stays untouched.
+
+``ALLOWED_WIRE_DTYPES`` is the recommendation the runtime planner reads (measured in
+docs/ACCURACY.md): per task, the wire dtypes whose accuracy loss is negligible, cheapest last.
+Dtype names are the wire envelope's (``<f4``, ``<f2``, ``|i1`` with per-row float32 scales).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+
+from detransformer_edge.errors import ConfigError
+from detransformer_edge.model.encoder import Encoder
+
+WireDtype = Literal["<f4", "<f2", "|i1"]
+WIRE_DTYPES: tuple[WireDtype, ...] = ("<f4", "<f2", "|i1")
+
+# Measured on the shipped decoupled MiniLM (docs/ACCURACY.md, "Wire precision"): float16 changes
+# no intent decision and int8 with per-row scales changes intent accuracy and slot F1 by well under
+# a point, with embedding cosine to float32 above 0.999. Both are allowed; the planner picks the
+# cheapest that its link needs.
+ALLOWED_WIRE_DTYPES: dict[str, tuple[WireDtype, ...]] = {
+    "intent": ("<f4", "<f2", "|i1"),
+    "embedding": ("<f4", "<f2", "|i1"),
+}
+
+
+def quantise_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: x (..., d) -> q int8 (..., d), scale float32 (..., 1)."""
+    scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127.0).clamp(min=1e-12)
+    q = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantise_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale
+
+
+def round_trip(x: torch.Tensor, dtype: WireDtype) -> torch.Tensor:
+    """What arrives after sending ``x`` as ``dtype`` (returned in x's dtype)."""
+    if dtype == "<f4":
+        return x.float().to(x.dtype)
+    if dtype == "<f2":
+        return x.to(torch.float16).to(x.dtype)
+    if dtype == "|i1":
+        return dequantise_int8(*quantise_int8(x)).to(x.dtype)
+    raise ConfigError(f"unknown wire dtype {dtype!r}; known: {', '.join(WIRE_DTYPES)}")
+
+
+def wire_points(encoder: Encoder) -> list[int]:
+    """Layers whose input crosses the wire (the coupled layers of a decoupled model, or the block
+    boundaries a standard model would have with the same nb), plus -1 for the final output."""
+    if encoder.cfg.is_decoupled:
+        return [i for i, k in enumerate(encoder.cfg.layer_kinds) if k == "coupled"] + [-1]
+    return [-1]
+
+
+@contextmanager
+def wire_rounding(encoder: Encoder, dtype: WireDtype, layers: list[int] | None = None) -> Iterator[None]:
+    """Round hidden states to ``dtype`` at the inputs of ``layers`` (default ``wire_points``;
+    -1 = the encoder's final output) while the context is open."""
+    points = wire_points(encoder) if layers is None else layers
+    handles = []
+    for i in points:
+        if i == -1:
+            handles.append(encoder.layers[-1].register_forward_hook(lambda m, a, out: round_trip(out, dtype)))
+        else:
+            handles.append(encoder.layers[i].register_forward_pre_hook(
+                lambda m, args: (round_trip(args[0], dtype), *args[1:])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
