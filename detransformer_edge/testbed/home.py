@@ -114,7 +114,10 @@ class Home:
             {str(c.group(spec.cgroup(n.name))) for n in spec.nodes for c in caps.controllers()}
         )
         record = HomeRecord.for_this_process(spec.prefix, netns, cgroups)
-        record.save()  # before creating anything, so a crash mid-build is still recorded
+        try:
+            record.save()  # before creating anything, so a crash mid-build is still recorded
+        except OSError as exc:
+            raise TestbedError(f"cannot write the home's record {record.path}: {exc}") from exc
         self._record = record
         _register(self)
         try:
