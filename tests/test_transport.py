@@ -198,12 +198,9 @@ async def test_memory_hub_counts_fan_out() -> None:
                 pass
 
 
-async def test_mailbox_ttl_expires_unclaimed_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    from detransformer_edge.transport import base
-
+def test_mailbox_ttl_expires_unclaimed_messages() -> None:
     now = [1000.0]
-    monkeypatch.setattr(base.time, "monotonic", lambda: now[0])
-    box = Mailbox(MailboxLimits(ttl_s=10.0))
+    box = Mailbox(MailboxLimits(ttl_s=10.0), clock=lambda: now[0])
     box.deliver("r", "0", "a", b"old")
     now[0] += 11.0
     box.deliver("r", "1", "a", b"new")  # insertion expires what outlived the TTL

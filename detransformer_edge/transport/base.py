@@ -36,8 +36,8 @@ import re
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
 
@@ -124,7 +124,7 @@ _FullKey = tuple[str, str, str]  # (req, step, src)
 @dataclass(slots=True)
 class _Buffered:
     payload: bytes
-    arrived: float = field(default_factory=time.monotonic)
+    arrived: float
 
 
 class Mailbox:
@@ -133,8 +133,14 @@ class Mailbox:
     Not thread-safe: every call must come from the event loop that owns the transport.
     """
 
-    def __init__(self, limits: MailboxLimits | None = None, stats: TransportStats | None = None):
+    def __init__(
+        self,
+        limits: MailboxLimits | None = None,
+        stats: TransportStats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.limits = limits or MailboxLimits()
+        self._clock = clock  # injectable so TTL tests need no sleeping or global patching
         self.stats = stats or TransportStats()
         self._buf: OrderedDict[_FullKey, _Buffered] = OrderedDict()
         self._bytes = 0
@@ -179,7 +185,7 @@ class Mailbox:
                 src,
             )
             return False
-        self._buf[key] = _Buffered(payload)
+        self._buf[key] = _Buffered(payload, self._clock())
         self._bytes += len(payload)
         return True
 
@@ -242,7 +248,7 @@ class Mailbox:
                 fut.set_exception(error)
 
     def _expire(self) -> None:
-        deadline = time.monotonic() - self.limits.ttl_s
+        deadline = self._clock() - self.limits.ttl_s
         while self._buf:
             key, item = next(iter(self._buf.items()))
             if item.arrived > deadline:
