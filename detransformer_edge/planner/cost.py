@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from detransformer_edge.errors import DetransformerError
@@ -78,7 +79,7 @@ class Request:
         if self.seq_len <= 0 or self.batch <= 0:
             raise PlanningError(f"request needs seq_len > 0 and batch > 0, got {self.seq_len}, {self.batch}")
 
-    @property
+    @cached_property
     def workload(self) -> Workload:
         return Workload.for_request(self.mode, self.seq_len, self.batch)
 
@@ -240,6 +241,11 @@ class CostModel:
         rtt = self._rtt
         latency = 0.5 * (max(rtt[d] for d in up) + max(rtt[d] for d in down))
         return t_up + n_pub * self.broker.per_message_ms / 1e3 + t_down + latency, up, down, n_pub
+
+    def rtt_s(self, device: str) -> float:
+        """Round trip device -> broker -> device, seconds (measured, or by link kind)."""
+        self._profile(device)
+        return self._rtt[device]
 
     def wire_bytes(self, rows: int, width: int, wire: str) -> float:
         """Payload of one message carrying a (rows, width) activation in ``wire`` precision."""

@@ -18,12 +18,14 @@ Pruning that keeps the choice exact under the cost model:
 
 from __future__ import annotations
 
+import bisect
 import itertools
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from detransformer_edge.parallel.plan import DeviceWeights, Placement, Plan, PlanError, Stage
 from detransformer_edge.planner.cost import WIRE_ITEMSIZE, Breakdown, Broker, CostModel, PlanningError, Request
+from detransformer_edge.model.analysis import Workload
 from detransformer_edge.planner.profile import DeviceProfile
 
 # Wire dtypes each accuracy budget allows, most compact first. "fp16" (the default) keeps
@@ -38,6 +40,9 @@ DEFAULT_ACCURACY = "fp16"
 LOCAL_SEARCH_ROUNDS = 2  # single-move improvement passes over the greedy mapping
 IMPROVE_TOP = 2  # block plans (best first) that get the local search
 GATHER_ROOTS = 3  # fastest coupled-replica holders tried as gather targets
+
+
+Spec = tuple[float, Callable[[], Plan]]  # (lower bound on latency, plan factory)
 
 
 class NoFeasiblePlanError(PlanningError):
@@ -83,6 +88,10 @@ class RuntimePlanner:
         self.full_layers = set(range(n_layers))
         self.coordinators = [d for d in self.devices if self.holdings[d].embeddings]
         self.replicas = [d for d in self.devices if set(self.coupled_idx) <= set(self.holdings[d].whole_layers)]
+        self._replica_set = set(self.replicas)
+        self._order = {d: i for i, d in enumerate(self.devices)}
+        self._rtt = {d: self.cost.rtt_s(d) for d in self.devices}
+        self._table_cache: _Tables | None = None
         self.tp_groups = self._tp_groups()
 
     # -- public ----------------------------------------------------------------------------------
@@ -93,14 +102,40 @@ class RuntimePlanner:
     def ranked(self, request: Request, top: int = 6) -> list[Breakdown]:
         """The ``top`` best distinct feasible plans, best first (ties: fewer devices, then the
         more precise wire dtype)."""
+        specs = sorted(self._specs(request), key=lambda s: s[0])
         scored: dict[Plan, float] = {}
-        for plan in self._search(request):
-            if plan not in scored:
-                scored[plan] = self.cost.latency(plan, request)
+        keep = 2 * top  # a margin for plans that turn out equivalent or not to fit in memory
+        best: list[float] = []
+        skipped: list[Spec] = []
+        for i, spec in enumerate(specs):
+            if len(best) >= keep and spec[0] > best[keep - 1] * (1 + 1e-9):
+                skipped = specs[i:]  # sorted by bound: none of the rest can make the cut
+                break
+            self._score(spec, request, scored, best, keep)
         # Polish the mapping of the few best block plans (local search is the costly part).
-        for plan in [p for p in sorted(scored, key=lambda p: _rank_key(scored[p], p)) if p.mode == "block"][:IMPROVE_TOP]:
+        leaders = [p for p in sorted(scored, key=lambda p: _rank_key(scored[p], p)) if p.mode == "block"]
+        for plan in leaders[:IMPROVE_TOP]:
             for cand, lat in self._improve(plan, scored[plan], request):
                 scored.setdefault(cand, lat)
+        out = self._feasible(scored, request, top)
+        if len(out) < top and skipped:  # memory ruled out the fast ones: look at the rest too
+            for spec in skipped:
+                self._score(spec, request, scored, best, len(specs))
+            out = self._feasible(scored, request, top)
+        if not out:
+            raise NoFeasiblePlanError(self._why_none(request))
+        return out
+
+    def _score(self, spec: Spec, request: Request, scored: dict[Plan, float], best: list[float], keep: int) -> None:
+        plan = spec[1]()
+        if plan in scored:
+            return
+        lat = self.cost.latency(plan, request)
+        scored[plan] = lat
+        bisect.insort(best, lat)
+        del best[keep:]
+
+    def _feasible(self, scored: dict[Plan, float], request: Request, top: int) -> list[Breakdown]:
         out: list[Breakdown] = []
         shown: set[str] = set()
         for plan in sorted(scored, key=lambda p: _rank_key(scored[p], p)):
@@ -114,8 +149,6 @@ class RuntimePlanner:
                 out.append(bd)
                 if len(out) >= top:
                     break
-        if not out:
-            raise NoFeasiblePlanError(self._why_none(request))
         return out
 
     def exhaustive(self, request: Request, wires: Sequence[str] | None = None) -> list[Breakdown]:
@@ -128,16 +161,20 @@ class RuntimePlanner:
         return sorted(out, key=lambda bd: _rank_key(bd.total_s, bd.plan))
 
     # -- search ----------------------------------------------------------------------------------
-    def _search(self, request: Request) -> Iterator[Plan]:
+    def _specs(self, request: Request) -> Iterator[Spec]:
+        """Candidates as (lower bound on latency, plan factory): plans are built only if their
+        bound can still beat what has been found."""
         wire = self.wires[0]
         for coord in self.coordinators:
             single = Plan("single", (coord,), wire="float32")
             if self._can_run(single):
-                yield single
+                yield 0.0, (lambda p=single: p)
             if self.cost.decoupled:
                 yield from self._search_block(coord, wire, request)
             else:
-                yield from (p for p in self._standard_plans(coord, wire, request) if self._can_run(p))
+                for p in self._standard_plans(coord, wire, request):
+                    if self._can_run(p):
+                        yield 0.0, (lambda p=p: p)
 
     def _can_run(self, plan: Plan) -> bool:
         for d in plan.devices:
@@ -159,8 +196,7 @@ class RuntimePlanner:
 
     def _greedy_mapping(self, subset: Sequence[str], request: Request) -> tuple[str, ...] | None:
         """Longest-processing-time greedy: each sub-block to the holder that finishes it first."""
-        work = request.workload
-        t = {d: self.cost.time(d, work, "sub") for d in subset}
+        t = self._tables(request.workload).sub
         holders_of = [[d for d in subset if j in self.holdings[d].sub_blocks] for j in range(self.nd)]
         if any(not h for h in holders_of):
             return None
@@ -179,21 +215,72 @@ class RuntimePlanner:
             owner[j] = coord
         return tuple(owner)
 
-    def _block_plans(
-        self, coord: str, mapping: tuple[str, ...], wire: str, roots: Sequence[str]
-    ) -> Iterator[Plan]:
-        """Block plans for one mapping: all-gather (if every owner holds the coupled layers),
-        gather to each of ``roots``, TP over each placed shard group."""
-        owners = [coord] + sorted({d for d in mapping if d != coord}, key=self.devices.index)
-        base = dict(mode="block", sub_block_owner=mapping, wire=wire)
-        if all(d in self.replicas for d in owners):
-            yield Plan(devices=tuple(owners), coupled="allgather", **base)  # type: ignore[arg-type]
+    def _block_specs(
+        self, coord: str, mapping: tuple[str, ...], roots: Sequence[str]
+    ) -> Iterator[tuple[tuple[str, ...], str, tuple[str, ...]]]:
+        """(devices, coupled strategy, coupled devices) of the block plans for one mapping:
+        all-gather (if every owner holds the coupled layers), gather to each of ``roots``, TP over
+        each placed shard group."""
+        owners = [coord] + sorted({d for d in mapping if d != coord}, key=self._order.__getitem__)
+        if all(d in self._replica_set for d in owners):
+            yield tuple(owners), "allgather", ()
         for r in roots:
-            devs = tuple(owners) if r in owners else (*owners, r)
-            yield Plan(devices=devs, coupled="gather", coupled_devices=(r,), **base)  # type: ignore[arg-type]
+            yield (tuple(owners) if r in owners else (*owners, r)), "gather", (r,)
         for group in self.tp_groups:
-            devs = tuple(owners) + tuple(g for g in group if g not in owners)
-            yield Plan(devices=devs, coupled="tp", coupled_devices=group, **base)  # type: ignore[arg-type]
+            yield tuple(owners) + tuple(g for g in group if g not in owners), "tp", group
+
+    def _block_plans(self, coord: str, mapping: tuple[str, ...], wire: str, roots: Sequence[str]) -> Iterator[Plan]:
+        for devices, coupled, cdevs in self._block_specs(coord, mapping, roots):
+            yield Plan("block", devices, wire, (), mapping, coupled, cdevs)  # type: ignore[arg-type]
+
+    def _bound(
+        self, coord: str, mapping: tuple[str, ...], coupled: str, cdevs: tuple[str, ...], work: Workload
+    ) -> float:
+        """Lower bound on a block plan's latency: its compute steps plus, for each message phase,
+        the phase's round-trip latency and broker per-publish cost exactly as the cost model
+        charges them (only the bytes on the wire are left out, and they can only add)."""
+        cost = self.cost
+        t = self._tables(work)
+        load: dict[str, int] = {}
+        for d in mapping:
+            load[d] = load.get(d, 0) + 1
+        nb = cost.nb
+        t_sub = t.sub
+        dec = max(n * t_sub[d] for d, n in load.items()) * (cost.n_dec // nb)
+        rtt = self._rtt
+        msg = cost.broker.per_message_ms / 1e3
+        others = [d for d in load if d != coord]
+        comm = 0.0
+        if others:  # scatter input
+            comm += 0.5 * (rtt[coord] + max(rtt[d] for d in others)) + msg * len(others)
+        if coupled == "allgather":
+            cpl = max(t.layer[d] for d in load)
+            if others:
+                comm += nb * (max(rtt[d] for d in load) + msg * len(load))
+        elif coupled == "gather":
+            root = cdevs[0]
+            cpl = t.layer[root]
+            senders = [d for d in load if d != root]
+            if senders:
+                phase = 0.5 * (rtt[root] + max(rtt[d] for d in senders)) + msg * len(senders)
+                comm += (2 * nb - 1) * phase
+            if root != coord:
+                comm += 0.5 * (rtt[root] + rtt[coord]) + msg
+        else:
+            k = len(cdevs)
+            cpl = max(t.shard(k)[d] for d in cdevs)
+            comm += nb * (0.5 * (min(rtt[d] for d in load) + min(rtt[d] for d in cdevs)) + msg)
+            if k > 1:
+                worst = max(rtt[d] for d in cdevs)
+                comm += 2 * nb * (2 * worst + msg * (k * (k - 1) + k))
+        ends = t.ends[coord]
+        return ends + nb * (dec + cpl) + comm
+
+    def _tables(self, work: Workload) -> _Tables:
+        """Per-device unit times for one workload (cached: the search reads them often)."""
+        if self._table_cache is None or self._table_cache.work != work:
+            self._table_cache = _Tables(self.cost, work, self.devices)
+        return self._table_cache
 
     def _gather_roots(self, request: Request) -> list[str]:
         """Gather targets worth trying: the 3 fastest replica holders and the best-linked one."""
@@ -210,23 +297,31 @@ class RuntimePlanner:
                 ranks.setdefault(k, {}).setdefault(rank, d)
         return [tuple(r[i] for i in range(k)) for k, r in sorted(ranks.items()) if k > 1 and len(r) == k]
 
-    def _search_block(self, coord: str, wire: str, request: Request) -> Iterator[Plan]:
+    def _search_block(self, coord: str, wire: str, request: Request) -> Iterator[Spec]:
         holders = [d for d in self.devices if self.holdings[d].sub_blocks]
         if coord not in holders:
             return
         roots = self._gather_roots(request)
+        work = request.workload
+        mappings: set[tuple[str, ...]] = set()
         for subset in self._subsets(coord, holders, request):
             mapping = self._greedy_mapping(subset, request)
-            if mapping is not None:
-                # runnable by construction: owners hold their sub-blocks, roots hold replicas
-                yield from self._block_plans(coord, mapping, wire, roots)
+            if mapping is None or mapping in mappings:
+                continue
+            mappings.add(mapping)
+            # runnable by construction: owners hold their sub-blocks, roots hold replicas
+            for devices, coupled, cdevs in self._block_specs(coord, mapping, roots):
+                bound = self._bound(coord, mapping, coupled, cdevs, work)
+                yield bound, (
+                    lambda d=devices, c=coupled, cd=cdevs, m=mapping: Plan("block", d, wire, (), m, c, cd)  # type: ignore[arg-type]
+                )
 
     def _improve(self, plan: Plan, latency: float, request: Request) -> list[tuple[Plan, float]]:
         """Single-move local search on the sub-block mapping, keeping the coupled strategy."""
         seen: list[tuple[Plan, float]] = []
         best, best_lat = plan, latency
         work = request.workload
-        t_sub = {d: self.cost.time(d, work, "sub") for d in self.devices}
+        t_sub = self._tables(work).sub
         for _ in range(LOCAL_SEARCH_ROUNDS):
             start = best
             load: dict[str, float] = {}
@@ -243,8 +338,13 @@ class RuntimePlanner:
                         continue
                     owner = list(start.sub_block_owner)
                     owner[j] = d
-                    cand = self._remap(start, tuple(owner))
-                    if cand is None or (cand.coupled == "allgather" and d not in self.replicas):
+                    mapping = tuple(owner)
+                    if start.coupled == "allgather" and d not in self._replica_set:
+                        continue
+                    if self._bound(coord, mapping, start.coupled, start.coupled_devices, work) >= best_lat:
+                        continue
+                    cand = self._remap(start, mapping)
+                    if cand is None:
                         continue
                     lat = self.cost.latency(cand, request)
                     seen.append((cand, lat))
@@ -354,6 +454,21 @@ class RuntimePlanner:
             f"no plan for {request.mode} of {request.seq_len} tokens (batch {request.batch}) fits: the "
             "available devices miss some weights or lack memory for the KV cache and activations"
         )
+
+
+class _Tables:
+    def __init__(self, cost: CostModel, work: Workload, devices: Sequence[str]):
+        self.cost, self.work, self.devices = cost, work, devices
+        self.sub = {d: cost.time(d, work, "sub") for d in devices} if cost.decoupled else {}
+        self.layer = {d: cost.time(d, work, "layer") for d in devices}
+        self.ends = {d: cost.time(d, work, "embed") + cost.time(d, work, "head") for d in devices}
+        self._shards: dict[int, dict[str, float]] = {}
+
+    def shard(self, k: int) -> dict[str, float]:
+        table = self._shards.get(k)
+        if table is None:
+            table = self._shards[k] = {d: self.cost.time(d, self.work, "layer", k) for d in self.devices}
+        return table
 
 
 def _run_length(layers: Sequence[int], start: int) -> int:
