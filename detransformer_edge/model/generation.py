@@ -98,7 +98,7 @@ def generate_ids(
     if not prompt_ids:
         raise ConfigError("generation needs a non-empty prompt")
     max_position = model.cfg.max_position
-    if len(prompt_ids) >= max_position:
+    if len(prompt_ids) > max_position:
         raise ConfigError(f"prompt is {len(prompt_ids)} tokens; the model's context is {max_position}")
     stop = set(eos_ids) | set(cfg.stop_ids)
     generator = None
@@ -118,7 +118,7 @@ def generate_ids(
             if token in stop:
                 return
             yield token
-            if pos >= max_position:
+            if pos >= max_position:  # the model has no position left to read this token at
                 return
             step_input = torch.tensor([[token]], dtype=torch.long)  # (1, 1)
 
