@@ -1,0 +1,279 @@
+"""One device's agent: the cluster shell (presence, profile, election, Home Assistant) plus the
+model host, the leader's serving logic and the voice-assistant API, wired together.
+
+    async with HomeAgent(config, profile, catalog, broker=(host, port)) as agent:
+        await agent.wait_stopped()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiomqtt
+
+from detransformer_edge import __version__
+from detransformer_edge.cluster.agent_io import AgentNotConnectedError, ClusterAgent, MembershipView, WorkState
+from detransformer_edge.cluster.config import AgentConfig
+from detransformer_edge.cluster.topics import Assignment, ProfileRecord, ProtocolError, Reply, Request
+from detransformer_edge.errors import DetransformerError
+from detransformer_edge.integrations import hermes
+from detransformer_edge.planner.profile import DeviceProfile
+from detransformer_edge.service.catalog import Catalog
+from detransformer_edge.service.host import ModelHost, weights_from_dict
+from detransformer_edge.service.leader import Leader, ServiceError
+from detransformer_edge.service.runs import RunControl, parse_run_topic
+from detransformer_edge.transport.mqtt import MqttTransport
+
+log = logging.getLogger(__name__)
+
+HERMES_QUERY = "hermes/nlu/query"
+HERMES_NOT_RECOGNIZED = "hermes/nlu/intentNotRecognized"
+HERMES_ERROR = "hermes/error/nlu"
+
+
+class HomeAgent:
+    def __init__(
+        self,
+        config: AgentConfig,
+        profile: DeviceProfile,
+        catalog: Catalog,
+        *,
+        broker: tuple[str, int],
+        intent_threshold: float = 0.5,
+        replan_delay_s: float = 0.5,
+    ) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.broker = broker
+        self.intent_threshold = intent_threshold
+        self.replan_delay_s = replan_delay_s
+        self.id = config.id
+        user, password = config.broker.credentials()
+        record = ProfileRecord.from_device_profile(config.id, profile, name=config.name or config.id,
+                                                   device_class=profile.name, version=__version__)
+        self.cluster = ClusterAgent(
+            config, record, broker=broker, sw_version=__version__,
+            on_membership_change=self._on_membership, on_become_leader=self._on_become_leader,
+            on_lose_leadership=self._on_lose_leadership, on_request=self._on_request,
+            on_assignment=self._on_assignment,
+        )
+        prefix = self.cluster.topics.prefix
+        self.transport = MqttTransport(config.id, broker[0], broker[1], prefix=prefix, username=user, password=password)
+        self.host = ModelHost(self.transport, catalog)
+        self.leader = Leader(config.id, self.host, catalog, self._publish, f"{prefix}/run")
+        self._replan_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._stack: contextlib.AsyncExitStack | None = None
+        self.started = time.time()
+        self.cluster.subscribe(f"{prefix}/run/+/ctl", self._on_run_message, qos=1)
+        self.cluster.subscribe(f"{prefix}/run/+/end", self._on_run_message, qos=1)
+        self.cluster.subscribe(self.cluster.topics.status.filter, self._on_status, qos=0)
+        self.cluster.subscribe(HERMES_QUERY, self._on_hermes_query, qos=1)
+
+    # --- lifetime --------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> HomeAgent:
+        self._stack = contextlib.AsyncExitStack()
+        await self._stack.enter_async_context(self.transport)
+        await self._stack.enter_async_context(self.cluster)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.host.close()
+        if self._stack is not None:
+            await self._stack.aclose()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=f"{self.id}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _publish(self, topic: str, payload: str | bytes, qos: int) -> None:
+        try:
+            await self.cluster.publish(topic, payload, qos=qos)
+        except (AgentNotConnectedError, aiomqtt.MqttError) as exc:
+            raise ServiceError("internal", f"broker unavailable: {exc}") from None
+
+    @property
+    def role(self) -> str:
+        return self.cluster.role
+
+    # --- membership, placement, readiness -------------------------------------------------------
+
+    def _on_become_leader(self, lease: Any) -> None:
+        self._schedule_replan()
+
+    def _on_lose_leadership(self, lease: Any) -> None:
+        if self._replan_task is not None:
+            self._replan_task.cancel()
+
+    def _on_membership(self, view: MembershipView) -> None:
+        for dev in set(self.leader.state.ready) - set(view.online):
+            self.leader.mark_gone(dev)
+        if self.cluster.is_leader:
+            self._schedule_replan()
+
+    def _schedule_replan(self) -> None:
+        """Debounce: several devices often appear within a moment of each other."""
+        if self._replan_task is not None and not self._replan_task.done():
+            self._replan_task.cancel()
+        self._replan_task = self._spawn(self._replan(), "replan")
+
+    async def _replan(self) -> None:
+        await asyncio.sleep(self.replan_delay_s)
+        if not self.cluster.is_leader:
+            return
+        view = self.cluster.membership
+        profiles = {d: rec.planner for d, rec in view.profiles().items() if rec.planner}
+        profiles.setdefault(self.id, self.cluster.profile.planner)
+        lease = self.cluster.lease
+        term = lease.term if lease is not None else 0
+        try:
+            bodies = await asyncio.to_thread(self.leader.plan_placement, profiles, term)
+        except DetransformerError as exc:
+            log.error("placement failed: %s", exc)
+            return
+        version = self.leader.state.version
+        log.info("leader %s: placement v%d over %s", self.id, version, ", ".join(sorted(bodies)))
+        for dev, body in bodies.items():
+            try:
+                await self.cluster.send_assignment(dev, version, body)
+            except DetransformerError as exc:
+                log.warning("assignment to %s not sent: %s", dev, exc)
+
+    async def _on_assignment(self, msg: Assignment) -> None:
+        body = msg.body
+        roles_raw = body.get("roles") if isinstance(body, Mapping) else None
+        if not isinstance(roles_raw, Mapping):
+            log.warning("ignoring assignment without roles from %s", msg.leader)
+            return
+        roles = {r: weights_from_dict(w) for r, w in roles_raw.items() if r in self.catalog.roles and isinstance(w, Mapping)}
+        self.cluster.work_state = WorkState(False, msg.placement_version, ())
+        await self._status_now()
+        await self.host.assign(msg.placement_version, roles)
+        self.cluster.work_state = WorkState(True, msg.placement_version, self.host.sub_blocks(),
+                                            self.cluster.work_state.last_latency_ms)
+        await self._status_now()
+        if self.cluster.is_leader:
+            self.leader.mark_ready(self.id, msg.placement_version)
+
+    async def _status_now(self) -> None:
+        with contextlib.suppress(AgentNotConnectedError, aiomqtt.MqttError):
+            await self.cluster.publish_status()
+
+    def _on_status(self, message: aiomqtt.Message) -> None:
+        if not self.cluster.is_leader:
+            return
+        dev = self.cluster.topics.status.match(message.topic.value)
+        try:
+            status = self.cluster.topics.status.decode(message.payload)  # type: ignore[arg-type]
+        except (ProtocolError, TypeError):
+            return
+        if dev and status.ready:
+            self.leader.mark_ready(dev, status.placement_version)
+
+    # --- runs ------------------------------------------------------------------------------------
+
+    def _on_run_message(self, message: aiomqtt.Message) -> None:
+        parsed = parse_run_topic(self.cluster.topics.prefix, message.topic.value)
+        if parsed is None:
+            return
+        req, what = parsed
+        if what == "end":
+            self.host.end(req)
+            return
+        try:
+            ctl = RunControl.from_json(bytes(message.payload))  # type: ignore[arg-type]
+        except ProtocolError as exc:
+            log.warning("ignoring malformed run control on %s: %s", message.topic.value, exc)
+            return
+        lease = self.cluster.lease
+        if lease is not None and ctl.term < lease.term:
+            log.warning("ignoring run %s from an older term %d", ctl.req, ctl.term)
+            return
+        if ctl.req != req or self.id == ctl.plan.coordinator:
+            return
+        self.host.start_worker(ctl)
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def _note_latency(self, ms: float | None) -> None:
+        ws = self.cluster.work_state
+        self.cluster.work_state = WorkState(ws.ready, ws.placement_version, ws.sub_blocks, ms)
+
+    async def _await_ready(self) -> None:
+        if not self.leader.state.placement_ready() and not await self.leader.wait_ready(10.0):
+            raise ServiceError("busy", "the cluster is still loading its model placement")
+
+    async def _on_request(self, request: Request) -> Reply | Mapping[str, Any]:
+        try:
+            await self._await_ready()
+            if request.op == "embed":
+                texts = [request.input] if isinstance(request.input, str) else list(request.input)
+                if len(texts) > 32:
+                    raise ServiceError("bad_request", "at most 32 texts per embed request")
+                vectors, rec = await self.leader.embed(texts)
+                self._note_latency(rec.latency_ms)
+                return {"embeddings": vectors, "dim": len(vectors[0]), "plan": rec.plan, "latency_ms": rec.latency_ms}
+            params = dict(request.params)
+            max_new = params.get("max_new_tokens", 32)
+            if not isinstance(max_new, int) or isinstance(max_new, bool):
+                raise ServiceError("bad_request", "params.max_new_tokens must be an integer")
+            chat = params.get("chat", True)
+            if not isinstance(chat, bool):
+                raise ServiceError("bad_request", "params.chat must be true or false")
+            seq = 0
+
+            async def stream(piece: str) -> None:
+                nonlocal seq
+                seq += 1
+                event = json.dumps({"id": request.id, "event": "token", "seq": seq, "text": piece})
+                with contextlib.suppress(ServiceError):
+                    await self._publish(request.reply_to, event, 0)
+
+            text, rec, stats = await self.leader.generate(request.input, max_new, stream, chat)  # type: ignore[arg-type]
+            self._note_latency(rec.latency_ms)
+            return {"text": text, "plan": rec.plan, "latency_ms": rec.latency_ms, **stats}
+        except ServiceError as exc:
+            return Reply.failure(request.id, exc.code, str(exc))
+
+    async def _on_hermes_query(self, message: aiomqtt.Message) -> None:
+        if not self.cluster.is_leader:
+            return
+        payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else str(message.payload or "").encode()
+        try:
+            query = hermes.parse_nlu_query(payload)
+        except ProtocolError as exc:
+            await self._hermes_error(payload, f"bad nlu query: {exc}")
+            return
+        try:
+            await self._await_ready()
+            result, rec = await self.leader.intent(query.input)
+            self._note_latency(rec.latency_ms)
+            if result.intent is None or result.confidence < self.intent_threshold:
+                reply = hermes.not_recognized(query)
+                await self._publish(HERMES_NOT_RECOGNIZED, reply.to_json(), 1)
+                return
+            slots = [
+                hermes.slot(s.slot_name, s.value, s.raw_value, start=s.start, end=s.end)
+                for s in result.slots
+            ]
+            intent = hermes.recognized(query, result.intent, result.confidence, slots)
+            await self._publish(hermes.intent_topic(result.intent), intent.to_json(), 1)
+        except (ServiceError, ProtocolError) as exc:
+            await self._hermes_error(payload, str(exc), query.session_id)
+
+    async def _hermes_error(self, payload: bytes, error: str, session_id: str = "") -> None:
+        body = json.dumps({"sessionId": session_id or None, "error": error, "context": payload[:200].decode("utf-8", "replace")})
+        with contextlib.suppress(ServiceError):
+            await self._publish(HERMES_ERROR, body, 1)

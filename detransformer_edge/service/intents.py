@@ -1,0 +1,81 @@
+"""The intent role's two ends around the distributed encoder.
+
+The leader turns an utterance into token ids (``prepare``), the devices compute the decoupled
+encoder's hidden states together, and the leader turns those into an intent with slots
+(``decode``). The trained heads live in ``detransformer_edge.nlu``; this module adapts them and
+provides a tiny deterministic head for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SlotValue:
+    entity: str
+    slot_name: str
+    value: Any  # normalised: a number for levels, seconds for durations, text otherwise
+    raw_value: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class IntentResult:
+    intent: str | None  # None: not recognised
+    confidence: float
+    slots: tuple[SlotValue, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    input_ids: torch.Tensor  # (1, T)
+    attention_mask: torch.Tensor  # (1, T)
+    extra: Any = None  # whatever decode needs (token offsets)
+
+
+class IntentHead(Protocol):
+    def prepare(self, text: str) -> Prepared: ...
+    def decode(self, text: str, hidden: torch.Tensor, prepared: Prepared) -> IntentResult: ...
+
+
+class TinyIntentHead:
+    """A fixed random linear map from the mean hidden state to an intent (tests only)."""
+
+    def __init__(self, d_model: int, seed: int = 0, threshold: float = 0.0) -> None:
+        from detransformer_edge.integrations.hermes import INTENTS
+
+        self.intents = tuple(INTENTS)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.weight = torch.randn(len(self.intents), d_model, generator=g)
+        self.threshold = threshold
+        self.tokenizer: Any = None  # set by the catalog entry's loader user
+
+    def prepare(self, text: str) -> Prepared:
+        from detransformer_edge.service.catalog import CharTokenizer
+
+        ids = CharTokenizer(1000).encode(text)
+        t = torch.tensor([ids])
+        return Prepared(t, torch.ones_like(t))
+
+    def decode(self, text: str, hidden: torch.Tensor, prepared: Prepared) -> IntentResult:
+        probs = torch.softmax(hidden.mean(dim=1)[0] @ self.weight.T, dim=-1)
+        conf, idx = probs.max(dim=-1)
+        name = self.intents[int(idx)] if float(conf) >= self.threshold else None
+        return IntentResult(name, float(conf))
+
+
+def intent_model_config() -> Any:
+    from detransformer_edge.nlu.model import intent_encoder_config  # type: ignore[import-not-found]
+
+    return intent_encoder_config()
+
+
+def load_intent_model() -> Any:
+    from detransformer_edge.nlu.model import load_for_service  # type: ignore[import-not-found]
+
+    return load_for_service()

@@ -1,0 +1,384 @@
+"""The leader's work: placement on every membership change, and serving requests.
+
+* **Static planning.** When the set of online devices (or a profile) changes, the leader plans
+  a placement per served role with itself as coordinator, bumps the placement version and
+  publishes each device's assignment. Devices report ``ready`` with that version in their status.
+* **Runtime planning.** Each request gets the lowest-predicted-latency plan among the devices
+  that are ready, with the leader as coordinator (it tokenised the input and will decode the
+  result). Devices of the plan get a ``RunControl``; activations flow between them; the leader
+  publishes ``end`` when done so caches are freed everywhere.
+* **Backpressure.** At most ``max_inflight`` requests run at once and at most ``max_queue`` wait;
+  beyond that a request gets a ``busy`` error at once instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from detransformer_edge.errors import DetransformerError
+from detransformer_edge.parallel.executor import Job
+from detransformer_edge.parallel.plan import Placement, Plan
+from detransformer_edge.planner.cost import Broker, PlanningError
+from detransformer_edge.planner.cost import Request as PlanRequest
+from detransformer_edge.planner.profile import DeviceProfile, profile_from_dict
+from detransformer_edge.planner.runtime import RuntimePlanner
+from detransformer_edge.planner.static import plan_static
+from detransformer_edge.service.catalog import Catalog
+from detransformer_edge.service.host import ModelHost, weights_to_dict
+from detransformer_edge.service.runs import RunControl
+
+log = logging.getLogger(__name__)
+
+_req_ids = itertools.count()
+
+
+class ServiceError(DetransformerError):
+    """A request the service cannot serve now; ``code`` is the reply's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class RequestRecord:
+    """One line of the request log (dashboard, Home Assistant sensor)."""
+
+    id: str
+    kind: str
+    text: str
+    started: float
+    plan: str = ""
+    latency_ms: float | None = None
+    result: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "kind": self.kind, "text": self.text[:120], "started": self.started,
+                "plan": self.plan, "latency_ms": self.latency_ms, "result": self.result[:200], "error": self.error}
+
+
+@dataclass
+class RolePlacement:
+    placement: Placement
+    expected_s: float
+    label: str
+
+
+@dataclass
+class ClusterState:
+    """What the leader knows: profiles, placement per role, who is ready at which version."""
+
+    version: int = 0
+    profiles: dict[str, DeviceProfile] = field(default_factory=dict)
+    roles: dict[str, RolePlacement] = field(default_factory=dict)
+    ready: dict[str, int] = field(default_factory=dict)  # device -> placement version it is ready at
+
+    def ready_devices(self) -> tuple[str, ...]:
+        return tuple(d for d, v in self.ready.items() if v == self.version and d in self.profiles)
+
+    def holders(self) -> set[str]:
+        out: set[str] = set()
+        for rp in self.roles.values():
+            out |= {d for d, w in rp.placement.holdings.items() if w.sub_blocks or w.whole_layers or w.tp_shards or w.embeddings}
+        return out
+
+    def placement_ready(self) -> bool:
+        return bool(self.roles) and self.holders() <= set(self.ready_devices())
+
+
+Publish = Callable[[str, str | bytes, int], Awaitable[None]]
+
+
+class Leader:
+    def __init__(
+        self,
+        me: str,
+        host: ModelHost,
+        catalog: Catalog,
+        publish: Publish,
+        run_prefix: str,
+        *,
+        broker: Broker | None = None,
+        max_inflight: int = 4,
+        max_queue: int = 32,
+        request_timeout_s: float = 60.0,
+        log_size: int = 200,
+    ) -> None:
+        self.me = me
+        self.host = host
+        self.catalog = catalog
+        self.publish = publish
+        self.run_prefix = run_prefix
+        self.broker = broker
+        self.state = ClusterState()
+        self.term = 0
+        self.request_timeout_s = request_timeout_s
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._max_waiting = max_inflight + max_queue
+        self._waiting = 0
+        self._ready_event = asyncio.Event()
+        self._planners: dict[tuple[str, tuple[str, ...]], RuntimePlanner] = {}
+        self.log: collections.deque[RequestRecord] = collections.deque(maxlen=log_size)
+        self.listeners: list[Callable[[str, dict[str, Any]], None]] = []  # dashboard events
+
+    # --- static planning ---------------------------------------------------------------------------
+
+    def plan_placement(self, profiles: Mapping[str, Mapping[str, Any]], term: int) -> dict[str, dict[str, Any]]:
+        """Plan every role for ``profiles`` (device -> planner profile dict); return each device's
+        assignment body. Pure apart from updating ``self.state``."""
+        devs = {d: profile_from_dict(dict(p), source=f"profile of {d}") for d, p in profiles.items()}
+        if self.me not in devs:
+            raise ServiceError("internal", f"the leader {self.me} has no profile of its own")
+        ordered = [devs[d] for d in sorted(devs)]
+        roles: dict[str, RolePlacement] = {}
+        version = self.state.version + 1
+        for role in self.catalog.roles:
+            cfg = self.catalog.get(role).config()
+            sp = plan_static(ordered, cfg, broker=self.broker, coordinator=self.me, version=version)
+            roles[role] = RolePlacement(sp.placement, sp.expected_s, sp.label)
+        self.term = term
+        self.state = ClusterState(version, devs, roles, {d: v for d, v in self.state.ready.items() if d in devs})
+        self._planners.clear()
+        self._ready_event.clear()
+        bodies = {
+            d: {"roles": {role: weights_to_dict(rp.placement.holdings[d]) for role, rp in roles.items()
+                          if d in rp.placement.holdings}}
+            for d in devs
+        }
+        self._emit("placement", self.placement_summary())
+        return bodies
+
+    def mark_ready(self, device: str, version: int) -> None:
+        self.state.ready[device] = version
+        if self.state.placement_ready():
+            self._ready_event.set()
+        self._emit("ready", {"device": device, "version": version})
+
+    def mark_gone(self, device: str) -> None:
+        self.state.ready.pop(device, None)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready_event.wait(), timeout)
+            return True
+        except (TimeoutError, asyncio.TimeoutError):
+            return False
+
+    def placement_summary(self) -> dict[str, Any]:
+        return {
+            "version": self.state.version,
+            "roles": {
+                role: {"label": rp.label, "expected_ms": round(rp.expected_s * 1e3, 2),
+                       "holdings": {d: weights_to_dict(w) for d, w in rp.placement.holdings.items()}}
+                for role, rp in self.state.roles.items()
+            },
+            "ready": sorted(self.state.ready_devices()),
+        }
+
+    # --- runtime planning -------------------------------------------------------------------------
+
+    def choose(self, role: str, mode: str, seq_len: int) -> tuple[Plan, float]:
+        """Best plan for the request among ready devices, coordinated by the leader."""
+        rp = self.state.roles.get(role)
+        if rp is None:
+            raise ServiceError("busy", "no placement yet: the cluster is still starting")
+        ready = tuple(sorted(set(self.state.ready_devices()) | {self.me}))
+        key = (role, ready)
+        planner = self._planners.get(key)
+        if planner is None:
+            cfg = self.catalog.get(role).config()
+            profiles = [self.state.profiles[d] for d in sorted(self.state.profiles)]
+            planner = self._planners[key] = RuntimePlanner(rp.placement, profiles, cfg, self.broker, available=ready)
+        try:
+            ranked = planner.ranked(PlanRequest(mode, seq_len), top=12)  # type: ignore[arg-type]
+        except PlanningError as exc:
+            raise ServiceError("busy", f"no plan fits the ready devices: {exc}") from None
+        for bd in ranked:
+            if bd.plan.coordinator == self.me:
+                return bd.plan, bd.total_s
+        raise ServiceError("busy", "no plan with the leader as coordinator fits the ready devices")
+
+    # --- serving ----------------------------------------------------------------------------------
+
+    async def _admit(self) -> None:
+        if self._waiting >= self._max_waiting:
+            raise ServiceError("busy", f"{self._waiting} requests in flight or queued; try again shortly")
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            self._waiting -= 1
+            raise
+
+    def _leave(self) -> None:
+        self._slots.release()
+        self._waiting -= 1
+
+    def _record(self, kind: str, text: str) -> RequestRecord:
+        rec = RequestRecord(f"{kind[0]}{next(_req_ids)}-{uuid.uuid4().hex[:6]}", kind, text, time.time())
+        self.log.append(rec)
+        return rec
+
+    def _finish(self, rec: RequestRecord, t0: float, result: str = "", error: str | None = None) -> None:
+        rec.latency_ms = round((time.perf_counter() - t0) * 1e3, 2)
+        rec.result, rec.error = result, error
+        self._emit("request", rec.to_dict())
+
+    def _emit(self, kind: str, data: dict[str, Any]) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener(kind, data)
+            except Exception:  # a broken dashboard client must not break serving
+                log.exception("listener failed")
+
+    async def _start_workers(self, ctl: RunControl) -> None:
+        if len(ctl.plan.devices) > 1:
+            await self.publish(f"{self.run_prefix}/{ctl.req}/ctl", ctl.to_json(), 1)
+
+    async def _end(self, req: str, plan: Plan) -> None:
+        self.host.end(req)
+        if len(plan.devices) > 1:
+            try:
+                await self.publish(f"{self.run_prefix}/{req}/end", b"", 1)
+            except DetransformerError:
+                log.warning("could not publish the end of %s", req)
+
+    async def encode(self, role: str, input_ids: torch.Tensor, mask: torch.Tensor, rec: RequestRecord) -> torch.Tensor:
+        """The role's encoder hidden states (B, T, d), computed across the chosen devices."""
+        plan, predicted = self.choose(role, "encode", int(input_ids.shape[1]))
+        rec.plan = plan.describe()
+        ctl = RunControl(rec.id, role, "encode", plan, self.term, self.request_timeout_s,
+                         tuple(tuple(int(v) for v in row) for row in mask.tolist()))
+        await self._start_workers(ctl)
+        try:
+            res = await self.host.run_coordinator(role, Job(rec.id, plan, "encode", input_ids, mask, timeout=self.request_timeout_s))
+        finally:
+            await self._end(rec.id, plan)
+        if not res.ok:
+            raise ServiceError("internal", f"distributed run failed: {res.error}")
+        return res.output
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], RequestRecord]:
+        from detransformer_edge.model.encoder import mean_pool
+
+        served = self.catalog.get("embed")
+        tools = self.catalog.load("embed")
+        rec = self._record("embed", " | ".join(texts))
+        t0 = time.perf_counter()
+        await self._admit()
+        try:
+            rows = [tools.tokenizer.encode(t) for t in texts]
+            too_long = max(len(r) for r in rows)
+            if too_long > served.max_tokens:
+                raise ServiceError("bad_request", f"input is {too_long} tokens; the embedding model reads at most {served.max_tokens}")
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            hidden = await self.encode("embed", ids, mask, rec)
+            vectors = mean_pool(hidden, mask).tolist()
+            self._finish(rec, t0, f"{len(vectors)} x {len(vectors[0])}")
+            return vectors, rec
+        except DetransformerError as exc:
+            self._finish(rec, t0, error=str(exc))
+            raise
+        finally:
+            self._leave()
+
+    async def intent(self, text: str) -> tuple[Any, RequestRecord]:
+        tools = self.catalog.load("intent")
+        head = tools.intent_head
+        rec = self._record("intent", text)
+        t0 = time.perf_counter()
+        await self._admit()
+        try:
+            served = self.catalog.get("intent")
+            prepared = head.prepare(text)
+            if prepared.input_ids.shape[1] > served.max_tokens:
+                raise ServiceError("bad_request", f"utterance is {prepared.input_ids.shape[1]} tokens; at most {served.max_tokens}")
+            hidden = await self.encode("intent", prepared.input_ids, prepared.attention_mask, rec)
+            result = head.decode(text, hidden, prepared)
+            self._finish(rec, t0, f"{result.intent or 'not recognised'} ({result.confidence:.2f})")
+            return result, rec
+        except DetransformerError as exc:
+            self._finish(rec, t0, error=str(exc))
+            raise
+        finally:
+            self._leave()
+
+    async def generate(
+        self, prompt: str, max_new_tokens: int = 32, on_text: Callable[[str], Awaitable[None]] | None = None,
+        chat: bool = True,
+    ) -> tuple[str, RequestRecord, dict[str, float]]:
+        """Greedy generation; ``on_text`` receives decoded pieces as they arrive."""
+        from detransformer_edge.model.generation import build_prompt
+        from detransformer_edge.model.tokenizer import IncrementalDecoder
+
+        served = self.catalog.get("generate")
+        tools = self.catalog.load("generate")
+        tok = tools.tokenizer
+        rec = self._record("generate", prompt)
+        t0 = time.perf_counter()
+        if not 1 <= max_new_tokens <= 512:
+            raise ServiceError("bad_request", "max_new_tokens must be between 1 and 512")
+        await self._admit()
+        plan: Plan | None = None
+        try:
+            ids = build_prompt(tok, prompt, tools.chat_template if chat else None)
+            if len(ids) + max_new_tokens > served.max_tokens:
+                raise ServiceError("bad_request", f"prompt is {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds {served.max_tokens}")
+            plan, _ = self.choose("generate", "prefill", len(ids))
+            rec.plan = plan.describe()
+            ctl = RunControl(rec.id, "generate", "generate", plan, self.term, self.request_timeout_s, None, max_new_tokens)
+            await self._start_workers(ctl)
+            decoder = IncrementalDecoder(tok)
+            out_ids: list[int] = []
+            pieces: list[str] = []
+            kind, x = "prefill", torch.tensor([ids])
+            first_token_s = None
+            eos = getattr(tok, "eos_id", None)
+            for _ in range(max_new_tokens):
+                res = await self.host.run_coordinator("generate", Job(rec.id, plan, kind, x, timeout=self.request_timeout_s))
+                if not res.ok:
+                    raise ServiceError("internal", f"distributed run failed: {res.error}")
+                nxt = int(res.output[0, -1].argmax())
+                if first_token_s is None:
+                    first_token_s = time.perf_counter() - t0
+                if eos is not None and nxt == eos:
+                    break
+                out_ids.append(nxt)
+                piece = decoder.push(nxt)
+                if piece:
+                    pieces.append(piece)
+                    if on_text is not None:
+                        await on_text(piece)
+                kind, x = "decode", torch.tensor([[nxt]])
+            tail = decoder.flush()
+            if tail:
+                pieces.append(tail)
+                if on_text is not None:
+                    await on_text(tail)
+            text_out = "".join(pieces)
+            total = time.perf_counter() - t0
+            stats = {"tokens": len(out_ids), "seconds": round(total, 3),
+                     "ttft_ms": round((first_token_s or total) * 1e3, 1),
+                     "tokens_per_s": round(len(out_ids) / total, 2) if total > 0 else 0.0}
+            self._finish(rec, t0, text_out)
+            return text_out, rec, stats
+        except DetransformerError as exc:
+            self._finish(rec, t0, error=str(exc))
+            raise
+        finally:
+            if plan is not None:
+                await self._end(rec.id, plan)
+            self._leave()

@@ -1,0 +1,162 @@
+"""The home service end to end on a real Mosquitto: three agents (tiny models) elect a leader,
+receive placements, report ready, and answer Hermes queries, embeddings and generation with
+results equal to one device's."""
+
+import asyncio
+import contextlib
+import json
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import aiomqtt
+import pytest
+import torch
+
+from detransformer_edge.cluster.config import AgentConfig, BrokerConfig, ElectionConfig
+from detransformer_edge.model.encoder import mean_pool
+from detransformer_edge.planner.profile import load_profile
+from detransformer_edge.service.agent import HomeAgent
+from detransformer_edge.service.catalog import tiny_catalog
+
+pytestmark = pytest.mark.mosquitto
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = ["intel-n100-minipc", "raspberry-pi-5", "raspberry-pi-4b"]
+
+
+def agent_config(dev, cluster, host, port):
+    return AgentConfig(
+        id=dev, cluster=cluster,
+        broker=BrokerConfig(url=f"mqtt://{host}:{port}", keepalive_s=2, protocol="3.1.1",
+                            reconnect_min_s=0.1, reconnect_max_s=0.5),
+        discovery=False, homeassistant=False, status_interval_s=0.5, dashboard_port=0,
+        election=ElectionConfig(lease_s=3.0, settle_s=0.3),
+    )
+
+
+@contextlib.asynccontextmanager
+async def home(broker, n=3):
+    host, port = broker
+    cluster = f"t{uuid.uuid4().hex[:8]}"
+    async with contextlib.AsyncExitStack() as stack:
+        agents = []
+        for i in range(n):
+            prof = load_profile(ROOT / "firmware_profiles" / f"{PROFILES[i]}.toml")
+            agent = HomeAgent(agent_config(f"dev{i}", cluster, host, port), prof, tiny_catalog(),
+                              broker=broker, intent_threshold=0.0, replan_delay_s=0.2)
+            agents.append(await stack.enter_async_context(agent))
+        yield cluster, agents
+
+
+async def wait_for_placement(agents, timeout=30.0):
+    async with asyncio.timeout(timeout):
+        while True:
+            leaders = [a for a in agents if a.cluster.is_leader]
+            if len(leaders) == 1 and leaders[0].leader.state.placement_ready():
+                return leaders[0]
+            await asyncio.sleep(0.1)
+
+
+async def ask(broker, topic, payload, reply_topics, count=1, timeout=30.0):
+    """Publish ``payload`` and collect messages from ``reply_topics``: ``count`` of them, or up
+    to a final request reply (one with ``result`` or ``error``)."""
+    host, port = broker
+    got = []
+    async with aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V311) as client:
+        for t in reply_topics:
+            await client.subscribe(t, qos=1)
+        await client.publish(topic, json.dumps(payload), qos=1)
+        async with asyncio.timeout(timeout):
+            async for msg in client.messages:
+                got.append((msg.topic.value, json.loads(msg.payload)))
+                if len(got) >= count or "result" in got[-1][1] or "error" in got[-1][1]:
+                    return got
+
+
+async def test_agents_place_and_answer_every_api(mosquitto_broker):
+    async with home(mosquitto_broker) as (cluster, agents):
+        leader = await wait_for_placement(agents)
+        assert leader.id == "dev0"  # the N100 has the highest capability score
+        summary = leader.leader.placement_summary()
+        assert summary["version"] >= 1 and set(summary["roles"]) == {"intent", "embed", "generate"}
+        # each device holds only its assignment
+        held = {a.id: a.host.weight_bytes() for a in agents}
+        assert all(sum(v.values()) > 0 for v in held.values() if v), held
+
+        # Hermes: a query gets exactly one intent reply with the query's ids
+        q = {"input": "turn on the kitchen light", "siteId": "kitchen", "id": "q1", "sessionId": "s1"}
+        (topic, body), = await ask(mosquitto_broker, "hermes/nlu/query", q, ["hermes/intent/#", "hermes/nlu/intentNotRecognized"])
+        assert topic.startswith("hermes/intent/") and body["id"] == "q1" and body["sessionId"] == "s1"
+        assert body["intent"]["intentName"] == topic.split("/")[-1]
+        # the same intent as one device computes
+        cat = tiny_catalog()
+        loaded = cat.load("intent")
+        prep = loaded.intent_head.prepare(q["input"])
+        with torch.inference_mode():
+            ref = loaded.intent_head.decode(q["input"], loaded.model(prep.input_ids, prep.attention_mask), prep)
+        assert body["intent"]["intentName"] == ref.intent
+        assert abs(body["intent"]["confidenceScore"] - ref.confidence) < 1e-3
+
+        # embeddings over P/request, equal to the single-device reference (float16 wire at most)
+        req_topic = f"detransformer/{cluster}/request"
+        reply_to = f"detransformer/{cluster}/replies/test"
+        (t, emb), = await ask(mosquitto_broker, req_topic,
+                              {"id": "e1", "reply_to": reply_to, "op": "embed", "input": ["hello home", "hi"]}, [reply_to])
+        assert emb["id"] == "e1", emb
+        e_model = cat.load("embed")
+        rows = [e_model.tokenizer.encode(x) for x in ["hello home", "hi"]]
+        w = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (w - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (w - len(r)) for r in rows])
+        with torch.inference_mode():
+            ref_vec = mean_pool(e_model.model(ids, mask), mask)
+        got = torch.tensor(emb["result"]["embeddings"])
+        assert torch.nn.functional.cosine_similarity(got, ref_vec).min() > 0.999
+
+        # generation: streamed token events then one final reply, text equal to one device's greedy run
+        msgs = await ask(mosquitto_broker, req_topic,
+                         {"id": "g1", "reply_to": reply_to, "op": "generate", "input": "abc",
+                          "params": {"max_new_tokens": 6, "chat": False}}, [reply_to], count=100)
+        final = [b for _, b in msgs if "result" in b or "error" in b]
+        tokens = [b for _, b in msgs if b.get("event") == "token"]
+        assert len(final) == 1 and "result" in final[0], final
+        g_model = cat.load("generate")
+        ids = torch.tensor([g_model.tokenizer.encode("abc")])
+        out = []
+        with torch.inference_mode():
+            for _ in range(6):
+                nxt = int(g_model.model(ids)[0, -1].argmax())
+                if nxt == g_model.tokenizer.eos_id:
+                    break
+                out.append(nxt)
+                ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+        assert final[0]["result"]["text"] == g_model.tokenizer.decode(out)
+        assert "".join(t["text"] for t in tokens) == final[0]["result"]["text"]
+
+        # bad requests get error replies, and the service keeps serving
+        (t, bad), = await ask(mosquitto_broker, req_topic,
+                              {"id": "b1", "reply_to": reply_to, "op": "generate", "input": "x",
+                               "params": {"max_new_tokens": "many"}}, [reply_to])
+        assert bad["error"]["code"] == "bad_request"
+        (t, bad2), = await ask(mosquitto_broker, req_topic, {"id": "b2", "reply_to": reply_to, "op": "dance", "input": "x"}, [reply_to])
+        assert bad2["error"]["code"] == "bad_request"
+        (topic, body), = await ask(mosquitto_broker, "hermes/nlu/query", {"input": "lock the door", "id": "q2"},
+                                   ["hermes/intent/#", "hermes/nlu/intentNotRecognized"])
+        assert body["id"] == "q2"
+
+
+async def test_replans_when_a_device_leaves(mosquitto_broker):
+    async with home(mosquitto_broker) as (cluster, agents):
+        leader = await wait_for_placement(agents)
+        v1 = leader.leader.state.version
+        gone = agents[2]
+        await gone.__aexit__(None, None, None)
+        async with asyncio.timeout(20):
+            while not (leader.leader.state.version > v1 and leader.leader.state.placement_ready()
+                       and "dev2" not in leader.leader.state.profiles):
+                await asyncio.sleep(0.1)
+        q = {"input": "what time is it", "id": "q9"}
+        (topic, body), = await ask(mosquitto_broker, "hermes/nlu/query", q, ["hermes/intent/#", "hermes/nlu/intentNotRecognized"])
+        assert body["id"] == "q9"
+        plans = [r.plan for r in leader.leader.log if r.kind == "intent"]
+        assert plans and "dev2" not in plans[-1]
