@@ -228,3 +228,36 @@ def test_decision_time_is_printed_not_asserted(capsys: pytest.CaptureFixture[str
         planner.choose(Request("encode", seq))
     per = (time.perf_counter() - start) / 8
     print(f"runtime plan for 8 devices: {per * 1e3:.2f} ms per request")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 3])
+def test_random_clusters_agree_with_exhaustive_search(seed: int) -> None:
+    """Random 2-4 device homes (compute 2-80 GFLOPS, 20-940 Mbit, 0.2-8 ms round trips),
+    placements either everything-everywhere or from the static planner."""
+    import random
+
+    from detransformer_edge.planner.static import plan_static
+
+    rng = random.Random(seed)
+    cfgs = [get_config("minilm-l6", nd=4, nb=2), get_config("tiny-decoder", nd=4, nb=2), get_config("bert-base", nd=2, nb=2)]
+    for _ in range(15):
+        n = rng.choice([2, 3, 4])
+        profiles = [
+            DeviceProfile(f"d{i}", gflops=rng.choice([2, 4, 8, 16, 40, 80]), mem_bw_gbs=rng.choice([2, 5, 10, 20]),
+                          ram_mb=8000, link_mbit=rng.choice([20, 50, 100, 300, 940]), rtt_ms=rng.choice([0.2, 1, 3, 8]))
+            for i in range(n)
+        ]
+        cfg = rng.choice(cfgs)
+        if rng.random() < 0.4:
+            placement = plan_static(profiles, cfg).placement
+        else:
+            placement = everything_everywhere(cfg, [p.name for p in profiles])
+        planner = RuntimePlanner(placement, profiles, cfg, Broker(per_message_ms=rng.choice([0.1, 0.3, 1.0])))
+        for mode in (["encode"] if cfg.family == "encoder" else ["prefill", "decode"]):
+            request = Request(mode, rng.choice([16, 64, 128, 256]), rng.choice([1, 1, 4]))  # type: ignore[arg-type]
+            chosen = planner.choose(request)
+            best = planner.exhaustive(request)[0]
+            assert chosen.total_s <= best.total_s * 1.02, (
+                f"{request}: {chosen.plan.describe()} {chosen.total_s:.4f}s vs {best.plan.describe()} {best.total_s:.4f}s"
+            )
