@@ -25,17 +25,17 @@ def run(args: argparse.Namespace) -> int:
 
     from detransformer_edge.commands._status import StatusLine
     from detransformer_edge.errors import ConfigError
-    from detransformer_edge.model.loaders import load_model
+    from detransformer_edge.model.loaders import load_model, pretrained_kind
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.first < 0:
         raise ConfigError(f"--first must be >= 0, got {args.first}")
+    if pretrained_kind(args.model) != "encoder":
+        raise ConfigError(f"model {args.model!r} is a decoder; `embed` needs an encoder (try `generate`)")
     status = StatusLine(quiet=args.quiet)
     loaded = load_model(args.model, progress=status)
     status.done()
-    if loaded.config.family != "encoder" or not hasattr(loaded.model, "sentence_embedding"):
-        raise ConfigError(f"model {args.model!r} is a decoder; `embed` needs an encoder (try `generate`)")
     started = time.perf_counter()
     batch = loaded.tokenizer.encode_batch(args.texts)
     with torch.inference_mode():

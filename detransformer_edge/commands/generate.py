@@ -30,18 +30,18 @@ def run(args: argparse.Namespace) -> int:
     from detransformer_edge.commands._status import StatusLine
     from detransformer_edge.errors import ConfigError
     from detransformer_edge.model.generation import SamplingConfig, build_prompt, generate
-    from detransformer_edge.model.loaders import load_model
+    from detransformer_edge.model.loaders import load_model, pretrained_kind
 
     if args.threads:
         torch.set_num_threads(args.threads)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
+    if pretrained_kind(args.model) != "decoder":
+        raise ConfigError(f"model {args.model!r} is an encoder; `generate` needs a decoder (try `embed`)")
     status = StatusLine(quiet=args.quiet)
     loaded = load_model(args.model, progress=status, cache=not args.no_cache)
     status.done()
-    if loaded.config.family != "decoder":
-        raise ConfigError(f"model {args.model!r} is an encoder; `generate` needs a decoder (try `embed`)")
     template = None if args.no_chat else loaded.chat_template
     if args.system is not None and template is None:
         raise ConfigError("--system needs the chat template (drop --no-chat)")

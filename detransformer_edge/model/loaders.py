@@ -108,6 +108,11 @@ def weights_path(name: str) -> Path:
     return path
 
 
+def pretrained_kind(name: str) -> Literal["encoder", "decoder"]:
+    """Whether preset ``name`` has pretrained encoder or decoder weights (ConfigError if none)."""
+    return _source(name).kind
+
+
 def _source(name: str) -> ModelSource:
     source = SOURCES.get(name)
     if source is None:
