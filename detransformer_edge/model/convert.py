@@ -381,3 +381,8 @@ def dataclasses_replace(cfg: EncoderConfig, **changes: Any) -> EncoderConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, **changes)
+
+
+def embedding_cosine_between(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean row-wise cosine of two (N, d) embedding matrices."""
+    return float(F.cosine_similarity(a, b, dim=-1).mean())

@@ -81,3 +81,73 @@ def wire_rounding(encoder: Encoder, dtype: WireDtype, layers: list[int] | None =
     finally:
         for h in handles:
             h.remove()
+
+
+def measure(weights_dir: str | None = None, converted_dir: str | None = None, sentences: int = 1000) -> dict:
+    """Intent accuracy / slot F1 of the shipped intent model and sentence-embedding cosine (vs the
+    same model in float32) of the converted decoupled MiniLM and the original, per wire dtype."""
+    from detransformer_edge.model.convert import embedding_cosine_between, load_pretrained, load_student, make_tokenize
+    from detransformer_edge.model.corpus import load_corpus
+    from detransformer_edge.nlu.dataset import build_dataset
+    from detransformer_edge.nlu.parser import IntentParser
+    from detransformer_edge.nlu.train import evaluate, predict
+
+    parser = IntentParser.load(weights_dir) if weights_dir else IntentParser.load_default()
+    ds = build_dataset(seed=0)
+    report: dict = {"intent": {}, "embedding": {}}
+    enc = parser.model.encoder
+    for dt in WIRE_DTYPES:
+        with wire_rounding(enc, dt):
+            preds = predict(parser.model, parser.tokenizer, ds.test)
+        report["intent"][dt] = evaluate(preds, ds.test, parser.threshold)
+    original, tokenizer = load_pretrained("minilm-l6")
+    tokenize = make_tokenize(tokenizer)
+    held = list(load_corpus().held_out[:sentences])
+    models = {"original": (original, [i for i, k in enumerate(enc.cfg.layer_kinds) if k == "coupled"] + [-1])}
+    if converted_dir:
+        student = load_student(converted_dir)
+        models["decoupled"] = (student, wire_points(student))
+    for name, (model, points) in models.items():
+        report["embedding"][name] = {"wire_points": points}
+        for dt in WIRE_DTYPES:
+            with torch.no_grad(), wire_rounding(model, dt, points):
+                rounded = embeddings(model, held, tokenize)
+            reference = embeddings(model, held, tokenize)
+            report["embedding"][name][dt] = embedding_cosine_between(rounded, reference)
+    report["sentences"] = len(held)
+    return report
+
+
+@torch.no_grad()
+def embeddings(model: Encoder, sentences: list[str], tokenize, batch_size: int = 64) -> torch.Tensor:
+    out = []
+    for k in range(0, len(sentences), batch_size):
+        ids, mask = tokenize(sentences[k : k + batch_size], 64)
+        out.append(model.sentence_embedding(ids, mask))
+    return torch.cat(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m detransformer_edge.nlu.precision [--weights DIR] [--converted DIR] [--out FILE]``."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--converted", default=None)
+    p.add_argument("--sentences", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report = measure(args.weights, args.converted, args.sentences)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

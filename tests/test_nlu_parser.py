@@ -1,0 +1,106 @@
+"""The shipped intent model: loads, parses fixed commands, keeps its accuracy on held-out
+phrasings; parse_from_hidden matches parse; wire rounding; a tiny training step learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detransformer_edge.nlu.parser import IntentParser, ParsedIntent
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def parser() -> IntentParser:
+    return IntentParser.load_default()
+
+
+def _slots(p: ParsedIntent) -> dict[str, object]:
+    return {s.slot_name: s.value for s in p.slots}
+
+
+@pytest.mark.parametrize(("text", "intent", "slots"), [
+    ("turn on the kitchen lights", "TurnOnLight", {"room": "kitchen"}),
+    ("switch off the light in the living room", "TurnOffLight", {"room": "living room"}),
+    ("dim the bedroom lights to 40 percent", "SetBrightness", {"room": "bedroom", "level": 40}),
+    ("set the thermostat to 21 degrees", "SetTemperature", {"level": 21}),
+    ("set a timer for five minutes", "SetTimer", {"duration": 300}),
+    ("what time is it", "GetTime", {}),
+    ("add milk to the shopping list", "AddToShoppingList", {"item": "milk"}),
+    ("lock the front door", "LockDoor", {"room": "front"}),
+    ("set the volume to 30 percent", "SetVolume", {"level": 30}),
+])
+def test_fixed_commands(parser: IntentParser, text: str, intent: str, slots: dict[str, object]) -> None:
+    parsed = parser.parse(text)
+    assert parsed.intent_name == intent, parsed
+    assert _slots(parsed) == slots
+    for s in parsed.slots:
+        assert text[s.start : s.end] == s.raw_value
+
+
+def test_out_of_domain_is_not_recognised(parser: IntentParser) -> None:
+    rejected = [parser.parse(t).intent_name is None for t in
+                ("tell me a joke", "who wrote hamlet", "what is the capital of france", "order a pizza")]
+    assert sum(rejected) >= 3
+
+
+def test_held_out_phrasings(parser: IntentParser) -> None:
+    """Accuracy on test templates the model never saw (a sample, to keep the test fast)."""
+    from detransformer_edge.nlu.dataset import build_dataset
+    from detransformer_edge.nlu.train import evaluate, predict
+
+    test = [e for e in build_dataset(seed=0).test if e.intent is not None][::2]
+    metrics = evaluate(predict(parser.model, parser.tokenizer, test), test, parser.threshold)
+    assert metrics["intent_accuracy"] >= 0.9, metrics
+    assert metrics["slot_f1"] >= 0.85, metrics
+
+
+def test_parse_from_hidden_matches_parse(parser: IntentParser) -> None:
+    text = "set the living room lights to 70%"
+    encoded = parser.encode(text)
+    ids = torch.tensor([encoded.ids])
+    hidden = parser.encoder(ids, torch.ones_like(ids))[0].numpy().astype("float16")  # (T, d) as on the wire
+    direct, remote = parser.parse(text), parser.parse_from_hidden(text, hidden, encoded)
+    assert remote.intent_name == direct.intent_name == "SetBrightness"
+    assert remote.slots == direct.slots
+    from detransformer_edge.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        parser.parse_from_hidden(text, hidden[:-1], encoded)
+
+
+def test_wire_rounding_int8() -> None:
+    from detransformer_edge.nlu.precision import dequantise_int8, quantise_int8, round_trip
+
+    x = torch.randn(4, 7, 32)
+    q, scale = quantise_int8(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (4, 7, 1)
+    err = (dequantise_int8(q, scale) - x).abs()
+    assert torch.all(err <= scale / 2 + 1e-6)
+    assert torch.equal(round_trip(x, "<f2"), x.half().float())
+
+
+def test_tiny_training_step_reduces_loss() -> None:
+    from detransformer_edge.model.config import get_config
+    from detransformer_edge.model.encoder import Encoder
+    from detransformer_edge.nlu.dataset import BIO_TAGS
+    from detransformer_edge.nlu.model import IntentSlotModel
+    from detransformer_edge.nlu.train import INTENT_LABELS, train_step_loss
+
+    torch.manual_seed(0)
+    model = IntentSlotModel(Encoder(get_config("tiny-encoder", nd=2, nb=2)), len(INTENT_LABELS), len(BIO_TAGS))
+    ids = torch.randint(1, 1000, (8, 12))
+    mask = torch.ones_like(ids)
+    intents = torch.randint(0, len(INTENT_LABELS), (8,))
+    tags = torch.randint(0, len(BIO_TAGS), (8, 12))
+    tags[:, 0] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(15):
+        loss = train_step_loss(model, ids, mask, intents, tags)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
