@@ -1,0 +1,85 @@
+"""Start an agent from its config file: find the broker, load or measure the profile, pick the
+catalog, announce over mDNS, run until SIGINT/SIGTERM, and leave cleanly (presence ``offline``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from detransformer_edge.cluster.config import AgentConfig
+from detransformer_edge.errors import ConfigError
+from detransformer_edge.planner.profile import DeviceProfile, load_profile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    config_path: str | Path
+    roles: tuple[str, ...] = ("intent", "embed", "generate")
+    tiny: bool = False
+    threads: int | None = None
+    intent_threshold: float = 0.5
+
+
+def device_profile(config: AgentConfig, broker: tuple[str, int] | None) -> DeviceProfile:
+    """The configured profile, else a quick measurement of this device (and say so)."""
+    if config.profile is not None:
+        return load_profile(config.profile)
+    from detransformer_edge.model.config import get_config
+    from detransformer_edge.planner.measure import measure_device
+
+    log.warning("no profile configured for %s: measuring this device (about 10 s)", config.id)
+    return measure_device(config.id, get_config("minilm-l6"), broker=broker, budget_s=8.0, quiet=True).profile
+
+
+async def resolve_broker(config: AgentConfig, timeout_s: float = 15.0) -> tuple[str, int]:
+    if config.broker.url is not None:
+        host, port, _ = config.broker.endpoint()
+        return host, port
+    try:
+        from detransformer_edge.cluster import discovery
+    except ImportError:  # pragma: no cover - discovery ships with the package
+        raise ConfigError("no broker.url configured and mDNS discovery is unavailable") from None
+    found = await discovery.find_broker(timeout_s)
+    if found is None:
+        raise ConfigError(f"no broker.url configured and no _mqtt._tcp broker answered over mDNS within {timeout_s:.0f} s")
+    return found
+
+
+async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None) -> int:
+    import torch
+
+    from detransformer_edge.service.agent import HomeAgent
+    from detransformer_edge.service.catalog import default_catalog, tiny_catalog
+
+    config = AgentConfig.load(opts.config_path)
+    broker = await resolve_broker(config)
+    profile = await asyncio.to_thread(device_profile, config, broker)
+    torch.set_num_threads(max(1, opts.threads or int(os.environ.get("DETRANSFORMER_THREADS", 0)) or profile.cores))
+    catalog = tiny_catalog() if opts.tiny else default_catalog(opts.roles)
+    if opts.tiny:
+        catalog = type(catalog)({r: catalog.models[r] for r in opts.roles})
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    async with contextlib.AsyncExitStack() as stack:
+        agent = await stack.enter_async_context(
+            HomeAgent(config, profile, catalog, broker=broker, intent_threshold=opts.intent_threshold)
+        )
+        if config.discovery:
+            with contextlib.suppress(Exception):  # mDNS is a convenience; MQTT is the contract
+                from detransformer_edge.cluster import discovery
+
+                await stack.enter_async_context(discovery.announce(config))
+        log.warning("agent %s running (broker %s:%d, profile %s); Ctrl-C to stop", config.id, *broker, profile.name)
+        await stop.wait()
+        log.warning("agent %s stopping", agent.id)
+    return 0
