@@ -175,6 +175,9 @@ def test_availability_and_failover() -> None:
     planner = RuntimePlanner(placement, profiles, cfg, available=["b", "c"])
     bd = planner.choose(Request("encode", 64))
     assert "a" not in bd.plan.devices
+    # the leader can insist on coordinating
+    forced = RuntimePlanner(placement, profiles, cfg, coordinator="c").choose(Request("encode", 64))
+    assert forced.plan.coordinator == "c"
     # nobody available holds the embeddings
     held = {d: replace(w, embeddings=(d == "a")) for d, w in placement.holdings.items()}
     with pytest.raises(NoFeasiblePlanError, match="holds the embeddings"):

@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     accuracy = args.accuracy or DEFAULT_ACCURACY
 
     static = plan_static(profiles, cfg, broker=broker, coordinator=args.coordinator, accuracy=accuracy)
-    planner = RuntimePlanner(static.placement, profiles, cfg, broker, accuracy)
+    planner = RuntimePlanner(static.placement, profiles, cfg, broker, accuracy, coordinator=args.coordinator)
     ranked = planner.ranked(request, 6)
     best = ranked[0]
 

@@ -68,7 +68,11 @@ class RuntimePlanner:
         broker: Broker | None = None,
         accuracy: str = DEFAULT_ACCURACY,
         available: Sequence[str] | None = None,
+        coordinator: str | None = None,
     ):
+        """``available``: devices that may take part (default: all profiled); ``coordinator``:
+        the device that must embed and answer (e.g. the leader; default: any holder of the
+        embeddings)."""
         if accuracy not in WIRE_DTYPES_BY_ACCURACY:
             raise PlanningError(
                 f"accuracy budget must be one of {', '.join(WIRE_DTYPES_BY_ACCURACY)}, got {accuracy!r}"
@@ -86,7 +90,9 @@ class RuntimePlanner:
         self.coupled_idx = tuple(i for i, k in enumerate(self.layer_kinds) if k == "coupled")
         n_layers = len(self.layer_kinds)
         self.full_layers = set(range(n_layers))
-        self.coordinators = [d for d in self.devices if self.holdings[d].embeddings]
+        self.coordinators = [
+            d for d in self.devices if self.holdings[d].embeddings and coordinator in (None, d)
+        ]
         self.replicas = [d for d in self.devices if set(self.coupled_idx) <= set(self.holdings[d].whole_layers)]
         self._replica_set = set(self.replicas)
         self._order = {d: i for i, d in enumerate(self.devices)}
@@ -447,8 +453,8 @@ class RuntimePlanner:
             return "no available device holds any weights of the placement"
         if not self.coordinators:
             return (
-                f"none of the available devices ({', '.join(self.devices)}) holds the embeddings; "
-                "re-run static placement for the current members"
+                f"none of the available devices ({', '.join(self.devices)}) that may coordinate holds "
+                "the embeddings; re-run static placement for the current members"
             )
         return (
             f"no plan for {request.mode} of {request.seq_len} tokens (batch {request.batch}) fits: the "
@@ -519,9 +525,10 @@ def choose_plan(
     broker: Broker | None = None,
     accuracy: str = DEFAULT_ACCURACY,
     available: Sequence[str] | None = None,
+    coordinator: str | None = None,
 ) -> tuple[Plan, Breakdown]:
     """One-shot convenience: build a :class:`RuntimePlanner` and choose for ``request``."""
-    bd = RuntimePlanner(placement, profiles, model_cfg, broker, accuracy, available).choose(request)
+    bd = RuntimePlanner(placement, profiles, model_cfg, broker, accuracy, available, coordinator).choose(request)
     return bd.plan, bd
 
 
