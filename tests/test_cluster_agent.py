@@ -413,3 +413,48 @@ async def test_assignments_are_fenced_by_term_and_ha_discovery_resent(
             await w.wait_for(lambda tp, p: "detransformer_" + cl.replace("-", "_") in tp or cl in tp, 5, since=n)
         await asyncio.sleep(0.3)
         assert got == [sent]  # the stale one was dropped
+
+
+async def test_extra_subscription_serves_hermes_and_status_reports_work_state(
+    mosquitto_broker: tuple[str, int],
+) -> None:
+    """How the lead wires Hermes: subscribe a handler; replies go out with agent.publish."""
+    from detransformer_edge.integrations.hermes import (
+        TOPIC_NLU_QUERY,
+        NluIntent,
+        parse_nlu_query,
+        recognized,
+        slot,
+    )
+    from detransformer_edge.cluster.agent_io import WorkState
+
+    host, port = mosquitto_broker
+    cl = cluster_name()
+    t = ClusterTopics(cl)
+    site = f"site-{cl}"  # the hermes topics are global: filter on our own siteId
+    agent = ClusterAgent(make_config("voice", cl, host, port), profile("voice", 1.0))
+
+    async def on_query(message: aiomqtt.Message) -> None:
+        query = parse_nlu_query(message.payload)  # type: ignore[arg-type]
+        if query.site_id != site or not agent.is_leader:
+            return
+        reply = recognized(query, "TurnOnLight", 0.9, [slot("room", "kitchen", "kitchen")])
+        await agent.publish(reply.topic, reply.to_json(), qos=1)
+
+    async with agent:
+        await agent.wait_connected(10)
+        agent.subscribe(TOPIC_NLU_QUERY, on_query)  # after connect: subscribes at once
+        await until(lambda: agent.is_leader, 5, "leader")
+        agent.work_state = WorkState(ready=True, placement_version=2, sub_blocks=((0, 1),),
+                                     last_latency_ms=12.5)
+        await agent.publish_status()
+        async with watcher(host, port, "hermes/intent/#", t.status.format("voice")) as w:
+            await w.wait_for(lambda tp, p: tp.endswith("/status") and json.loads(p)["placement_version"] == 2, 5)
+            await w.client.publish(TOPIC_NLU_QUERY, json.dumps({"input": "lights on", "siteId": site}), qos=1)
+            await w.wait_for(lambda tp, p: tp == "hermes/intent/TurnOnLight", 5)
+            intent = next(NluIntent.from_json(p) for _, tp, p, _ in w.messages if tp.startswith("hermes/"))
+            assert intent.site_id == site and intent.slots[0].value.value == "kitchen"
+            status = next(json.loads(p) for _, tp, p, _ in w.messages
+                          if tp.endswith("/status") and json.loads(p)["placement_version"] == 2)
+            assert status["ready"] is True and status["sub_blocks"] == [[0, 1]]
+            assert status["role"] == "leader" and status["last_latency_ms"] == 12.5

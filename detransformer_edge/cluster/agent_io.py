@@ -305,7 +305,7 @@ class ClusterAgent:
         client = self._client
         if client is not None:
             sock = client._client.socket()  # paho's socket; no public API for a hard drop
-            if sock is not None:
+            if isinstance(sock, socket.socket):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
         await self.stop()
@@ -473,7 +473,9 @@ class ClusterAgent:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            if not isinstance(exc, aiomqtt.MqttError):
+            if isinstance(exc, ProtocolError):
+                log.warning("agent task %s: %s", task.get_name(), exc)
+            elif not isinstance(exc, aiomqtt.MqttError):
                 log.error("agent task %s failed", task.get_name(), exc_info=exc)
 
     async def _cancel_tasks(self) -> None:
@@ -537,7 +539,7 @@ class ClusterAgent:
             t = self.topics.leader
             props = None
             if self._protocol == aiomqtt.ProtocolVersion.V5:
-                props = Properties(PacketTypes.PUBLISH)
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
                 props.MessageExpiryInterval = max(1, math.ceil(action.record.lease_s))
             with contextlib.suppress(AgentNotConnectedError):
                 await self.publish(t.format(), t.encode(action.record), qos=t.qos, retain=True,
@@ -663,7 +665,7 @@ class ClusterAgent:
             return
         out_props = None
         if correlation is not None and self._protocol == aiomqtt.ProtocolVersion.V5:
-            out_props = Properties(PacketTypes.PUBLISH)
+            out_props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             out_props.CorrelationData = correlation
         with contextlib.suppress(AgentNotConnectedError, aiomqtt.MqttError):
             await self.publish(reply_to, self.topics.reply.encode(reply), qos=1, properties=out_props)

@@ -120,7 +120,12 @@ def intent_name_from_topic(topic: str) -> str:
 class _HermesMessage(Message):
     @classmethod
     def from_json(cls, payload: str | bytes | bytearray) -> Self:
-        return _wrap(lambda: cls.from_dict(load_object(payload, cls.SCHEMA)))
+        try:
+            return cls.from_dict(load_object(payload, cls.SCHEMA))
+        except HermesError:
+            raise
+        except ProtocolError as exc:
+            raise HermesError(str(exc)) from exc
 
 
 @dataclass(frozen=True)
