@@ -379,6 +379,15 @@ async def test_leader_answers_requests_and_followers_stay_silent(
         assert replies["r3"].error is not None and replies["r3"].error.code == "bad_request"
         assert len(w.messages) == 3 and served == ["hi", "hi"]
 
+        # back-pressure: beyond max_pending_requests the leader answers "busy" at once
+        a.max_pending_requests = 0
+        async with watcher(host, port, reply_to) as w:
+            await w.client.publish(t.request.format(), Request("r5", reply_to, "embed", "x").to_json(), qos=1)
+            await w.wait_for(lambda tp, p: Reply.from_json(p).id == "r5", 5)
+            busy = Reply.from_json(w.messages[0][2])
+            assert busy.error is not None and busy.error.code == "busy"
+        a.max_pending_requests = 16
+
         # MQTT v5: ResponseTopic + CorrelationData are honoured
         async with watcher(host, port, f"{t.prefix}/v5replies", protocol=aiomqtt.ProtocolVersion.V5) as w:
             props = Properties(PacketTypes.PUBLISH)

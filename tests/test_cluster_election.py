@@ -124,8 +124,12 @@ def test_observe_rules() -> None:
     c = observe_lease(first.lease, b5, 100.0)
     assert c.conflict and c.lease == first.lease
     assert observe_lease(first.lease, b6, 100.0).lease.record == b6  # type: ignore[union-attr]
-    # the holder's clock bound: an already expired record is followed but void
-    assert observe_lease(None, LeaderLease("a", 5, 90.0, LEASE, "sa"), 100.0).lease.deadline == 90.0  # type: ignore[union-attr]
+    # a retained record stale by more than a lease is void on arrival; a live one runs lease_s
+    # from receipt whatever the holder's clock says (skew tolerance); our own uses our clock
+    assert observe_lease(None, LeaderLease("b", 5, 90.0, LEASE, "sb"), 100.0).lease.deadline == 92.0  # type: ignore[union-attr]
+    assert observe_lease(None, LeaderLease("b", 5, 99.5, LEASE, "sb"), 100.0).lease.deadline == 101.5  # type: ignore[union-attr]
+    assert observe_lease(None, LeaderLease("b", 5, 130.0, LEASE, "sb"), 100.0).lease.deadline == 102.0  # type: ignore[union-attr]
+    assert observe_lease(None, LeaderLease("a", 5, 101.0, LEASE, "sa"), 100.0, "a").lease.deadline == 101.0  # type: ignore[union-attr]
 
 
 def test_accepts_command_fences_old_terms() -> None:
@@ -250,7 +254,7 @@ class SimHome:
             elif kind == "profile":
                 a.scores[key] = value
             else:
-                obs = observe_lease(a.lease, value, self.now)
+                obs = observe_lease(a.lease, value, self.now, a.id)
                 if obs.conflict and a.lease is not None and a.lease.record.session == a.session:
                     a.conflict = True
                 if obs.accepted and (a.lease is None or obs.lease.record.term != a.lease.record.term):  # type: ignore[union-attr]

@@ -70,6 +70,10 @@ class NotLeaderError(DetransformerError):
     """Only the current leader may do this."""
 
 
+class _Busy(Exception):
+    """Internal: too many requests in flight."""
+
+
 @dataclass(frozen=True)
 class Member:
     id: str
@@ -156,6 +160,7 @@ class ClusterAgent:
         on_lose_leadership: Hook | None = None,
         on_request: Hook | None = None,
         on_assignment: Hook | None = None,
+        max_pending_requests: int = 16,
     ) -> None:
         if profile.id != config.id:
             raise ProtocolError(f"profile id {profile.id!r} differs from agent id {config.id!r}")
@@ -171,6 +176,8 @@ class ClusterAgent:
         self.on_request = on_request
         self.on_assignment = on_assignment
         self.work_state = WorkState()
+        self.max_pending_requests = max_pending_requests  # beyond this, reply "busy"
+        self._pending_requests = 0
 
         proto = config.broker.protocol
         self._protocol = aiomqtt.ProtocolVersion.V311 if proto == "3.1.1" else aiomqtt.ProtocolVersion.V5
@@ -609,7 +616,8 @@ class ClusterAgent:
                 await self._check_role()
         elif t.request.match(topic) is not None:
             if self.is_leader:
-                self._spawn(self._serve_request(message, payload), "request")
+                busy = self._pending_requests >= self.max_pending_requests
+                self._spawn(self._serve_request(message, payload, busy), "request")
         elif t.assign.match(topic) == me:
             msg = t.assign.decode(payload)
             if election.accepts_command(self._lease, msg.leader, msg.term):
@@ -624,14 +632,23 @@ class ClusterAgent:
 
     def _observe_lease(self, record: LeaderLease) -> None:
         prev = self._lease
-        obs = election.observe_lease(prev, record, self._clock())
+        obs = election.observe_lease(prev, record, self._clock(), self.config.id)
         if obs.conflict and prev is not None and prev.record.session == self._session:
             self._conflict = True
         if obs.accepted and (prev is None or obs.lease is None or obs.lease.record.term != prev.record.term):
             self._conflict = False
         self._lease = obs.lease
 
-    async def _serve_request(self, message: aiomqtt.Message, payload: bytes) -> None:
+    async def _serve_request(self, message: aiomqtt.Message, payload: bytes, busy: bool) -> None:
+        if not busy:
+            self._pending_requests += 1
+        try:
+            await self._answer_request(message, payload, busy)
+        finally:
+            if not busy:
+                self._pending_requests -= 1
+
+    async def _answer_request(self, message: aiomqtt.Message, payload: bytes, busy: bool) -> None:
         props = message.properties
         response_topic = getattr(props, "ResponseTopic", None) if props else None
         correlation = getattr(props, "CorrelationData", None) if props else None
@@ -642,6 +659,8 @@ class ClusterAgent:
             request_id = raw.get("id") if isinstance(raw.get("id"), str) else None
             reply_to = reply_to or (raw.get("reply_to") if isinstance(raw.get("reply_to"), str) else None)
             request = Request.from_dict(raw)
+            if busy:
+                raise _Busy
             result = await _call(self.on_request, request) if self.on_request else None
             if self.on_request is None:
                 reply = Reply.failure(request.id, "unsupported", "this cluster serves no requests yet")
@@ -651,6 +670,10 @@ class ClusterAgent:
                 reply = Reply(request.id, result=result)
             else:
                 reply = Reply.failure(request.id, "internal", "request handler returned no result")
+        except _Busy:
+            reply = Reply.failure(
+                request_id, "busy", f"{self.max_pending_requests} requests in flight; retry later"
+            )
         except ProtocolError as exc:
             reply = Reply.failure(request_id, "bad_request", str(exc))
         except (TimeoutError, asyncio.TimeoutError):

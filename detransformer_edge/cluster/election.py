@@ -13,6 +13,10 @@ Rules (docs/API.md repeats them for implementers of other agents):
   the *first* record an agent sees wins and later claims of the same term by another holder are
   ignored (the broker delivers one topic's messages in the same order to every subscriber, so
   all subscribed agents agree who was first). A higher term always wins.
+* Deadlines: the holder's own lease ends at its `expires_at` (its clock); followers void it
+  `lease_s` after they received it (so clock skew cannot cut a live lease short), or at
+  `expires_at + lease_s` for stale retained records. The holder therefore always steps down
+  before any follower considers the lease vacant.
 * An agent is leader only while the lease it follows is its own record *from its current
   connection session*, echoed back by the broker, and unexpired by its clock. So a leader that
   loses the broker steps down at once, and one that reconnects must claim a new term.
@@ -56,10 +60,18 @@ class LeaseObservation:
 
 
 def observe_lease(
-    current: ObservedLease | None, record: LeaderLease, received_at: float
+    current: ObservedLease | None, record: LeaderLease, received_at: float, self_id: str = ""
 ) -> LeaseObservation:
-    """Fold one received lease record into the followed lease (see module rules)."""
-    deadline = min(record.expires_at, received_at + record.lease_s)
+    """Fold one received lease record into the followed lease (see module rules).
+
+    Deadlines: our own record ends at its `expires_at` (our clock). Another holder's record ends
+    `lease_s` after we received it, so clock skew between devices cannot shorten a live lease;
+    `expires_at` only voids records stale by more than one extra lease (a retained record of a
+    holder that died long ago), which tolerates up to `lease_s` of skew."""
+    if record.id == self_id:
+        deadline = record.expires_at
+    else:
+        deadline = min(received_at + record.lease_s, record.expires_at + record.lease_s)
     new = ObservedLease(record, deadline)
     if current is None or record.term > current.record.term:
         return LeaseObservation(new, True, False)
