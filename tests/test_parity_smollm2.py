@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="test dependency: pip install -e '.[test]'")
 
-from detransformer_edge.model.generation import SamplingConfig, build_prompt, generate  # noqa: E402
+from detransformer_edge.model.generation import SamplingConfig, build_prompt, generate_ids  # noqa: E402
 from detransformer_edge.model.loaders import load_model, weights_path  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -87,16 +87,17 @@ def test_weights_match_reference(ours, reference) -> None:
 
 @pytest.fixture(scope="module")
 def continuations(ours, reference):
-    """Per prompt: prompt ids, our 20 greedy ids (KV-cached), and both models' logits over
-    prompt + continuation, each in one full forward pass (teacher forcing)."""
+    """Per prompt: prompt ids, our 20 greedy ids (KV-cached, not stopping at <|im_end|> so every
+    prompt gives 20), and both models' logits over prompt + continuation, each in one full
+    forward pass (teacher forcing)."""
     model, _ = reference
     out = []
     for prompt in PROMPTS:
         ids = build_prompt(ours.tokenizer, prompt, ours.chat_template)
-        result = generate(ours.model, ours.tokenizer, ids, SamplingConfig(max_new_tokens=N_NEW))
-        x = torch.tensor([ids + result.token_ids])  # (1, T)
+        new = list(generate_ids(ours.model, ids, SamplingConfig(max_new_tokens=N_NEW)))
+        x = torch.tensor([ids + new])  # (1, T)
         with torch.inference_mode():
-            out.append((prompt, ids, result.token_ids, ours.model(x), model(x).logits))
+            out.append((prompt, ids, new, ours.model(x), model(x).logits))
     return out
 
 
@@ -113,16 +114,16 @@ def test_greedy_continuations_match_reference(ours, continuations) -> None:
     """Every token we generated is the reference's argmax given the same prefix, so greedy
     decoding with the reference yields the same continuation (up to its own stop at EOS)."""
     for prompt, ids, new, _, ref_logits in continuations:
-        ref_next = ref_logits[0, len(ids) - 1 :].argmax(dim=-1).tolist()  # reference's choice after each prefix
-        assert new == ref_next[: len(new)], prompt
-        if len(new) < N_NEW:  # we stopped at EOS: the reference must choose EOS there too
-            assert ref_next[len(new)] == ours.tokenizer.eos_id, prompt
+        assert len(new) == N_NEW
+        ref_next = ref_logits[0, len(ids) - 1 : -1].argmax(dim=-1).tolist()  # reference's choice after each prefix
+        assert new == ref_next, prompt
 
 
 def test_reference_generate_agrees(continuations, reference, ours) -> None:
-    """One end-to-end check with transformers' own generate() (its KV cache, its loop)."""
+    """One end-to-end check with transformers' own generate() (its KV cache, its loop), on a
+    prompt whose answer is longer than 20 tokens (so neither side stops early)."""
     model, _ = reference
-    _, ids, new, _, _ = continuations[0]
+    _, ids, new, _, _ = continuations[2]
     with torch.inference_mode():
         out = model.generate(
             torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False,
@@ -132,6 +133,7 @@ def test_reference_generate_agrees(continuations, reference, ours) -> None:
     if expected and expected[-1] == ours.tokenizer.eos_id:
         expected = expected[:-1]  # we do not return the stop token
     assert new == expected
+    assert ours.tokenizer.eos_id not in new
 
 
 def test_paris(ours, continuations) -> None:
