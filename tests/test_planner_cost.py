@@ -39,8 +39,11 @@ def test_layer_flops_by_hand() -> None:
     assert c.attn_flops == 4 * 16 * 16 * 64 == 65_536
     half = analysis.coupled_layer_cost(cfg, Workload(16, 16), shard=2)
     assert half.gemm_flops == c.gemm_flops / 2 and half.attn_flops == c.attn_flops / 2
-    with pytest.raises(Exception, match="divide n_heads"):
-        analysis.coupled_layer_cost(cfg, Workload(16, 16), shard=3)
+    # 4 heads over 3 devices: ranges 2/1/1, the slowest shard does half the layer
+    third = analysis.coupled_layer_cost(cfg, Workload(16, 16), shard=3)
+    assert third.gemm_flops == half.gemm_flops and third.attn_flops == half.attn_flops
+    with pytest.raises(Exception, match="at least 5 heads"):
+        analysis.coupled_layer_cost(cfg, Workload(16, 16), shard=5)
 
 
 def test_subblock_flops_and_params_match_config() -> None:

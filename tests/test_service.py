@@ -35,7 +35,7 @@ def agent_config(dev, cluster, host, port):
 
 
 @contextlib.asynccontextmanager
-async def home(broker, n=3):
+async def home(broker, n=3, **agent_kwargs):
     host, port = broker
     cluster = f"t{uuid.uuid4().hex[:8]}"
     async with contextlib.AsyncExitStack() as stack:
@@ -43,7 +43,7 @@ async def home(broker, n=3):
         for i in range(n):
             prof = load_profile(ROOT / "firmware_profiles" / f"{PROFILES[i]}.toml")
             agent = HomeAgent(agent_config(f"dev{i}", cluster, host, port), prof, tiny_catalog(),
-                              broker=broker, intent_threshold=0.0, replan_delay_s=0.2)
+                              broker=broker, intent_threshold=0.0, replan_delay_s=0.2, **agent_kwargs)
             agents.append(await stack.enter_async_context(agent))
         yield cluster, agents
 
@@ -78,7 +78,7 @@ async def test_agents_place_and_answer_every_api(mosquitto_broker):
         leader = await wait_for_placement(agents)
         assert leader.id == "dev0"  # the N100 has the highest capability score
         summary = leader.leader.placement_summary()
-        assert summary["version"] >= 1 and set(summary["roles"]) == {"intent", "embed", "generate"}
+        assert summary["version"] >= 1 and set(summary["models"]) == {"intent", "tiny-encoder", "tiny-encoder-bp", "tiny-decoder"}
         # each device holds only its assignment
         held = {a.id: a.host.weight_bytes() for a in agents}
         assert all(sum(v.values()) > 0 for v in held.values() if v), held
@@ -103,7 +103,7 @@ async def test_agents_place_and_answer_every_api(mosquitto_broker):
         (t, emb), = await ask(mosquitto_broker, req_topic,
                               {"id": "e1", "reply_to": reply_to, "op": "embed", "input": ["hello home", "hi"]}, [reply_to])
         assert emb["id"] == "e1", emb
-        e_model = cat.load("embed")
+        e_model = cat.load("tiny-encoder")
         rows = [e_model.tokenizer.encode(x) for x in ["hello home", "hi"]]
         w = max(map(len, rows))
         ids = torch.tensor([r + [0] * (w - len(r)) for r in rows])
@@ -120,7 +120,7 @@ async def test_agents_place_and_answer_every_api(mosquitto_broker):
         final = [b for _, b in msgs if "result" in b or "error" in b]
         tokens = [b for _, b in msgs if b.get("event") == "token"]
         assert len(final) == 1 and "result" in final[0], final
-        g_model = cat.load("generate")
+        g_model = cat.load("tiny-decoder")
         ids = torch.tensor([g_model.tokenizer.encode("abc")])
         out = []
         with torch.inference_mode():
@@ -140,6 +140,12 @@ async def test_agents_place_and_answer_every_api(mosquitto_broker):
         assert bad["error"]["code"] == "bad_request"
         (t, bad2), = await ask(mosquitto_broker, req_topic, {"id": "b2", "reply_to": reply_to, "op": "dance", "input": "x"}, [reply_to])
         assert bad2["error"]["code"] == "bad_request"
+        (t, bad3), = await ask(mosquitto_broker, req_topic, {"id": "b3", "reply_to": reply_to, "op": "embed", "input": "x",
+                                                              "params": {"model": "gpt-17"}}, [reply_to])
+        assert bad3["error"]["code"] == "bad_request" and "unknown model" in bad3["error"]["message"]
+        (t, bad4), = await ask(mosquitto_broker, req_topic, {"id": "b4", "reply_to": reply_to, "op": "embed",
+                                                              "input": "x" * 500}, [reply_to])
+        assert bad4["error"]["code"] == "bad_request" and "tokens" in bad4["error"]["message"]
         (topic, body), = await ask(mosquitto_broker, "hermes/nlu/query", {"input": "lock the door", "id": "q2"},
                                    ["hermes/intent/#", "hermes/nlu/intentNotRecognized"])
         assert body["id"] == "q2"
@@ -160,3 +166,29 @@ async def test_replans_when_a_device_leaves(mosquitto_broker):
         assert body["id"] == "q9"
         plans = [r.plan for r in leader.leader.log if r.kind == "intent"]
         assert plans and "dev2" not in plans[-1]
+
+
+@pytest.mark.parametrize("model,strategies", [("tiny-encoder", ["single", "pipeline", "tp", "adaptive"]),
+                                              ("tiny-encoder-bp", ["bp-fixed", "single", "adaptive"])])
+async def test_baseline_plans_on_full_replicas(mosquitto_broker, model, strategies):
+    cat = tiny_catalog()
+    m = cat.load(model)
+    ids = torch.tensor([m.tokenizer.encode("dim the lights in the hall")])
+    with torch.inference_mode():
+        ref = mean_pool(m.model(ids, torch.ones_like(ids)), torch.ones_like(ids))
+    async with home(mosquitto_broker, replicate_all=True) as (cluster, agents):
+        leader = await wait_for_placement(agents)
+        reply_to = f"detransformer/{cluster}/replies/test"
+        for k, strategy in enumerate(strategies):
+            (t, r), = await ask(mosquitto_broker, f"detransformer/{cluster}/request",
+                                {"id": f"p{k}", "reply_to": reply_to, "op": "embed", "input": "dim the lights in the hall",
+                                 "params": {"model": model, "plan": strategy}}, [reply_to])
+            assert "result" in r, r
+            got = torch.tensor(r["result"]["embeddings"])
+            assert torch.nn.functional.cosine_similarity(got, ref).item() > 0.9999, strategy
+            if strategy != "adaptive":
+                assert r["result"]["plan"].startswith({"bp-fixed": "block", "single": "single"}.get(strategy, strategy))
+        (t, r), = await ask(mosquitto_broker, f"detransformer/{cluster}/request",
+                            {"id": "px", "reply_to": reply_to, "op": "embed", "input": "x",
+                             "params": {"model": model, "plan": "teleport"}}, [reply_to])
+        assert r["error"]["code"] == "bad_request"

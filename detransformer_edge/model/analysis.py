@@ -12,6 +12,8 @@ run time (``WEIGHT_BYTES``).
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -139,9 +141,12 @@ def subblock_cost(cfg: object, work: Workload) -> OpCost:
 def coupled_layer_cost(cfg: object, work: Workload, shard: int = 1) -> OpCost:
     """One ordinary (coupled) layer, or one of ``shard`` tensor-parallel shards of it."""
     heads: int = getattr(cfg, "n_heads")
-    if shard > 1 and heads % shard:
-        raise ConfigError(f"tensor parallelism over {shard} devices needs it to divide n_heads={heads}")
-    return _layer_cost(cfg, getattr(cfg, "d_model"), heads, getattr(cfg, "d_ff"), work, shard)
+    if shard > heads:
+        raise ConfigError(f"tensor parallelism over {shard} devices needs at least {shard} heads, the model has {heads}")
+    # Heads split in contiguous, possibly uneven ranges (parallel.shards.even_ranges): the slowest
+    # shard holds ceil(heads / shard) of them, so it works like an even split of that size.
+    effective = heads / math.ceil(heads / shard) if shard > 1 else 1
+    return _layer_cost(cfg, getattr(cfg, "d_model"), heads, getattr(cfg, "d_ff"), work, effective)
 
 
 def embedding_cost(cfg: object, work: Workload) -> OpCost:

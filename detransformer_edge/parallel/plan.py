@@ -285,3 +285,40 @@ def required_weights(plan: Plan, layer_kinds: tuple[str, ...], device: str) -> D
         rank = plan.coupled_devices.index(device)
         return DeviceWeights(emb, subs, (), ((rank, len(plan.coupled_devices)),))
     return DeviceWeights(emb, subs)
+
+
+# --- the fixed plans users would otherwise run (benchmark baselines) -------------------------
+
+BASELINES: tuple[str, ...] = ("single", "pipeline", "tp", "bp-fixed")
+
+
+def baseline_plan(strategy: str, devices: tuple[str, ...], n_layers: int, nd: int) -> Plan:
+    """A fixed plan over ``devices`` (``devices[0]`` coordinates):
+
+    * ``single``: the coordinator alone;
+    * ``pipeline``: contiguous, equal layer ranges in device order;
+    * ``tp``: Megatron tensor parallelism over all devices (standard models);
+    * ``bp-fixed``: the paper's fixed block parallelism: sub-blocks dealt round-robin (equal
+      split), BP+AllGather coupled layers, float32 activations.
+    """
+    if strategy not in BASELINES:
+        raise PlanError(f"unknown baseline {strategy!r}; expected one of {BASELINES}")
+    if strategy == "single":
+        return Plan("single", devices[:1])
+    if strategy == "pipeline":
+        n = min(len(devices), n_layers)
+        cuts = [round(k * n_layers / n) for k in range(n + 1)]
+        return Plan("pipeline", devices[:n], stages=tuple(Stage(devices[k], cuts[k], cuts[k + 1]) for k in range(n)))
+    if strategy == "tp":
+        return Plan("tp", devices)
+    used = devices[: min(len(devices), nd)]
+    return Plan("block", used, "float32", sub_block_owner=tuple(used[j % len(used)] for j in range(nd)))
+
+
+def full_replica_weights(devices: tuple[str, ...], layer_kinds: tuple[str, ...], nd: int) -> dict[str, DeviceWeights]:
+    """Every device holds everything (and its TP shard for ``devices`` order): any plan runs."""
+    whole = tuple(range(len(layer_kinds)))
+    return {
+        d: DeviceWeights(True, tuple(range(nd)), whole, ((rank, len(devices)),))
+        for rank, d in enumerate(devices)
+    }

@@ -47,6 +47,7 @@ class HomeAgent:
         broker: tuple[str, int],
         intent_threshold: float = 0.5,
         replan_delay_s: float = 0.5,
+        replicate_all: bool = False,
     ) -> None:
         self.config = config
         self.catalog = catalog
@@ -66,7 +67,7 @@ class HomeAgent:
         prefix = self.cluster.topics.prefix
         self.transport = MqttTransport(config.id, broker[0], broker[1], prefix=prefix, username=user, password=password)
         self.host = ModelHost(self.transport, catalog)
-        self.leader = Leader(config.id, self.host, catalog, self._publish, f"{prefix}/run")
+        self.leader = Leader(config.id, self.host, catalog, self._publish, f"{prefix}/run", replicate_all=replicate_all)
         self._replan_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stack: contextlib.AsyncExitStack | None = None
@@ -153,14 +154,18 @@ class HomeAgent:
 
     async def _on_assignment(self, msg: Assignment) -> None:
         body = msg.body
-        roles_raw = body.get("roles") if isinstance(body, Mapping) else None
-        if not isinstance(roles_raw, Mapping):
-            log.warning("ignoring assignment without roles from %s", msg.leader)
+        raw = body.get("models") if isinstance(body, Mapping) else None
+        if not isinstance(raw, Mapping):
+            log.warning("ignoring assignment without models from %s", msg.leader)
             return
-        roles = {r: weights_from_dict(w) for r, w in roles_raw.items() if r in self.catalog.roles and isinstance(w, Mapping)}
+        try:
+            models = {m: weights_from_dict(w) for m, w in raw.items() if m in self.catalog.names and isinstance(w, Mapping)}
+        except DetransformerError as exc:
+            log.warning("ignoring malformed assignment from %s: %s", msg.leader, exc)
+            return
         self.cluster.work_state = WorkState(False, msg.placement_version, ())
         await self._status_now()
-        await self.host.assign(msg.placement_version, roles)
+        await self.host.assign(msg.placement_version, models)
         self.cluster.work_state = WorkState(True, msg.placement_version, self.host.sub_blocks(),
                                             self.cluster.work_state.last_latency_ms)
         await self._status_now()
@@ -217,15 +222,21 @@ class HomeAgent:
 
     async def _on_request(self, request: Request) -> Reply | Mapping[str, Any]:
         try:
+            params = dict(request.params)
+            model = params.get("model")
+            strategy = params.get("plan", "adaptive")
+            if model is not None and not isinstance(model, str):
+                raise ServiceError("bad_request", "params.model must be a model name")
+            if not isinstance(strategy, str):
+                raise ServiceError("bad_request", "params.plan must be a string")
             await self._await_ready()
             if request.op == "embed":
                 texts = [request.input] if isinstance(request.input, str) else list(request.input)
                 if len(texts) > 32:
                     raise ServiceError("bad_request", "at most 32 texts per embed request")
-                vectors, rec = await self.leader.embed(texts)
+                vectors, rec = await self.leader.embed(texts, model, strategy)
                 self._note_latency(rec.latency_ms)
                 return {"embeddings": vectors, "dim": len(vectors[0]), "plan": rec.plan, "latency_ms": rec.latency_ms}
-            params = dict(request.params)
             max_new = params.get("max_new_tokens", 32)
             if not isinstance(max_new, int) or isinstance(max_new, bool):
                 raise ServiceError("bad_request", "params.max_new_tokens must be an integer")
@@ -241,7 +252,7 @@ class HomeAgent:
                 with contextlib.suppress(ServiceError):
                     await self._publish(request.reply_to, event, 0)
 
-            text, rec, stats = await self.leader.generate(request.input, max_new, stream, chat)  # type: ignore[arg-type]
+            text, rec, stats = await self.leader.generate(request.input, max_new, stream, chat, model, strategy)  # type: ignore[arg-type]
             self._note_latency(rec.latency_ms)
             return {"text": text, "plan": rec.plan, "latency_ms": rec.latency_ms, **stats}
         except ServiceError as exc:

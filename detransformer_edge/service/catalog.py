@@ -1,11 +1,13 @@
-"""What the home serves: one model per role, with the code that loads it on a device.
+"""What the home serves: named models, each for one task, with the code that loads it.
 
-Roles: ``intent`` (the voice assistant's intent and slot model, an encoder), ``embed``
+Tasks: ``intent`` (the voice assistant's intent and slot model, an encoder), ``embed``
 (sentence embeddings, an encoder) and ``generate`` (text generation, a decoder). Every device
-knows the catalog; which *weights* it keeps is decided by the leader's placement.
+knows the catalog; which *weights* of each model it keeps is decided by the leader's placement.
+A request may name a model; otherwise the first model of its task serves it.
 
-``tiny_catalog`` serves small random models with a character tokenizer, so cluster tests and
-the quick demo run without pretrained files (STYLE: a fake engine for cluster tests).
+``tiny_catalog`` serves small random models with a byte tokenizer, so cluster tests run without
+pretrained files (STYLE: a fake engine for cluster tests); ``shape_catalog`` serves random
+models of real shapes for latency benchmarks.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from typing import Any, Literal
 
 from detransformer_edge.errors import ConfigError
 
-Role = Literal["intent", "embed", "generate"]
-ROLES: tuple[Role, ...] = ("intent", "embed", "generate")
+Task = Literal["intent", "embed", "generate"]
+TASKS: tuple[Task, ...] = ("intent", "embed", "generate")
 
 
 @dataclass
@@ -26,18 +28,22 @@ class LoadedServedModel:
     """A full model in memory on one device, with what turns text into ids and back."""
 
     model: Any  # Encoder | Decoder
-    tokenizer: Any  # detransformer_edge.model.tokenizer.TextTokenizer (or the tiny one)
-    intent_head: Any = None  # role "intent": turns hidden states into intents and slots
-    chat_template: Any = None  # role "generate": instruct prompt formatting
+    tokenizer: Any  # detransformer_edge.model.tokenizer.TextTokenizer (or the byte tokenizer)
+    intent_head: Any = None  # task "intent": turns hidden states into intents and slots
+    chat_template: Any = None  # task "generate": instruct prompt formatting
 
 
 @dataclass
 class ServedModel:
-    role: Role
-    name: str  # shown to users: preset name or path
+    task: Task
     config_factory: Callable[[], Any]  # the model config, without loading weights
     loader: Callable[[], LoadedServedModel]
     max_tokens: int = 512
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ConfigError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
 
     def config(self) -> Any:
         return self.config_factory()
@@ -50,37 +56,50 @@ class Catalog:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        unknown = set(self.models) - set(ROLES)
-        if unknown:
-            raise ConfigError(f"unknown model roles {sorted(unknown)}; known: {', '.join(ROLES)}")
+        if not self.models:
+            raise ConfigError("the catalog serves no model")
 
     @property
-    def roles(self) -> tuple[str, ...]:
-        return tuple(r for r in ROLES if r in self.models)
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.models)
 
-    def get(self, role: str) -> ServedModel:
+    def get(self, name: str) -> ServedModel:
         try:
-            return self.models[role]
+            return self.models[name]
         except KeyError:
-            raise ConfigError(f"this home serves no {role!r} model (serves: {', '.join(self.roles)})") from None
+            raise ConfigError(f"unknown model {name!r}; this home serves: {', '.join(self.names)}") from None
 
-    def load(self, role: str) -> LoadedServedModel:
-        """Load once per process (thread-safe: the agent loads in a worker thread)."""
+    def default_for(self, task: str) -> str:
+        for name, served in self.models.items():
+            if served.task == task:
+                return name
+        raise ConfigError(f"this home serves no model for {task!r} (serves: {', '.join(self.names)})")
+
+    def resolve(self, task: str, name: str | None) -> str:
+        """The model a request of ``task`` asked for (checked), or the task's default."""
+        if name is None:
+            return self.default_for(task)
+        if self.get(name).task != task:
+            raise ConfigError(f"model {name!r} serves {self.get(name).task!r}, not {task!r}")
+        return name
+
+    def load(self, name: str) -> LoadedServedModel:
+        """Load once per process (thread-safe: agents load in worker threads)."""
         with self._lock:
-            loaded = self._cache.get(role)
+            loaded = self._cache.get(name)
             if loaded is None:
-                loaded = self._cache[role] = self.get(role).loader()
+                loaded = self._cache[name] = self.get(name).loader()
                 loaded.model.eval()
             return loaded
 
-    def is_loaded(self, role: str) -> bool:
-        return role in self._cache
+    def subset(self, names: Sequence[str]) -> Catalog:
+        return Catalog({n: self.get(n) for n in names})
 
 
 # --- the pretrained catalog ----------------------------------------------------------------------
 
 
-def default_catalog(roles: Sequence[str] = ROLES) -> Catalog:
+def default_catalog() -> Catalog:
     from detransformer_edge.model.config import get_config
 
     def embed_loader() -> LoadedServedModel:
@@ -105,19 +124,85 @@ def default_catalog(roles: Sequence[str] = ROLES) -> Catalog:
 
         return intent_model_config()
 
-    table = {
-        "intent": ServedModel("intent", "intent (decoupled MiniLM)", intent_config, intent_loader, 128),
-        "embed": ServedModel("embed", "minilm-l6", lambda: get_config("minilm-l6"), embed_loader, 512),
-        "generate": ServedModel("generate", "smollm2-135m", lambda: get_config("smollm2-135m"), generate_loader, 2048),
-    }
-    return Catalog({r: table[r] for r in roles})
+    return Catalog({
+        "intent": ServedModel("intent", intent_config, intent_loader, 128, "decoupled MiniLM, intent + slot heads"),
+        "minilm-l6": ServedModel("embed", lambda: get_config("minilm-l6"), embed_loader, 512, "all-MiniLM-L6-v2"),
+        "smollm2-135m": ServedModel("generate", lambda: get_config("smollm2-135m"), generate_loader, 2048,
+                                    "SmolLM2-135M-Instruct"),
+    })
 
 
-# --- the tiny catalog (tests, quick demo) --------------------------------------------------------
+# --- random catalogs (tests, benchmarks) -----------------------------------------------------------
 
 
-class CharTokenizer:
-    """Bytes as tokens (ids 3..258), 1 = BOS/CLS, 2 = EOS/SEP, 0 = pad. Enough for tests."""
+def _random_model(cfg: Any, seed: int) -> Any:
+    """A model with N(0, 0.02) weights from a private generator: agents load in worker
+    threads and torch's global RNG is shared, so seeding it would race."""
+    import torch
+
+    from detransformer_edge.model.decoder import Decoder
+    from detransformer_edge.model.encoder import Encoder
+
+    g = torch.Generator().manual_seed(seed)
+    model = (Encoder if cfg.family == "encoder" else Decoder)(cfg).eval()
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
+def _random_entry(task: Task, cfg_factory: Callable[[], Any], seed: int, description: str,
+                  max_tokens: int, head: bool = False) -> ServedModel:
+    def load() -> LoadedServedModel:
+        cfg = cfg_factory()
+        intent_head = None
+        if head:
+            from detransformer_edge.service.intents import TinyIntentHead
+
+            intent_head = TinyIntentHead(cfg.d_model, cfg.vocab_size, seed)
+        return LoadedServedModel(_random_model(cfg, seed), ByteTokenizer(cfg.vocab_size), intent_head)
+
+    return ServedModel(task, cfg_factory, load, max_tokens, description)
+
+
+def tiny_catalog(seed: int = 0) -> Catalog:
+    """Small random models for every task, the same on every device for a given seed."""
+    from detransformer_edge.model.config import get_config
+
+    return Catalog({
+        "intent": _random_entry("intent", lambda: get_config("tiny-encoder", nd=4, nb=2), seed,
+                                "tiny decoupled encoder (random)", 120, head=True),
+        "tiny-encoder": _random_entry("embed", lambda: get_config("tiny-encoder"), seed, "tiny encoder (random)", 120),
+        "tiny-encoder-bp": _random_entry("embed", lambda: get_config("tiny-encoder", nd=4, nb=2), seed,
+                                         "tiny decoupled encoder (random)", 120),
+        "tiny-decoder": _random_entry("generate", lambda: get_config("tiny-decoder"), seed, "tiny decoder (random)", 200),
+    })
+
+
+def shape_catalog(seed: int = 0) -> Catalog:
+    """Random models of the benchmark shapes: BERT-base and SmolLM2-135M, standard and decoupled
+    (N_d = 4, N_b = 4 for BERT-base; N_d = 4, N_b = 6 for SmolLM2's 30 layers)."""
+    from detransformer_edge.model.config import get_config
+
+    return Catalog({
+        "bert-base-bp": _random_entry("embed", lambda: get_config("bert-base", nd=4, nb=4), seed,
+                                      "BERT-base shape, decoupled N_d=4 N_b=4 (random)", 512),
+        "bert-base": _random_entry("embed", lambda: get_config("bert-base"), seed, "BERT-base shape (random)", 512),
+        "smollm2-bp": _random_entry("generate", lambda: get_config("smollm2-135m", nd=4, nb=6), seed,
+                                    "SmolLM2-135M shape, decoupled N_d=4 N_b=6 (random)", 1024),
+        "smollm2-shape": _random_entry("generate", lambda: get_config("smollm2-135m"), seed,
+                                       "SmolLM2-135M shape (random)", 1024),
+    })
+
+
+CATALOGS: dict[str, Callable[[], Catalog]] = {
+    "pretrained": default_catalog, "tiny": tiny_catalog, "shapes": shape_catalog,
+}
+
+
+class ByteTokenizer:
+    """Bytes as tokens (ids 3..), 1 = BOS/CLS, 2 = EOS/SEP, 0 = pad: enough for random models."""
 
     bos_id, eos_id, pad_id = 1, 2, 0
 
@@ -129,38 +214,4 @@ class CharTokenizer:
         return [self.bos_id, *ids, self.eos_id] if add_special_tokens else ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        out = bytes((i - 3) % 256 for i in ids if i >= 3)
-        return out.decode("utf-8", errors="replace")
-
-
-def tiny_catalog(seed: int = 0) -> Catalog:
-    """Small random models of every role, the same on every device for a given seed."""
-    import torch
-
-    from detransformer_edge.model.config import get_config
-    from detransformer_edge.model.decoder import Decoder
-    from detransformer_edge.model.encoder import Encoder
-
-    def build(cls: type, cfg: Any) -> Any:
-        # A private generator: agents load in worker threads, and torch's global RNG is shared.
-        g = torch.Generator().manual_seed(seed)
-        model = cls(cfg).eval()
-        with torch.no_grad():
-            for _, p in sorted(model.named_parameters()):
-                if p.dim() >= 2:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-        return model
-
-    def intent() -> LoadedServedModel:
-        from detransformer_edge.service.intents import TinyIntentHead
-
-        cfg = get_config("tiny-encoder", nd=4, nb=2)
-        return LoadedServedModel(build(Encoder, cfg), CharTokenizer(cfg.vocab_size), TinyIntentHead(cfg.d_model, seed))
-
-    return Catalog({
-        "intent": ServedModel("intent", "tiny-encoder nd4 nb2", lambda: get_config("tiny-encoder", nd=4, nb=2), intent, 120),
-        "embed": ServedModel("embed", "tiny-encoder", lambda: get_config("tiny-encoder"),
-                             lambda: LoadedServedModel(build(Encoder, get_config("tiny-encoder")), CharTokenizer(1000)), 120),
-        "generate": ServedModel("generate", "tiny-decoder", lambda: get_config("tiny-decoder"),
-                                lambda: LoadedServedModel(build(Decoder, get_config("tiny-decoder")), CharTokenizer(512)), 200),
-    })
+        return bytes((i - 3) % 256 for i in ids if i >= 3).decode("utf-8", errors="replace")

@@ -1,9 +1,9 @@
 """The model side of one device: the weights the placement gave it, and its part of each run.
 
-An assignment names, per role, the :class:`DeviceWeights` this device must hold. The host loads
-the role's model from the device's local files (in a worker thread, so the agent keeps
+An assignment names, per model, the :class:`DeviceWeights` this device must hold. The host loads
+the model from the device's local files (in a worker thread, so the agent keeps
 answering pings and elections), cuts its shard out and drops the rest, and keeps one
-:class:`Executor` per role. Runs from the leader (``RunControl``) are executed here; a
+:class:`Executor` per model. Runs from the leader (``RunControl``) are executed here; a
 generation is a prefill pass followed by decode passes until the leader says ``end``.
 """
 
@@ -46,7 +46,7 @@ def weights_from_dict(d: Mapping) -> DeviceWeights:
 
 
 @dataclass(frozen=True)
-class HeldRole:
+class HeldModel:
     weights: DeviceWeights
     shard: DeviceShard
     executor: Executor
@@ -57,7 +57,7 @@ class ModelHost:
         self.transport = transport
         self.catalog = catalog
         self.device_id = transport.device_id
-        self.held: dict[str, HeldRole] = {}
+        self.held: dict[str, HeldModel] = {}
         self.version = 0
         self.ready = False
         self._runs: dict[str, asyncio.Task] = {}
@@ -65,48 +65,47 @@ class ModelHost:
 
     # --- weights ---------------------------------------------------------------------------------
 
-    async def assign(self, version: int, roles: Mapping[str, DeviceWeights]) -> None:
-        """Hold exactly ``roles`` (role -> weights); roles not named are dropped."""
+    async def assign(self, version: int, models: Mapping[str, DeviceWeights]) -> None:
+        """Hold exactly ``models`` (model -> weights); models not named are dropped."""
         async with self._assign_lock:
             self.ready = False
-            held: dict[str, HeldRole] = {}
-            for role, weights in roles.items():
-                current = self.held.get(role)
+            held: dict[str, HeldModel] = {}
+            for model, weights in models.items():
+                current = self.held.get(model)
                 if current is not None and current.weights == weights:
-                    held[role] = current
+                    held[model] = current
                     continue
                 if weights == DeviceWeights():
                     continue
-                shard = await asyncio.to_thread(self._cut, role, weights)
-                held[role] = HeldRole(weights, shard, Executor(self.transport, shard))
-                log.info("%s holds %s of %s: %.1f MB", self.device_id, weights, role, shard.nbytes() / 1e6)
+                shard = await asyncio.to_thread(self._cut, model, weights)
+                held[model] = HeldModel(weights, shard, Executor(self.transport, shard))
+                log.info("%s holds %s of %s: %.1f MB", self.device_id, weights, model, shard.nbytes() / 1e6)
             self.held = held
             self.version = version
             self.ready = True
 
-    def _cut(self, role: str, weights: DeviceWeights) -> DeviceShard:
-        loaded = self.catalog.load(role)
+    def _cut(self, model: str, weights: DeviceWeights) -> DeviceShard:
+        loaded = self.catalog.load(model)
         with torch.inference_mode():
             return build_shard(loaded.model, weights)
 
     def weight_bytes(self) -> dict[str, int]:
-        return {role: h.shard.nbytes() for role, h in self.held.items()}
+        return {model: h.shard.nbytes() for model, h in self.held.items()}
 
     def sub_blocks(self) -> tuple[tuple[int, int], ...]:
-        """(layer, sub-block) pairs held for the intent model (what the dashboard draws)."""
-        h = self.held.get("intent")
-        return tuple(sorted(h.shard.sub_blocks)) if h else ()
+        """(layer, sub-block) pairs held of decoupled models (what the dashboard draws)."""
+        return tuple(sorted({key for h in self.held.values() for key in h.shard.sub_blocks}))
 
-    def executor(self, role: str) -> Executor:
-        h = self.held.get(role)
+    def executor(self, model: str) -> Executor:
+        h = self.held.get(model)
         if h is None:
-            raise DetransformerError(f"device {self.device_id} holds no weights for {role!r}")
+            raise DetransformerError(f"device {self.device_id} holds no weights for {model!r}")
         return h.executor
 
     # --- runs --------------------------------------------------------------------------------------
 
-    async def run_coordinator(self, role: str, job: Job) -> JobResult:
-        return await self.executor(role).execute(job)
+    async def run_coordinator(self, model: str, job: Job) -> JobResult:
+        return await self.executor(model).execute(job)
 
     def start_worker(self, ctl: RunControl) -> None:
         """Run this device's part of a request in the background (non-coordinators)."""
@@ -124,7 +123,7 @@ class ModelHost:
 
     async def _work(self, ctl: RunControl) -> None:
         try:
-            ex = self.executor(ctl.role)
+            ex = self.executor(ctl.model)
         except DetransformerError as exc:
             log.warning("cannot run %s: %s", ctl.req, exc)
             return

@@ -46,19 +46,18 @@ class IntentHead(Protocol):
 class TinyIntentHead:
     """A fixed random linear map from the mean hidden state to an intent (tests only)."""
 
-    def __init__(self, d_model: int, seed: int = 0, threshold: float = 0.0) -> None:
+    def __init__(self, d_model: int, vocab_size: int, seed: int = 0, threshold: float = 0.0) -> None:
         from detransformer_edge.integrations.hermes import INTENTS
+        from detransformer_edge.service.catalog import ByteTokenizer
 
         self.intents = tuple(INTENTS)
+        self.tokenizer = ByteTokenizer(vocab_size)
         g = torch.Generator().manual_seed(seed + 1)
         self.weight = torch.randn(len(self.intents), d_model, generator=g)
         self.threshold = threshold
-        self.tokenizer: Any = None  # set by the catalog entry's loader user
 
     def prepare(self, text: str) -> Prepared:
-        from detransformer_edge.service.catalog import CharTokenizer
-
-        ids = CharTokenizer(1000).encode(text)
+        ids = self.tokenizer.encode(text)
         t = torch.tensor([ids])
         return Prepared(t, torch.ones_like(t))
 

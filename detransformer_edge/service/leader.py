@@ -1,7 +1,7 @@
 """The leader's work: placement on every membership change, and serving requests.
 
 * **Static planning.** When the set of online devices (or a profile) changes, the leader plans
-  a placement per served role with itself as coordinator, bumps the placement version and
+  a placement per served model with itself as coordinator, bumps the placement version and
   publishes each device's assignment. Devices report ``ready`` with that version in their status.
 * **Runtime planning.** Each request gets the lowest-predicted-latency plan among the devices
   that are ready, with the leader as coordinator (it tokenised the input and will decode the
@@ -27,7 +27,7 @@ import torch
 
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.parallel.executor import Job
-from detransformer_edge.parallel.plan import Placement, Plan
+from detransformer_edge.parallel.plan import BASELINES, Placement, Plan, PlanError, baseline_plan, full_replica_weights
 from detransformer_edge.planner.cost import Broker, PlanningError
 from detransformer_edge.planner.cost import Request as PlanRequest
 from detransformer_edge.planner.profile import DeviceProfile, profile_from_dict
@@ -69,7 +69,7 @@ class RequestRecord:
 
 
 @dataclass
-class RolePlacement:
+class ModelPlacement:
     placement: Placement
     expected_s: float
     label: str
@@ -77,11 +77,11 @@ class RolePlacement:
 
 @dataclass
 class ClusterState:
-    """What the leader knows: profiles, placement per role, who is ready at which version."""
+    """What the leader knows: profiles, placement per model, who is ready at which version."""
 
     version: int = 0
     profiles: dict[str, DeviceProfile] = field(default_factory=dict)
-    roles: dict[str, RolePlacement] = field(default_factory=dict)
+    models: dict[str, ModelPlacement] = field(default_factory=dict)
     ready: dict[str, int] = field(default_factory=dict)  # device -> placement version it is ready at
 
     def ready_devices(self) -> tuple[str, ...]:
@@ -89,12 +89,12 @@ class ClusterState:
 
     def holders(self) -> set[str]:
         out: set[str] = set()
-        for rp in self.roles.values():
+        for rp in self.models.values():
             out |= {d for d, w in rp.placement.holdings.items() if w.sub_blocks or w.whole_layers or w.tp_shards or w.embeddings}
         return out
 
     def placement_ready(self) -> bool:
-        return bool(self.roles) and self.holders() <= set(self.ready_devices())
+        return bool(self.models) and self.holders() <= set(self.ready_devices())
 
 
 Publish = Callable[[str, str | bytes, int], Awaitable[None]]
@@ -112,6 +112,7 @@ class Leader:
         broker: Broker | None = None,
         max_inflight: int = 4,
         max_queue: int = 32,
+        replicate_all: bool = False,
         request_timeout_s: float = 60.0,
         log_size: int = 200,
     ) -> None:
@@ -121,6 +122,7 @@ class Leader:
         self.publish = publish
         self.run_prefix = run_prefix
         self.broker = broker
+        self.replicate_all = replicate_all  # every device holds every model: any plan runs (benchmarks)
         self.state = ClusterState()
         self.term = 0
         self.request_timeout_s = request_timeout_s
@@ -135,29 +137,38 @@ class Leader:
     # --- static planning ---------------------------------------------------------------------------
 
     def plan_placement(self, profiles: Mapping[str, Mapping[str, Any]], term: int) -> dict[str, dict[str, Any]]:
-        """Plan every role for ``profiles`` (device -> planner profile dict); return each device's
+        """Plan every model for ``profiles`` (device -> planner profile dict); return each device's
         assignment body. Pure apart from updating ``self.state``."""
         devs = {d: profile_from_dict(dict(p), source=f"profile of {d}") for d, p in profiles.items()}
         if self.me not in devs:
             raise ServiceError("internal", f"the leader {self.me} has no profile of its own")
         ordered = [devs[d] for d in sorted(devs)]
-        roles: dict[str, RolePlacement] = {}
+        models: dict[str, ModelPlacement] = {}
         version = self.state.version + 1
-        for role in self.catalog.roles:
-            cfg = self.catalog.get(role).config()
+        for name in self.catalog.names:
+            cfg = self.catalog.get(name).config()
+            if self.replicate_all:
+                holdings = full_replica_weights(self.device_order(devs), cfg.layer_kinds, cfg.nd)
+                models[name] = ModelPlacement(Placement(version, holdings), 0.0, "full replicas")
+                continue
             sp = plan_static(ordered, cfg, broker=self.broker, coordinator=self.me, version=version)
-            roles[role] = RolePlacement(sp.placement, sp.expected_s, sp.label)
+            models[name] = ModelPlacement(sp.placement, sp.expected_s, sp.label)
         self.term = term
-        self.state = ClusterState(version, devs, roles, {d: v for d, v in self.state.ready.items() if d in devs})
+        self.state = ClusterState(version, devs, models, {d: v for d, v in self.state.ready.items() if d in devs})
         self._planners.clear()
         self._ready_event.clear()
         bodies = {
-            d: {"roles": {role: weights_to_dict(rp.placement.holdings[d]) for role, rp in roles.items()
-                          if d in rp.placement.holdings}}
+            d: {"models": {name: weights_to_dict(mp.placement.holdings[d]) for name, mp in models.items()
+                           if d in mp.placement.holdings}}
             for d in devs
         }
         self._emit("placement", self.placement_summary())
         return bodies
+
+    def device_order(self, devs: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+        """The leader first, then the others by id: the device order of baseline plans."""
+        names = sorted(devs if devs is not None else self.state.profiles)
+        return (self.me, *[d for d in names if d != self.me])
 
     def mark_ready(self, device: str, version: int) -> None:
         self.state.ready[device] = version
@@ -178,36 +189,47 @@ class Leader:
     def placement_summary(self) -> dict[str, Any]:
         return {
             "version": self.state.version,
-            "roles": {
-                role: {"label": rp.label, "expected_ms": round(rp.expected_s * 1e3, 2),
-                       "holdings": {d: weights_to_dict(w) for d, w in rp.placement.holdings.items()}}
-                for role, rp in self.state.roles.items()
+            "models": {
+                name: {"label": mp.label, "expected_ms": round(mp.expected_s * 1e3, 2),
+                       "holdings": {d: weights_to_dict(w) for d, w in mp.placement.holdings.items()}}
+                for name, mp in self.state.models.items()
             },
             "ready": sorted(self.state.ready_devices()),
         }
 
     # --- runtime planning -------------------------------------------------------------------------
 
-    def choose(self, role: str, mode: str, seq_len: int) -> tuple[Plan, float]:
-        """Best plan for the request among ready devices, coordinated by the leader."""
-        rp = self.state.roles.get(role)
-        if rp is None:
+    def choose(self, model: str, mode: str, seq_len: int, strategy: str = "adaptive") -> tuple[Plan, float]:
+        """The plan for a request: the adaptive planner's best among ready devices with the leader
+        as coordinator, or a fixed baseline (``single``, ``pipeline``, ``tp``, ``bp-fixed``)."""
+        mp = self.state.models.get(model)
+        if mp is None:
             raise ServiceError("busy", "no placement yet: the cluster is still starting")
         ready = tuple(sorted(set(self.state.ready_devices()) | {self.me}))
-        key = (role, ready)
+        cfg = self.catalog.get(model).config()
+        if strategy != "adaptive":
+            if strategy not in BASELINES:
+                raise ServiceError("bad_request", f"unknown plan strategy {strategy!r}; use adaptive or one of {', '.join(BASELINES)}")
+            order = tuple(d for d in self.device_order() if d in ready)
+            try:
+                plan = baseline_plan(strategy, order, cfg.n_layers, cfg.nd)
+                plan.check(cfg.n_layers, cfg.nd, cfg.is_decoupled, cfg.n_heads)
+            except PlanError as exc:
+                raise ServiceError("bad_request", f"plan {strategy!r} does not fit model {model!r}: {exc}") from None
+            if not mp.placement.can_run(plan, cfg.layer_kinds):
+                raise ServiceError("unsupported", f"the placement cannot run {plan.describe()}; baselines need full replicas")
+            return plan, 0.0
+        key = (model, ready)
         planner = self._planners.get(key)
         if planner is None:
-            cfg = self.catalog.get(role).config()
             profiles = [self.state.profiles[d] for d in sorted(self.state.profiles)]
-            planner = self._planners[key] = RuntimePlanner(rp.placement, profiles, cfg, self.broker, available=ready)
+            planner = self._planners[key] = RuntimePlanner(mp.placement, profiles, cfg, self.broker, available=ready,
+                                                           coordinator=self.me)
         try:
-            ranked = planner.ranked(PlanRequest(mode, seq_len), top=12)  # type: ignore[arg-type]
+            bd = planner.choose(PlanRequest(mode, seq_len))  # type: ignore[arg-type]
         except PlanningError as exc:
             raise ServiceError("busy", f"no plan fits the ready devices: {exc}") from None
-        for bd in ranked:
-            if bd.plan.coordinator == self.me:
-                return bd.plan, bd.total_s
-        raise ServiceError("busy", "no plan with the leader as coordinator fits the ready devices")
+        return bd.plan, bd.total_s
 
     # --- serving ----------------------------------------------------------------------------------
 
@@ -224,6 +246,12 @@ class Leader:
     def _leave(self) -> None:
         self._slots.release()
         self._waiting -= 1
+
+    def _resolve(self, task: str, model: str | None) -> str:
+        try:
+            return self.catalog.resolve(task, model)
+        except DetransformerError as exc:
+            raise ServiceError("bad_request", str(exc)) from None
 
     def _record(self, kind: str, text: str) -> RequestRecord:
         rec = RequestRecord(f"{kind[0]}{next(_req_ids)}-{uuid.uuid4().hex[:6]}", kind, text, time.time())
@@ -254,26 +282,29 @@ class Leader:
             except DetransformerError:
                 log.warning("could not publish the end of %s", req)
 
-    async def encode(self, role: str, input_ids: torch.Tensor, mask: torch.Tensor, rec: RequestRecord) -> torch.Tensor:
-        """The role's encoder hidden states (B, T, d), computed across the chosen devices."""
-        plan, predicted = self.choose(role, "encode", int(input_ids.shape[1]))
+    async def encode(self, model: str, input_ids: torch.Tensor, mask: torch.Tensor, rec: RequestRecord,
+                     strategy: str = "adaptive") -> torch.Tensor:
+        """The model's encoder hidden states (B, T, d), computed across the chosen devices."""
+        plan, predicted = self.choose(model, "encode", int(input_ids.shape[1]), strategy)
         rec.plan = plan.describe()
-        ctl = RunControl(rec.id, role, "encode", plan, self.term, self.request_timeout_s,
+        ctl = RunControl(rec.id, model, "encode", plan, self.term, self.request_timeout_s,
                          tuple(tuple(int(v) for v in row) for row in mask.tolist()))
         await self._start_workers(ctl)
         try:
-            res = await self.host.run_coordinator(role, Job(rec.id, plan, "encode", input_ids, mask, timeout=self.request_timeout_s))
+            res = await self.host.run_coordinator(model, Job(rec.id, plan, "encode", input_ids, mask, timeout=self.request_timeout_s))
         finally:
             await self._end(rec.id, plan)
         if not res.ok:
             raise ServiceError("internal", f"distributed run failed: {res.error}")
         return res.output
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], RequestRecord]:
+    async def embed(self, texts: list[str], model: str | None = None, strategy: str = "adaptive",
+                    ) -> tuple[list[list[float]], RequestRecord]:
         from detransformer_edge.model.encoder import mean_pool
 
-        served = self.catalog.get("embed")
-        tools = self.catalog.load("embed")
+        model = self._resolve("embed", model)
+        served = self.catalog.get(model)
+        tools = self.catalog.load(model)
         rec = self._record("embed", " | ".join(texts))
         t0 = time.perf_counter()
         await self._admit()
@@ -285,7 +316,7 @@ class Leader:
             width = max(len(r) for r in rows)
             ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-            hidden = await self.encode("embed", ids, mask, rec)
+            hidden = await self.encode(model, ids, mask, rec, strategy)
             vectors = mean_pool(hidden, mask).tolist()
             self._finish(rec, t0, f"{len(vectors)} x {len(vectors[0])}")
             return vectors, rec
@@ -295,18 +326,19 @@ class Leader:
         finally:
             self._leave()
 
-    async def intent(self, text: str) -> tuple[Any, RequestRecord]:
-        tools = self.catalog.load("intent")
+    async def intent(self, text: str, model: str | None = None) -> tuple[Any, RequestRecord]:
+        model = self._resolve("intent", model)
+        tools = self.catalog.load(model)
         head = tools.intent_head
         rec = self._record("intent", text)
         t0 = time.perf_counter()
         await self._admit()
         try:
-            served = self.catalog.get("intent")
+            served = self.catalog.get(model)
             prepared = head.prepare(text)
             if prepared.input_ids.shape[1] > served.max_tokens:
                 raise ServiceError("bad_request", f"utterance is {prepared.input_ids.shape[1]} tokens; at most {served.max_tokens}")
-            hidden = await self.encode("intent", prepared.input_ids, prepared.attention_mask, rec)
+            hidden = await self.encode(model, prepared.input_ids, prepared.attention_mask, rec)
             result = head.decode(text, hidden, prepared)
             self._finish(rec, t0, f"{result.intent or 'not recognised'} ({result.confidence:.2f})")
             return result, rec
@@ -318,14 +350,15 @@ class Leader:
 
     async def generate(
         self, prompt: str, max_new_tokens: int = 32, on_text: Callable[[str], Awaitable[None]] | None = None,
-        chat: bool = True,
+        chat: bool = True, model: str | None = None, strategy: str = "adaptive",
     ) -> tuple[str, RequestRecord, dict[str, float]]:
         """Greedy generation; ``on_text`` receives decoded pieces as they arrive."""
         from detransformer_edge.model.generation import build_prompt
         from detransformer_edge.model.tokenizer import IncrementalDecoder
 
-        served = self.catalog.get("generate")
-        tools = self.catalog.load("generate")
+        model = self._resolve("generate", model)
+        served = self.catalog.get(model)
+        tools = self.catalog.load(model)
         tok = tools.tokenizer
         rec = self._record("generate", prompt)
         t0 = time.perf_counter()
@@ -337,9 +370,9 @@ class Leader:
             ids = build_prompt(tok, prompt, tools.chat_template if chat else None)
             if len(ids) + max_new_tokens > served.max_tokens:
                 raise ServiceError("bad_request", f"prompt is {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds {served.max_tokens}")
-            plan, _ = self.choose("generate", "prefill", len(ids))
+            plan, _ = self.choose(model, "prefill", len(ids), strategy)
             rec.plan = plan.describe()
-            ctl = RunControl(rec.id, "generate", "generate", plan, self.term, self.request_timeout_s, None, max_new_tokens)
+            ctl = RunControl(rec.id, model, "generate", plan, self.term, self.request_timeout_s, None, max_new_tokens)
             await self._start_workers(ctl)
             decoder = IncrementalDecoder(tok)
             out_ids: list[int] = []
@@ -348,7 +381,7 @@ class Leader:
             first_token_s = None
             eos = getattr(tok, "eos_id", None)
             for _ in range(max_new_tokens):
-                res = await self.host.run_coordinator("generate", Job(rec.id, plan, kind, x, timeout=self.request_timeout_s))
+                res = await self.host.run_coordinator(model, Job(rec.id, plan, kind, x, timeout=self.request_timeout_s))
                 if not res.ok:
                     raise ServiceError("internal", f"distributed run failed: {res.error}")
                 nxt = int(res.output[0, -1].argmax())

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AgentOptions:
     config_path: str | Path
-    roles: tuple[str, ...] = ("intent", "embed", "generate")
-    tiny: bool = False
+    catalog: str = "pretrained"  # pretrained | tiny | shapes (see service.catalog.CATALOGS)
+    models: tuple[str, ...] = ()  # a subset of the catalog's models; empty: all of them
+    replicate_all: bool = False
     threads: int | None = None
     intent_threshold: float = 0.5
 
@@ -56,15 +57,17 @@ async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None) -> in
     import torch
 
     from detransformer_edge.service.agent import HomeAgent
-    from detransformer_edge.service.catalog import default_catalog, tiny_catalog
+    from detransformer_edge.service.catalog import CATALOGS
 
     config = AgentConfig.load(opts.config_path)
     broker = await resolve_broker(config)
     profile = await asyncio.to_thread(device_profile, config, broker)
     torch.set_num_threads(max(1, opts.threads or int(os.environ.get("DETRANSFORMER_THREADS", 0)) or profile.cores))
-    catalog = tiny_catalog() if opts.tiny else default_catalog(opts.roles)
-    if opts.tiny:
-        catalog = type(catalog)({r: catalog.models[r] for r in opts.roles})
+    if opts.catalog not in CATALOGS:
+        raise ConfigError(f"unknown catalog {opts.catalog!r}; known: {', '.join(CATALOGS)}")
+    catalog = CATALOGS[opts.catalog]()
+    if opts.models:
+        catalog = catalog.subset(opts.models)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -72,7 +75,8 @@ async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None) -> in
             loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as stack:
         agent = await stack.enter_async_context(
-            HomeAgent(config, profile, catalog, broker=broker, intent_threshold=opts.intent_threshold)
+            HomeAgent(config, profile, catalog, broker=broker, intent_threshold=opts.intent_threshold,
+                      replicate_all=opts.replicate_all)
         )
         if config.discovery:
             with contextlib.suppress(Exception):  # mDNS is a convenience; MQTT is the contract

@@ -11,7 +11,6 @@ from typing import Any, ClassVar, Literal
 
 from detransformer_edge.cluster.topics import ProtocolError, check_name
 from detransformer_edge.parallel.plan import Plan, PlanError
-from detransformer_edge.service.catalog import ROLES
 
 RunKind = Literal["encode", "generate"]
 MAX_MASK_TOKENS = 8192
@@ -23,7 +22,7 @@ class RunControl:
 
     SCHEMA: ClassVar[str] = "run"
     req: str
-    role: str
+    model: str  # catalog name
     kind: RunKind
     plan: Plan
     term: int
@@ -33,8 +32,7 @@ class RunControl:
 
     def __post_init__(self) -> None:
         check_name(self.req, "request id")
-        if self.role not in ROLES:
-            raise ProtocolError(f"run: unknown role {self.role!r}")
+        check_name(self.model, "model name")
         if self.kind not in ("encode", "generate"):
             raise ProtocolError(f"run: unknown kind {self.kind!r}")
         if not (0 < self.timeout_s <= 3600) or not (1 <= self.max_passes <= 100_000):
@@ -47,7 +45,7 @@ class RunControl:
 
     def to_json(self) -> str:
         return json.dumps({
-            "req": self.req, "role": self.role, "kind": self.kind, "plan": self.plan.to_dict(),
+            "req": self.req, "model": self.model, "kind": self.kind, "plan": self.plan.to_dict(),
             "term": self.term, "timeout_s": self.timeout_s, "max_passes": self.max_passes,
             "attention_mask": None if self.attention_mask is None else [list(r) for r in self.attention_mask],
         }, separators=(",", ":"))
@@ -68,12 +66,12 @@ class RunControl:
                 if not isinstance(mask, list) or not all(isinstance(r, list) for r in mask):
                     raise ProtocolError("run: attention_mask must be a list of lists")
                 mask = tuple(tuple(int(v) for v in r) for r in mask)
-            for key, typ in (("req", str), ("role", str), ("kind", str), ("term", int), ("max_passes", int)):
+            for key, typ in (("req", str), ("model", str), ("kind", str), ("term", int), ("max_passes", int)):
                 if not isinstance(d.get(key), typ) or isinstance(d.get(key), bool):
                     raise ProtocolError(f"run: {key!r} missing or not a {typ.__name__}")
             if not isinstance(d.get("timeout_s"), (int, float)):
                 raise ProtocolError("run: 'timeout_s' missing or not a number")
-            return cls(d["req"], d["role"], d["kind"], Plan.from_dict(d.get("plan")), d["term"],
+            return cls(d["req"], d["model"], d["kind"], Plan.from_dict(d.get("plan")), d["term"],
                        float(d["timeout_s"]), mask, d["max_passes"])
         except PlanError as exc:
             raise ProtocolError(f"run: bad plan: {exc}") from None
