@@ -109,6 +109,34 @@ class HomeAgent:
     def role(self) -> str:
         return self.cluster.role
 
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the dashboard shows, as JSON-ready data (no secrets)."""
+        view = self.cluster.membership
+        lease = self.cluster.lease
+        devices = []
+        for dev_id in sorted(view.members):
+            m = view.members[dev_id]
+            p, st = m.profile, m.status
+            devices.append({
+                "id": dev_id,
+                "online": m.online,
+                "role": "leader" if lease is not None and lease.id == dev_id and m.online else ("follower" if m.online else "offline"),
+                "profile": None if p is None else {"name": p.name, "device_class": p.device_class, "gflops": p.gflops,
+                                                   "mem_mb": p.mem_mb, "link_mbit": p.link_mbit, "score": p.score},
+                "status": None if st is None else st.to_dict(),
+            })
+        leading = self.cluster.is_leader
+        return {
+            "cluster": self.config.cluster,
+            "me": self.id,
+            "role": self.role,
+            "leader": None if lease is None else {"id": lease.id, "term": lease.term},
+            "devices": devices,
+            "placement": self.leader.placement_summary() if leading else None,
+            "requests": [r.to_dict() for r in self.leader.log] if leading else [],
+            "version": __version__,
+        }
+
     # --- membership, placement, readiness -------------------------------------------------------
 
     def _on_become_leader(self, lease: Any) -> None:
