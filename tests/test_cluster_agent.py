@@ -467,3 +467,67 @@ async def test_extra_subscription_serves_hermes_and_status_reports_work_state(
                           if tp.endswith("/status") and json.loads(p)["placement_version"] == 2)
             assert status["ready"] is True and status["sub_blocks"] == [[0, 1]]
             assert status["role"] == "leader" and status["last_latency_ms"] == 12.5
+
+
+# ---------------------------------------------------------------------------- TLS + auth
+
+
+@pytest.fixture
+def tls_broker(tmp_path: Path) -> Iterator[tuple[str, int, Path]]:
+    """Mosquitto on mqtts with a throwaway CA, password auth and no anonymous access."""
+    import shutil
+
+    from tests.conftest import find_mosquitto, free_port, wait_for_port
+
+    binary, openssl, passwd = find_mosquitto(), shutil.which("openssl"), shutil.which("mosquitto_passwd")
+    if binary is None or openssl is None or passwd is None:
+        pytest.skip("needs mosquitto, mosquitto_passwd and openssl (scripts/setup.sh installs them)")
+    d = tmp_path
+
+    def run(*args: str) -> None:
+        subprocess.run(args, cwd=d, check=True, capture_output=True)
+
+    run(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=detransformer-test-ca")
+    run(openssl, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+        "-subj", "/CN=localhost")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run(openssl, "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    run(passwd, "-b", "-c", "pw", "agent", "s3cret")
+    port = free_port()
+    (d / "m.conf").write_text(
+        f"listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\n"
+        f"keyfile {d}/server.key\nallow_anonymous false\npassword_file {d}/pw\n"
+        # started as root, mosquitto drops to user "mosquitto", who cannot read pytest's tmp
+        + ("user root\n" if os.geteuid() == 0 else "")
+    )
+    proc = subprocess.Popen([binary, "-c", str(d / "m.conf")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert wait_for_port("127.0.0.1", port), "mosquitto (TLS) did not start"
+        yield "127.0.0.1", port, d / "ca.pem"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_tls_and_password(tls_broker: tuple[str, int, Path]) -> None:
+    host, port, ca = tls_broker
+    cl = cluster_name()
+    text = (
+        f'id = "sec"\ncluster = "{cl}"\ndiscovery = false\n'
+        f'[broker]\nurl = "mqtts://agent:s3cret@{host}:{port}"\nkeepalive_s = 1\n'
+        f'reconnect_min_s = 0.1\nreconnect_max_s = 0.3\n[broker.tls]\nca_file = "{ca}"\n'
+        "[election]\nlease_s = 2.0\nsettle_s = 0.2\n"
+    )
+    agent = ClusterAgent(AgentConfig.loads(text), profile("sec", 1.0))
+    async with agent:
+        await agent.wait_connected(10)
+        await until(lambda: agent.is_leader, 5, "leader over TLS")
+
+    wrong = AgentConfig.loads(text.replace("s3cret", "wrong"))
+    intruder = ClusterAgent(wrong, profile("sec", 1.0))
+    async with intruder:
+        await asyncio.sleep(1.5)
+        assert not intruder.connected  # refused, retrying with backoff, never connected

@@ -39,7 +39,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from detransformer_edge.cluster import election
+from detransformer_edge.cluster import election, signing
 from detransformer_edge.cluster.config import AgentConfig
 from detransformer_edge.cluster.topics import (
     Assignment,
@@ -53,7 +53,7 @@ from detransformer_edge.cluster.topics import (
     Request,
     load_object,
 )
-from detransformer_edge.errors import DetransformerError
+from detransformer_edge.errors import ConfigError, DetransformerError
 from detransformer_edge.integrations import homeassistant
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,10 @@ class ClusterAgent:
         on_assignment: Hook | None = None,
         max_pending_requests: int = 16,
     ) -> None:
+        if broker is None and config.broker.url is None:
+            raise ConfigError(
+                "no broker: set broker.url or pass broker=(host, port) from discovery.resolve_broker"
+            )
         if profile.id != config.id:
             raise ProtocolError(f"profile id {profile.id!r} differs from agent id {config.id!r}")
         self.config = config
@@ -176,6 +180,8 @@ class ClusterAgent:
         self.on_request = on_request
         self.on_assignment = on_assignment
         self.work_state = WorkState()
+        # leader commands are HMAC-signed when the cluster has a key (cluster/signing.py)
+        self.signer, self.verifier = signing.from_config(config.cluster_key, config.id)
         self.max_pending_requests = max_pending_requests  # beyond this, reply "busy"
         self._pending_requests = 0
 
@@ -279,7 +285,10 @@ class ClusterAgent:
             raise NotLeaderError(f"agent {self.config.id} is not the leader")
         msg = Assignment(self.config.id, lease.term, placement_version, dict(body))
         t = self.topics.assign
-        await self.publish(t.format(device_id), t.encode(msg), qos=t.qos, retain=t.retain)
+        topic, payload = t.format(device_id), t.encode(msg)
+        if self.signer is not None:
+            payload = self.signer.sign(topic, lease.term, payload).encode("utf-8")
+        await self.publish(topic, payload, qos=t.qos, retain=t.retain)
         return msg
 
     # ------------------------------------------------------------------ lifetime
@@ -321,6 +330,13 @@ class ClusterAgent:
         """Connect, serve, reconnect with backoff until `stop()`."""
         attempt = 0
         cfg = self.config.broker
+        if self.config.cluster_key is None:
+            log.warning("agent %s: no cluster_key configured: leader commands (assignments, run "
+                        "plans) are NOT signed; anyone who can publish on the broker can command "
+                        "this device (see docs/OPERATIONS.md)", self.config.id)
+        elif signing.key_is_weak(self.config.cluster_key):
+            log.warning("agent %s: the cluster key is shorter than %d characters",
+                        self.config.id, signing.MIN_KEY_CHARS)
         while not self._stopping.is_set():
             self._established = False
             try:
@@ -517,6 +533,10 @@ class ClusterAgent:
                 await self._dispatch(message)
             except ProtocolError as exc:
                 log.warning("ignoring bad message on %s: %s", message.topic, exc)
+            except aiomqtt.MqttError:
+                raise
+            except Exception:  # one hostile message must not end the connection
+                log.exception("ignoring message on %s that broke its handler", message.topic)
 
     # ------------------------------------------------------------------ election
 
@@ -585,7 +605,11 @@ class ClusterAgent:
         t, me = self.topics, self.config.id
 
         if (dev := t.presence.match(topic)) is not None:
-            if not payload:
+            if not payload and dev == me and self.connected and not self._stopping.is_set():
+                # someone cleared our retained presence: we are here, say so again
+                await self.publish(topic, t.presence.encode(Presence(True)), qos=1, retain=True)
+                self._presence[dev] = True
+            elif not payload:
                 self._presence.pop(dev, None)
             else:
                 online = t.presence.decode(payload).online
@@ -620,6 +644,12 @@ class ClusterAgent:
                 self._spawn(self._serve_request(message, payload, busy), "request")
         elif t.assign.match(topic) == me:
             msg = t.assign.decode(payload)
+            if self.verifier is not None:
+                stamp = self.verifier.verify(topic, payload, "assign")  # SignatureError: ignored
+                if (stamp.leader, stamp.term) != (msg.leader, msg.term):
+                    raise signing.SignatureError(
+                        f"assign: signed by {stamp.leader} term {stamp.term}, "
+                        f"but names {msg.leader} term {msg.term}")
             if election.accepts_command(self._lease, msg.leader, msg.term):
                 await self._safe_hook(self.on_assignment, msg)
             else:
