@@ -15,8 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replicate-all", action="store_true",
                    help="every device holds every model, so fixed baseline plans can run (benchmarks)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the profile's cores)")
-    p.add_argument("--intent-threshold", type=float, default=0.5,
-                   help="below this confidence a query is answered 'not recognised' (default: %(default)s)")
+    p.add_argument("--intent-threshold", type=float, default=0.0,
+                   help="extra confidence floor for intents, on top of the model's own calibrated "
+                        "threshold (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import aiomqtt
 from detransformer_edge import __version__
 from detransformer_edge.cluster.agent_io import AgentNotConnectedError, ClusterAgent, MembershipView, WorkState
 from detransformer_edge.cluster.config import AgentConfig
+from detransformer_edge.cluster.signing import SignatureError
 from detransformer_edge.cluster.topics import Assignment, ProfileRecord, ProtocolError, Reply, Request
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.integrations import hermes
@@ -45,7 +46,7 @@ class HomeAgent:
         catalog: Catalog,
         *,
         broker: tuple[str, int],
-        intent_threshold: float = 0.5,
+        intent_threshold: float = 0.0,
         replan_delay_s: float = 0.5,
         replicate_all: bool = False,
     ) -> None:
@@ -68,6 +69,7 @@ class HomeAgent:
         self.transport = MqttTransport(config.id, broker[0], broker[1], prefix=prefix, username=user, password=password)
         self.host = ModelHost(self.transport, catalog)
         self.leader = Leader(config.id, self.host, catalog, self._publish, f"{prefix}/run", replicate_all=replicate_all)
+        self.leader.signer = self.cluster.signer
         self._replan_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._stack: contextlib.AsyncExitStack | None = None
@@ -226,9 +228,15 @@ class HomeAgent:
             self.host.end(req)
             return
         try:
-            ctl = RunControl.from_json(bytes(message.payload))  # type: ignore[arg-type]
-        except ProtocolError as exc:
-            log.warning("ignoring malformed run control on %s: %s", message.topic.value, exc)
+            payload = bytes(message.payload)  # type: ignore[arg-type]
+            stamp = None
+            if self.cluster.verifier is not None:  # SignatureError: forged, unsigned or replayed
+                stamp = self.cluster.verifier.verify(message.topic.value, payload, "run")
+            ctl = RunControl.from_json(payload)
+            if stamp is not None and stamp.term != ctl.term:
+                raise SignatureError(f"run: signed for term {stamp.term}, names term {ctl.term}")
+        except (ProtocolError, TypeError) as exc:
+            log.warning("ignoring run control on %s: %s", message.topic.value, exc)
             return
         lease = self.cluster.lease
         if lease is not None and ctl.term < lease.term:
@@ -304,7 +312,7 @@ class HomeAgent:
                 await self._publish(HERMES_NOT_RECOGNIZED, reply.to_json(), 1)
                 return
             slots = [
-                hermes.slot(s.slot_name, s.value, s.raw_value, start=s.start, end=s.end)
+                hermes.slot(s.slot_name, s.value, s.raw_value, kind=s.kind, start=s.start, end=s.end)
                 for s in result.slots
             ]
             intent = hermes.recognized(query, result.intent, result.confidence, slots)

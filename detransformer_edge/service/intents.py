@@ -22,6 +22,7 @@ class SlotValue:
     raw_value: str
     start: int
     end: int
+    kind: str | None = None  # Hermes value kind (Custom, Number, Percentage, Duration)
 
 
 @dataclass(frozen=True)
@@ -68,13 +69,43 @@ class TinyIntentHead:
         return IntentResult(name, float(conf))
 
 
-def intent_model_config() -> Any:
-    from detransformer_edge.nlu.model import intent_encoder_config  # type: ignore[import-not-found]
+class ParserHead:
+    """The trained intent and slot heads of ``detransformer_edge.nlu`` (the leader runs them)."""
 
-    return intent_encoder_config()
+    def __init__(self, parser: Any) -> None:
+        self.parser = parser
+
+    def prepare(self, text: str) -> Prepared:
+        encoded = self.parser.encode(text)
+        ids = torch.tensor([encoded.ids])  # (1, T)
+        return Prepared(ids, torch.ones_like(ids), encoded)
+
+    def decode(self, text: str, hidden: torch.Tensor, prepared: Prepared) -> IntentResult:
+        parsed = self.parser.parse_from_hidden(text, hidden, prepared.extra)
+        slots = tuple(SlotValue(s.entity, s.slot_name, s.value, s.raw_value, s.start, s.end, s.kind) for s in parsed.slots)
+        return IntentResult(parsed.intent_name, float(parsed.confidence), slots)
+
+
+def intent_model_config() -> Any:
+    """The shipped intent encoder's config, read without loading its weights."""
+    import json
+
+    from detransformer_edge.model.config import EncoderConfig
+    from detransformer_edge.nlu.parser import default_weights_dir
+
+    path = default_weights_dir() / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except OSError:
+        from detransformer_edge.errors import ConfigError
+
+        raise ConfigError(f"no intent model at {path.parent}; run `detransformer-edge train-intent`") from None
+    return EncoderConfig(**config["encoder"])
 
 
 def load_intent_model() -> Any:
-    from detransformer_edge.nlu.model import load_for_service  # type: ignore[import-not-found]
+    from detransformer_edge.nlu.parser import IntentParser
+    from detransformer_edge.service.catalog import LoadedServedModel
 
-    return load_for_service()
+    parser = IntentParser.load_default()
+    return LoadedServedModel(parser.encoder, parser.tokenizer, ParserHead(parser))

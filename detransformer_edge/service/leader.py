@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from detransformer_edge.cluster.signing import CommandSigner
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.parallel.executor import Job
 from detransformer_edge.parallel.plan import BASELINES, Placement, Plan, PlanError, baseline_plan, full_replica_weights
@@ -133,6 +134,7 @@ class Leader:
         self._planners: dict[tuple[str, tuple[str, ...]], RuntimePlanner] = {}
         self.log: collections.deque[RequestRecord] = collections.deque(maxlen=log_size)
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []  # dashboard events
+        self.signer: CommandSigner | None = None  # set by the agent when the cluster has a key
 
     # --- static planning ---------------------------------------------------------------------------
 
@@ -272,7 +274,10 @@ class Leader:
 
     async def _start_workers(self, ctl: RunControl) -> None:
         if len(ctl.plan.devices) > 1:
-            await self.publish(f"{self.run_prefix}/{ctl.req}/ctl", ctl.to_json(), 1)
+            topic, payload = f"{self.run_prefix}/{ctl.req}/ctl", ctl.to_json()
+            if self.signer is not None:  # cluster/signing.py: devices refuse unsigned plans
+                payload = self.signer.sign(topic, ctl.term, payload)
+            await self.publish(topic, payload, 1)
 
     async def _end(self, req: str, plan: Plan) -> None:
         self.host.end(req)

@@ -25,7 +25,7 @@ class AgentOptions:
     models: tuple[str, ...] = ()  # a subset of the catalog's models; empty: all of them
     replicate_all: bool = False
     threads: int | None = None
-    intent_threshold: float = 0.5
+    intent_threshold: float = 0.0
 
 
 def device_profile(config: AgentConfig, broker: tuple[str, int] | None) -> DeviceProfile:
