@@ -78,6 +78,7 @@ class HomeAgent:
         self.cluster.subscribe(f"{prefix}/run/+/end", self._on_run_message, qos=1)
         self.cluster.subscribe(self.cluster.topics.status.filter, self._on_status, qos=0)
         self.cluster.subscribe(HERMES_QUERY, self._on_hermes_query, qos=1)
+        self.leader.listeners.append(self._publish_log)
 
     # --- lifetime --------------------------------------------------------------------------------
 
@@ -138,6 +139,17 @@ class HomeAgent:
             "requests": [r.to_dict() for r in self.leader.log] if leading else [],
             "version": __version__,
         }
+
+    def _publish_log(self, kind: str, data: dict[str, Any]) -> None:
+        """Finished requests go to ``P/log`` (QoS 0) so any dashboard or client can follow them."""
+        if kind != "request":
+            return
+
+        async def send() -> None:
+            with contextlib.suppress(ServiceError):
+                await self._publish(f"{self.cluster.topics.prefix}/log", json.dumps(data), 0)
+
+        self._spawn(send(), "log")
 
     # --- membership, placement, readiness -------------------------------------------------------
 
@@ -270,7 +282,7 @@ class HomeAgent:
                 texts = [request.input] if isinstance(request.input, str) else list(request.input)
                 if len(texts) > 32:
                     raise ServiceError("bad_request", "at most 32 texts per embed request")
-                vectors, rec = await self.leader.embed(texts, model, strategy)
+                vectors, rec = await self.leader.embed(texts, model, strategy, request.id)
                 self._note_latency(rec.latency_ms)
                 return {"embeddings": vectors, "dim": len(vectors[0]), "plan": rec.plan, "latency_ms": rec.latency_ms}
             max_new = params.get("max_new_tokens", 32)
@@ -288,7 +300,8 @@ class HomeAgent:
                 with contextlib.suppress(ServiceError):
                     await self._publish(request.reply_to, event, 0)
 
-            text, rec, stats = await self.leader.generate(request.input, max_new, stream, chat, model, strategy)  # type: ignore[arg-type]
+            text, rec, stats = await self.leader.generate(request.input, max_new, stream, chat, model, strategy,  # type: ignore[arg-type]
+                                                          request.id)
             self._note_latency(rec.latency_ms)
             return {"text": text, "plan": rec.plan, "latency_ms": rec.latency_ms, **stats}
         except ServiceError as exc:
@@ -305,7 +318,7 @@ class HomeAgent:
             return
         try:
             await self._await_ready()
-            result, rec = await self.leader.intent(query.input)
+            result, rec = await self.leader.intent(query.input, client_id=query.id)
             self._note_latency(rec.latency_ms)
             if result.intent is None or result.confidence < self.intent_threshold:
                 reply = hermes.not_recognized(query)

@@ -63,9 +63,10 @@ class RequestRecord:
     latency_ms: float | None = None
     result: str = ""
     error: str | None = None
+    client_id: str | None = None  # the caller's id (Hermes query id, request id)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "kind": self.kind, "text": self.text[:120], "started": self.started,
+        return {"id": self.id, "client_id": self.client_id, "kind": self.kind, "text": self.text[:120], "started": self.started,
                 "plan": self.plan, "latency_ms": self.latency_ms, "result": self.result[:200], "error": self.error}
 
 
@@ -255,8 +256,9 @@ class Leader:
         except DetransformerError as exc:
             raise ServiceError("bad_request", str(exc)) from None
 
-    def _record(self, kind: str, text: str) -> RequestRecord:
-        rec = RequestRecord(f"{kind[0]}{next(_req_ids)}-{uuid.uuid4().hex[:6]}", kind, text, time.time())
+    def _record(self, kind: str, text: str, client_id: str | None = None) -> RequestRecord:
+        rec = RequestRecord(f"{kind[0]}{next(_req_ids)}-{uuid.uuid4().hex[:6]}", kind, text, time.time(),
+                            client_id=client_id)
         self.log.append(rec)
         return rec
 
@@ -304,13 +306,13 @@ class Leader:
         return res.output
 
     async def embed(self, texts: list[str], model: str | None = None, strategy: str = "adaptive",
-                    ) -> tuple[list[list[float]], RequestRecord]:
+                    client_id: str | None = None) -> tuple[list[list[float]], RequestRecord]:
         from detransformer_edge.model.encoder import mean_pool
 
         model = self._resolve("embed", model)
         served = self.catalog.get(model)
         tools = self.catalog.load(model)
-        rec = self._record("embed", " | ".join(texts))
+        rec = self._record("embed", " | ".join(texts), client_id)
         t0 = time.perf_counter()
         await self._admit()
         try:
@@ -331,11 +333,12 @@ class Leader:
         finally:
             self._leave()
 
-    async def intent(self, text: str, model: str | None = None) -> tuple[Any, RequestRecord]:
+    async def intent(self, text: str, model: str | None = None, client_id: str | None = None,
+                     ) -> tuple[Any, RequestRecord]:
         model = self._resolve("intent", model)
         tools = self.catalog.load(model)
         head = tools.intent_head
-        rec = self._record("intent", text)
+        rec = self._record("intent", text, client_id)
         t0 = time.perf_counter()
         await self._admit()
         try:
@@ -355,7 +358,7 @@ class Leader:
 
     async def generate(
         self, prompt: str, max_new_tokens: int = 32, on_text: Callable[[str], Awaitable[None]] | None = None,
-        chat: bool = True, model: str | None = None, strategy: str = "adaptive",
+        chat: bool = True, model: str | None = None, strategy: str = "adaptive", client_id: str | None = None,
     ) -> tuple[str, RequestRecord, dict[str, float]]:
         """Greedy generation; ``on_text`` receives decoded pieces as they arrive."""
         from detransformer_edge.model.generation import build_prompt
@@ -365,7 +368,7 @@ class Leader:
         served = self.catalog.get(model)
         tools = self.catalog.load(model)
         tok = tools.tokenizer
-        rec = self._record("generate", prompt)
+        rec = self._record("generate", prompt, client_id)
         t0 = time.perf_counter()
         if not 1 <= max_new_tokens <= 512:
             raise ServiceError("bad_request", "max_new_tokens must be between 1 and 512")

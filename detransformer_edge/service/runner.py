@@ -11,6 +11,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from detransformer_edge import __version__
 from detransformer_edge.cluster.config import AgentConfig
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.planner.profile import DeviceProfile, load_profile
@@ -39,28 +40,16 @@ def device_profile(config: AgentConfig, broker: tuple[str, int] | None) -> Devic
     return measure_device(config.id, get_config("minilm-l6"), broker=broker, budget_s=8.0, quiet=True).profile
 
 
-async def resolve_broker(config: AgentConfig, timeout_s: float = 15.0) -> tuple[str, int]:
-    if config.broker.url is not None:
-        host, port, _ = config.broker.endpoint()
-        return host, port
-    try:
-        from detransformer_edge.cluster import discovery
-    except ImportError:  # pragma: no cover - discovery ships with the package
-        raise ConfigError("no broker.url configured and mDNS discovery is unavailable") from None
-    found = await discovery.find_broker(timeout_s)
-    if found is None:
-        raise ConfigError(f"no broker.url configured and no _mqtt._tcp broker answered over mDNS within {timeout_s:.0f} s")
-    return found
-
-
 async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None) -> int:
     import torch
 
     from detransformer_edge.service.agent import HomeAgent
     from detransformer_edge.service.catalog import CATALOGS
 
+    from detransformer_edge.cluster import discovery
+
     config = AgentConfig.load(opts.config_path)
-    broker = await resolve_broker(config)
+    broker = await discovery.resolve_broker(config, timeout=15.0)
     profile = await asyncio.to_thread(device_profile, config, broker)
     torch.set_num_threads(max(1, opts.threads or int(os.environ.get("DETRANSFORMER_THREADS", 0)) or profile.cores))
     if opts.catalog not in CATALOGS:
@@ -79,10 +68,11 @@ async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None) -> in
                       replicate_all=opts.replicate_all)
         )
         if config.discovery:
-            with contextlib.suppress(Exception):  # mDNS is a convenience; MQTT is the contract
-                from detransformer_edge.cluster import discovery
-
-                await stack.enter_async_context(discovery.announce(config))
+            try:  # mDNS is a convenience for finding each other; MQTT is the contract
+                await stack.enter_async_context(discovery.ClusterDiscovery(
+                    config.id, config.cluster, __version__, config.dashboard_port or 0))
+            except Exception as exc:
+                log.warning("mDNS announcement unavailable (%s); continuing over MQTT only", exc)
         log.warning("agent %s running (broker %s:%d, profile %s); Ctrl-C to stop", config.id, *broker, profile.name)
         await stop.wait()
         log.warning("agent %s stopping", agent.id)
