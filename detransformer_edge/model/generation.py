@@ -107,20 +107,21 @@ def generate_ids(
     caches = model.new_caches()
     pos = 0
     step_input = torch.tensor([list(prompt_ids)], dtype=torch.long)  # (1, T)
-    with torch.inference_mode():
-        for _ in range(cfg.max_new_tokens):
-            started = time.perf_counter()
+    for _ in range(cfg.max_new_tokens):
+        started = time.perf_counter()
+        # inference_mode only around the step: a `with` spanning the yield would leak into the caller.
+        with torch.inference_mode():
             logits = model(step_input, start_pos=pos, caches=caches)  # (1, T, V)
-            pos += step_input.shape[1]
             token = select_next(logits[0, -1], cfg, generator)
-            if timings is not None:
-                timings.append(time.perf_counter() - started)
-            if token in stop:
-                return
-            yield token
-            if pos >= max_position:  # the model has no position left to read this token at
-                return
-            step_input = torch.tensor([[token]], dtype=torch.long)  # (1, 1)
+        pos += step_input.shape[1]
+        if timings is not None:
+            timings.append(time.perf_counter() - started)
+        if token in stop:
+            return
+        yield token
+        if pos >= max_position:  # the model has no position left to read this token at
+            return
+        step_input = torch.tensor([[token]], dtype=torch.long)  # (1, 1)
 
 
 def stream_text(
