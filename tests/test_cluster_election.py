@@ -386,7 +386,7 @@ def _run_random_home(home: tuple[list[float], list[float], list[tuple[Any, ...]]
         assert a.lease is not None and a.lease.record.id == leaders[0], "agents disagree on leader"
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(homes())
 def test_random_homes_never_share_a_term_and_settle_to_one_leader(
     home: tuple[list[float], list[float], list[tuple[Any, ...]]],
@@ -394,7 +394,7 @@ def test_random_homes_never_share_a_term_and_settle_to_one_leader(
     _run_random_home(home)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(homes(skewed=True))
 def test_random_homes_with_clock_skew(
     home: tuple[list[float], list[float], list[tuple[Any, ...]]],
@@ -403,7 +403,7 @@ def test_random_homes_with_clock_skew(
     _run_random_home(home)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, database=None, deadline=None)
 @given(st.lists(st.sampled_from([1.0, 2.0, 3.0, 5.0]), min_size=1, max_size=5))
 def test_quiet_start_elects_the_best_device(scores: list[float]) -> None:
     sim = SimHome(scores)
