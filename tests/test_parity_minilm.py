@@ -71,6 +71,14 @@ def test_tokenizer_matches_reference(ours, reference) -> None:
         assert ours.tokenizer.encode(sentence) == tokenizer(sentence)["input_ids"], sentence
 
 
+def test_long_text_is_truncated_like_sentence_transformers(ours, reference) -> None:
+    """all-MiniLM-L6-v2 reads at most 256 tokens (sentence_bert_config.json max_seq_length)."""
+    text = "the lights in the kitchen " * 100
+    ids = ours.tokenizer.encode(text)
+    assert len(ids) == 256 and ids[0] == 101 and ids[-1] == 102
+    assert ids == reference[1](text, truncation=True, max_length=256)["input_ids"]
+
+
 def test_weights_match_reference(ours, reference) -> None:
     hf = reference[0].state_dict()
     sd = ours.model.state_dict()

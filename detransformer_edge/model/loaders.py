@@ -439,7 +439,13 @@ def _load_minilm(name: str, nd: int, say: Progress) -> LoadedModel:
     with torch.device("meta"):
         model = Encoder(cfg)
     _assign(model, sd, path)
-    tokenizer = TextTokenizer.from_file(model_dir / "tokenizer.json", max_length=cfg.max_position)
+    # sentence-transformers cuts inputs at max_seq_length (256 for all-MiniLM-L6-v2), below
+    # the model's 512 positions; do the same so long texts embed as they do there.
+    st_config = model_dir / "sentence_bert_config.json"
+    max_seq = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
+    tokenizer = TextTokenizer.from_file(
+        model_dir / "tokenizer.json", max_length=min(max_seq or cfg.max_position, cfg.max_position), truncate=True
+    )
     return LoadedModel(name=name, model=model.eval(), tokenizer=tokenizer, config=cfg, weights_path=path)
 
 

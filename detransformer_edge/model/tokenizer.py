@@ -49,6 +49,7 @@ class TextTokenizer:
         eos_id: int | None = None,
         pad_id: int = 0,
         max_length: int | None = None,
+        truncate: bool = False,
         add_bos: bool = False,
     ) -> None:
         self.backend = backend
@@ -57,20 +58,29 @@ class TextTokenizer:
         self.eos_id = eos_id
         self.pad_id = pad_id
         self.max_length = max_length
-        # Never let a tokenizer.json's fixed padding or truncation leak into encode(); batches pad here.
+        self.truncate = truncate
+        # Never let a tokenizer.json's fixed padding (MiniLM's pads every text to 128) leak into
+        # encode(); batches are padded to their longest text here.
         backend.no_padding()
-        backend.no_truncation()
+        if truncate and max_length is not None:
+            backend.enable_truncation(max_length)  # keeps [CLS] ... [SEP] around the cut text
+        else:
+            backend.no_truncation()
 
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
-    def from_file(cls, path: Path, max_length: int | None = None) -> TextTokenizer:
-        """A ``tokenizer.json`` (MiniLM's: BERT uncased WordPiece with [CLS] ... [SEP])."""
+    def from_file(cls, path: Path, max_length: int | None = None, truncate: bool = False) -> TextTokenizer:
+        """A ``tokenizer.json`` (MiniLM's: BERT uncased WordPiece with [CLS] ... [SEP]).
+
+        ``truncate``: cut texts to ``max_length`` ids as sentence-transformers does
+        (``max_seq_length``); otherwise a longer text is a ConfigError.
+        """
         from tokenizers import Tokenizer
 
         backend = Tokenizer.from_file(str(path))
         pad = backend.token_to_id("[PAD]")
-        return cls(backend, pad_id=0 if pad is None else pad, max_length=max_length)
+        return cls(backend, pad_id=0 if pad is None else pad, max_length=max_length, truncate=truncate)
 
     @classmethod
     def from_gguf_metadata(cls, metadata: Mapping[str, Any]) -> TextTokenizer:
