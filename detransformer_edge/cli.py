@@ -21,6 +21,8 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("convert", "convert"),
     ("train-intent", "train_intent"),
     ("agent", "agent"),
+    ("demo", "demo"),
+    ("bench", "bench"),
 )
 
 

@@ -401,6 +401,8 @@ class ClusterAgent:
             ),
             keepalive=cfg.keepalive_s,
             timeout=max(2.0, min(10.0, float(cfg.keepalive_s))),  # connect + acks
+            # Nagle + delayed ACK hold a small reply that follows another publish for ~40 ms.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         if self._protocol == aiomqtt.ProtocolVersion.V311:
             args["clean_session"] = True

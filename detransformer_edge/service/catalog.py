@@ -12,12 +12,15 @@ models of real shapes for latency benchmarks.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from detransformer_edge.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 Task = Literal["intent", "embed", "generate"]
 TASKS: tuple[Task, ...] = ("intent", "embed", "generate")
@@ -124,8 +127,16 @@ def default_catalog() -> Catalog:
 
         return intent_model_config()
 
+    from detransformer_edge.nlu.parser import default_weights_dir
+
+    models: dict[str, ServedModel] = {}
+    if (default_weights_dir() / "model.safetensors").exists():
+        models["intent"] = ServedModel("intent", intent_config, intent_loader, 128, "decoupled MiniLM, intent + slot heads")
+    else:
+        log.warning("no trained intent model in %s: voice queries are not served; run `detransformer-edge train-intent`",
+                    default_weights_dir())
     return Catalog({
-        "intent": ServedModel("intent", intent_config, intent_loader, 128, "decoupled MiniLM, intent + slot heads"),
+        **models,
         "minilm-l6": ServedModel("embed", lambda: get_config("minilm-l6"), embed_loader, 512, "all-MiniLM-L6-v2"),
         "smollm2-135m": ServedModel("generate", lambda: get_config("smollm2-135m"), generate_loader, 2048,
                                     "SmolLM2-135M-Instruct"),
