@@ -180,7 +180,8 @@ class Demo:
                         self.out.write(body["text"])
                         self.out.flush()
                         continue
-                    key = body.get("id")
+                    # Hermes errors (hermes/error/nlu) carry only the session id
+                    key = body.get("id") or body.get("sessionId")
                     fut = self._pending.pop(key, None)
                     if fut is not None and not fut.done():
                         fut.set_result((topic, body))
@@ -188,9 +189,11 @@ class Demo:
                 continue
 
     async def request(self, client: aiomqtt.Client, topic: str, body: dict[str, Any], timeout: float = 120.0,
-                      ) -> tuple[str, dict[str, Any], float]:
+                      key: str | None = None) -> tuple[str, dict[str, Any], float]:
         fut: asyncio.Future[tuple[str, dict[str, Any]]] = asyncio.get_running_loop().create_future()
         self._pending[body["id"]] = fut
+        if key is not None:
+            self._pending[key] = fut
         t0 = time.perf_counter()
         await client.publish(topic, json.dumps(body), qos=1)
         topic_out, reply = await asyncio.wait_for(fut, timeout)
@@ -267,7 +270,7 @@ class Demo:
         for k, text in enumerate(QUERIES):
             qid = f"demo-q{k}"
             body = {"input": text, "siteId": "kitchen", "id": qid, "sessionId": f"demo-s{k}"}
-            topic, reply, ms = await self.request(client, "hermes/nlu/query", body)
+            topic, reply, ms = await self.request(client, "hermes/nlu/query", body, key=body["sessionId"])
             if topic.startswith("hermes/intent/"):
                 slots = ", ".join(f"{s['slotName']}={s['value']['value']!r}" for s in reply.get("slots", []))
                 answer = f"{reply['intent']['intentName']} ({reply['intent']['confidenceScore']:.2f}){' ' + slots if slots else ''}"
