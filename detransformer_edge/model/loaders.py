@@ -350,6 +350,7 @@ def read_llama_gguf(
     is kept there as safetensors + JSON, keyed by the file's SHA-256, and later loads map it in
     a fraction of a second. A cache that cannot be written is only logged.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     entry: Path | None = None
@@ -362,8 +363,9 @@ def read_llama_gguf(
                 if progress is not None:
                     progress(f"reading cached weights {entry}")
                 return json.loads(meta_file.read_text()), load_file(str(weights_file))
-            except (OSError, ValueError) as exc:  # a torn or foreign file: rebuild it
+            except (OSError, ValueError, SafetensorError) as exc:  # a torn or foreign file: drop it and rebuild
                 log.warning("ignoring unreadable weight cache %s: %s", entry, exc)
+                shutil.rmtree(entry, ignore_errors=True)
     from gguf import GGUFReader
 
     if progress is not None:
@@ -377,10 +379,11 @@ def read_llama_gguf(
             tmp.mkdir(parents=True, exist_ok=True)
             (tmp / "metadata.json").write_text(json.dumps(metadata))
             save_file(sd, str(tmp / "weights.safetensors"), metadata={"source": path.name})
-            if entry.exists():
-                shutil.rmtree(entry, ignore_errors=True)
-            os.replace(tmp, entry)
-            log.info("cached dequantised weights in %s", entry)
+            if entry.exists():  # another process finished first; its copy is as good as ours
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                os.replace(tmp, entry)
+                log.info("cached dequantised weights in %s", entry)
         except OSError as exc:
             log.warning("could not cache dequantised weights in %s: %s", entry, exc)
             if tmp is not None:
