@@ -107,6 +107,7 @@ class AgentConfig:
     homeassistant_prefix: str = "homeassistant"
     election: ElectionConfig = field(default_factory=ElectionConfig)
 
+    dashboard_host: str = "127.0.0.1"  # bind address: "0.0.0.0" shows the dashboard to the whole LAN
     def __post_init__(self) -> None:
         try:
             check_name(self.id, "id")
@@ -121,6 +122,8 @@ class AgentConfig:
             raise ConfigError("status_interval_s must be > 0")
         if self.broker.url is None and not self.discovery:
             raise ConfigError("set broker.url or enable discovery: the agent cannot find a broker")
+        if not self.dashboard_host.strip():
+            raise ConfigError('dashboard_host is empty: use "127.0.0.1" (this device only) or "0.0.0.0" (the LAN)')
 
     @classmethod
     def load(cls, path: str | Path) -> AgentConfig:
@@ -205,6 +208,7 @@ class AgentConfig:
         return cfg
 
 
+            dashboard_host=top.get("dashboard_host", str, "127.0.0.1"),
 _REQUIRED = object()
 
 

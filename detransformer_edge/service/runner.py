@@ -67,6 +67,13 @@ async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None) -> in
             HomeAgent(config, profile, catalog, broker=broker, intent_threshold=opts.intent_threshold,
                       replicate_all=opts.replicate_all)
         )
+        if config.dashboard_port:
+            from detransformer_edge.integrations.dashboard import Dashboard, model_layouts
+
+            layouts = await asyncio.to_thread(model_layouts, catalog)
+            dashboard = await stack.enter_async_context(
+                Dashboard(agent.snapshot, host=config.dashboard_host, port=config.dashboard_port, layouts=layouts))
+            agent.leader.listeners.append(dashboard.notify)
         if config.discovery:
             try:  # mDNS is a convenience for finding each other; MQTT is the contract
                 await stack.enter_async_context(discovery.ClusterDiscovery(
