@@ -1,0 +1,198 @@
+"""What a benchmark run measures: workloads, homes and the matrix of scenarios (pure data).
+
+One *scenario* is one home build (device count, CPU quotas, link rate, broker link) serving
+the workloads of one model family; every plan of every workload is timed in it, interleaved,
+so the ratios to the single-device plan come from the same minutes of the same host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from detransformer_edge.errors import ConfigError
+
+PLANS: tuple[str, ...] = ("single", "pipeline", "tp", "bp-fixed", "adaptive")
+QUICK_PLANS: tuple[str, ...] = ("single", "tp", "bp-fixed", "adaptive")
+BANDWIDTHS: tuple[int, ...] = (20, 50, 100, 300, 1000)
+DEVICE_COUNTS: tuple[int, ...] = (2, 3, 4)
+HOMES: tuple[str, ...] = ("homo", "hetero")
+HOMO_CPU = 0.4  # issue 6: each device 0.4 of one core
+HETERO_CPU: tuple[float, ...] = (0.8, 0.4, 0.2, 0.2)  # issue 6: a mini PC, a Pi 5, two weak boards
+DEVICE_MEM_MB = 2500  # two full replicas of BERT-base (2 x 440 MB) or SmolLM2 (2 x 540 MB) + torch
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One request shape. ``op`` is the client API op; ``seq`` the input tokens (encoder) or
+    the prompt tokens (decoder prefill); ``new_tokens`` the greedy decode steps (decoder)."""
+
+    name: str
+    op: str  # "embed" | "generate"
+    seq: int
+    new_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.op not in ("embed", "generate"):
+            raise ConfigError(f"workload {self.name}: op must be embed or generate, got {self.op!r}")
+        if self.seq < 3:
+            raise ConfigError(f"workload {self.name}: seq must be at least 3 (BOS + text + EOS)")
+        if (self.op == "generate") != (self.new_tokens > 0):
+            raise ConfigError(f"workload {self.name}: new_tokens > 0 exactly for generate")
+
+    @property
+    def family(self) -> str:
+        return "decoder" if self.op == "generate" else "encoder"
+
+    def model_for(self, plan: str) -> str:
+        """Block plans run the decoupled model, the others the standard one (shape catalog)."""
+        decoupled = plan in ("bp-fixed", "adaptive")
+        if self.family == "encoder":
+            return "bert-base-bp" if decoupled else "bert-base"
+        return "smollm2-bp" if decoupled else "smollm2-shape"
+
+    def text(self) -> str:
+        """Input whose byte tokenization (BOS + bytes + EOS) is exactly ``seq`` tokens."""
+        base = "turn on the kitchen light and set the living room to warm white please "
+        return (base * (self.seq // len(base) + 1))[: self.seq - 2]
+
+
+WORKLOADS: dict[str, Workload] = {
+    "enc16": Workload("enc16", "embed", 16),
+    "enc64": Workload("enc64", "embed", 64),
+    "enc128": Workload("enc128", "embed", 128),
+    "dec": Workload("dec", "generate", 128, 32),
+}
+FAMILY_MODELS: dict[str, tuple[str, ...]] = {
+    "encoder": ("bert-base", "bert-base-bp"),
+    "decoder": ("smollm2-shape", "smollm2-bp"),
+}
+
+
+def cpu_quotas(home: str, devices: int) -> tuple[float, ...]:
+    if home == "homo":
+        return (HOMO_CPU,) * devices
+    if home == "hetero":
+        if not 2 <= devices <= len(HETERO_CPU):
+            raise ConfigError(f"the heterogeneous home has 2..{len(HETERO_CPU)} devices, not {devices}")
+        return HETERO_CPU[:devices]
+    raise ConfigError(f"unknown home {home!r}; use one of {', '.join(HOMES)}")
+
+
+def broker_link(broker_mbit: int | None) -> str:
+    """The broker link as every result reports it."""
+    if broker_mbit is None:
+        return "unshaped (wired hub: the broker's link is never the bottleneck)"
+    return f"shaped {broker_mbit} Mbit/s (broker on a device-like link)"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    home: str  # homo | hetero
+    cpu: tuple[float, ...]
+    bandwidth_mbit: int
+    broker_mbit: int | None
+    workloads: tuple[Workload, ...]  # one family
+    plans: tuple[str, ...]
+
+    @property
+    def devices(self) -> int:
+        return len(self.cpu)
+
+    @property
+    def family(self) -> str:
+        return self.workloads[0].family
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return FAMILY_MODELS[self.family]
+
+    def device_names(self) -> tuple[str, ...]:
+        return tuple(f"dev{i}" for i in range(self.devices))
+
+    def label(self) -> str:
+        cpu = "/".join(f"{c:g}" for c in self.cpu)
+        return (f"{self.home} {self.devices} dev (cpu {cpu}) @ {self.bandwidth_mbit} Mbit, "
+                f"{self.family}: {', '.join(w.name for w in self.workloads)}")
+
+    def home_spec(self, prefix: str | None = None, mem_mb: int = DEVICE_MEM_MB):  # -> HomeSpec
+        from detransformer_edge.testbed import BrokerSpec, DeviceSpec, HomeSpec
+
+        devices = [DeviceSpec(n, cpu=c, mem_mb=mem_mb, mbit=self.bandwidth_mbit)
+                   for n, c in zip(self.device_names(), self.cpu)]
+        broker = BrokerSpec(mbit=self.broker_mbit)
+        return HomeSpec(devices, broker) if prefix is None else HomeSpec(devices, broker, prefix=prefix)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    bandwidths: tuple[int, ...] = BANDWIDTHS
+    devices: tuple[int, ...] = DEVICE_COUNTS
+    homes: tuple[str, ...] = HOMES
+    workloads: tuple[str, ...] = tuple(WORKLOADS)
+    plans: tuple[str, ...] = PLANS
+    runs: int = 10
+    warmup: int = 2
+    broker_mbit: int | None = None
+    request_timeout_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        for w in self.workloads:
+            if w not in WORKLOADS:
+                raise ConfigError(f"unknown workload {w!r}; use {', '.join(WORKLOADS)}")
+        for p in self.plans:
+            if p not in PLANS:
+                raise ConfigError(f"unknown plan {p!r}; use {', '.join(PLANS)}")
+        for h in self.homes:
+            cpu_quotas(h, 2)  # validates the name
+        if self.runs < 1 or self.warmup < 0:
+            raise ConfigError("runs must be >= 1 and warmup >= 0")
+        for b in (*self.bandwidths, *([self.broker_mbit] if self.broker_mbit else [])):
+            if not 1 <= b <= 10000:
+                raise ConfigError(f"link rate {b} Mbit/s is outside 1..10000")
+        if not self.bandwidths or not self.devices or not self.homes or not self.workloads or not self.plans:
+            raise ConfigError("bandwidths, devices, homes, workloads and plans must not be empty")
+
+    @classmethod
+    def quick(cls) -> BenchConfig:
+        """Issue 6's smoke run: encoder seq 128, 100 Mbit, 4 homogeneous devices, 5 runs."""
+        return cls(bandwidths=(100,), devices=(4,), homes=("homo",), workloads=("enc128",),
+                   plans=QUICK_PLANS, runs=5, warmup=1)
+
+    def scenarios(self) -> list[Scenario]:
+        """Home builds in run order: per home kind, device count and bandwidth, one build per
+        model family. Heterogeneous homes need 2..4 devices; other counts are skipped."""
+        families: dict[str, list[Workload]] = {}
+        for name in self.workloads:
+            w = WORKLOADS[name]
+            families.setdefault(w.family, []).append(w)
+        out: list[Scenario] = []
+        for home in self.homes:
+            for n in self.devices:
+                if home == "hetero" and not 2 <= n <= len(HETERO_CPU):
+                    continue
+                cpu = cpu_quotas(home, n)
+                for mbit in self.bandwidths:
+                    for fam in ("encoder", "decoder"):
+                        if fam in families:
+                            out.append(Scenario(home, cpu, mbit, self.broker_mbit, tuple(families[fam]), self.plans))
+        return out
+
+
+def parse_int_list(text: str, what: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--{what}: expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"--{what}: empty list")
+    return values
+
+
+def parse_name_list(text: str, what: str, known: Sequence[str]) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in known]
+    if bad or not values:
+        raise ConfigError(f"--{what}: unknown {', '.join(bad) or '(empty)'}; use {', '.join(known)}")
+    return values
+

@@ -1,0 +1,179 @@
+"""Pure parts of `detransformer-edge bench`: workloads, homes, the matrix, aggregation and
+ratios, the JSON and markdown forms, agent/broker configs and cost-model predictions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from detransformer_edge.bench.results import Samples, Stats, aggregate, find, load_report, markdown_table, merge, report
+from detransformer_edge.bench.runner import HostRates, agent_toml, device_profiles, mosquitto_conf, predict
+from detransformer_edge.bench.spec import (
+    HETERO_CPU, WORKLOADS, BenchConfig, Scenario, Workload, broker_link, cpu_quotas, parse_int_list, parse_name_list,
+)
+from detransformer_edge.cluster.config import AgentConfig
+from detransformer_edge.errors import ConfigError
+from detransformer_edge.service.catalog import ByteTokenizer
+
+
+def test_workload_text_is_exactly_seq_tokens_and_models_match_plans():
+    tok = ByteTokenizer(30522)
+    for w in WORKLOADS.values():
+        assert len(tok.encode(w.text())) == w.seq
+    enc, dec = WORKLOADS["enc128"], WORKLOADS["dec"]
+    assert (enc.model_for("tp"), enc.model_for("single"), enc.model_for("pipeline")) == ("bert-base",) * 3
+    assert enc.model_for("bp-fixed") == enc.model_for("adaptive") == "bert-base-bp"
+    assert dec.model_for("tp") == "smollm2-shape" and dec.model_for("adaptive") == "smollm2-bp"
+    assert (dec.seq, dec.new_tokens, dec.family) == (128, 32, "decoder")
+    with pytest.raises(ConfigError):
+        Workload("x", "generate", 16)  # a decoder workload needs new tokens
+    with pytest.raises(ConfigError):
+        Workload("x", "dance", 16)
+
+
+def test_homes_and_their_specs():
+    assert cpu_quotas("homo", 3) == (0.4, 0.4, 0.4)
+    assert cpu_quotas("hetero", 4) == HETERO_CPU == (0.8, 0.4, 0.2, 0.2)
+    with pytest.raises(ConfigError):
+        cpu_quotas("hetero", 5)
+    with pytest.raises(ConfigError):
+        cpu_quotas("castle", 2)
+    sc = Scenario("hetero", cpu_quotas("hetero", 3), 50, None, (WORKLOADS["enc128"],), ("single",))
+    spec = sc.home_spec(prefix="dtbtest")
+    assert [d.name for d in spec.devices] == ["dev0", "dev1", "dev2"]
+    assert [d.cpu for d in spec.devices] == [0.8, 0.4, 0.2] and {d.mbit for d in spec.devices} == {50}
+    assert spec.broker.mbit is None and spec.address("broker") == "10.77.0.2" and spec.address("dev1") == "10.77.0.11"
+    assert Scenario("homo", (0.4,) * 2, 20, 30, (WORKLOADS["dec"],), ("tp",)).home_spec().broker.mbit == 30
+    assert "unshaped" in broker_link(None) and "20 Mbit" in broker_link(20)
+
+
+def test_matrix_groups_families_and_skips_impossible_homes():
+    cfg = BenchConfig(bandwidths=(20, 100), devices=(2, 5), homes=("homo", "hetero"), workloads=("enc16", "enc128", "dec"))
+    scs = cfg.scenarios()
+    # homo: 2 counts x 2 rates x 2 families; hetero: only 2 devices (5 > 4) x 2 x 2
+    assert len(scs) == 8 + 4
+    enc = [s for s in scs if s.family == "encoder"]
+    assert all([w.name for w in s.workloads] == ["enc16", "enc128"] for s in enc)
+    assert {s.models for s in scs} == {("bert-base", "bert-base-bp"), ("smollm2-shape", "smollm2-bp")}
+    q = BenchConfig.quick()
+    (only,) = q.scenarios()
+    assert (only.devices, only.bandwidth_mbit, only.cpu, q.runs) == (4, 100, (0.4,) * 4, 5)
+    assert only.plans == ("single", "tp", "bp-fixed", "adaptive") and only.workloads == (WORKLOADS["enc128"],)
+    for bad in (dict(workloads=("enc7",)), dict(plans=("magic",)), dict(runs=0), dict(bandwidths=(0,)), dict(homes=())):
+        with pytest.raises(ConfigError):
+            BenchConfig(**bad)  # type: ignore[arg-type]
+    assert parse_int_list("20, 50,100", "bandwidths") == (20, 50, 100)
+    with pytest.raises(ConfigError):
+        parse_int_list("20,fast", "bandwidths")
+    with pytest.raises(ConfigError):
+        parse_name_list("homo,villa", "homes", ("homo", "hetero"))
+
+
+def test_command_arguments_build_the_config():
+    from detransformer_edge.commands import bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    quick = bench.config_from_args(p.parse_args(["--quick", "--broker-mbit", "100"]))
+    assert quick.runs == 5 and quick.broker_mbit == 100 and quick.bandwidths == (100,)
+    full = bench.config_from_args(p.parse_args(["--bandwidths", "20,1000", "--devices", "4", "--homes", "homo",
+                                                "--workloads", "dec", "--runs", "12"]))
+    assert (full.bandwidths, full.devices, full.homes, full.workloads, full.runs) == ((20, 1000), (4,), ("homo",), ("dec",), 12)
+    assert full.plans == ("single", "pipeline", "tp", "bp-fixed", "adaptive")
+
+
+def _samples(plan, latencies, workload="enc128", mbit=100, cpu=(0.4,) * 4):
+    s = Samples(plan, workload, "homo", cpu, mbit, None, "bert-base")
+    for v in latencies:
+        s.add_reply(v, {"plan": f"{plan} plan", "latency_ms": v * 1e3 - 1})
+    return s
+
+
+def test_aggregate_medians_min_max_and_ratios_to_single_of_the_same_scenario():
+    results = aggregate([
+        _samples("single", [0.5, 0.4, 0.6]),
+        _samples("adaptive", [0.3, 0.2, 0.25, 0.9]),
+        _samples("single", [1.0], mbit=20),
+        _samples("tp", [], mbit=20),  # never answered: left out
+        _samples("tp", [3.0, 2.0], mbit=20),
+    ])
+    assert len(results) == 4
+    a = find(results, plan="adaptive")
+    assert a is not None and a.latency == Stats(0.275, 0.2, 0.9, 4) and a.vs_single == pytest.approx(0.55)
+    tp = find(results, plan="tp", bandwidth_mbit=20)
+    assert tp is not None and tp.vs_single == pytest.approx(2.5) and tp.plan_desc == "tp plan"
+    lone = aggregate([_samples("adaptive", [0.3])])[0]
+    assert lone.vs_single is None  # no single-device run in that scenario: no ratio
+    with pytest.raises(ConfigError):
+        Stats.of([])
+
+
+def test_decoder_samples_give_ttft_and_ms_per_token():
+    s = Samples("adaptive", "dec", "homo", (0.4,) * 4, 100, None, "smollm2-bp")
+    # leader: 3.1 s in all, first token after 1.0 s, 22 tokens -> 100 ms/token; client saw 0.05 s more
+    s.add_reply(3.15, {"plan": "block", "latency_ms": 3100.0, "ttft_ms": 1000.0, "tokens": 22})
+    single = Samples("single", "dec", "homo", (0.4,) * 4, 100, None, "smollm2-shape")
+    single.add_reply(5.0, {"plan": "single", "latency_ms": 5000.0, "ttft_ms": 900.0, "tokens": 42})
+    s.predicted = {"desc": "block", "total_s": 3.0, "ttft_s": 0.9, "ms_per_token": 95.0}
+    r = find(aggregate([s, single]), plan="adaptive")
+    assert r is not None and r.ttft is not None and r.ms_per_token is not None
+    assert r.ttft.median == pytest.approx(1.05) and r.ms_per_token.median == pytest.approx(100.0)
+    assert r.ms_per_token_vs_single == pytest.approx(1.0) and r.tokens == 22
+    assert r.predicted_ms_per_token == 95.0 and r.predicted_plan == "block"
+    table = markdown_table([r], "unshaped")
+    assert "| dec |" in table and "100.0 (100.0–100.0)" in table and "TTFT" in table
+
+
+def test_report_round_trips_and_merge_replaces_the_same_configuration():
+    results = aggregate([_samples("single", [0.5]), _samples("adaptive", [0.25]), _samples("single", [0.9], mbit=20)])
+    data = report(results, broker_link(None), {"command": "detransformer-edge bench"})
+    text = json.dumps(data)
+    back, link, meta = load_report(json.loads(text))
+    assert back == results and link == broker_link(None) and meta["command"] == "detransformer-edge bench"
+    row = data["results"][0]
+    for key in ("plan", "workload", "bandwidth_mbit", "devices", "cpu", "median_s", "min_s", "max_s", "runs"):
+        assert key in row
+    newer = aggregate([_samples("single", [0.7]), _samples("adaptive", [0.35])])
+    merged = merge(back, newer)
+    assert len(merged) == 3
+    assert find(merged, plan="single", bandwidth_mbit=100).latency.median == 0.7  # type: ignore[union-attr]
+    assert find(merged, plan="single", bandwidth_mbit=20).latency.median == 0.9  # type: ignore[union-attr]
+    assert [r.bandwidth_mbit for r in merged] == [20, 100, 100]
+    table = markdown_table(merged, "unshaped")
+    assert table.count("| homo | enc128 |") == 3 and "0.50×" in table
+    with pytest.raises(ConfigError):
+        load_report({"rows": []})
+
+
+def test_agent_and_broker_configs(tmp_path):
+    cfg = AgentConfig.loads(agent_toml("dev2", tmp_path / "dev2.toml", "10.77.0.2"))
+    assert cfg.id == "dev2" and cfg.broker.endpoint() == ("10.77.0.2", 1883, False)
+    assert cfg.discovery and cfg.dashboard_port == 0 and cfg.profile == tmp_path / "dev2.toml"
+    assert "set_tcp_nodelay true" in mosquitto_conf() and "listener 1883 0.0.0.0" in mosquitto_conf()
+
+
+def test_profiles_scale_with_quota_and_predictions_cover_every_plan():
+    sc = Scenario("hetero", (0.8, 0.4, 0.2, 0.2), 100, None, (WORKLOADS["enc128"],), ())
+    profs = device_profiles(sc, HostRates(50.0, 40.0, 10.0), ram_mb=2500)
+    assert [p.gflops for p in profs] == [40.0, 20.0, 10.0, 10.0] and {p.link_mbit for p in profs} == {100.0}
+    preds = {p: predict(sc, WORKLOADS["enc128"], p, "dev0", profs) for p in ("single", "tp", "bp-fixed", "adaptive")}
+    assert preds["single"]["desc"].startswith("single on dev0")
+    assert preds["tp"]["desc"].startswith("tp over dev0,dev1,dev2,dev3")
+    assert preds["bp-fixed"]["desc"].startswith("block dev0:1, dev1:1, dev2:1, dev3:1")
+    # the planner searches the decoupled model's plans, fixed block parallelism among them
+    assert preds["adaptive"]["total_s"] <= preds["bp-fixed"]["total_s"] * 1.0001
+    dec = predict(sc, WORKLOADS["dec"], "single", "dev0", profs)
+    assert dec["ms_per_token"] > 0 and dec["total_s"] > dec["ttft_s"]
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need the bench extra (matplotlib)")
+    from detransformer_edge.bench.plots import write_plots
+
+    samples = [_samples(p, [v * f], mbit=m) for m, f in ((20, 2.0), (100, 1.0))
+               for p, v in (("single", 0.5), ("tp", 1.2), ("bp-fixed", 0.4), ("adaptive", 0.3))]
+    paths = write_plots(aggregate(samples), tmp_path, broker_link(None))
+    assert sorted(p.name for p in paths) == ["latency_enc128_homo4.png", "speedup_enc128_homo4.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
