@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install everything the product and its tests need, offline-model included.
-# Usage: scripts/setup.sh [run|test]   (test also installs the test extra, Mosquitto and Chromium)
+# Usage: scripts/setup.sh [run|test|bench]   (test also installs the test extra, Mosquitto and Chromium;
+#        bench the bench extra: matplotlib for the plots)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-run}"
@@ -24,6 +25,9 @@ fi
 if [ "$what" = test ]; then
   echo "[setup] installing detransformer-edge with test extras"
   pipq -e ".[test]"
+elif [ "$what" = bench ]; then
+  echo "[setup] installing detransformer-edge with bench extras (matplotlib)"
+  pipq -e ".[bench]"
 else
   echo "[setup] installing detransformer-edge"
   pipq -e .
@@ -31,9 +35,11 @@ fi
 # System packages: Mosquitto (tests and the demo prefer it), Chromium (dashboard test).
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+if [ "$what" != run ]; then
+  command -v tc >/dev/null 2>&1 || need+=(iproute2)
+fi
 if [ "$what" = test ]; then
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
-  command -v tc >/dev/null 2>&1 || need+=(iproute2)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
