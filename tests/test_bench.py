@@ -177,3 +177,31 @@ def test_plots_are_written(tmp_path):
     paths = write_plots(aggregate(samples), tmp_path, broker_link(None))
     assert sorted(p.name for p in paths) == ["latency_enc128_homo4.png", "speedup_enc128_homo4.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_targets_and_prediction_tables():
+    from detransformer_edge.bench.targets import check_targets, prediction_rows, predictions_markdown, targets_markdown, within
+
+    samples = []
+    for mbit, single, tp, bp, adaptive in ((1000, 0.5, 0.3, 0.24, 0.2), (100, 0.5, 1.3, 0.3, 0.3), (20, 0.5, 6.0, 0.6, 0.55)):
+        for plan, v in (("single", single), ("tp", tp), ("bp-fixed", bp), ("adaptive", adaptive)):
+            s = _samples(plan, [v], mbit=mbit)
+            s.predicted_s = v * 1.1 if plan != "tp" else v * 2
+            samples.append(s)
+    hetero = [Samples(p, "enc128", "hetero", HETERO_CPU, 100, None, "bert-base-bp") for p in ("bp-fixed", "adaptive")]
+    hetero[0].add_reply(0.9, {"plan": "block"})
+    hetero[1].add_reply(0.5, {"plan": "block"})
+    results = aggregate(samples + hetero)
+    checks = {c.target: c for c in check_targets(results)}
+    assert checks["enc128, 4 × 0.4 CPU, 1000 Mbit: adaptive / one device"].met  # 0.40 <= 0.45
+    assert not checks["enc128, 4 × 0.4 CPU, 100 Mbit: adaptive / one device"].met  # 0.60 > 0.55
+    miss = checks["enc128, 4 × 0.4 CPU, 20 Mbit: adaptive / one device"]
+    assert not miss.met and miss.measured.startswith("1.10×") and miss.margin == "-10 %"  # limit 1.0
+    assert checks["enc128, 100 Mbit: adaptive faster than Megatron TP"].met  # 1.3 / 0.3 = 4.33
+    assert checks["enc128, 100 Mbit: adaptive faster than Megatron TP"].measured == "4.33×"
+    assert checks["enc128, 100 Mbit: adaptive never slower than fixed BP"].met
+    assert checks["enc128, hetero 0.8/0.4/0.2/0.2, 100 Mbit: adaptive faster than fixed equal-split BP"].met
+    assert "| **no** |" in targets_markdown(list(checks.values()))
+    rows = prediction_rows(results)
+    assert len(rows) == 12 and within(rows) == pytest.approx(9 / 12)  # tp predicted at 2x: +100 %
+    assert "Within ±25 %: 9 of 12" in predictions_markdown(results)
