@@ -338,7 +338,7 @@ async def test_page_updates_live_over_sse(mosquitto_broker):
             t0 = time.monotonic()
             await voice_query(mosquitto_broker, "open the garage door", "live1")
             text = await page.wait_for(
-                "[...document.querySelectorAll('#requests td.text')].map(td => td.textContent).join('|')"
+                "[...document.querySelectorAll('#requests .text')].map(td => td.textContent).join('|')"
                 ".includes('open the garage door') && document.querySelectorAll('[data-request]').length", timeout=10)
             assert text == before + 1
             assert time.monotonic() - t0 < 10

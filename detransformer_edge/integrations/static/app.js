@@ -232,21 +232,23 @@ function renderPlacement(s) {
 // --- requests ----------------------------------------------------------------------------------------
 
 function renderRequests(s) {
-  const body = document.getElementById("requests");
+  const list = document.getElementById("requests");
   const reqs = (s.requests || []).slice().reverse().slice(0, 100);
   document.getElementById("request-count").textContent = s.requests && s.requests.length ? `${s.requests.length}` : "";
-  document.getElementById("requests-empty").hidden = reqs.length > 0 || !s.placement;
-  if (!s.placement) document.getElementById("requests-empty").hidden = false;
-  body.replaceChildren(...reqs.map((r) => {
+  const empty = document.getElementById("requests-empty");
+  empty.hidden = reqs.length > 0;
+  empty.textContent = s.placement ? "No requests yet." : "Kept by the leader: see its dashboard.";
+  list.replaceChildren(...reqs.map((r) => {
     const kind = KIND_COLOR[r.kind] ? r.kind : "other";
     const pending = r.latency_ms === null && !r.error;
-    return el("tr", { class: r.error ? "error" : "", "data-request": r.id },
-      el("td", { class: "time" }, clock(r.started)),
-      el("td", {}, el("span", { class: `kind ${kind}` }, r.kind)),
-      el("td", { class: "text" }, r.text),
-      el("td", { class: "plan" }, r.plan || "–"),
-      el("td", { class: "num" }, pending ? "…" : fmt(r.latency_ms, 1)),
-      el("td", { class: "result" }, r.error ? `error: ${r.error}` : (pending ? "running" : r.result)));
+    return el("li", { class: r.error ? "error" : "", "data-request": r.id },
+      el("span", { class: "time" }, clock(r.started)),
+      el("span", { class: `kind ${kind}` }, r.kind),
+      el("span", { class: "text", title: r.text }, r.text),
+      el("span", { class: "ms" }, pending ? "…" : `${fmt(r.latency_ms, 1)} ms`),
+      el("span", { class: "detail" },
+        el("span", { class: "plan" }, r.plan || "no plan"), " → ",
+        el("span", { class: "result" }, r.error ? `error: ${r.error}` : (pending ? "running" : (r.result || "–")))));
   }));
 }
 
@@ -269,7 +271,7 @@ function renderLatency(s) {
   const sorted = done.map((r) => r.latency_ms).sort((a, b) => a - b);
   const pct = (q) => sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))];
   summary.textContent = `last ${done.length} · median ${fmt(pct(0.5), 1)} ms · p90 ${fmt(pct(0.9), 1)} ms`;
-  const W = 520, H = 250, left = 50, right = 8, top = 10, bottom = 26;
+  const W = 520, H = 210, left = 50, right = 8, top = 10, bottom = 26;
   const max = Math.max(...sorted) * 1.1 || 1;
   const step = niceStep(max);
   const top_ = Math.ceil(max / step) * step;
