@@ -108,13 +108,13 @@ async def traffic(port: int) -> None:
                 await one("hermes/nlu/query", {"input": q, "id": f"q{k}", "siteId": "kitchen"})
 
 
-def screenshot(url: str, out: Path, height: int = 900) -> None:
+def screenshot(url: str, out: Path, height: int = 900, dark: bool = False) -> None:
     if not Path(CHROMIUM).exists():
         raise SystemExit(f"{CHROMIUM} not found (scripts/setup.sh test installs chromium)")
     with tempfile.TemporaryDirectory() as profile:
         cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                f"--user-data-dir={profile}", "--force-prefers-reduced-motion", f"--window-size=1280,{height}",
-               "--virtual-time-budget=5000", f"--screenshot={out}", url + "?poll=1"]
+               *(["--force-dark-mode"] if dark else []), "--virtual-time-budget=5000", f"--screenshot={out}", url + "?poll=1"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
 
@@ -122,6 +122,7 @@ async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboard.png")
     ap.add_argument("--height", type=int, default=900, help="window height in pixels (width 1280)")
+    ap.add_argument("--dark", action="store_true", help="the dark colour scheme")
     ap.add_argument("--serve", action="store_true", help="keep serving the dashboard until Ctrl-C")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -148,7 +149,7 @@ async def main() -> int:
                     print(f"dashboard: {dash.url} (Ctrl-C to stop)", flush=True)
                     await asyncio.Event().wait()
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                await asyncio.to_thread(screenshot, dash.url, args.out, args.height)
+                await asyncio.to_thread(screenshot, dash.url, args.out, args.height, args.dark)
                 print(f"wrote {args.out}")
         finally:
             broker.terminate()

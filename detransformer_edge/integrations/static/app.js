@@ -137,7 +137,7 @@ function layoutFor(name, model, layouts) {
 function placementSvg(name, model, layout, deviceIds) {
   const L = layout.layers.length;
   const nd = Math.max(1, layout.nd);
-  const labelW = Math.max(60, 12 + 6.8 * Math.max(...deviceIds.map((d) => d.length))), cellW = Math.max(28, nd * 9 + 6), gap = 4, rowH = 24, headH = 34, pad = 2;
+  const labelW = Math.max(60, 12 + 6.8 * Math.max(...deviceIds.map((d) => d.length))), cellW = Math.max(28, nd * 7 + 6), gap = 4, rowH = 24, headH = 34, pad = 2;
   const width = labelW + (L + 1) * (cellW + gap) + pad;
   const height = headH + deviceIds.length * (rowH + gap) + pad;
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, width, height, role: "img",
@@ -191,7 +191,6 @@ function placementSvg(name, model, layout, deviceIds) {
           root.append(tip(svg("rect", { x: sx + 0.5, y: y + 3, width: cellW / k - 1, height: rowH - 6, rx: 2, fill: color, "data-held": "1" }),
             `${dev} · layer ${i}: tensor-parallel shard ${rank + 1} of ${k}`));
         }
-        root.append(svg("text", { x: x + cellW / 2, y: y + rowH / 2 + 3.5, "text-anchor": "middle", "font-size": 9, "font-weight": 700, fill: "#fff" }, "TP"));
       } else {
         root.append(tip(svg("rect", { x, y, width: cellW, height: rowH, rx: 4, class: "empty-cell" }), `${dev} · layer ${i}: not held`));
       }
@@ -203,6 +202,7 @@ function placementSvg(name, model, layout, deviceIds) {
 function renderPlacement(s) {
   const box = document.getElementById("placement");
   const version = document.getElementById("placement-version");
+  document.querySelector("#placement-h + .hint").hidden = !s.placement;
   if (!s.placement) {
     version.textContent = "";
     const leader = s.leader ? s.leader.id : null;
@@ -217,16 +217,22 @@ function renderPlacement(s) {
   for (const m of Object.values(p.models)) for (const d of Object.keys(m.holdings || {})) if (!deviceIds.includes(d)) deviceIds.push(d);
   const models = Object.entries(p.models);
   if (!models.length) { box.replaceChildren(el("p", { class: "empty" }, "The placement holds no model.")); return; }
+  let widest = 0;
   box.replaceChildren(...models.map(([name, m]) => {
     const layout = layoutFor(name, m, s.layouts);
-    return el("div", { class: "model", "data-model": name },
+    const picture = placementSvg(name, m, layout, deviceIds);
+    widest = Math.max(widest, Number(picture.getAttribute("width")));
+    // a deep model gets a whole row, so its cells stay readable
+    return el("div", { class: Number(picture.getAttribute("width")) > 420 ? "model span" : "model", "data-model": name },
       el("div", { class: "title" },
         el("span", { class: "name" }, name),
         layout.task ? el("span", { class: "meta" }, layout.task) : null,
         el("span", { class: "meta" }, `· expected ${fmt(m.expected_ms, 2)} ms`)),
       el("div", { class: "plan-label", title: "the static plan's summary" }, m.label),
-      placementSvg(name, m, layout, deviceIds));
+      picture);
   }), el("div", { class: "legend" }, deviceIds.map((d) => el("span", { style: { "--dev": deviceColor(d) } }, el("i"), d))));
+  // very deep models: the placement takes the page's full width and the log moves below it
+  document.querySelector(".split").classList.toggle("wide", widest > 760);
 }
 
 // --- requests ----------------------------------------------------------------------------------------
