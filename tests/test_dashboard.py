@@ -217,6 +217,7 @@ async def voice_query(broker, text, qid):
 
 
 @pytest.mark.mosquitto
+@pytest.mark.slow
 async def test_no_secrets_in_any_output(mosquitto_broker):
     async with home_with_dashboard(mosquitto_broker) as (cluster, agents, leader, dash):
         await voice_query(mosquitto_broker, "turn on the kitchen light", "s1")
@@ -249,6 +250,7 @@ def dump_dom(url: str) -> str:
 
 @pytest.mark.browser
 @pytest.mark.mosquitto
+@pytest.mark.slow
 async def test_page_shows_devices_leader_and_placement(mosquitto_broker):
     chromium()
     async with home_with_dashboard(mosquitto_broker) as (cluster, agents, leader, dash):
@@ -326,6 +328,7 @@ class Cdp:
 
 @pytest.mark.browser
 @pytest.mark.mosquitto
+@pytest.mark.slow
 async def test_page_updates_live_over_sse(mosquitto_broker):
     chromium()
     async with home_with_dashboard(mosquitto_broker) as (cluster, agents, leader, dash):

@@ -106,6 +106,7 @@ def test_dockerfile_structure():
     assert cmd[-1] == "[" + ", ".join(f'"{w}"' for w in compose_cmd) + "]"
 
 
+@pytest.mark.slow
 def test_dockerfile_copies_what_the_package_build_needs(tmp_path):
     """Every COPY source exists in the build context (the repo root), and those files alone build
     the package (what `pip install .` does in the image), with the dashboard's static files."""
