@@ -241,13 +241,13 @@ class Dashboard:
             await resp.prepare(request)
             await resp.write(b"retry: 2000\n\n")  # browser reconnect delay after the agent restarts
             while not self._closing.is_set():
+                wake.clear()  # before the snapshot: an event during the write below is not lost
                 try:
                     payload = _dumps(self.state())
                 except Exception:  # noqa: BLE001
                     log.exception("dashboard snapshot failed")
                     payload = _dumps({"error": "snapshot failed; see the agent's log"})
                 await resp.write(f"id: {next(self._event_ids)}\nevent: state\ndata: {payload}\n\n".encode())
-                wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), self.push_interval_s)
                 if wake.is_set() and not self._closing.is_set():
