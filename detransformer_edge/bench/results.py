@@ -46,6 +46,9 @@ class Samples:
     plan_desc: str = ""  # the plan the leader reported (last run)
     predicted_s: float | None = None  # the cost model's prediction for that plan
     predicted: dict[str, Any] = field(default_factory=dict)  # runner.predict(): desc, ttft_s, ms_per_token
+    device_gflops: tuple[float, ...] = ()  # the planner profiles' compute rates in this scenario
+    cpu_share_concurrent: tuple[float, ...] = ()  # busy loops in every device at once: what the host gave
+    server_s: list[float] = field(default_factory=list)  # the leader's own latency_ms (request in -> reply out)
 
     @property
     def key(self) -> tuple[str, str, int, int, str]:
@@ -54,6 +57,8 @@ class Samples:
     def add_reply(self, latency_s: float, result: Mapping[str, Any]) -> None:
         """One successful run: the client-side latency and the leader's result fields."""
         self.latency_s.append(latency_s)
+        if "latency_ms" in result:
+            self.server_s.append(float(result["latency_ms"]) / 1e3)
         self.plan_desc = str(result.get("plan", self.plan_desc))
         if "ttft_ms" in result:
             tokens = int(result.get("tokens", 0))
@@ -88,6 +93,9 @@ class Result:
     predicted_ttft_s: float | None = None
     predicted_ms_per_token: float | None = None
     predicted_plan: str = ""  # the plan the cost model predicted for (adaptive: its own choice)
+    device_gflops: tuple[float, ...] = ()
+    cpu_share_concurrent: tuple[float, ...] = ()
+    server_median_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -100,7 +108,12 @@ class Result:
             "vs_single": _round(self.vs_single, 4),
             "predicted_s": _round(self.predicted_s, 5),
             "predicted_plan": self.predicted_plan,
+            "device_gflops": list(self.device_gflops),
         }
+        if self.cpu_share_concurrent:
+            d["cpu_share_concurrent"] = [round(c, 3) for c in self.cpu_share_concurrent]
+        if self.server_median_s is not None:
+            d["server_median_s"] = round(self.server_median_s, 5)
         if self.ttft is not None:
             d["ttft_median_s"] = round(self.ttft.median, 5)
             d["ttft_min_s"] = round(self.ttft.min, 5)
@@ -133,7 +146,8 @@ class Result:
             predicted_s=d.get("predicted_s"), vs_single=d.get("vs_single"),
             ms_per_token_vs_single=d.get("ms_per_token_vs_single"),
             predicted_ttft_s=d.get("predicted_ttft_s"), predicted_ms_per_token=d.get("predicted_ms_per_token"),
-            predicted_plan=d.get("predicted_plan", ""),
+            predicted_plan=d.get("predicted_plan", ""), device_gflops=tuple(d.get("device_gflops", ())),
+            cpu_share_concurrent=tuple(d.get("cpu_share_concurrent", ())), server_median_s=d.get("server_median_s"),
         )
 
 
@@ -166,7 +180,9 @@ def aggregate(samples: Iterable[Samples]) -> list[Result]:
             vs_single=_ratio(lat.median, single_lat),
             ms_per_token_vs_single=_ratio(mpt.median if mpt else None, single_mpt),
             predicted_ttft_s=s.predicted.get("ttft_s"), predicted_ms_per_token=s.predicted.get("ms_per_token"),
-            predicted_plan=str(s.predicted.get("desc", "")),
+            predicted_plan=str(s.predicted.get("desc", "")), device_gflops=s.device_gflops,
+            cpu_share_concurrent=s.cpu_share_concurrent,
+            server_median_s=statistics.median(s.server_s) if s.server_s else None,
         ))
     return out
 

@@ -174,12 +174,18 @@ def predict(scenario: Scenario, workload: Workload, plan: str, leader: str, prof
 class BenchHome:
     """A running home: testbed namespaces, Mosquitto, agents and the timing client."""
 
-    def __init__(self, scenario: Scenario, profiles: Sequence[Any], workdir: Path, progress: Progress = stderr_progress,
-                 threads: int = 1, catalog: str = "shapes", models: Sequence[str] | None = None) -> None:
+    def __init__(self, scenario: Scenario, profiles: Sequence[Any] | None, workdir: Path,
+                 progress: Progress = stderr_progress, threads: int = 1, catalog: str = "shapes",
+                 models: Sequence[str] | None = None, ram_mb: int = 2500) -> None:
+        """``profiles``: the devices' planner profiles; None calibrates them in the home
+        (``bench.calibrate`` in the first device's namespace and quota, scaled by quota)."""
         self.scenario = scenario
+        self.ram_mb = ram_mb
+        self.calibration: dict[str, float] = {}
+        self.cpu_share_concurrent: tuple[float, ...] = ()
         self.catalog = catalog
         self.models = tuple(models) if models is not None else scenario.models
-        self.profiles = list(profiles)
+        self.profiles = list(profiles) if profiles is not None else []
         self.workdir = workdir
         self.progress = progress
         self.threads = threads
@@ -214,6 +220,8 @@ class BenchHome:
         self.home.spawn("broker", [find_mosquitto(), "-c", str(conf)], stdout=self._log("mosquitto"),
                         stderr=subprocess.STDOUT)
         self._wait_port(broker_ip)
+        if not self.profiles:
+            self.profiles = self._calibrate()
         for name, prof in zip(sc.device_names(), self.profiles):
             ppath = self.workdir / f"{name}.profile.toml"
             dump_profile(prof, ppath)
@@ -230,6 +238,24 @@ class BenchHome:
         hello = self._client.stdout.readline() if self._client.stdout else ""
         if not hello:
             raise BenchError(f"the timing client did not start; see {self.workdir / 'client.log'}")
+
+    def _calibrate(self) -> list[Any]:
+        sc = self.scenario
+        name, cpu = sc.device_names()[0], sc.cpu[0]
+        done = self.home.run(name, [sys.executable, "-m", "detransformer_edge.bench.calibrate"], timeout=300)
+        self.calibration = json.loads(done.stdout.strip().splitlines()[-1])
+        per_core = HostRates(self.calibration["gflops"] / cpu, self.calibration["gflops"] / cpu,
+                             self.calibration["mem_bw_gbs"])  # copies run at full speed between throttles
+        self.progress(f"calibrated {name} (cpu {cpu:g}): BERT-base seq 128 forward {self.calibration['forward_s'] * 1e3:.0f} ms "
+                      f"= {self.calibration['gflops']:.1f} GFLOPS; profiles = {per_core.gflops:.1f} GFLOPS x quota")
+        from detransformer_edge.testbed.measure import measure_cpu_shares
+
+        # what the host gives when every device computes at once (a quota is only a ceiling)
+        shares = measure_cpu_shares(self.home, list(sc.device_names()), seconds=2.0, concurrent=True)
+        self.cpu_share_concurrent = tuple(shares[n] for n in sc.device_names())
+        self.progress("CPU share with every device busy at once: " + ", ".join(
+            f"{n} {v:.2f}/{c:g}" for (n, v), c in zip(shares.items(), sc.cpu)))
+        return device_profiles(sc, per_core, self.ram_mb)
 
     def _wait_port(self, ip: str, timeout_s: float = 15.0) -> None:
         script = ("import socket,sys,time\n"
@@ -291,18 +317,21 @@ def run_plan_once(bh: BenchHome, workload: Workload, plan: str, timeout_s: float
     return bh.request(workload.op, workload.text(), params, timeout_s)
 
 
-def run_scenario(scenario: Scenario, cfg: BenchConfig, rates: HostRates, progress: Progress,
+def run_scenario(scenario: Scenario, cfg: BenchConfig, rates: HostRates | None, progress: Progress,
                  workdir: Path, mem_mb: int) -> list[Samples]:
-    profiles = device_profiles(scenario, rates, mem_mb)
+    profiles = device_profiles(scenario, rates, mem_mb) if rates is not None else None
     out: list[Samples] = []
     t_start = time.monotonic()
-    with BenchHome(scenario, profiles, workdir, progress) as bh:
+    with BenchHome(scenario, profiles, workdir, progress, ram_mb=mem_mb) as bh:
+        profiles = bh.profiles
         progress(f"{scenario.label()}: home up ({time.monotonic() - t_start:.1f} s), waiting for agents")
         leader = bh.wait_ready(scenario.workloads[0], timeout_s=max(300.0, cfg.request_timeout_s))
         progress(f"ready after {time.monotonic() - t_start:.1f} s; leader {leader}")
         for workload in scenario.workloads:
             samples = {p: Samples(p, workload.name, scenario.home, scenario.cpu, scenario.bandwidth_mbit,
-                                  scenario.broker_mbit, workload.model_for(p)) for p in scenario.plans}
+                                  scenario.broker_mbit, workload.model_for(p),
+                                  device_gflops=tuple(pr.gflops for pr in profiles),
+                                  cpu_share_concurrent=bh.cpu_share_concurrent) for p in scenario.plans}
             for p, s in samples.items():
                 try:
                     pred = predict(scenario, workload, p, leader, profiles)
@@ -342,18 +371,14 @@ def run_scenario(scenario: Scenario, cfg: BenchConfig, rates: HostRates, progres
 
 def run_bench(cfg: BenchConfig, progress: Progress = stderr_progress, rates: HostRates | None = None,
               mem_mb: int | None = None, keep_logs: Path | None = None,
-              on_scenario: Callable[[list[Samples]], None] | None = None) -> tuple[list[Samples], HostRates]:
-    """Run every scenario of ``cfg``; ``on_scenario`` sees the samples so far after each
+              on_scenario: Callable[[list[Samples]], None] | None = None) -> list[Samples]:
+    """Run every scenario of ``cfg`` (``rates``: fixed per-core rates for the device profiles;
+    None calibrates them in each home, see ``BenchHome``); ``on_scenario`` sees the samples so far after each
     (the command saves partial results, so a long run interrupted keeps what it measured)."""
     from detransformer_edge.bench.spec import DEVICE_MEM_MB
     from detransformer_edge.testbed import check_host
 
     check_host()
-    if rates is None:
-        progress("measuring this host's single-core rates at BERT-base shapes (device profiles = quota x these)")
-        rates = measure_host_rates()
-        progress(f"one core: {rates.gflops:.1f} GFLOPS matmul, {rates.attn_gflops:.1f} attention, "
-                 f"{rates.mem_bw_gbs:.1f} GB/s")
     scenarios = cfg.scenarios()
     all_samples: list[Samples] = []
     for i, sc in enumerate(scenarios):
@@ -365,4 +390,4 @@ def run_bench(cfg: BenchConfig, progress: Progress = stderr_progress, rates: Hos
         all_samples += run_scenario(sc, cfg, rates, progress, workdir, mem_mb or DEVICE_MEM_MB)
         if on_scenario is not None:
             on_scenario(all_samples)
-    return all_samples, rates
+    return all_samples
