@@ -70,7 +70,13 @@ class HomeAgent:
         self.host = ModelHost(self.transport, catalog)
         self.leader = Leader(config.id, self.host, catalog, self._publish, f"{prefix}/run", replicate_all=replicate_all)
         self.leader.signer = self.cluster.signer
+        self.leader.lease_term = lambda: self.cluster.lease.term if self.cluster.lease is not None else 0
         self._replan_task: asyncio.Task | None = None
+        # a device whose status stops arriving is treated as gone before the broker's LWT (which
+        # Mosquitto 2.0 fires up to ~6 s after 1.5 x keepalive): device -> last status (monotonic)
+        self._heard: dict[str, float] = {}
+        self._silent: set[str] = set()
+        self.silence_s = max(1.5 * config.broker.keepalive_s, 2.5 * config.status_interval_s)
         self._tasks: set[asyncio.Task] = set()
         self._stack: contextlib.AsyncExitStack | None = None
         self.started = time.time()
@@ -86,6 +92,7 @@ class HomeAgent:
         self._stack = contextlib.AsyncExitStack()
         await self._stack.enter_async_context(self.transport)
         await self._stack.enter_async_context(self.cluster)
+        self._spawn(self._watch_silence(), "silence")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -161,8 +168,11 @@ class HomeAgent:
             self._replan_task.cancel()
 
     def _on_membership(self, view: MembershipView) -> None:
-        for dev in set(self.leader.state.ready) - set(view.online):
+        # a device gone offline leaves the ready set now, and the runs that need it are cancelled
+        for dev in (set(self.leader.state.ready) | self.leader.run_devices()) - set(view.online):
             self.leader.mark_gone(dev)
+        for dev in set(self._heard) - set(view.online):
+            del self._heard[dev]
         if self.cluster.is_leader:
             self._schedule_replan()
 
@@ -177,10 +187,13 @@ class HomeAgent:
         if not self.cluster.is_leader:
             return
         view = self.cluster.membership
-        profiles = {d: rec.planner for d, rec in view.profiles().items() if rec.planner}
+        profiles = {d: rec.planner for d, rec in view.profiles().items() if rec.planner and d not in self._silent}
         profiles.setdefault(self.id, self.cluster.profile.planner)
         lease = self.cluster.lease
         term = lease.term if lease is not None else 0
+        # placement versions keep rising across leaders: a new leader continues after the last
+        # assignment it received as a follower
+        self.leader.state.version = max(self.leader.state.version, self.host.version)
         try:
             bodies = await asyncio.to_thread(self.leader.plan_placement, profiles, term)
         except DetransformerError as exc:
@@ -218,10 +231,35 @@ class HomeAgent:
         with contextlib.suppress(AgentNotConnectedError, aiomqtt.MqttError):
             await self.cluster.publish_status()
 
+    async def _watch_silence(self) -> None:
+        """Leader: a device online by presence but silent for ``silence_s`` is treated as gone
+        (its runs cancelled, a placement without it) until its status is heard again."""
+        while True:
+            await asyncio.sleep(min(1.0, self.silence_s / 6))
+            if not self.cluster.is_leader:
+                continue
+            now = time.monotonic()
+            for dev in self.cluster.membership.online:
+                if dev == self.id or dev in self._silent:
+                    continue
+                last = self._heard.setdefault(dev, now)
+                if now - last > self.silence_s:
+                    log.warning("device %s silent for %.1f s: treating it as gone", dev, now - last)
+                    self._silent.add(dev)
+                    self.leader.mark_gone(dev)
+                    self._schedule_replan()
+
     def _on_status(self, message: aiomqtt.Message) -> None:
+        dev = self.cluster.topics.status.match(message.topic.value)
+        if dev:
+            self._heard[dev] = time.monotonic()
+            if dev in self._silent:
+                self._silent.discard(dev)
+                log.warning("device %s is heard again", dev)
+                if self.cluster.is_leader:
+                    self._schedule_replan()
         if not self.cluster.is_leader:
             return
-        dev = self.cluster.topics.status.match(message.topic.value)
         try:
             status = self.cluster.topics.status.decode(message.payload)  # type: ignore[arg-type]
         except (ProtocolError, TypeError):
@@ -332,6 +370,9 @@ class HomeAgent:
             await self._publish(hermes.intent_topic(result.intent), intent.to_json(), 1)
         except (ServiceError, ProtocolError) as exc:
             await self._hermes_error(payload, str(exc), query.session_id)
+        except Exception as exc:  # every query gets an answer, even when a handler has a bug
+            log.exception("hermes query %s failed", query.id)
+            await self._hermes_error(payload, f"internal error: {type(exc).__name__}: {exc}", query.session_id)
 
     async def _hermes_error(self, payload: bytes, error: str, session_id: str = "") -> None:
         body = json.dumps({"sessionId": session_id or None, "error": error, "context": payload[:200].decode("utf-8", "replace")})

@@ -9,6 +9,12 @@
   publishes ``end`` when done so caches are freed everywhere.
 * **Backpressure.** At most ``max_inflight`` requests run at once and at most ``max_queue`` wait;
   beyond that a request gets a ``busy`` error at once instead of growing memory.
+* **Failures.** A distributed run that fails (a device timed out, went offline, the transport
+  broke) marks the devices to blame not-ready and is retried ONCE on a new plan over the devices
+  still ready (the leader alone when it holds the whole model), within the request's time bound
+  ``request_timeout_s``; otherwise the caller gets an explicit error. A device whose presence
+  goes offline (``mark_gone``) cancels the runs that include it at once instead of waiting for
+  their timeout. Every request ends in exactly one result or one error.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -41,6 +48,7 @@ from detransformer_edge.service.runs import RunControl
 log = logging.getLogger(__name__)
 
 _req_ids = itertools.count()
+_SILENT_DEVICE = re.compile(r"from '([A-Za-z0-9_.:-]+)'")  # TransportTimeout: "no message ... from 'dev2' ..."
 
 
 class ServiceError(DetransformerError):
@@ -136,6 +144,12 @@ class Leader:
         self.log: collections.deque[RequestRecord] = collections.deque(maxlen=log_size)
         self.listeners: list[Callable[[str, dict[str, Any]], None]] = []  # dashboard events
         self.signer: CommandSigner | None = None  # set by the agent when the cluster has a key
+        self._runs: dict[str, tuple[str, ...]] = {}  # distributed run id -> its other devices
+        self._blamed: dict[str, set[str]] = {}  # run id -> devices that went offline during it
+        self.retries = 0  # distributed runs retried after a failure (dashboard, tests)
+        # the lease term now (set by the agent): a re-election without a membership change (e.g.
+        # after a broker restart) raises the term, and devices refuse runs of an older one
+        self.lease_term: Callable[[], int] | None = None
 
     # --- static planning ---------------------------------------------------------------------------
 
@@ -180,7 +194,17 @@ class Leader:
         self._emit("ready", {"device": device, "version": version})
 
     def mark_gone(self, device: str) -> None:
+        """``device`` went offline: drop it from the ready set and cancel the runs that need it now
+        (their coordinator would otherwise wait for the whole timeout)."""
         self.state.ready.pop(device, None)
+        for run, devices in list(self._runs.items()):
+            if device in devices:
+                self._blamed.setdefault(run, set()).add(device)
+                self.host.transport.cancel(run, f"device {device} went offline")
+
+    def run_devices(self) -> set[str]:
+        """Devices that in-flight distributed runs depend on."""
+        return {d for devices in self._runs.values() for d in devices}
 
     async def wait_ready(self, timeout: float) -> bool:
         try:
@@ -274,6 +298,9 @@ class Leader:
             except Exception:  # a broken dashboard client must not break serving
                 log.exception("listener failed")
 
+    def current_term(self) -> int:
+        return max(self.term, self.lease_term() if self.lease_term is not None else 0)
+
     async def _start_workers(self, ctl: RunControl) -> None:
         if len(ctl.plan.devices) > 1:
             topic, payload = f"{self.run_prefix}/{ctl.req}/ctl", ctl.to_json()
@@ -281,29 +308,87 @@ class Leader:
                 payload = self.signer.sign(topic, ctl.term, payload)
             await self.publish(topic, payload, 1)
 
-    async def _end(self, req: str, plan: Plan) -> None:
+    def _blame(self, plan: Plan, error: str | None, offline: set[str]) -> set[str]:
+        """The devices a failed run points at: those that went offline during it, or the one a
+        receive timed out on. They leave the ready set until their next ``ready`` status."""
+        blamed = set(offline)
+        blamed |= {d for d in _SILENT_DEVICE.findall(error or "") if d in plan.devices and d != self.me}
+        for d in blamed:
+            self.state.ready.pop(d, None)
+        return blamed
+
+    def _retry_plan(self, model: str, mode: str, seq_len: int, strategy: str, failed: Plan,
+                    blamed: set[str]) -> Plan:
+        """A new plan for a failed run: the planner's choice over the devices still ready (no
+        blamed one), else the leader alone when its weights hold the whole model."""
+        try:
+            plan, _ = self.choose(model, mode, seq_len, strategy)
+            if not blamed & set(plan.devices) and (blamed or plan.devices != failed.devices):
+                return plan
+        except ServiceError:
+            pass
+        cfg = self.catalog.get(model).config()
+        mp = self.state.models.get(model)
+        single = baseline_plan("single", (self.me,), cfg.n_layers, cfg.nd)
+        if mp is None or not mp.placement.can_run(single, cfg.layer_kinds):
+            raise ServiceError("unavailable", f"a device of the plan failed ({', '.join(sorted(blamed)) or 'no answer'}) "
+                                              f"and the remaining ready devices cannot run {model!r}; try again shortly")
+        return single
+
+    async def _run_pass(self, model: str, run: str, plan: Plan, kind: str, x: torch.Tensor,
+                        mask: torch.Tensor | None, timeout: float) -> Any:
+        """One coordinator pass; the run's devices are known so ``mark_gone`` can cancel it."""
+        others = tuple(d for d in plan.devices if d != self.me)
+        if others:
+            self._runs[run] = others
+        return await self.host.run_coordinator(model, Job(run, plan, kind, x, mask, timeout=timeout))  # type: ignore[arg-type]
+
+    async def _end(self, req: str, plan: Plan) -> set[str]:
+        """Free the run everywhere; returns the devices that went offline during it."""
+        self._runs.pop(req, None)
+        offline = self._blamed.pop(req, set())
         self.host.end(req)
         if len(plan.devices) > 1:
             try:
                 await self.publish(f"{self.run_prefix}/{req}/end", b"", 1)
             except DetransformerError:
                 log.warning("could not publish the end of %s", req)
+        return offline
+
+    def _attempt_timeout(self, plan: Plan, deadline: float) -> float:
+        """A distributed first attempt gets half the request's budget so a retry still fits."""
+        left = deadline - time.monotonic()
+        return max(0.05, left / 2 if len(plan.devices) > 1 else left)
 
     async def encode(self, model: str, input_ids: torch.Tensor, mask: torch.Tensor, rec: RequestRecord,
                      strategy: str = "adaptive") -> torch.Tensor:
-        """The model's encoder hidden states (B, T, d), computed across the chosen devices."""
-        plan, predicted = self.choose(model, "encode", int(input_ids.shape[1]), strategy)
-        rec.plan = plan.describe()
-        ctl = RunControl(rec.id, model, "encode", plan, self.term, self.request_timeout_s,
-                         tuple(tuple(int(v) for v in row) for row in mask.tolist()))
-        await self._start_workers(ctl)
-        try:
-            res = await self.host.run_coordinator(model, Job(rec.id, plan, "encode", input_ids, mask, timeout=self.request_timeout_s))
-        finally:
-            await self._end(rec.id, plan)
-        if not res.ok:
-            raise ServiceError("internal", f"distributed run failed: {res.error}")
-        return res.output
+        """The model's encoder hidden states (B, T, d), computed across the chosen devices; a
+        failed distributed run is re-planned and retried once within ``request_timeout_s``."""
+        deadline = time.monotonic() + self.request_timeout_s
+        seq_len = int(input_ids.shape[1])
+        plan, predicted = self.choose(model, "encode", seq_len, strategy)
+        run = rec.id
+        mask_rows = tuple(tuple(int(v) for v in row) for row in mask.tolist())
+        for attempt in (0, 1):
+            rec.plan = plan.describe()
+            timeout = self._attempt_timeout(plan, deadline) if attempt == 0 else max(0.05, deadline - time.monotonic())
+            ctl = RunControl(run, model, "encode", plan, self.current_term(), timeout, mask_rows)
+            try:
+                await self._start_workers(ctl)
+                res = await self._run_pass(model, run, plan, "encode", input_ids, mask, timeout)
+            finally:
+                offline = await self._end(run, plan)
+            if res.ok:
+                return res.output
+            if attempt == 1 or len(plan.devices) == 1 or time.monotonic() >= deadline:
+                break
+            blamed = self._blame(plan, res.error, offline)
+            log.warning("request %s: run on %s failed (%s); retrying without %s", rec.id, plan.describe(), res.error,
+                        ", ".join(sorted(blamed)) or "changes")
+            plan = self._retry_plan(model, "encode", seq_len, strategy, plan, blamed)
+            run = f"{rec.id}-r"
+            self.retries += 1
+        raise ServiceError("internal", f"distributed run failed: {res.error}")
 
     async def embed(self, texts: list[str], model: str | None = None, strategy: str = "adaptive",
                     client_id: str | None = None) -> tuple[list[list[float]], RequestRecord]:
@@ -374,13 +459,14 @@ class Leader:
             raise ServiceError("bad_request", "max_new_tokens must be between 1 and 512")
         await self._admit()
         plan: Plan | None = None
+        run = rec.id
         try:
             ids = build_prompt(tok, prompt, tools.chat_template if chat else None)
             if len(ids) + max_new_tokens > served.max_tokens:
                 raise ServiceError("bad_request", f"prompt is {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds {served.max_tokens}")
             plan, _ = self.choose(model, "prefill", len(ids), strategy)
             rec.plan = plan.describe()
-            ctl = RunControl(rec.id, model, "generate", plan, self.term, self.request_timeout_s, None, max_new_tokens)
+            ctl = RunControl(run, model, "generate", plan, self.current_term(), self.request_timeout_s, None, max_new_tokens)
             await self._start_workers(ctl)
             decoder = IncrementalDecoder(tok)
             out_ids: list[int] = []
@@ -388,10 +474,26 @@ class Leader:
             kind, x = "prefill", torch.tensor([ids])
             first_token_s = None
             eos = getattr(tok, "eos_id", None)
-            for _ in range(max_new_tokens):
-                res = await self.host.run_coordinator(model, Job(rec.id, plan, kind, x, timeout=self.request_timeout_s))
+            retried = False
+            while len(out_ids) < max_new_tokens:
+                res = await self._run_pass(model, run, plan, kind, x, None, self.request_timeout_s)
                 if not res.ok:
-                    raise ServiceError("internal", f"distributed run failed: {res.error}")
+                    # retry once: a new run on a new plan re-reads the prompt and the tokens so far
+                    offline = await self._end(run, plan)
+                    if retried or len(plan.devices) == 1:
+                        raise ServiceError("internal", f"distributed run failed: {res.error}")
+                    retried = True
+                    blamed = self._blame(plan, res.error, offline)
+                    log.warning("request %s: generation on %s failed (%s); retrying without %s", rec.id,
+                                plan.describe(), res.error, ", ".join(sorted(blamed)) or "changes")
+                    seen = ids + out_ids
+                    plan = self._retry_plan(model, "prefill", len(seen), strategy, plan, blamed)
+                    run, rec.plan = f"{rec.id}-r", plan.describe()
+                    self.retries += 1
+                    await self._start_workers(RunControl(run, model, "generate", plan, self.current_term(), self.request_timeout_s,
+                                                         None, max_new_tokens - len(out_ids)))
+                    kind, x = "prefill", torch.tensor([seen])
+                    continue
                 nxt = int(res.output[0, -1].argmax())
                 if first_token_s is None:
                     first_token_s = time.perf_counter() - t0
@@ -421,5 +523,5 @@ class Leader:
             raise
         finally:
             if plan is not None:
-                await self._end(rec.id, plan)
+                await self._end(run, plan)
             self._leave()

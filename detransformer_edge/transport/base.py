@@ -237,6 +237,16 @@ class Mailbox:
             del self._dropped[key]
         return freed
 
+    def interrupt(self, error: BaseException) -> None:
+        """Fail every pending receive with ``error`` and drop buffered messages, but stay open:
+        the connection was lost and is being re-established (their requests are lost anyway)."""
+        self._buf.clear()
+        self._bytes = 0
+        waiters, self._waiters = self._waiters, {}
+        for fut in waiters.values():
+            if not fut.done():
+                fut.set_exception(error)
+
     def close(self, error: BaseException) -> None:
         """Fail every pending receive with ``error`` (connection lost, transport closed)."""
         self._closed = error

@@ -38,6 +38,8 @@ __all__ = ["MqttTransport", "run_topic"]
 log = logging.getLogger(__name__)
 
 _QOS_ACTIVATION = 0
+_RECONNECT_MIN_S = 0.1  # after a lost connection: retry quickly, then back off
+_RECONNECT_MAX_S = 2.0
 
 
 def run_topic(prefix: str, req: str, step: str, src: str, dsts: list[str]) -> str:
@@ -80,6 +82,12 @@ class MqttTransport(Transport):
         self._dispatch_task: asyncio.Task[None] | None = None
 
     async def _start(self) -> None:
+        client = await self._connect()
+        self._dispatch_task = asyncio.create_task(
+            self._dispatch(client), name=f"mqtt-dispatch-{self.device_id}"
+        )
+
+    async def _connect(self) -> aiomqtt.Client:
         v5 = self.protocol == "5"
         client = aiomqtt.Client(
             self.hostname,
@@ -114,9 +122,7 @@ class MqttTransport(Transport):
         except aiomqtt.MqttError as e:
             await self._disconnect()
             raise TransportError(f"subscribe failed on {self.hostname}:{self.port}: {e}") from e
-        self._dispatch_task = asyncio.create_task(
-            self._dispatch(client), name=f"mqtt-dispatch-{self.device_id}"
-        )
+        return client
 
     async def _close(self) -> None:
         task, self._dispatch_task = self._dispatch_task, None
@@ -142,21 +148,36 @@ class MqttTransport(Transport):
             raise TransportError(f"publish to {topic} failed: {e}") from e
 
     async def _dispatch(self, client: aiomqtt.Client) -> None:
-        """Route every incoming message into the mailbox; fail waiters if the link drops."""
-        try:
-            async for message in client.messages:
-                payload = message.payload
-                if not isinstance(payload, bytes | bytearray):
-                    continue
+        """Route every incoming message into the mailbox. If the link drops, fail the pending
+        receives (their requests are lost) and reconnect with backoff until it is back."""
+        attempt = 0
+        while True:
+            try:
+                async for message in client.messages:
+                    payload = message.payload
+                    if not isinstance(payload, bytes | bytearray):
+                        continue
+                    try:
+                        self._on_message(message.topic.value, bytes(payload))
+                    except Exception:  # one bad message must not kill the device's inbox
+                        log.exception(
+                            "device %s: dropping message on %s", self.device_id, message.topic
+                        )
+            except aiomqtt.MqttError as e:
+                log.warning("device %s lost the broker connection: %s", self.device_id, e)
+                self._mailbox.interrupt(TransportError(f"broker connection lost: {e}"))
+            await self._disconnect()
+            while True:
+                await asyncio.sleep(min(_RECONNECT_MAX_S, _RECONNECT_MIN_S * 2**attempt))
+                attempt = min(attempt + 1, 16)
                 try:
-                    self._on_message(message.topic.value, bytes(payload))
-                except Exception:  # one bad message must not kill the device's inbox
-                    log.exception(
-                        "device %s: dropping message on %s", self.device_id, message.topic
-                    )
-        except aiomqtt.MqttError as e:
-            log.warning("device %s lost the broker connection: %s", self.device_id, e)
-            self._mailbox.close(TransportError(f"broker connection lost: {e}"))
+                    client = await self._connect()
+                except TransportError as e:
+                    log.debug("device %s: reconnect failed: %s", self.device_id, e)
+                    continue
+                log.info("device %s reconnected to the broker", self.device_id)
+                attempt = 0
+                break
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if not topic.startswith(self._run_prefix):

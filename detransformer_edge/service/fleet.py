@@ -1,0 +1,330 @@
+"""Agents as separate processes plus a client that watches them: what fault tests, load tests
+and the soak benchmark need to treat a home as a black box over MQTT.
+
+    fleet = AgentFleet(workdir, broker=(host, port), n=3, keepalive_s=2, lease_s=3.0)
+    fleet.start()                      # detransformer-edge agent --config ... --catalog tiny
+    async with HomeWatcher(host, port, fleet.cluster) as watch:
+        leader = await watch.wait_placement(fleet.ids)
+        reply = await watch.request("embed", "hi", {"plan": "pipeline"})
+        fleet.kill("dev1")             # SIGKILL: no goodbye, the broker fires the LWT
+    fleet.stop()
+
+Times are ``time.monotonic()`` of this process; the watcher stamps every message on arrival.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from detransformer_edge.cluster.topics import ClusterTopics
+from detransformer_edge.errors import DetransformerError
+
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "firmware_profiles"
+PROFILES = ("intel-n100-minipc", "raspberry-pi-5", "raspberry-pi-4b", "smart-speaker-a53")
+HERMES_REPLIES = ("hermes/intent/#", "hermes/nlu/intentNotRecognized", "hermes/error/nlu")
+
+
+class FleetError(DetransformerError):
+    """An agent process or the home did not do what a test waited for."""
+
+
+def agent_toml(dev: str, cluster: str, host: str, port: int, profile: str, *, keepalive_s: int,
+               lease_s: float, status_interval_s: float, homeassistant: bool) -> str:
+    return (
+        f'id = "{dev}"\ncluster = "{cluster}"\nprofile = "{(PROFILES_DIR / (profile + ".toml")).as_posix()}"\n'
+        f"dashboard_port = 0\ndiscovery = false\nhomeassistant = {str(homeassistant).lower()}\n"
+        f"status_interval_s = {status_interval_s}\n"
+        f'\n[broker]\nurl = "mqtt://{host}:{port}"\nprotocol = "3.1.1"\nkeepalive_s = {keepalive_s}\n'
+        "reconnect_min_s = 0.1\nreconnect_max_s = 0.5\n"
+        f"\n[election]\nlease_s = {lease_s}\n"
+    )
+
+
+@dataclass
+class AgentFleet:
+    """``n`` agent processes (ids ``dev0``…) on one broker; each can be killed and restarted."""
+
+    workdir: Path
+    broker: tuple[str, int]
+    n: int = 3
+    catalog: str = "tiny"
+    keepalive_s: int = 2
+    lease_s: float = 3.0
+    status_interval_s: float = 0.5
+    homeassistant: bool = False
+    replicate_all: bool = True  # every device holds every model: fixed multi-device plans can run
+    cluster: str = field(default_factory=lambda: f"f{uuid.uuid4().hex[:8]}")
+    wrap: list[str] | None = None  # per-device command prefix (e.g. ip netns exec), by index
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def ids(self) -> list[str]:
+        return [f"dev{i}" for i in range(self.n)]
+
+    def config_path(self, dev: str) -> Path:
+        return self.workdir / f"{dev}.toml"
+
+    def argv(self, dev: str) -> list[str]:
+        argv = [sys.executable, "-m", "detransformer_edge.cli", "agent", "--config", str(self.config_path(dev)),
+                "--catalog", self.catalog, "--threads", "1"]
+        return argv + (["--replicate-all"] if self.replicate_all else [])
+
+    def write_configs(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for i, dev in enumerate(self.ids):
+            self.config_path(dev).write_text(agent_toml(
+                dev, self.cluster, *self.broker, PROFILES[i % len(PROFILES)], keepalive_s=self.keepalive_s,
+                lease_s=self.lease_s, status_interval_s=self.status_interval_s, homeassistant=self.homeassistant))
+
+    def start(self, devs: list[str] | None = None) -> None:
+        if not self.config_path(self.ids[0]).exists():
+            self.write_configs()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DETRANSFORMER_THREADS": "1"}
+        for dev in devs or self.ids:
+            log = (self.workdir / f"{dev}.log").open("ab")
+            self.procs[dev] = subprocess.Popen(self.argv(dev), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                               start_new_session=True)
+            log.close()
+
+    def pid(self, dev: str) -> int:
+        return self.procs[dev].pid
+
+    def kill(self, dev: str, sig: int = signal.SIGKILL) -> float:
+        """Send ``sig``; returns the moment it was sent."""
+        t = time.monotonic()
+        self.procs[dev].send_signal(sig)
+        if sig == signal.SIGKILL:
+            self.procs[dev].wait(timeout=10)
+        return t
+
+    def check_alive(self) -> None:
+        for dev, p in self.procs.items():
+            if p.poll() is not None and p.returncode not in (-signal.SIGKILL, 0):
+                raise FleetError(f"agent {dev} exited with {p.returncode}: {self.log_tail(dev)}")
+
+    def log_tail(self, dev: str, chars: int = 1500) -> str:
+        path = self.workdir / f"{dev}.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def __enter__(self) -> AgentFleet:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@dataclass
+class Answer:
+    """One final reply to a request or a Hermes query."""
+
+    id: str
+    topic: str
+    body: dict[str, Any]
+    sent: float
+    at: float
+
+    @property
+    def ok(self) -> bool:
+        return "result" in self.body or self.topic.startswith("hermes/intent/") or self.topic == HERMES_REPLIES[1]
+
+    @property
+    def error(self) -> str | None:
+        if self.ok:
+            return None
+        err = self.body.get("error")
+        return err.get("code", "error") if isinstance(err, dict) else str(err)
+
+    @property
+    def latency_s(self) -> float:
+        return self.at - self.sent
+
+
+class HomeWatcher:
+    """An MQTT client of the home: records presence, status, leases and every final reply."""
+
+    def __init__(self, host: str, port: int, cluster: str) -> None:
+        self.host, self.port = host, port
+        self.topics = ClusterTopics(cluster)
+        self.prefix = self.topics.prefix
+        self.me = f"watch{uuid.uuid4().hex[:6]}"
+        self.reply_to = f"{self.prefix}/replies/{self.me}"
+        self.presence: dict[str, bool] = {}
+        self.presence_events: list[tuple[float, str, bool]] = []
+        self.status: dict[str, dict[str, Any]] = {}
+        self.leases: list[tuple[float, dict[str, Any]]] = []
+        self.discovery: dict[str, float] = {}  # Home Assistant config topic -> first seen
+        self.answers: dict[str, list[Answer]] = defaultdict(list)
+        self.sent: dict[str, float] = {}
+        self._waiters: dict[str, asyncio.Future[Answer]] = {}
+        self._client: aiomqtt.Client | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> HomeWatcher:
+        self._client = aiomqtt.Client(self.host, self.port, identifier=self.me,
+                                      protocol=aiomqtt.ProtocolVersion.V311, keepalive=10)
+        await self._client.__aenter__()
+        p = self.prefix
+        await self._client.subscribe([(f"{p}/devices/+/presence", 1), (f"{p}/devices/+/status", 0), (f"{p}/leader", 1),
+                                      (self.reply_to, 1), ("homeassistant/#", 1), *((t, 1) for t in HERMES_REPLIES)])
+        self._reader = asyncio.create_task(self._read(self._client), name=f"{self.me}-read")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._reader
+        if self._client is not None:
+            with contextlib.suppress(aiomqtt.MqttError, OSError):
+                await self._client.__aexit__(None, None, None)
+
+    # --- what arrives ---------------------------------------------------------------------------
+
+    async def _read(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            now = time.monotonic()
+            topic = msg.topic.value
+            raw = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else str(msg.payload or "").encode()
+            if (dev := self.topics.presence.match(topic)) is not None:
+                online = raw.strip() == b"online"  # plain text online / offline (LWT)
+                self.presence[dev] = online
+                self.presence_events.append((now, dev, online))
+                continue
+            if topic.startswith("homeassistant/"):
+                if topic.endswith("/config") and raw and self.prefix.split("/")[-1] in raw.decode("utf-8", "replace"):
+                    self.discovery.setdefault(topic, now)
+                continue
+            try:
+                body = json.loads(raw) if raw else {}
+            except ValueError:
+                continue
+            if not isinstance(body, dict):
+                continue
+            if self.topics.status.match(topic) is not None:
+                self.status[str(body.get("id"))] = {**body, "_at": now}
+            elif topic == f"{self.prefix}/leader":
+                self.leases.append((now, body))
+            elif topic == self.reply_to or topic in HERMES_REPLIES[1:] or topic.startswith("hermes/intent/"):
+                if body.get("event") == "token":
+                    continue
+                rid = body.get("id") or body.get("sessionId")  # hermes/error/nlu carries the session id only
+                if not isinstance(rid, str) or rid not in self.sent:
+                    continue
+                ans = Answer(rid, topic, body, self.sent[rid], now)
+                self.answers[rid].append(ans)
+                fut = self._waiters.pop(rid, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(ans)
+
+    # --- asking ---------------------------------------------------------------------------------
+
+    async def _ask(self, rid: str, topic: str, payload: dict[str, Any], timeout: float) -> Answer | None:
+        assert self._client is not None
+        fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._waiters[rid] = fut
+        self.sent.setdefault(rid, time.monotonic())
+        await self._client.publish(topic, json.dumps(payload), qos=1)
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            return None
+        finally:
+            self._waiters.pop(rid, None)
+
+    async def request(self, op: str, text: str | list[str], params: dict[str, Any] | None = None,
+                      timeout: float = 30.0, rid: str | None = None) -> Answer | None:
+        """One general request on ``P/request``; None when no final reply came within ``timeout``."""
+        rid = rid or f"r{uuid.uuid4().hex[:10]}"
+        body = {"id": rid, "reply_to": self.reply_to, "op": op, "input": text, "params": params or {}}
+        return await self._ask(rid, f"{self.prefix}/request", body, timeout)
+
+    async def hermes(self, text: str, timeout: float = 30.0, rid: str | None = None) -> Answer | None:
+        """One Hermes NLU query (session id = query id, so errors can be matched too)."""
+        rid = rid or f"q{uuid.uuid4().hex[:10]}"
+        return await self._ask(rid, "hermes/nlu/query", {"input": text, "id": rid, "sessionId": rid, "siteId": "test"},
+                               timeout)
+
+    # --- waiting for the home -------------------------------------------------------------------
+
+    def leader(self) -> str | None:
+        if not self.leases:
+            return None
+        lid = self.leases[-1][1].get("id")
+        return lid if isinstance(lid, str) else None
+
+    def placement(self, devices: list[str]) -> int:
+        """The leader's placement version when every one of ``devices`` reports ready at it; else 0."""
+        lead = self.leader()
+        if lead is None or lead not in self.status:
+            return 0
+        v = int(self.status[lead].get("placement_version") or 0)
+        ok = all(self.status.get(d, {}).get("ready") and self.status[d].get("placement_version") == v for d in devices)
+        return v if ok and v else 0
+
+    async def wait_placement(self, devices: list[str], timeout: float = 60.0, newer_than: int = 0,
+                             leader_not: str | None = None) -> tuple[str, int]:
+        """Wait until a leader (not ``leader_not``) has a placement newer than ``newer_than`` with
+        all of ``devices`` ready; returns (leader, version)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                lead, v = self.leader(), self.placement(devices)
+                if lead is not None and v > newer_than and lead != leader_not:
+                    return lead, v
+                await asyncio.sleep(0.05)
+
+    async def wait_presence(self, dev: str, online: bool, after: float, timeout: float = 30.0) -> float:
+        """The moment (after ``after``) ``dev``'s presence became ``online``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for t, d, on in self.presence_events:
+                    if d == dev and on == online and t >= after:
+                        return t
+                await asyncio.sleep(0.02)
+
+    async def wait_leader(self, not_id: str, after: float, timeout: float = 30.0) -> tuple[float, str]:
+        async with asyncio.timeout(timeout):
+            while True:
+                for t, lease in self.leases:
+                    if t >= after and lease.get("id") not in (None, not_id):
+                        return t, str(lease["id"])
+                await asyncio.sleep(0.02)
+
+
+def rss_kb(pid: int) -> int | None:
+    """Resident set size of ``pid`` (VmRSS, kB); None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
