@@ -55,16 +55,21 @@ class KVCache:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE in the "rotate half" convention (first and second half of each head pair up)."""
+    """RoPE in the "rotate half" convention (first and second half of each head pair up).
+
+    The frequencies are computed on use rather than held in a buffer, so a model built on the
+    ``meta`` device and loaded with ``assign=True`` needs no special care.
+    """
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (T, head_dim) for integer positions (T,)."""
-        freqs = torch.outer(positions.to(torch.float32), self.inv_freq)  # (T, hd/2)
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        inv_freq = 1.0 / (self.theta**exponents)  # (hd/2,)
+        freqs = torch.outer(positions.to(torch.float32), inv_freq)  # (T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
         return emb.cos(), emb.sin()
 
