@@ -107,6 +107,10 @@ class AgentConfig:
     homeassistant: bool = True  # publish Home Assistant discovery
     homeassistant_prefix: str = "homeassistant"
     election: ElectionConfig = field(default_factory=ElectionConfig)
+    # where assigned weights come from: "auto" (local model files, else streamed from the
+    # leader), "local" (files only) or "stream" (always from the leader; docs/WEIGHTS.md)
+    weights: str = "auto"
+    weights_cache: Path | None = None  # streamed chunks kept here (default: the model cache dir)
 
     def __post_init__(self) -> None:
         try:
@@ -122,6 +126,8 @@ class AgentConfig:
             raise ConfigError("cluster_key is empty: set a long random secret (or remove it to run unsigned)")
         if not self.status_interval_s > 0:
             raise ConfigError("status_interval_s must be > 0")
+        if self.weights not in ("auto", "local", "stream"):
+            raise ConfigError(f'weights must be "auto", "local" or "stream", got {self.weights!r}')
         if self.broker.url is None and not self.discovery:
             raise ConfigError("set broker.url or enable discovery: the agent cannot find a broker")
 
@@ -204,6 +210,8 @@ class AgentConfig:
             homeassistant=top.get("homeassistant", bool, True),
             homeassistant_prefix=top.get("homeassistant_prefix", str, "homeassistant"),
             election=election,
+            weights=top.get("weights", str, "auto"),
+            weights_cache=top.path("weights_cache", base_dir),
         )
         top.done()
         return cfg

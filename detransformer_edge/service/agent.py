@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -29,6 +30,7 @@ from detransformer_edge.service.catalog import Catalog
 from detransformer_edge.service.host import ModelHost, weights_from_dict
 from detransformer_edge.service.leader import Leader, ServiceError
 from detransformer_edge.service.runs import RunControl, parse_run_topic
+from detransformer_edge.service.weight_stream import WeightFetcher, WeightServer, chunk_topic, want_device, want_filter
 from detransformer_edge.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,14 @@ class HomeAgent:
         )
         prefix = self.cluster.topics.prefix
         self.transport = MqttTransport(config.id, broker[0], broker[1], prefix=prefix, username=user, password=password)
-        self.host = ModelHost(self.transport, catalog)
+        # weights: the leader streams shard units to devices without local model files
+        from detransformer_edge.model.loaders import cache_dir
+
+        weights_cache = config.weights_cache or (cache_dir() or Path.home() / ".cache" / "detransformer-edge") / "weights"
+        self.weight_server = WeightServer(catalog, self._publish, prefix)
+        self.weight_fetcher = WeightFetcher(config.id, catalog, self._publish, prefix, weights_cache / config.cluster / config.id)
+        self.host = ModelHost(self.transport, catalog, self.weight_fetcher, config.weights)  # type: ignore[arg-type]
+        self._assign_task: asyncio.Task | None = None
         self.leader = Leader(config.id, self.host, catalog, self._publish, f"{prefix}/run", replicate_all=replicate_all)
         self.leader.signer = self.cluster.signer
         self.leader.lease_term = lambda: self.cluster.lease.term if self.cluster.lease is not None else 0
@@ -84,6 +93,8 @@ class HomeAgent:
         self.cluster.subscribe(f"{prefix}/run/+/end", self._on_run_message, qos=1)
         self.cluster.subscribe(self.cluster.topics.status.filter, self._on_status, qos=0)
         self.cluster.subscribe(HERMES_QUERY, self._on_hermes_query, qos=1)
+        self.cluster.subscribe(want_filter(prefix), self._on_weights_want, qos=1)
+        self.cluster.subscribe(chunk_topic(prefix, config.id), self._on_weights_chunk, qos=1)
         self.leader.listeners.append(self._publish_log)
 
     # --- lifetime --------------------------------------------------------------------------------
@@ -99,6 +110,7 @@ class HomeAgent:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.weight_server.close()
         await self.host.close()
         if self._stack is not None:
             await self._stack.aclose()
@@ -145,6 +157,7 @@ class HomeAgent:
             "placement": self.leader.placement_summary() if leading else None,
             "requests": [r.to_dict() for r in self.leader.log] if leading else [],
             "version": __version__,
+            "weights_loading": self.host.loading(),
         }
 
     def _publish_log(self, kind: str, data: dict[str, Any]) -> None:
@@ -220,12 +233,31 @@ class HomeAgent:
             return
         self.cluster.work_state = WorkState(False, msg.placement_version, ())
         await self._status_now()
-        await self.host.assign(msg.placement_version, models)
-        self.cluster.work_state = WorkState(True, msg.placement_version, self.host.sub_blocks(),
+        # loaded in a task: the message loop must keep running (streamed weight chunks arrive
+        # through it); a newer assignment replaces one still loading
+        if self._assign_task is not None and not self._assign_task.done():
+            self._assign_task.cancel()
+        self._assign_task = self._spawn(self._hold(msg.placement_version, models), "assign")
+
+    async def _hold(self, version: int, models: Mapping[str, Any]) -> None:
+        try:
+            await self.host.assign(version, models)
+        except (DetransformerError, OSError) as exc:
+            log.error("%s cannot hold its placement v%d: %s", self.id, version, exc)
+            return
+        self.cluster.work_state = WorkState(True, version, self.host.sub_blocks(),
                                             self.cluster.work_state.last_latency_ms)
         await self._status_now()
         if self.cluster.is_leader:
-            self.leader.mark_ready(self.id, msg.placement_version)
+            self.leader.mark_ready(self.id, version)
+
+    async def _on_weights_want(self, message: aiomqtt.Message) -> None:
+        dev = want_device(self.cluster.topics.prefix, message.topic.value)
+        if dev is not None and dev != self.id and self.cluster.is_leader:
+            await self.weight_server.handle_want(dev, bytes(message.payload))  # type: ignore[arg-type]
+
+    def _on_weights_chunk(self, message: aiomqtt.Message) -> None:
+        self.weight_fetcher.handle_chunk(bytes(message.payload))  # type: ignore[arg-type]
 
     async def _status_now(self) -> None:
         with contextlib.suppress(AgentNotConnectedError, aiomqtt.MqttError):

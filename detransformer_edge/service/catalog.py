@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,6 +43,9 @@ class ServedModel:
     loader: Callable[[], LoadedServedModel]
     max_tokens: int = 512
     description: str = ""
+    # reads only the named tensors (our state-dict names) from this device's files, so a device
+    # materialises just its placement (service/weights.py); None: only the full loader exists
+    tensors: Callable[[Collection[str]], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -127,19 +130,35 @@ def default_catalog() -> Catalog:
 
         return intent_model_config()
 
+    def lazy_source(name: str) -> Callable[[Collection[str]], dict[str, Any]]:
+        """The model's LocalWeightSource, opened on first use (ModelNotInstalledError if absent)."""
+        opened: list[Any] = []
+
+        def read(names: Collection[str]) -> dict[str, Any]:
+            from detransformer_edge.service import weights
+
+            if not opened:
+                opened.append({"minilm-l6": weights.minilm_source, "smollm2-135m": weights.smollm2_source,
+                               "intent": weights.intent_source}[name]())
+            return opened[0](names)
+
+        return read
+
     from detransformer_edge.nlu.parser import default_weights_dir
 
     models: dict[str, ServedModel] = {}
     if (default_weights_dir() / "model.safetensors").exists():
-        models["intent"] = ServedModel("intent", intent_config, intent_loader, 128, "decoupled MiniLM, intent + slot heads")
+        models["intent"] = ServedModel("intent", intent_config, intent_loader, 128, "decoupled MiniLM, intent + slot heads",
+                                       lazy_source("intent"))
     else:
         log.warning("no trained intent model in %s: voice queries are not served; run `detransformer-edge train-intent`",
                     default_weights_dir())
     return Catalog({
         **models,
-        "minilm-l6": ServedModel("embed", lambda: get_config("minilm-l6"), embed_loader, 512, "all-MiniLM-L6-v2"),
+        "minilm-l6": ServedModel("embed", lambda: get_config("minilm-l6"), embed_loader, 512, "all-MiniLM-L6-v2",
+                                 lazy_source("minilm-l6")),
         "smollm2-135m": ServedModel("generate", lambda: get_config("smollm2-135m"), generate_loader, 2048,
-                                    "SmolLM2-135M-Instruct"),
+                                    "SmolLM2-135M-Instruct", lazy_source("smollm2-135m")),
     })
 
 
@@ -147,20 +166,12 @@ def default_catalog() -> Catalog:
 
 
 def _random_model(cfg: Any, seed: int) -> Any:
-    """A model with N(0, 0.02) weights from a private generator: agents load in worker
-    threads and torch's global RNG is shared, so seeding it would race."""
-    import torch
+    """A model with N(0, 0.02) weights drawn per tensor from a generator seeded by (seed, name):
+    private generators (agents load in worker threads, torch's global RNG would race), and any
+    subset of tensors a device loads selectively equals the same tensors of the full model."""
+    from detransformer_edge.service.weights import materialise, parameter_shapes, random_tensors
 
-    from detransformer_edge.model.decoder import Decoder
-    from detransformer_edge.model.encoder import Encoder
-
-    g = torch.Generator().manual_seed(seed)
-    model = (Encoder if cfg.family == "encoder" else Decoder)(cfg).eval()
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model
+    return materialise(cfg, random_tensors(cfg, seed, parameter_shapes(cfg)))
 
 
 def _random_entry(task: Task, cfg_factory: Callable[[], Any], seed: int, description: str,
@@ -174,7 +185,12 @@ def _random_entry(task: Task, cfg_factory: Callable[[], Any], seed: int, descrip
             intent_head = TinyIntentHead(cfg.d_model, cfg.vocab_size, seed)
         return LoadedServedModel(_random_model(cfg, seed), ByteTokenizer(cfg.vocab_size), intent_head)
 
-    return ServedModel(task, cfg_factory, load, max_tokens, description)
+    def tensors(names: Collection[str]) -> dict[str, Any]:
+        from detransformer_edge.service.weights import random_tensors
+
+        return random_tensors(cfg_factory(), seed, names)
+
+    return ServedModel(task, cfg_factory, load, max_tokens, description, tensors)
 
 
 def tiny_catalog(seed: int = 0) -> Catalog:

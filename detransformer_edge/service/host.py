@@ -1,9 +1,10 @@
 """The model side of one device: the weights the placement gave it, and its part of each run.
 
-An assignment names, per model, the :class:`DeviceWeights` this device must hold. The host loads
-the model from the device's local files (in a worker thread, so the agent keeps
-answering pings and elections), cuts its shard out and drops the rest, and keeps one
-:class:`Executor` per model. Runs from the leader (``RunControl``) are executed here; a
+An assignment names, per model, the :class:`DeviceWeights` this device must hold. The host builds
+the model on the ``meta`` device and materialises only those weights (``service/weights.py``):
+read from the device's local files (in a worker thread, so the agent keeps answering pings and
+elections), or, without local files, streamed from the leader (``service/weight_stream.py``).
+It keeps one :class:`Executor` per model. Runs from the leader (``RunControl``) are executed here; a
 generation is a prefill pass followed by decode passes until the leader says ``end``.
 """
 
@@ -13,16 +14,18 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from detransformer_edge.errors import DetransformerError
+from detransformer_edge.errors import ConfigError, DetransformerError, ModelNotInstalledError
 from detransformer_edge.parallel.executor import Executor, Job, JobResult
 from detransformer_edge.parallel.plan import DeviceWeights
 from detransformer_edge.parallel.shards import DeviceShard, build_shard
 from detransformer_edge.service.catalog import Catalog
 from detransformer_edge.service.runs import RunControl
 from detransformer_edge.transport.base import Transport
+from detransformer_edge.service.weights import WeightSourceError, build_selective_shard, load_selective_shard, shard_units
 from detransformer_edge.transport.errors import RequestCancelled
 
 log = logging.getLogger(__name__)
@@ -52,10 +55,23 @@ class HeldModel:
     executor: Executor
 
 
+WeightsMode = Literal["auto", "local", "stream"]
+WEIGHTS_MODES: tuple[str, ...] = ("auto", "local", "stream")
+
+
 class ModelHost:
-    def __init__(self, transport: Transport, catalog: Catalog) -> None:
+    def __init__(self, transport: Transport, catalog: Catalog, fetcher: object | None = None,
+                 weights: WeightsMode = "auto") -> None:
+        """``weights``: ``local`` reads the device's files; ``stream`` asks the leader (``fetcher``,
+        a :class:`WeightFetcher`); ``auto`` reads local files and streams only when they are missing."""
+        if weights not in WEIGHTS_MODES:
+            raise ConfigError(f"weights must be one of {', '.join(WEIGHTS_MODES)}, got {weights!r}")
+        if weights == "stream" and fetcher is None:
+            raise ConfigError("weights = 'stream' needs a connection to the leader (a WeightFetcher)")
         self.transport = transport
         self.catalog = catalog
+        self.fetcher = fetcher
+        self.weights_mode = weights
         self.device_id = transport.device_id
         self.held: dict[str, HeldModel] = {}
         self.version = 0
@@ -77,17 +93,39 @@ class ModelHost:
                     continue
                 if weights == DeviceWeights():
                     continue
-                shard = await asyncio.to_thread(self._cut, model, weights)
+                shard = await self._load(model, weights, version)
                 held[model] = HeldModel(weights, shard, Executor(self.transport, shard))
                 log.info("%s holds %s of %s: %.1f MB", self.device_id, weights, model, shard.nbytes() / 1e6)
             self.held = held
             self.version = version
             self.ready = True
 
+    async def _load(self, model: str, weights: DeviceWeights, version: int) -> DeviceShard:
+        if self.weights_mode != "stream":
+            try:
+                return await asyncio.to_thread(self._cut, model, weights)
+            except (ModelNotInstalledError, WeightSourceError) as exc:
+                if self.fetcher is None or self.weights_mode == "local":
+                    raise
+                log.warning("%s: no local weights for %s (%s): streaming them from the leader", self.device_id, model, exc)
+        cfg = self.catalog.get(model).config()
+        tensors = await self.fetcher.fetch(model, version, shard_units(cfg, weights))  # type: ignore[union-attr]
+        return await asyncio.to_thread(build_selective_shard, cfg, weights, tensors)
+
     def _cut(self, model: str, weights: DeviceWeights) -> DeviceShard:
+        """Only ``weights`` from the local files (a full load and cut where the model has no
+        selective source)."""
+        served = self.catalog.get(model)
+        if served.tensors is not None:
+            return load_selective_shard(served.config(), weights, served.tensors)
         loaded = self.catalog.load(model)
         with torch.inference_mode():
             return build_shard(loaded.model, weights)
+
+    def loading(self) -> dict[str, float]:
+        """Percent received of each weight shard streaming in now (empty when none)."""
+        fetcher = self.fetcher
+        return fetcher.progress() if fetcher is not None else {}  # type: ignore[attr-defined]
 
     def weight_bytes(self) -> dict[str, int]:
         return {model: h.shard.nbytes() for model, h in self.held.items()}

@@ -1,0 +1,423 @@
+"""Weights over MQTT, for devices without the model files: the leader streams shard units.
+
+    device -> P/weights/<device>/want    JSON  {model, placement_version, shards, have}
+    leader -> P/weights/<device>/chunk   msgpack {model, shard, index, total, sha256, data}  (QoS 1)
+
+A *shard* is one unit of ``service/weights.py`` (``embeddings``, ``sub_block.<j>``, ``layer.<i>``)
+serialised with safetensors; it travels in chunks of at most 256 KiB, each carrying the SHA-256
+of the whole shard. The device keeps chunks on disk as they arrive, so a restart asks only for
+what is missing (``have``); a shard whose reassembled bytes do not match the SHA-256 is deleted and
+asked for again. When ``have`` already covers a shard the leader answers with one *complete*
+message (``index = -1``, no data) so the device can check the copy it kept against the leader's.
+See docs/WEIGHTS.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import torch
+
+from detransformer_edge.cluster.topics import ProtocolError, check_name
+from detransformer_edge.errors import ConfigError, DetransformerError
+from detransformer_edge.service.catalog import Catalog
+from detransformer_edge.service.weights import check_unit, unit_bytes, unit_tensors
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 256 * 1024  # MQTT brokers and small devices handle messages of this size well
+MAX_SHARD_BYTES = 1 << 30  # SmolLM2's largest unit (embeddings + head, float32) is ~113 MB
+MAX_WANT_BYTES = 1 << 22  # a want lists chunk indices: ~4 M chunks at most, far beyond any shard
+MAX_SHARDS_PER_WANT = 256
+
+Publish = Callable[[str, bytes, int], Awaitable[None]]
+
+
+class WeightTransferError(DetransformerError):
+    """Streaming weights from the leader failed (no answer after retries, or bad shards)."""
+
+
+def want_topic(prefix: str, device: str) -> str:
+    return f"{prefix}/weights/{device}/want"
+
+
+def chunk_topic(prefix: str, device: str) -> str:
+    return f"{prefix}/weights/{device}/chunk"
+
+
+def want_filter(prefix: str) -> str:
+    return f"{prefix}/weights/+/want"
+
+
+def want_device(prefix: str, topic: str) -> str | None:
+    """The device of a ``P/weights/<device>/want`` topic; None for any other topic."""
+    head, tail = f"{prefix}/weights/", "/want"
+    if not (topic.startswith(head) and topic.endswith(tail)):
+        return None
+    dev = topic[len(head): -len(tail)]
+    try:
+        return check_name(dev, "device id")
+    except ProtocolError:
+        return None
+
+
+# --- messages ----------------------------------------------------------------------------------------
+
+
+def _check_model_and_shard(model: Any, shard: Any) -> None:
+    if not isinstance(model, str) or not 0 < len(model) <= 128:
+        raise ProtocolError(f"weights: model must be a name, got {model!r}")
+    if not isinstance(shard, str) or not 0 < len(shard) <= 64 or "/" in shard:
+        raise ProtocolError(f"weights: shard must be a shard id, got {shard!r}")
+
+
+@dataclass(frozen=True)
+class WeightWant:
+    """A device asks for shards of a model, listing the chunk indices it already has."""
+
+    model: str
+    placement_version: int
+    shards: tuple[str, ...]
+    have: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shards", tuple(self.shards))
+        object.__setattr__(self, "have", {k: tuple(v) for k, v in self.have.items()})
+        if not isinstance(self.placement_version, int) or isinstance(self.placement_version, bool) or self.placement_version < 0:
+            raise ProtocolError(f"weights want: bad placement_version {self.placement_version!r}")
+        if not 1 <= len(self.shards) <= MAX_SHARDS_PER_WANT:
+            raise ProtocolError(f"weights want: 1..{MAX_SHARDS_PER_WANT} shards, got {len(self.shards)}")
+        for s in self.shards:
+            _check_model_and_shard(self.model, s)
+        for s, idx in self.have.items():
+            if s not in self.shards:
+                raise ProtocolError(f"weights want: 'have' names shard {s!r} that is not wanted")
+            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (1 << 24) for i in idx):
+                raise ProtocolError(f"weights want: chunk indices of {s!r} must be integers >= 0")
+
+    def to_json(self) -> bytes:
+        return json.dumps({"model": self.model, "placement_version": self.placement_version,
+                           "shards": list(self.shards), "have": {k: list(v) for k, v in self.have.items()}}).encode()
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> WeightWant:
+        if len(payload) > MAX_WANT_BYTES:
+            raise ProtocolError(f"weights want of {len(payload)} bytes is too large")
+        try:
+            d = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ProtocolError(f"weights want is not JSON: {exc}") from None
+        if not isinstance(d, dict) or not isinstance(d.get("shards"), list) or not isinstance(d.get("have", {}), dict):
+            raise ProtocolError("weights want must be an object with 'shards' (list) and 'have' (object)")
+        have = d.get("have", {})
+        if not all(isinstance(v, list) for v in have.values()):
+            raise ProtocolError("weights want: 'have' maps shard ids to lists of chunk indices")
+        return cls(d.get("model"), d.get("placement_version"), tuple(d["shards"]), have)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class WeightChunk:
+    """Chunk ``index`` of ``total`` of a shard; ``index = -1``: "you have it all" (no data)."""
+
+    model: str
+    shard: str
+    index: int
+    total: int
+    sha256: str  # hex digest of the whole shard
+    data: bytes = b""
+
+    def __post_init__(self) -> None:
+        _check_model_and_shard(self.model, self.shard)
+        for k in ("index", "total"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ProtocolError(f"weights chunk: {k} must be an integer, got {v!r}")
+        if not 1 <= self.total <= math.ceil(MAX_SHARD_BYTES / 1024):
+            raise ProtocolError(f"weights chunk: total {self.total} out of range")
+        if not -1 <= self.index < self.total:
+            raise ProtocolError(f"weights chunk: index {self.index} not in -1..{self.total - 1}")
+        if not isinstance(self.sha256, str) or len(self.sha256) != 64 or not all(c in "0123456789abcdef" for c in self.sha256):
+            raise ProtocolError("weights chunk: sha256 must be 64 lowercase hex digits")
+        if not isinstance(self.data, bytes) or len(self.data) > CHUNK_BYTES:
+            raise ProtocolError(f"weights chunk: data must be at most {CHUNK_BYTES} bytes")
+        if self.index == -1 and self.data:
+            raise ProtocolError("weights chunk: a 'complete' message (index -1) carries no data")
+
+    def to_bytes(self) -> bytes:
+        return msgpack.packb({"model": self.model, "shard": self.shard, "index": self.index, "total": self.total,
+                              "sha256": self.sha256, "data": self.data}, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> WeightChunk:
+        if len(payload) > CHUNK_BYTES + 4096:
+            raise ProtocolError(f"weights chunk of {len(payload)} bytes is too large")
+        try:
+            d = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=CHUNK_BYTES,
+                                max_str_len=256, max_array_len=16, max_map_len=16, max_ext_len=0)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise ProtocolError(f"weights chunk is not msgpack: {exc}") from None
+        if not isinstance(d, dict) or set(d) != {"model", "shard", "index", "total", "sha256", "data"}:
+            raise ProtocolError("weights chunk must be a map of model, shard, index, total, sha256, data")
+        return cls(d["model"], d["shard"], d["index"], d["total"], d["sha256"], d["data"])
+
+
+# --- the leader's side ---------------------------------------------------------------------------------
+
+
+class WeightServer:
+    """Answers wants from the leader's local files; one task per (device, model, shard), a newer
+    want for the same shard replaces the older one, at most ``max_concurrent`` shards at a time."""
+
+    def __init__(self, catalog: Catalog, publish: Publish, prefix: str, *, chunk_bytes: int = CHUNK_BYTES,
+                 max_shard_bytes: int = MAX_SHARD_BYTES, max_concurrent: int = 2,
+                 cache_bytes: int = 256 << 20) -> None:
+        if not 0 < chunk_bytes <= CHUNK_BYTES:
+            raise ConfigError(f"chunk_bytes must be 1..{CHUNK_BYTES}")
+        self.catalog, self.publish, self.prefix = catalog, publish, prefix
+        self.chunk_bytes, self.max_shard_bytes, self.cache_bytes = chunk_bytes, max_shard_bytes, cache_bytes
+        self._sem = asyncio.Semaphore(max_concurrent)
+        self._tasks: dict[tuple[str, str, str], asyncio.Task] = {}
+        self._blobs: OrderedDict[tuple[str, str], tuple[bytes, str]] = OrderedDict()
+        self._blob_lock = asyncio.Lock()
+        # test hooks: rewrite (or drop, returning None) a chunk before it is sent; a log of sent chunks
+        self.on_send: Callable[[str, WeightChunk], WeightChunk | None] | None = None
+        self.sent: deque[tuple[str, str, str, int]] = deque(maxlen=100_000)  # (device, model, shard, index)
+
+    async def handle_want(self, device: str, payload: bytes) -> None:
+        try:
+            want = WeightWant.from_json(payload)
+            cfg = self.catalog.get(want.model).config()
+            for s in want.shards:
+                check_unit(cfg, s)
+        except (ProtocolError, ConfigError) as exc:
+            log.warning("ignoring weights want from %s: %s", device, exc)
+            return
+        for shard in want.shards:
+            key = (device, want.model, shard)
+            old = self._tasks.pop(key, None)
+            if old is not None:
+                old.cancel()
+            task = asyncio.create_task(self._serve(device, want.model, shard, set(want.have.get(shard, ()))),
+                                       name=f"weights-{device}-{shard}")
+            self._tasks[key] = task
+            task.add_done_callback(lambda t, k=key: self._tasks.pop(k, None) if self._tasks.get(k) is t else None)
+
+    async def _blob(self, model: str, shard: str) -> tuple[bytes, str]:
+        async with self._blob_lock:
+            hit = self._blobs.get((model, shard))
+            if hit is not None:
+                self._blobs.move_to_end((model, shard))
+                return hit
+            served = self.catalog.get(model)
+            if served.tensors is None:
+                raise WeightTransferError(f"model {model!r} has no selective weight source on this device")
+            blob = await asyncio.to_thread(unit_bytes, served.config(), shard, served.tensors)
+            if len(blob) > self.max_shard_bytes:
+                raise WeightTransferError(f"shard {model}/{shard} is {len(blob)} bytes, above the {self.max_shard_bytes} limit")
+            hit = (blob, hashlib.sha256(blob).hexdigest())
+            self._blobs[(model, shard)] = hit
+            while len(self._blobs) > 1 and sum(len(b) for b, _ in self._blobs.values()) > self.cache_bytes:
+                self._blobs.popitem(last=False)
+            return hit
+
+    async def _serve(self, device: str, model: str, shard: str, have: set[int]) -> None:
+        try:
+            async with self._sem:
+                blob, sha = await self._blob(model, shard)
+                total = max(1, math.ceil(len(blob) / self.chunk_bytes))
+                missing = [i for i in range(total) if i not in have]
+                topic = chunk_topic(self.prefix, device)
+                if not missing:
+                    await self.publish(topic, WeightChunk(model, shard, -1, total, sha).to_bytes(), 1)
+                    return
+                log.info("streaming %s/%s to %s: %d of %d chunks (%.1f MB)", model, shard, device, len(missing), total,
+                         len(missing) * self.chunk_bytes / 1e6)
+                for i in missing:
+                    chunk: WeightChunk | None = WeightChunk(model, shard, i, total, sha,
+                                                            blob[i * self.chunk_bytes:(i + 1) * self.chunk_bytes])
+                    if self.on_send is not None:
+                        chunk = self.on_send(device, chunk)  # type: ignore[arg-type]
+                    self.sent.append((device, model, shard, i))
+                    if chunk is not None:
+                        await self.publish(topic, chunk.to_bytes(), 1)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # one bad shard must not stop the leader; the device retries
+            log.warning("cannot stream %s/%s to %s: %s", model, shard, device, exc)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --- the device's side ----------------------------------------------------------------------------------
+
+
+class _Transfer:
+    """One shard being received: chunk files under ``path`` (``manifest.json`` + ``<index>.chunk``)."""
+
+    def __init__(self, path: Path, max_chunks: int) -> None:
+        self.path, self.max_chunks = path, max_chunks
+        self.total: int | None = None
+        self.sha256: str | None = None
+        self.have: set[int] = set()
+        self.complete_notice = False
+        self.event = asyncio.Event()
+        self._logged = -1
+        manifest = path / "manifest.json"
+        try:
+            m = json.loads(manifest.read_text())
+            self.total, self.sha256 = int(m["total"]), str(m["sha256"])
+            self.have = {int(p.stem) for p in path.glob("*.chunk") if p.stem.isdigit() and int(p.stem) < self.total}
+        except (OSError, ValueError, KeyError, TypeError):
+            self.wipe()
+
+    def wipe(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.total, self.sha256, self.have, self.complete_notice = None, None, set(), False
+
+    def received_all(self) -> bool:
+        return self.total is not None and len(self.have) == self.total
+
+    def add(self, chunk: WeightChunk) -> None:
+        if chunk.total > self.max_chunks:
+            raise ProtocolError(f"shard {chunk.shard} of {chunk.total} chunks is above the size limit")
+        if self.sha256 is not None and (chunk.sha256, chunk.total) != (self.sha256, self.total):
+            log.info("the leader's %s differs from the copy kept here: starting it again", chunk.shard)
+            self.wipe()
+        if self.sha256 is None:
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = self.path / "manifest.json.tmp"
+            tmp.write_text(json.dumps({"total": chunk.total, "sha256": chunk.sha256}))
+            os.replace(tmp, self.path / "manifest.json")
+            self.total, self.sha256 = chunk.total, chunk.sha256
+        if chunk.index == -1:
+            self.complete_notice = True
+        elif chunk.index not in self.have:
+            tmp = self.path / f"{chunk.index}.tmp"
+            tmp.write_bytes(chunk.data)
+            os.replace(tmp, self.path / f"{chunk.index}.chunk")  # a torn write never looks like a chunk
+            self.have.add(chunk.index)
+        self.event.set()
+
+    def percent(self) -> float:
+        return 100.0 * len(self.have) / self.total if self.total else 0.0
+
+    def log_progress(self, model: str, shard: str) -> None:
+        step = int(self.percent() // 10)
+        if step != self._logged:
+            self._logged = step
+            log.info("weights %s/%s: %.0f%% (%d/%s chunks)", model, shard, self.percent(), len(self.have), self.total)
+
+    def assemble(self) -> bytes:
+        assert self.total is not None
+        return b"".join((self.path / f"{i}.chunk").read_bytes() for i in range(self.total))
+
+
+class WeightFetcher:
+    """Gets shard units from the leader into ``cache_dir``; ``fetch`` returns their tensors."""
+
+    def __init__(self, device_id: str, catalog: Catalog, publish: Publish, prefix: str, cache_dir: Path, *,
+                 max_concurrent: int = 2, timeout_s: float = 10.0, retries: int = 5,
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+        self.device_id, self.catalog, self.publish, self.prefix = device_id, catalog, publish, prefix
+        self.cache_dir = Path(cache_dir)
+        self.max_concurrent, self.timeout_s, self.retries = max_concurrent, timeout_s, retries
+        self.max_chunks = math.ceil(max_shard_bytes / 1024)  # chunks may be as small as 1 KiB
+        self._active: dict[tuple[str, str], _Transfer] = {}
+        self.corrupt_shards = 0  # shards that failed their sha256 (and were fetched again)
+
+    def progress(self) -> dict[str, float]:
+        """Percent received of each shard being fetched now (``model/shard`` -> percent)."""
+        return {f"{m}/{s}": round(t.percent(), 1) for (m, s), t in self._active.items()}
+
+    def handle_chunk(self, payload: bytes) -> None:
+        try:
+            chunk = WeightChunk.from_bytes(payload)
+            t = self._active.get((chunk.model, chunk.shard))
+            if t is None:
+                return  # a shard not (or no longer) being fetched: a late duplicate
+            t.add(chunk)
+            t.log_progress(chunk.model, chunk.shard)
+        except (ProtocolError, OSError) as exc:
+            log.warning("%s: dropping weights chunk: %s", self.device_id, exc)
+
+    async def fetch(self, model: str, placement_version: int, units: Sequence[str]) -> dict[str, torch.Tensor]:
+        cfg = self.catalog.get(model).config()
+        sem = asyncio.Semaphore(self.max_concurrent)
+
+        async def one(unit: str) -> dict[str, torch.Tensor]:
+            async with sem:
+                blob = await self._fetch_unit(model, placement_version, unit)
+                return await asyncio.to_thread(unit_tensors, cfg, unit, blob)
+
+        tasks = [asyncio.create_task(one(u), name=f"fetch-{model}-{u}") for u in units]
+        try:
+            parts = await asyncio.gather(*tasks)
+        except BaseException:  # one shard failed (or we were cancelled): stop the others too
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        out: dict[str, torch.Tensor] = {}
+        for part in parts:
+            out.update(part)
+        return out
+
+    async def _fetch_unit(self, model: str, version: int, unit: str) -> bytes:
+        key = (model, unit)
+        if key in self._active:
+            raise WeightTransferError(f"{model}/{unit} is already being fetched")
+        t = _Transfer(self.cache_dir / model / unit, self.max_chunks)
+        self._active[key] = t
+        failures = 0
+        try:
+            while True:
+                t.complete_notice = False
+                t.event.clear()
+                if t.have:
+                    log.info("%s: resuming %s/%s with %d/%s chunks kept", self.device_id, model, unit, len(t.have), t.total)
+                want = WeightWant(model, version, (unit,), {unit: tuple(sorted(t.have))})
+                await self.publish(want_topic(self.prefix, self.device_id), want.to_json(), 1)
+                heard = False  # anything from the leader since this want
+                while not ((t.received_all() and heard) or t.complete_notice):
+                    try:
+                        await asyncio.wait_for(t.event.wait(), self.timeout_s)
+                    except TimeoutError:
+                        break  # silence: ask again for what is still missing
+                    t.event.clear()
+                    heard = True
+                if t.received_all() and heard:
+                    blob = await asyncio.to_thread(t.assemble)
+                    if await asyncio.to_thread(lambda: hashlib.sha256(blob).hexdigest()) == t.sha256:
+                        return blob
+                    self.corrupt_shards += 1
+                    log.warning("%s: shard %s/%s failed its sha256: fetching it again", self.device_id, model, unit)
+                    t.wipe()
+                    failures += 1
+                elif t.complete_notice:  # the leader thinks we have it all, but our copy was stale
+                    failures += 1
+                elif not heard:
+                    failures += 1
+                    log.warning("%s: no weights for %s/%s from the leader in %.0f s (try %d of %d)", self.device_id,
+                                model, unit, self.timeout_s, failures, self.retries)
+                if failures > self.retries:
+                    raise WeightTransferError(
+                        f"could not get {model}/{unit} from the leader after {failures} tries; "
+                        "check that the leader has the model files")
+        finally:
+            self._active.pop(key, None)

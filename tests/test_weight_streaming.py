@@ -1,0 +1,220 @@
+"""Weights streamed from the leader over a real Mosquitto: a device without local files gets its
+shards, a chunk corrupted in flight is caught by the shard's sha256 and fetched again, and an
+interrupted transfer resumes from the chunks kept on disk."""
+
+import asyncio
+import contextlib
+import json
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import aiomqtt
+import pytest
+import torch
+
+from detransformer_edge.cluster.topics import ProtocolError
+from detransformer_edge.model.encoder import mean_pool
+from detransformer_edge.planner.profile import load_profile
+from detransformer_edge.service.agent import HomeAgent
+from detransformer_edge.service.catalog import tiny_catalog
+from detransformer_edge.service.weight_stream import (
+    CHUNK_BYTES,
+    WeightChunk,
+    WeightFetcher,
+    WeightServer,
+    WeightTransferError,
+    WeightWant,
+    chunk_topic,
+    want_device,
+    want_filter,
+)
+from detransformer_edge.service.weights import unit_parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "tiny-encoder-bp"
+SHA = "ab" * 32
+
+
+# --- messages (no broker) ------------------------------------------------------------------------------
+
+
+def test_messages_round_trip_and_reject_bad_input():
+    want = WeightWant(MODEL, 3, ("embeddings", "sub_block.1"), {"sub_block.1": (0, 2)})
+    assert WeightWant.from_json(want.to_json()) == want
+    chunk = WeightChunk(MODEL, "layer.1", 2, 5, SHA, b"\x00" * 10)
+    assert WeightChunk.from_bytes(chunk.to_bytes()) == chunk
+    done = WeightChunk(MODEL, "layer.1", -1, 5, SHA)
+    assert WeightChunk.from_bytes(done.to_bytes()) == done
+    for bad in [b"{", b"[]", json.dumps({"model": MODEL, "placement_version": 1, "shards": []}).encode(),
+                json.dumps({"model": MODEL, "placement_version": -1, "shards": ["x"]}).encode(),
+                json.dumps({"model": MODEL, "placement_version": 1, "shards": ["a"], "have": {"b": [1]}}).encode(),
+                json.dumps({"model": MODEL, "placement_version": 1, "shards": ["a"], "have": {"a": [-1]}}).encode()]:
+        with pytest.raises(ProtocolError):
+            WeightWant.from_json(bad)
+    with pytest.raises(ProtocolError):
+        WeightChunk(MODEL, "layer.1", 5, 5, SHA)  # index beyond total
+    with pytest.raises(ProtocolError):
+        WeightChunk(MODEL, "layer.1", 0, 5, "nothex")
+    with pytest.raises(ProtocolError):
+        WeightChunk(MODEL, "layer.1", 0, 5, SHA, b"x" * (CHUNK_BYTES + 1))
+    with pytest.raises(ProtocolError):
+        WeightChunk.from_bytes(b"\xc1garbage")
+    assert want_device("detransformer/home", "detransformer/home/weights/dev2/want") == "dev2"
+    assert want_device("detransformer/home", "detransformer/home/weights/a/b/want") is None
+
+
+# --- leader and device over Mosquitto, without agents ---------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def link(broker, server: WeightServer, fetcher: WeightFetcher, prefix: str):
+    """Route wants to ``server`` and chunks to ``fetcher`` through the broker."""
+    host, port = broker
+    async with aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V311) as lead, \
+            aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V311) as dev:
+        server.publish = lambda t, p, q: lead.publish(t, p, qos=q)
+        fetcher.publish = lambda t, p, q: dev.publish(t, p, qos=q)
+        await lead.subscribe(want_filter(prefix), qos=1)
+        await dev.subscribe(chunk_topic(prefix, "dev9"), qos=1)
+
+        async def serve():
+            async for m in lead.messages:
+                await server.handle_want(want_device(prefix, m.topic.value), bytes(m.payload))
+
+        async def receive():
+            async for m in dev.messages:
+                fetcher.handle_chunk(bytes(m.payload))
+
+        tasks = [asyncio.create_task(serve()), asyncio.create_task(receive())]
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await server.close()
+
+
+def reference(units):
+    served = tiny_catalog().get(MODEL)
+    cfg = served.config()
+    return served.tensors({n for u in units for n in unit_parameters(cfg, u)})
+
+
+def make_pair(tmp_path, prefix, **fetcher_kw):
+    cat = tiny_catalog()
+    server = WeightServer(cat, None, prefix, chunk_bytes=2048)
+    fetcher = WeightFetcher("dev9", cat, None, prefix, tmp_path / "cache", **fetcher_kw)
+    return server, fetcher
+
+
+@pytest.mark.mosquitto
+async def test_corrupted_chunk_is_detected_and_fetched_again(mosquitto_broker, tmp_path, topic_prefix):
+    server, fetcher = make_pair(tmp_path, topic_prefix, timeout_s=5.0)
+    corrupted = []
+
+    def flip(device, chunk):
+        if chunk.shard == "sub_block.2" and chunk.index == 1 and not corrupted:
+            corrupted.append(chunk.index)
+            return replace(chunk, data=bytes([chunk.data[0] ^ 0xFF]) + chunk.data[1:])
+        return chunk
+
+    server.on_send = flip
+    units = ("embeddings", "sub_block.2", "layer.1")
+    async with link(mosquitto_broker, server, fetcher, topic_prefix):
+        got = await asyncio.wait_for(fetcher.fetch(MODEL, 1, units), 60)
+    ref = reference(units)
+    assert set(got) == set(ref) and all(torch.equal(got[n], ref[n]) for n in ref)
+    assert corrupted == [1] and fetcher.corrupt_shards == 1
+    sent = [(s, i) for _, _, s, i in server.sent]
+    assert sent.count(("sub_block.2", 1)) == 2  # the whole shard again, after the sha256 failed
+    assert sent.count(("layer.1", 0)) == 1  # the good shards only once
+
+
+@pytest.mark.mosquitto
+async def test_interrupted_transfer_resumes_without_refetching(mosquitto_broker, tmp_path, topic_prefix):
+    units = ("embeddings", "sub_block.0", "layer.1")
+    server, fetcher = make_pair(tmp_path, topic_prefix, max_concurrent=1)
+    stalled = asyncio.Event()
+
+    def stall(device, chunk):  # the link dies in the middle of layer.1
+        if chunk.shard == "layer.1" and chunk.index >= 3:
+            stalled.set()
+            return None
+        return chunk
+
+    server.on_send = stall
+    async with link(mosquitto_broker, server, fetcher, topic_prefix):
+        task = asyncio.create_task(fetcher.fetch(MODEL, 1, units))
+        await asyncio.wait_for(stalled.wait(), 60)
+        await asyncio.sleep(0.3)  # let the chunks in flight land
+        task.cancel()  # the device restarts
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    first = list(server.sent)
+    cache = tmp_path / "cache" / MODEL
+    kept = {(u, int(p.stem)) for u in units for p in (cache / u).glob("*.chunk")}
+    assert {i for u, i in kept if u == "layer.1"} == {0, 1, 2}
+    assert {u for u, _ in kept} == set(units)
+
+    server2, fetcher2 = make_pair(tmp_path, topic_prefix, max_concurrent=1)  # same cache dir
+    async with link(mosquitto_broker, server2, fetcher2, topic_prefix):
+        got = await asyncio.wait_for(fetcher2.fetch(MODEL, 2, units), 60)
+    ref = reference(units)
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+    resent = [(s, i) for _, _, s, i in server2.sent]
+    assert not set(resent) & kept, sorted(set(resent) & kept)[:5]
+    # completed shards got only a 'complete' notice; layer.1 exactly its missing chunks, once each
+    total = json.loads((cache / "layer.1" / "manifest.json").read_text())["total"]
+    assert resent == [("layer.1", i) for i in range(3, total)]
+    assert [i for _, _, s, i in first if s == "layer.1"] == list(range(total))  # (3.. were dropped)
+
+
+@pytest.mark.mosquitto
+async def test_silent_leader_gives_a_clear_error(mosquitto_broker, tmp_path, topic_prefix):
+    server, fetcher = make_pair(tmp_path, topic_prefix, timeout_s=0.3, retries=1)
+    server.on_send = lambda device, chunk: None  # the leader's chunks never arrive
+    async with link(mosquitto_broker, server, fetcher, topic_prefix):
+        with pytest.raises(WeightTransferError, match="after 2 tries"):
+            await asyncio.wait_for(fetcher.fetch(MODEL, 1, ("layer.1",)), 30)
+    assert fetcher.progress() == {}
+
+
+# --- the agents: a device configured to stream ---------------------------------------------------------
+
+
+@pytest.mark.mosquitto
+async def test_streaming_device_gets_its_weights_and_answers(mosquitto_broker, tmp_path):
+    from tests.test_service import PROFILES, agent_config, ask, wait_for_placement
+
+    host, port = mosquitto_broker
+    cluster = f"t{uuid.uuid4().hex[:8]}"
+    async with contextlib.AsyncExitStack() as stack:
+        agents = []
+        for i in range(3):
+            cfg = agent_config(f"dev{i}", cluster, host, port)
+            if i == 2:
+                cfg = replace(cfg, weights="stream", weights_cache=tmp_path / "weights")
+            prof = load_profile(ROOT / "firmware_profiles" / f"{PROFILES[i]}.toml")
+            agent = HomeAgent(cfg, prof, tiny_catalog(), broker=mosquitto_broker, intent_threshold=0.0,
+                              replan_delay_s=0.2, replicate_all=True)
+            agents.append(await stack.enter_async_context(agent))
+        leader = await wait_for_placement(agents, timeout=60)
+        streamed = {(d, m) for d, m, _, _ in leader.weight_server.sent}
+        assert {d for d, _ in streamed} == {"dev2"}, streamed  # only the streaming device asked
+        assert {m for _, m in streamed} == set(agents[2].host.weight_bytes())
+        assert list((tmp_path / "weights" / cluster / "dev2" / MODEL).glob("*/manifest.json"))
+
+        m = tiny_catalog().load(MODEL)
+        ids = torch.tensor([m.tokenizer.encode("dim the lights in the hall")])
+        with torch.inference_mode():
+            ref = mean_pool(m.model(ids, torch.ones_like(ids)), torch.ones_like(ids))
+        reply_to = f"detransformer/{cluster}/replies/test"
+        (t, r), = await ask(mosquitto_broker, f"detransformer/{cluster}/request",
+                            {"id": "w1", "reply_to": reply_to, "op": "embed", "input": "dim the lights in the hall",
+                             "params": {"model": MODEL, "plan": "bp-fixed"}}, [reply_to])
+        assert "result" in r, r
+        assert "dev2" in r["result"]["plan"], r["result"]["plan"]
+        got = torch.tensor(r["result"]["embeddings"])
+        assert torch.nn.functional.cosine_similarity(got, ref).item() > 0.9999
