@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--broker-mbit", type=int, default=None,
                    help="shape the broker's link too (default: unshaped, a wired hub)")
     p.add_argument("--gflops", type=float, default=None,
-                   help="one host core's GFLOPS at BERT-base shapes (default: measured at start)")
+                   help="one host core's GFLOPS at BERT-base shapes for the device profiles "
+                        "(default: calibrated in every home, inside a device's namespace and quota)")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds one request may take (default %(default)s)")
     p.add_argument("--keep-logs", default=None, help="keep agent/broker logs and configs under this folder")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from detransformer_edge.bench.results import aggregate, load_report, markdown_table, merge, report, sort_results
-    from detransformer_edge.bench.runner import HostRates, measure_host_rates, run_bench, stderr_progress
+    from detransformer_edge.bench.runner import HostRates, run_bench, stderr_progress
     from detransformer_edge.bench.spec import broker_link
 
     cfg = config_from_args(args)
@@ -74,12 +75,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or ("quick" if args.quick else "results")
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     link = broker_link(cfg.broker_mbit)
-    rates = None
-    if args.gflops is not None:
-        rates = HostRates(args.gflops, args.gflops / 2, 5.0)
-    else:
-        stderr_progress("measuring this host's single-core rates at BERT-base shapes (device profiles = quota x these)")
-        rates = measure_host_rates()
+    # device profiles: one core's rate x quota; measured in each home unless --gflops fixes it
+    rates = HostRates(args.gflops, args.gflops, 8.0) if args.gflops is not None else None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 check=False).stdout.strip()
@@ -89,9 +86,10 @@ def run(args: argparse.Namespace) -> int:
         "command": "detransformer-edge bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": commit, "host_cpus": os.cpu_count(), "load_avg_start": list(os.getloadavg()),
-        "host_core_rates": rates.to_dict(),
-        "device_profile_rule": "gflops/attn_gflops/mem_bw = one host core x the device's CPU quota; "
-                               "link_mbit = the shaped rate",
+        "host_core_rates": rates.to_dict() if rates else "calibrated per home (bench.calibrate)",
+        "device_profile_rule": "gflops = attn_gflops = a BERT-base seq-128 forward timed in the first device's "
+                               "namespace and quota, scaled by quota; link_mbit = the shaped rate; "
+                               "see device_gflops per result",
         "runs": cfg.runs, "warmup": cfg.warmup,
     }
     previous = []
@@ -107,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
                            f"{meta['started_utc']})\n\n" + markdown_table(results, link))
         return results
 
-    samples, _ = run_bench(cfg, stderr_progress, rates=rates, keep_logs=Path(args.keep_logs) if args.keep_logs else None,
+    samples = run_bench(cfg, stderr_progress, rates=rates, keep_logs=Path(args.keep_logs) if args.keep_logs else None,
                            on_scenario=save)
     results = save(samples)
     if not args.no_plots:
