@@ -408,15 +408,26 @@ class ClusterAgent:
             args["clean_session"] = True
         if use_tls:
             tls = cfg.tls
-            ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls and tls.ca_file else None)
-            if tls and tls.cert_file:
-                ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-            if tls and tls.insecure:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            args["tls_context"] = ctx
+            args["tls_context"] = self._tls_context()
             args["tls_insecure"] = bool(tls and tls.insecure)
         return args
+
+    def _tls_context(self) -> ssl.SSLContext:
+        tls = self.config.broker.tls
+        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls and tls.ca_file else None)
+        if tls and tls.cert_file:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+        if tls and tls.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context this agent's broker connections use (None: plain MQTT); other
+        clients of the same device (the tensor transport) connect with it too."""
+        cfg = self.config.broker
+        use_tls = cfg.tls is not None if self._broker_override is not None else cfg.endpoint()[2]
+        return self._tls_context() if use_tls else None
 
     async def _serve_one_connection(self) -> None:
         t = self.topics
@@ -630,6 +641,12 @@ class ClusterAgent:
                 if rec.id != dev:
                     raise ProtocolError(f"profile on {topic} names device {rec.id!r}")
                 self._profiles[dev] = rec
+            if dev == me and self._profiles.get(me) != self.profile and self.connected \
+                    and not self._stopping.is_set():
+                # someone cleared or overwrote our retained profile: publish ours again
+                log.warning("agent %s: restoring its profile overwritten on %s", me, topic)
+                await self.publish(topic, t.profile.encode(self.profile), qos=1, retain=True)
+                self._profiles[me] = self.profile
             self._wake.set()
             await self._membership_maybe_changed()
         elif (dev := t.status.match(topic)) is not None:

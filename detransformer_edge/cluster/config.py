@@ -6,6 +6,7 @@ Unknown keys are errors (a typo must not silently fall back to a default); every
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from detransformer_edge.cluster.topics import ProtocolError, check_name
 from detransformer_edge.errors import ConfigError
 
 PROTOCOLS = ("auto", "3.1.1", "5")
+MAX_CONFIG_CHARS = 1 << 20  # an agent config is a few hundred bytes
 _SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
 
 
@@ -52,8 +54,12 @@ class BrokerConfig:
         """(host, port, tls) from `url`; ConfigError if it is not an mqtt(s) URL."""
         if self.url is None:
             raise ConfigError("broker.url is not set (use discovery or set broker.url)")
-        parts = urlsplit(self.url)
-        if parts.scheme not in _SCHEMES or not parts.hostname:
+        try:
+            parts = urlsplit(self.url)
+            hostname = parts.hostname
+        except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+            raise ConfigError(f"broker.url {self.url!r} is not a URL: {exc}") from None
+        if parts.scheme not in _SCHEMES or not hostname:
             raise ConfigError(
                 f"broker.url {self.url!r} must look like mqtt://host:1883 or mqtts://host:8883"
             )
@@ -62,7 +68,7 @@ class BrokerConfig:
             port = parts.port or default_port
         except ValueError as exc:
             raise ConfigError(f"broker.url {self.url!r}: bad port ({exc})") from None
-        return parts.hostname, port, tls or self.tls is not None
+        return hostname, port, tls or self.tls is not None
 
     def credentials(self) -> tuple[str | None, str | None]:
         """Username/password: the explicit keys win over ones embedded in the URL."""
@@ -142,10 +148,14 @@ class AgentConfig:
 
     @classmethod
     def loads(cls, text: str, source: str = "<string>", base_dir: Path | None = None) -> AgentConfig:
+        if len(text) > MAX_CONFIG_CHARS:
+            raise ConfigError(f"{source}: config of {len(text)} characters is too large")
         try:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        except (RecursionError, ValueError) as exc:  # nesting, a number with thousands of digits
+            raise ConfigError(f"{source}: not valid TOML: {type(exc).__name__}") from None
         try:
             return cls.from_dict(data, base_dir or Path("."))
         except ConfigError as exc:
@@ -242,13 +252,20 @@ class _Section:
             v = float(v)
         if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
             raise ConfigError(f"{self._key(key)} must be {typ.__name__}, got {v!r}")
+        if typ is float and not math.isfinite(v):
+            raise ConfigError(f"{self._key(key)} must be a finite number, got {v!r}")
         return v
 
     def path(self, key: str, base_dir: Path) -> Path | None:
         v = self.get(key, str, None)
         if v is None:
             return None
-        p = Path(v).expanduser()
+        try:
+            p = Path(v).expanduser()
+        except RuntimeError as exc:  # ~user that does not exist
+            raise ConfigError(f"{self._key(key)}: cannot expand {v!r}: {exc}") from None
+        if "\x00" in v:
+            raise ConfigError(f"{self._key(key)} must not contain a NUL character")
         return p if p.is_absolute() else base_dir / p
 
     def table(self, key: str, optional: bool = False) -> Any:

@@ -27,6 +27,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 REQUEST_OPS = ("generate", "embed")
 ROLES = ("leader", "follower", "starting")
 ERROR_CODES = ("bad_request", "not_leader", "busy", "timeout", "unsupported", "internal")
+MAX_JSON_BYTES = 4 << 20  # a cluster message is far smaller; refuse floods before parsing
+MAX_INT = 2**53 - 1  # larger integers are not portable in JSON (I-JSON), and no term gets there
 
 
 class ProtocolError(DetransformerError, ValueError):
@@ -57,10 +59,13 @@ def check_publish_topic(value: str, what: str) -> str:
 
 def load_object(payload: str | bytes | bytearray, schema: str) -> dict[str, Any]:
     """Decode a JSON object payload or raise ProtocolError naming the schema."""
+    if len(payload) > MAX_JSON_BYTES:
+        raise ProtocolError(f"{schema}: payload of {len(payload)} bytes is too large "
+                            f"(at most {MAX_JSON_BYTES})")
     try:
         text = payload.decode("utf-8") if isinstance(payload, (bytes, bytearray)) else payload
         data = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, too many digits, too deep
         raise ProtocolError(f"{schema}: payload is not valid UTF-8 JSON ({exc})") from exc
     if not isinstance(data, dict):
         raise ProtocolError(f"{schema}: payload must be a JSON object, got {type(data).__name__}")
@@ -96,11 +101,18 @@ def req_num(d: Mapping[str, Any], key: str, schema: str, *, minimum: float | Non
 
 
 def _num(v: Any, key: str, schema: str, minimum: float | None) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
         raise ProtocolError(f"{schema}: field {key!r} must be a finite number, got {v!r}")
     if minimum is not None and v < minimum:
         raise ProtocolError(f"{schema}: field {key!r} must be >= {minimum}, got {v!r}")
     return float(v)
+
+
+def _finite(v: int | float) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def opt_num(d: Mapping[str, Any], key: str, schema: str, *, minimum: float | None = None) -> float | None:
@@ -112,8 +124,9 @@ def req_int(d: Mapping[str, Any], key: str, schema: str, *, minimum: int | None 
     if key not in d:
         raise _missing(schema, key)
     v = d[key]
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ProtocolError(f"{schema}: field {key!r} must be an integer, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or abs(v) > MAX_INT:
+        raise ProtocolError(f"{schema}: field {key!r} must be an integer of at most 2^53 - 1, "
+                            f"got {str(v)[:40]!r}")
     if minimum is not None and v < minimum:
         raise ProtocolError(f"{schema}: field {key!r} must be >= {minimum}, got {v!r}")
     return v
@@ -454,7 +467,9 @@ class Request(Message):
             raise ProtocolError(f"{s}: 'input' must be a string or a non-empty list of strings")
         params = d.get("params", {})
         if not isinstance(params, dict) or not all(
-            isinstance(k, str) and isinstance(v, _PARAM_TYPES) for k, v in params.items()
+            isinstance(k, str) and isinstance(v, _PARAM_TYPES)
+            and (not isinstance(v, float) or math.isfinite(v))
+            for k, v in params.items()
         ):
             raise ProtocolError(f"{s}: 'params' must be an object of string/number/bool values")
         return cls(

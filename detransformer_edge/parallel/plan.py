@@ -97,6 +97,8 @@ class Plan:
                 raise PlanError("the first pipeline stage must start at layer 0")
         elif self.stages:
             raise PlanError(f"stages are only meaningful in pipeline mode, not {self.mode}")
+        if self.coupled not in COUPLED_STRATEGIES:
+            raise PlanError(f"unknown coupled strategy {self.coupled!r}; expected {COUPLED_STRATEGIES}")
         if self.mode == "block":
             if not self.sub_block_owner:
                 raise PlanError("a block plan must say which device owns each sub-block")
@@ -186,7 +188,7 @@ class Plan:
         allowed = {"mode", "devices", "wire", "stages", "sub_block_owner", "coupled", "coupled_devices"}
         extra = set(data) - allowed
         if extra:
-            raise PlanError(f"unknown plan fields: {sorted(extra)}")
+            raise PlanError(f"unknown plan fields: {sorted(map(repr, extra))}")
         if "mode" not in data or "devices" not in data:
             raise PlanError("a plan needs 'mode' and 'devices'")
         for key in ("devices", "sub_block_owner", "coupled_devices", "stages"):
@@ -196,7 +198,8 @@ class Plan:
             stages = tuple(Stage(**s) if isinstance(s, Mapping) else s for s in data.get("stages", ()))
             for s in stages:
                 if not (isinstance(s, Stage) and isinstance(s.device, str)
-                        and isinstance(s.start, int) and isinstance(s.end, int)):
+                        and all(isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1 << 31
+                                for v in (s.start, s.end))):
                     raise PlanError(f"bad pipeline stage {s!r}")
             return cls(**{**data, "stages": stages})  # type: ignore[arg-type]
         except TypeError as exc:
@@ -207,10 +210,13 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Plan:
+        if not isinstance(text, (str, bytes, bytearray)) or len(text) > 1 << 20:
+            raise PlanError("a JSON plan must be text of at most 1 MiB")
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as exc:
+            data = json.loads(text)
+        except (ValueError, RecursionError) as exc:  # bad JSON / UTF-8, too many digits, too deep
             raise PlanError(f"plan is not valid JSON: {exc}") from None
+        return cls.from_dict(data)
 
     def to_msgpack(self) -> bytes:
         return msgpack.packb(self.to_dict(), use_bin_type=True)

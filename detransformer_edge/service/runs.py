@@ -56,7 +56,7 @@ class RunControl:
             raise ProtocolError("run: control message too large")
         try:
             d = json.loads(payload)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON / UTF-8, too many digits, too deep
             raise ProtocolError(f"run: not valid JSON: {exc}") from None
         if not isinstance(d, Mapping):
             raise ProtocolError("run: expected a JSON object")
@@ -75,7 +75,7 @@ class RunControl:
                        float(d["timeout_s"]), mask, d["max_passes"])
         except PlanError as exc:
             raise ProtocolError(f"run: bad plan: {exc}") from None
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:
             if isinstance(exc, ProtocolError):
                 raise
             raise ProtocolError(f"run: malformed: {exc}") from None
