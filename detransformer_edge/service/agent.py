@@ -68,7 +68,8 @@ class HomeAgent:
             on_assignment=self._on_assignment,
         )
         prefix = self.cluster.topics.prefix
-        self.transport = MqttTransport(config.id, broker[0], broker[1], prefix=prefix, username=user, password=password)
+        self.transport = MqttTransport(config.id, broker[0], broker[1], prefix=prefix, username=user, password=password,
+                                       tls_context=self.cluster.tls_context())
         # weights: the leader streams shard units to devices without local model files
         from detransformer_edge.model.loaders import cache_dir
 

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import uuid
 from typing import Literal
 
@@ -64,6 +65,7 @@ class MqttTransport(Transport):
         password: str | None = None,
         keepalive: int = 30,
         limits: MailboxLimits | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ):
         super().__init__(device_id, limits)
         if not prefix or any(c in prefix for c in "+#") or prefix.endswith("/"):
@@ -77,6 +79,7 @@ class MqttTransport(Transport):
         self._username = username
         self._password = password
         self._keepalive = keepalive
+        self._tls_context = tls_context  # None: plain MQTT
         self._run_prefix = f"{prefix}/run/"
         self._client: aiomqtt.Client | None = None
         self._dispatch_task: asyncio.Task[None] | None = None
@@ -98,6 +101,7 @@ class MqttTransport(Transport):
             username=self._username,
             password=self._password,
             keepalive=self._keepalive,
+            tls_context=self._tls_context,
             logger=logging.getLogger(f"{__name__}.paho"),
             # Nagle + delayed ACK hold a small message that follows another for ~40 ms;
             # a reduce-scatter sends n-1 messages back to back, so turn Nagle off.
