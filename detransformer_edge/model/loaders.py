@@ -425,6 +425,8 @@ def load_model(
 def _load_minilm(name: str, nd: int, say: Progress) -> LoadedModel:
     import json
 
+    from detransformer_edge.model.manifest import verify_file
+
     import torch
     from safetensors.torch import load_file
 
@@ -433,6 +435,7 @@ def _load_minilm(name: str, nd: int, say: Progress) -> LoadedModel:
     from detransformer_edge.model.tokenizer import TextTokenizer
 
     path = weights_path(name)
+    verify_file(path, cache_dir())  # WeightIntegrityError if the file changed under us
     model_dir = path.parent
     base = get_config(name, nd=nd)
     assert isinstance(base, EncoderConfig)
@@ -455,6 +458,8 @@ def _load_minilm(name: str, nd: int, say: Progress) -> LoadedModel:
 def _load_smollm2(name: str, nd: int, say: Progress, cache: bool) -> LoadedModel:
     import torch
 
+    from detransformer_edge.model.manifest import verify_file
+
     from detransformer_edge.model.chat import ChatTemplate
     from detransformer_edge.model.config import DecoderConfig, get_config
     from detransformer_edge.model.decoder import Decoder
@@ -462,6 +467,7 @@ def _load_smollm2(name: str, nd: int, say: Progress, cache: bool) -> LoadedModel
     from detransformer_edge.model.tokenizer import TextTokenizer
 
     path = weights_path(name)
+    verify_file(path, cache_dir())  # WeightIntegrityError if the file changed under us
     metadata, sd = read_llama_gguf(path, progress=say, cache=cache_dir() if cache else None)
     base = get_config(name, nd=nd)
     assert isinstance(base, DecoderConfig)
