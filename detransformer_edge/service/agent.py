@@ -243,6 +243,11 @@ class HomeAgent:
     async def _hold(self, version: int, models: Mapping[str, Any]) -> None:
         try:
             await self.host.assign(version, models)
+            # A device holding a model's embeddings may coordinate its requests: have its
+            # tokenizer (and heads, chat template) ready before saying so.
+            for name, weights in models.items():
+                if weights.embeddings:
+                    await asyncio.to_thread(self.catalog.tools, name)
         except (DetransformerError, OSError) as exc:
             log.error("%s cannot hold its placement v%d: %s", self.id, version, exc)
             return
