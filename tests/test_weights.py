@@ -153,3 +153,69 @@ def test_materialise_rejects_wrong_shapes():
     cfg = tiny_catalog().get("tiny-encoder").config()
     with pytest.raises(Exception, match="shape"):
         materialise(cfg, {"embeddings.norm.weight": torch.ones(3)})
+
+
+# --- pretrained sources: the same tensors as the full loaders, read one by one -----------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,sample", [
+    ("minilm-l6", ["embeddings.word.weight", "layers.3.attn.q_proj.bias", "layers.5.ffn_norm.weight"]),
+    ("smollm2-135m", ["tok_emb.weight", "layers.7.attn.k_proj.weight", "layers.29.ffn.down.weight", "norm.weight"]),
+])
+def test_pretrained_sources_match_the_full_loader(name, sample):
+    import dataclasses
+
+    from detransformer_edge.model.loaders import load_model
+    from detransformer_edge.service.catalog import default_catalog
+
+    torch.set_num_threads(1)
+    cat = default_catalog()
+    served = cat.get(name)
+    cfg = served.config()
+    full = load_model(name)
+    # the catalog's config is the file's (the GGUF stores eps as float32: 1e-5 -> 9.99999975e-06)
+    assert full.config.norm_eps == pytest.approx(cfg.norm_eps, rel=1e-6)
+    assert repr(dataclasses.replace(full.config, norm_eps=cfg.norm_eps)) == repr(cfg)
+    sd = full.model.state_dict()
+    got = served.tensors(sample)
+    for n in sample:
+        torch.testing.assert_close(got[n], sd[n], rtol=0, atol=0)
+    # a device holding layer 1 only: that layer's parameters and nothing else
+    shard = load_selective_shard(cfg, DeviceWeights(False, (), (1,)), served.tensors)
+    assert shard.nbytes() == sum(p.numel() * 4 for p in full.model.layers[1].parameters())
+    # the leader's tools need no weights and tokenise as the full loader does
+    tools = cat.tools(name)
+    text = "turn on the kitchen light"
+    assert tools.tokenizer.encode(text) == full.tokenizer.encode(text)
+    assert (tools.chat_template is None) == (full.chat_template is None)
+
+
+def test_intent_parser_heads_only(tmp_path):
+    """The leader's intent parser reads the heads, not the encoder (which the devices hold)."""
+    from detransformer_edge.model.config import get_config
+    from detransformer_edge.model.encoder import Encoder
+    from detransformer_edge.nlu.dataset import BIO_TAGS
+    from detransformer_edge.nlu.model import IntentSlotModel
+    from detransformer_edge.nlu.parser import IntentParser
+    from detransformer_edge.nlu.train import INTENT_LABELS, save_intent_model
+    from detransformer_edge.service.weights import intent_source
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny-encoder", nd=4, nb=2, vocab_size=30522)
+    model = IntentSlotModel(Encoder(cfg), len(INTENT_LABELS), len(BIO_TAGS)).eval()
+    save_intent_model(model, tmp_path, 0.0, {})
+    full = IntentParser.load(tmp_path)
+    light = IntentParser.load(tmp_path, encoder=False)
+    assert all(p.device.type == "meta" for p in light.encoder.parameters())
+    assert all(p.device.type == "cpu" for p in light.heads.parameters())
+    text = "dim the kitchen lights to 40 percent"
+    with torch.no_grad():
+        hidden = full.encoder(torch.tensor([full.encode(text).ids]))
+    assert light.parse_from_hidden(text, hidden) == full.parse_from_hidden(text, hidden)
+    # devices read the encoder's tensors (under our names) from the same file
+    source = intent_source(tmp_path)
+    w = DeviceWeights(True, (1,), (1, 3))
+    shard = load_selective_shard(cfg, w, source)
+    assert set(source(["layers.1.attn.q_proj.weight"])) == {"layers.1.attn.q_proj.weight"}
+    torch.testing.assert_close(shard.coupled[1].attn.q_proj.weight, full.encoder.layers[1].attn.q_proj.weight)

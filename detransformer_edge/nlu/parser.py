@@ -56,15 +56,18 @@ class ParsedIntent:
 
 class IntentParser:
     def __init__(self, model: IntentSlotModel, tokenizer: Any, threshold: float, max_len: int = 48) -> None:
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)  # inference only
         self.tokenizer = tokenizer
         self.threshold = threshold
         self.max_len = max_len
 
     @classmethod
-    def load(cls, weights_dir: str | Path) -> IntentParser:
-        """A model saved by ``train-intent`` (float16 weights are run in float32)."""
-        from safetensors.torch import load_file
+    def load(cls, weights_dir: str | Path, encoder: bool = True) -> IntentParser:
+        """A model saved by ``train-intent`` (float16 weights are run in float32).
+
+        ``encoder=False`` reads only the heads and leaves the encoder on ``meta``: a cluster's
+        leader tokenises and runs the heads, the devices hold the encoder (service/weights.py)."""
+        from safetensors import safe_open
 
         from detransformer_edge.model.loaders import weights_path
         from detransformer_edge.model.tokenizer import TextTokenizer
@@ -79,8 +82,9 @@ class IntentParser:
         cfg = EncoderConfig(**config["encoder"])
         with torch.device("meta"):
             model = IntentSlotModel(Encoder(cfg), len(INTENT_LABELS), len(BIO_TAGS))
-        state = {k: v.float() for k, v in load_file(str(weights_dir / "model.safetensors")).items()}
-        model.load_state_dict(state, assign=True)
+        with safe_open(str(weights_dir / "model.safetensors"), framework="pt") as f:
+            state = {k: f.get_tensor(k).float() for k in f.keys() if encoder or not k.startswith("encoder.")}
+        model.load_state_dict(state, assign=True, strict=encoder)
         tokenizer = TextTokenizer.from_file(weights_path(config.get("tokenizer_from", "minilm-l6")).parent / "tokenizer.json")
         return cls(model, tokenizer, float(config["threshold"]), int(config.get("max_len", 48)))
 

@@ -46,6 +46,9 @@ class ServedModel:
     # reads only the named tensors (our state-dict names) from this device's files, so a device
     # materialises just its placement (service/weights.py); None: only the full loader exists
     tensors: Callable[[Collection[str]], dict[str, Any]] | None = None
+    # the tokenizer / intent head / chat template without the model's weights (model left on
+    # ``meta``): what a leader needs to prepare requests and finish results; None: ``loader``
+    tools_loader: Callable[[], LoadedServedModel] | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -98,6 +101,19 @@ class Catalog:
                 loaded.model.eval()
             return loaded
 
+    def tools(self, name: str) -> LoadedServedModel:
+        """Tokenizer, intent head and chat template of ``name``, without loading its weights
+        where the model can (``ServedModel.tools_loader``); the full model otherwise."""
+        served = self.get(name)
+        if served.tools_loader is None:
+            return self.load(name)
+        with self._lock:
+            key = f"tools:{name}"
+            tools = self._cache.get(key) or self._cache.get(name)
+            if tools is None:
+                tools = self._cache[key] = served.tools_loader()
+            return tools
+
     def subset(self, names: Sequence[str]) -> Catalog:
         return Catalog({n: self.get(n) for n in names})
 
@@ -125,6 +141,39 @@ def default_catalog() -> Catalog:
 
         return load_intent_model()
 
+    def embed_tools() -> LoadedServedModel:
+        import json
+
+        from detransformer_edge.model.loaders import weights_path
+        from detransformer_edge.model.tokenizer import TextTokenizer
+
+        cfg = get_config("minilm-l6")
+        model_dir = weights_path("minilm-l6").parent
+        # the same limit as loaders._load_minilm: sentence-transformers' max_seq_length
+        st_config = model_dir / "sentence_bert_config.json"
+        max_seq = json.loads(st_config.read_text()).get("max_seq_length") if st_config.is_file() else None
+        tok = TextTokenizer.from_file(model_dir / "tokenizer.json",
+                                      max_length=min(max_seq or cfg.max_position, cfg.max_position), truncate=True)
+        return LoadedServedModel(None, tok)
+
+    def generate_tools() -> LoadedServedModel:
+        from gguf import GGUFReader
+
+        from detransformer_edge.model.chat import ChatTemplate
+        from detransformer_edge.model.loaders import read_gguf_metadata, weights_path
+        from detransformer_edge.model.tokenizer import TextTokenizer
+
+        metadata = read_gguf_metadata(GGUFReader(str(weights_path("smollm2-135m"))))  # mapped, not dequantised
+        return LoadedServedModel(None, TextTokenizer.from_gguf_metadata(metadata),
+                                 chat_template=ChatTemplate.from_metadata(metadata))
+
+    def intent_tools() -> LoadedServedModel:
+        from detransformer_edge.nlu.parser import IntentParser
+        from detransformer_edge.service.intents import ParserHead
+
+        parser = IntentParser.load(default_weights_dir(), encoder=False)
+        return LoadedServedModel(parser.encoder, parser.tokenizer, ParserHead(parser))
+
     def intent_config() -> Any:
         from detransformer_edge.service.intents import intent_model_config
 
@@ -149,16 +198,16 @@ def default_catalog() -> Catalog:
     models: dict[str, ServedModel] = {}
     if (default_weights_dir() / "model.safetensors").exists():
         models["intent"] = ServedModel("intent", intent_config, intent_loader, 128, "decoupled MiniLM, intent + slot heads",
-                                       lazy_source("intent"))
+                                       lazy_source("intent"), intent_tools)
     else:
         log.warning("no trained intent model in %s: voice queries are not served; run `detransformer-edge train-intent`",
                     default_weights_dir())
     return Catalog({
         **models,
         "minilm-l6": ServedModel("embed", lambda: get_config("minilm-l6"), embed_loader, 512, "all-MiniLM-L6-v2",
-                                 lazy_source("minilm-l6")),
+                                 lazy_source("minilm-l6"), embed_tools),
         "smollm2-135m": ServedModel("generate", lambda: get_config("smollm2-135m"), generate_loader, 2048,
-                                    "SmolLM2-135M-Instruct", lazy_source("smollm2-135m")),
+                                    "SmolLM2-135M-Instruct", lazy_source("smollm2-135m"), generate_tools),
     })
 
 

@@ -396,7 +396,7 @@ class Leader:
 
         model = self._resolve("embed", model)
         served = self.catalog.get(model)
-        tools = self.catalog.load(model)
+        tools = self.catalog.tools(model)
         rec = self._record("embed", " | ".join(texts), client_id)
         t0 = time.perf_counter()
         await self._admit()
@@ -421,7 +421,7 @@ class Leader:
     async def intent(self, text: str, model: str | None = None, client_id: str | None = None,
                      ) -> tuple[Any, RequestRecord]:
         model = self._resolve("intent", model)
-        tools = self.catalog.load(model)
+        tools = self.catalog.tools(model)
         head = tools.intent_head
         rec = self._record("intent", text, client_id)
         t0 = time.perf_counter()
@@ -451,7 +451,7 @@ class Leader:
 
         model = self._resolve("generate", model)
         served = self.catalog.get(model)
-        tools = self.catalog.load(model)
+        tools = self.catalog.tools(model)
         tok = tools.tokenizer
         rec = self._record("generate", prompt, client_id)
         t0 = time.perf_counter()
