@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "train the intent + slot model on the decoupled MiniLM (and, with --compare, the original)"
+HELP = "train the intent + slot model on the decoupled MiniLM (the shipped one) or the original MiniLM"
 
 DEFAULT_CONVERTED = Path.home() / ".cache" / "detransformer_edge" / "converted" / "minilm-l6-nd4-nb2"
 
@@ -15,8 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where to write the weights (default: detransformer_edge/nlu/weights, the shipped ones)")
     parser.add_argument("--converted", type=Path, default=DEFAULT_CONVERTED,
                         help="decoupled model from `convert --nd 4 --nb 2` (made first if missing)")
-    parser.add_argument("--compare", action="store_true",
-                        help="also train the original MiniLM the same way and report both (not shipped)")
+    parser.add_argument("--base", choices=("decoupled", "original"), default="decoupled",
+                        help="encoder to fine-tune: the converted decoupled MiniLM (default, shipped) or the "
+                             "original MiniLM, trained the same way for comparison (needs --out)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -28,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from detransformer_edge.errors import ConfigError
     from detransformer_edge.model.convert import DistilSettings, convert_and_distil, load_pretrained, load_student
     from detransformer_edge.nlu.dataset import build_dataset
     from detransformer_edge.nlu.parser import default_weights_dir
@@ -39,18 +41,20 @@ def run(args: argparse.Namespace) -> int:
     settings = TrainSettings(seed=args.seed)
     if args.epochs is not None:
         settings = dataclasses.replace(settings, epochs=args.epochs)
-    if not (args.converted / "model.safetensors").exists():
-        convert_and_distil("minilm-l6", 4, 2, args.converted, DistilSettings())
+    if args.base == "original" and args.out is None:
+        raise ConfigError("--base original needs --out: the shipped weights are the decoupled model's")
     dataset = build_dataset(seed=args.seed)
-    _, tokenizer = load_pretrained("minilm-l6")
-    encoder = load_student(args.converted)
-    model, report = train_and_evaluate(encoder, tokenizer, dataset, settings, "decoupled")
-    results = {"decoupled": report}
-    if args.compare:
-        original, _ = load_pretrained("minilm-l6")
-        _, results["original"] = train_and_evaluate(original, tokenizer, dataset, settings, "original")
+    original, tokenizer = load_pretrained("minilm-l6")
+    if args.base == "decoupled":
+        if not (args.converted / "model.safetensors").exists():
+            convert_and_distil("minilm-l6", 4, 2, args.converted, DistilSettings())
+        encoder, base = load_student(args.converted), "minilm-l6 decoupled nd=4 nb=2"
+    else:
+        encoder, base = original, "minilm-l6 original"
+    model, report = train_and_evaluate(encoder, tokenizer, dataset, settings, args.base)
+    results = {args.base: report}
     save_intent_model(model, out, report["validation"]["threshold"],
-                      {"base": "minilm-l6 decoupled nd=4 nb=2", "converted_from": str(args.converted),
+                      {"base": base, "converted_from": str(args.converted) if args.base == "decoupled" else None,
                        "tokenizer_from": "minilm-l6", "dataset_seed": args.seed})
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     for name, r in results.items():
