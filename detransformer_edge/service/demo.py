@@ -32,7 +32,7 @@ PROFILES_DIR = Path(__file__).resolve().parents[2] / "firmware_profiles"
 
 # id, name, profile: a home's mix of devices (the planner sees their real capabilities)
 DEVICES: tuple[tuple[str, str, str], ...] = (
-    ("kitchen-minipc", "Kitchen mini PC", "intel-n100-minipc"),
+    ("kitchen-pi5", "Kitchen Raspberry Pi 5", "raspberry-pi-5"),
     ("living-pi5", "Living-room Raspberry Pi 5", "raspberry-pi-5"),
     ("hall-pi4", "Hall Raspberry Pi 4", "raspberry-pi-4b"),
     ("bedroom-speaker", "Bedroom smart speaker", "smart-speaker-a53"),
@@ -48,6 +48,16 @@ QUERIES: tuple[str, ...] = (
     "who wrote the odyssey",
 )
 PROMPT = "What is the capital of France?"
+# A longer text: at this length the planner spreads the encoder over devices.
+DOCUMENT = (
+    "House rules for the evening routine. At sunset the hall and kitchen lights turn on at forty "
+    "percent, the living room stays dim until someone asks for more light, and the thermostat goes "
+    "down to nineteen degrees once everyone is in bed. The front door locks itself at eleven unless "
+    "a guest is expected, in which case the porch light stays on until they arrive. On weekdays the "
+    "kitchen speaker reads the weather and the first calendar entry at seven in the morning, plays "
+    "quiet music while breakfast is made, and stops as soon as the front door opens. Shopping list "
+    "items added during the week are read out on Saturday morning before the market opens."
+)
 
 
 class DemoError(DetransformerError):
@@ -252,6 +262,7 @@ class Demo:
                     self.say(f"cluster ready in {time.monotonic() - t_start:.1f} s: leader {leader}; "
                              f"dashboard http://127.0.0.1:{port}/")
                     await self.voice_queries(client)
+                    await self.embedding(client)
                     await self.generation(client)
                     self.say(f"\ndemo finished in {time.monotonic() - t_start:.1f} s; agent logs were in {workdir}")
                     self.say(f"dashboard: http://127.0.0.1:{port}/")
@@ -282,6 +293,16 @@ class Demo:
             rec = self.plan_of(qid) or {}
             self.say(f"  {text!r}\n      -> {answer}\n      plan {rec.get('plan', '?')}, "
                      f"{ms:.0f} ms end to end (leader {rec.get('latency_ms', '?')} ms)")
+
+    async def embedding(self, client: aiomqtt.Client) -> None:
+        self.say(f"\nembedding -> {self.prefix}/request: a {len(DOCUMENT.split())}-word note")
+        body = {"id": "demo-e1", "reply_to": f"{self.prefix}/replies/demo", "op": "embed", "input": DOCUMENT}
+        _, reply, ms = await self.request(client, f"{self.prefix}/request", body)
+        if "error" in reply:
+            self.say(f"  error: {reply['error']}")
+            return
+        r = reply["result"]
+        self.say(f"  {r['dim']}-dim vector; plan {r['plan']}, {ms:.0f} ms end to end (leader {r['latency_ms']} ms)")
 
     async def generation(self, client: aiomqtt.Client) -> None:
         self.say(f"\ngeneration -> {self.prefix}/request: {PROMPT!r}\n  ", )
