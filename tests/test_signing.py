@@ -12,7 +12,13 @@ import aiomqtt
 import pytest
 
 from detransformer_edge.cluster.config import AgentConfig
-from detransformer_edge.cluster.signing import CommandSigner, CommandVerifier, SignatureError, Stamp, canonical
+from detransformer_edge.cluster.signing import (
+    CommandSigner,
+    CommandVerifier,
+    SignatureError,
+    Stamp,
+    canonical,
+)
 from detransformer_edge.planner.profile import load_profile
 from detransformer_edge.service.agent import HomeAgent
 from detransformer_edge.service.catalog import tiny_catalog
@@ -142,7 +148,7 @@ async def test_forged_and_replayed_commands_are_ignored_signed_ones_applied(mosq
                 dev1 = agents[1]
                 assign_topic = f"{prefix}/assign/dev1"
                 await settle(lambda: any(t == assign_topic for t, _ in captured))
-                real_topic, real = [(t, p) for t, p in captured if t == assign_topic][-1]
+                _, real = [(t, p) for t, p in captured if t == assign_topic][-1]
                 assert "sig" in json.loads(real)
 
                 applied = []

@@ -252,7 +252,7 @@ class _Section:
             v = float(v)
         if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
             raise ConfigError(f"{self._key(key)} must be {typ.__name__}, got {v!r}")
-        if typ is float and not math.isfinite(v):
+        if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{self._key(key)} must be a finite number, got {v!r}")
         return v
 

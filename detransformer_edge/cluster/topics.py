@@ -108,7 +108,7 @@ def _num(v: Any, key: str, schema: str, minimum: float | None) -> float:
     return float(v)
 
 
-def _finite(v: int | float) -> bool:
+def _finite(v: float) -> bool:
     try:
         return math.isfinite(v)
     except OverflowError:  # an int too large for a float
