@@ -13,7 +13,7 @@ import aiomqtt
 import pytest
 import torch
 
-from detransformer_edge.cluster.topics import ProtocolError
+from detransformer_edge.cluster.topics import DeviceStatus, ProtocolError
 from detransformer_edge.model.encoder import mean_pool
 from detransformer_edge.planner.profile import load_profile
 from detransformer_edge.service.agent import HomeAgent
@@ -60,6 +60,9 @@ def test_messages_round_trip_and_reject_bad_input():
         WeightChunk(MODEL, "layer.1", 0, 5, SHA, b"x" * (CHUNK_BYTES + 1))
     with pytest.raises(ProtocolError):
         WeightChunk.from_bytes(b"\xc1garbage")
+    status = DeviceStatus("dev2", False, "follower", 0.1, 50.0, 3, weights_percent=42.5)
+    assert DeviceStatus.from_dict(status.to_dict()) == status
+    assert "weights_percent" not in replace(status, weights_percent=None).to_dict()
     assert want_device("detransformer/home", "detransformer/home/weights/dev2/want") == "dev2"
     assert want_device("detransformer/home", "detransformer/home/weights/a/b/want") is None
 
@@ -149,6 +152,8 @@ async def test_interrupted_transfer_resumes_without_refetching(mosquitto_broker,
         task = asyncio.create_task(fetcher.fetch(MODEL, 1, units))
         await asyncio.wait_for(stalled.wait(), 60)
         await asyncio.sleep(0.3)  # let the chunks in flight land
+        assert 66 < fetcher.percent() < 100  # two of three shards, and part of the third
+        assert 0 < fetcher.progress()[f"{MODEL}/layer.1"] < 100
         task.cancel()  # the device restarts
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -178,7 +183,7 @@ async def test_silent_leader_gives_a_clear_error(mosquitto_broker, tmp_path, top
     async with link(mosquitto_broker, server, fetcher, topic_prefix):
         with pytest.raises(WeightTransferError, match="after 2 tries"):
             await asyncio.wait_for(fetcher.fetch(MODEL, 1, ("layer.1",)), 30)
-    assert fetcher.progress() == {}
+    assert fetcher.progress() == {} and fetcher.percent() is None
 
 
 # --- the agents: a device configured to stream ---------------------------------------------------------

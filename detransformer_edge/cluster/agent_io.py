@@ -109,6 +109,7 @@ class WorkState:
     placement_version: int = 0
     sub_blocks: tuple[tuple[int, int], ...] = ()
     last_latency_ms: float | None = None
+    weights_percent: float | None = None  # percent of the streamed weights received (None: not streaming)
 
 
 def backoff_delay(attempt: int, low: float, high: float, rng: random.Random | None = None) -> float:
@@ -273,6 +274,7 @@ class ClusterAgent:
             sub_blocks=ws.sub_blocks,
             last_latency_ms=ws.last_latency_ms,
             ts=round(self._clock(), 3),
+            weights_percent=ws.weights_percent,
         )
         t = self.topics.status
         await self.publish(t.format(self.config.id), t.encode(status), qos=t.qos, retain=t.retain)

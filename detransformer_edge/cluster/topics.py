@@ -303,6 +303,7 @@ class DeviceStatus(Message):
     sub_blocks: tuple[tuple[int, int], ...] = ()  # assigned (block, sub_block) pairs
     last_latency_ms: float | None = None  # wall time of the last request this device served
     ts: float = 0.0  # unix time of the sample
+    weights_percent: float | None = None  # streaming weights from the leader: percent received
 
     def __post_init__(self) -> None:
         check_name(self.id, "device id")
@@ -320,6 +321,7 @@ class DeviceStatus(Message):
             "sub_blocks": [list(p) for p in self.sub_blocks],
             "last_latency_ms": self.last_latency_ms,
             "ts": self.ts,
+            **({} if self.weights_percent is None else {"weights_percent": self.weights_percent}),
         }
 
     @classmethod
@@ -335,6 +337,7 @@ class DeviceStatus(Message):
             sub_blocks=_sub_blocks(d.get("sub_blocks", []), s),
             last_latency_ms=opt_num(d, "last_latency_ms", s, minimum=0),
             ts=opt_num(d, "ts", s) or 0.0,
+            weights_percent=opt_num(d, "weights_percent", s, minimum=0),
         )
 
 

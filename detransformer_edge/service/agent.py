@@ -241,6 +241,7 @@ class HomeAgent:
         self._assign_task = self._spawn(self._hold(msg.placement_version, models), "assign")
 
     async def _hold(self, version: int, models: Mapping[str, Any]) -> None:
+        progress = self._spawn(self._report_loading(version), "loading")
         try:
             await self.host.assign(version, models)
             # A device holding a model's embeddings may coordinate its requests: have its
@@ -251,11 +252,22 @@ class HomeAgent:
         except (DetransformerError, OSError) as exc:
             log.error("%s cannot hold its placement v%d: %s", self.id, version, exc)
             return
+        finally:
+            progress.cancel()
         self.cluster.work_state = WorkState(True, version, self.host.sub_blocks(),
                                             self.cluster.work_state.last_latency_ms)
         await self._status_now()
         if self.cluster.is_leader:
             self.leader.mark_ready(self.id, version)
+
+    async def _report_loading(self, version: int) -> None:
+        """While weights stream in, the status record carries the percent received."""
+        while True:
+            await asyncio.sleep(self.config.status_interval_s)
+            percent = self.weight_fetcher.percent()
+            if percent is not None:
+                self.cluster.work_state = WorkState(False, version, (), weights_percent=percent)
+                await self._status_now()
 
     async def _on_weights_want(self, message: aiomqtt.Message) -> None:
         dev = want_device(self.cluster.topics.prefix, message.topic.value)

@@ -340,10 +340,20 @@ class WeightFetcher:
         self.max_chunks = math.ceil(max_shard_bytes / 1024)  # chunks may be as small as 1 KiB
         self._active: dict[tuple[str, str], _Transfer] = {}
         self.corrupt_shards = 0  # shards that failed their sha256 (and were fetched again)
+        self._units = 0  # shards of the fetch in progress, and how many of them are done
+        self._units_done = 0
 
     def progress(self) -> dict[str, float]:
         """Percent received of each shard being fetched now (``model/shard`` -> percent)."""
         return {f"{m}/{s}": round(t.percent(), 1) for (m, s), t in self._active.items()}
+
+    def percent(self) -> float | None:
+        """Percent of the current fetch received (finished shards plus the parts of active ones);
+        None when nothing is being fetched."""
+        if not self._units:
+            return None
+        partial = sum(t.percent() / 100 for t in self._active.values())
+        return round(100.0 * min(self._units, self._units_done + partial) / self._units, 1)
 
     def handle_chunk(self, payload: bytes) -> None:
         try:
@@ -363,8 +373,10 @@ class WeightFetcher:
         async def one(unit: str) -> dict[str, torch.Tensor]:
             async with sem:
                 blob = await self._fetch_unit(model, placement_version, unit)
+                self._units_done += 1
                 return await asyncio.to_thread(unit_tensors, cfg, unit, blob)
 
+        self._units, self._units_done = len(units), 0
         tasks = [asyncio.create_task(one(u), name=f"fetch-{model}-{u}") for u in units]
         try:
             parts = await asyncio.gather(*tasks)
@@ -373,6 +385,8 @@ class WeightFetcher:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+        finally:
+            self._units = self._units_done = 0
         out: dict[str, torch.Tensor] = {}
         for part in parts:
             out.update(part)
