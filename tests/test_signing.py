@@ -4,6 +4,7 @@ and run plans are ignored; correctly signed ones are applied."""
 import asyncio
 import contextlib
 import json
+import logging
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -129,6 +130,7 @@ async def settle(cond, timeout=10.0):
 
 @pytest.mark.mosquitto
 async def test_forged_and_replayed_commands_are_ignored_signed_ones_applied(mosquitto_broker, caplog):
+    caplog.set_level(logging.DEBUG, logger="detransformer_edge")
     host, port = mosquitto_broker
     cluster = f"s{uuid.uuid4().hex[:8]}"
     prefix = f"detransformer/{cluster}"
@@ -211,6 +213,7 @@ async def test_forged_and_replayed_commands_are_ignored_signed_ones_applied(mosq
                                     {"id": "e2", "reply_to": reply_to, "op": "embed", "input": "still fine",
                                      "params": {"model": "tiny-encoder", "plan": "pipeline"}}, [reply_to])
                 assert "result" in r, r
+                assert KEY not in caplog.text  # the key never reaches a log line
         finally:
             pump_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
