@@ -46,7 +46,8 @@ def groups(results: Sequence[Result]) -> dict[tuple[str, str, int], list[Result]
     """Results by (workload, home, devices) that span at least two link rates."""
     out: dict[tuple[str, str, int], list[Result]] = {}
     for r in results:
-        out.setdefault((r.workload, r.home, r.devices), []).append(r)
+        if r.cfs_period_ms is None:  # experiments with another quota period are not plotted
+            out.setdefault((r.workload, r.home, r.devices), []).append(r)
     return {k: v for k, v in out.items() if len({r.bandwidth_mbit for r in v}) >= 2}
 
 

@@ -49,10 +49,11 @@ class Samples:
     device_gflops: tuple[float, ...] = ()  # the planner profiles' compute rates in this scenario
     cpu_share_concurrent: tuple[float, ...] = ()  # busy loops in every device at once: what the host gave
     server_s: list[float] = field(default_factory=list)  # the leader's own latency_ms (request in -> reply out)
+    cfs_period_ms: float | None = None  # None: the testbed's 100 ms
 
     @property
-    def key(self) -> tuple[str, str, int, int, str]:
-        return (self.home, self.workload, len(self.cpu), self.bandwidth_mbit, self.plan)
+    def key(self) -> tuple[Any, ...]:
+        return (self.home, self.workload, len(self.cpu), self.bandwidth_mbit, self.cfs_period_ms, self.plan)
 
     def add_reply(self, latency_s: float, result: Mapping[str, Any]) -> None:
         """One successful run: the client-side latency and the leader's result fields."""
@@ -96,6 +97,7 @@ class Result:
     device_gflops: tuple[float, ...] = ()
     cpu_share_concurrent: tuple[float, ...] = ()
     server_median_s: float | None = None
+    cfs_period_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -114,6 +116,8 @@ class Result:
             d["cpu_share_concurrent"] = [round(c, 3) for c in self.cpu_share_concurrent]
         if self.server_median_s is not None:
             d["server_median_s"] = round(self.server_median_s, 5)
+        if self.cfs_period_ms is not None:
+            d["cfs_period_ms"] = self.cfs_period_ms
         if self.ttft is not None:
             d["ttft_median_s"] = round(self.ttft.median, 5)
             d["ttft_min_s"] = round(self.ttft.min, 5)
@@ -148,6 +152,7 @@ class Result:
             predicted_ttft_s=d.get("predicted_ttft_s"), predicted_ms_per_token=d.get("predicted_ms_per_token"),
             predicted_plan=d.get("predicted_plan", ""), device_gflops=tuple(d.get("device_gflops", ())),
             cpu_share_concurrent=tuple(d.get("cpu_share_concurrent", ())), server_median_s=d.get("server_median_s"),
+            cfs_period_ms=d.get("cfs_period_ms"),
         )
 
 
@@ -163,10 +168,10 @@ def aggregate(samples: Iterable[Samples]) -> list[Result]:
     """Summaries of every plan that produced at least one run, with ratios to the
     single-device plan of the same home, device count, bandwidth and workload."""
     done = [s for s in samples if s.latency_s]
-    singles = {s.key[:4]: s for s in done if s.plan == "single"}
+    singles = {s.key[:-1]: s for s in done if s.plan == "single"}
     out = []
     for s in done:
-        single = singles.get(s.key[:4])
+        single = singles.get(s.key[:-1])
         lat = Stats.of(s.latency_s)
         mpt = Stats.of(s.ms_per_token) if s.ms_per_token else None
         single_lat = statistics.median(single.latency_s) if single else None
@@ -182,7 +187,7 @@ def aggregate(samples: Iterable[Samples]) -> list[Result]:
             predicted_ttft_s=s.predicted.get("ttft_s"), predicted_ms_per_token=s.predicted.get("ms_per_token"),
             predicted_plan=str(s.predicted.get("desc", "")), device_gflops=s.device_gflops,
             cpu_share_concurrent=s.cpu_share_concurrent,
-            server_median_s=statistics.median(s.server_s) if s.server_s else None,
+            server_median_s=statistics.median(s.server_s) if s.server_s else None, cfs_period_ms=s.cfs_period_ms,
         ))
     return out
 
@@ -202,7 +207,7 @@ def load_report(data: Mapping[str, Any]) -> tuple[list[Result], str, dict[str, A
 def merge(old: Sequence[Result], new: Sequence[Result]) -> list[Result]:
     """Results of a new run replace those of the same configuration in an older file."""
     def key(r: Result) -> tuple[Any, ...]:
-        return (r.home, r.workload, r.devices, r.cpu, r.bandwidth_mbit, r.broker_mbit, r.plan)
+        return (r.home, r.workload, r.devices, r.cpu, r.bandwidth_mbit, r.broker_mbit, r.cfs_period_ms, r.plan)
 
     fresh = {key(r) for r in new}
     return sort_results([r for r in old if key(r) not in fresh] + list(new))
@@ -213,8 +218,12 @@ _WORKLOAD_ORDER = {w: i for i, w in enumerate(("enc16", "enc64", "enc128", "dec"
 
 
 def sort_results(results: Iterable[Result]) -> list[Result]:
-    return sorted(results, key=lambda r: (r.home != "homo", _WORKLOAD_ORDER.get(r.workload, 99), r.devices,
+    return sorted(results, key=lambda r: (r.cfs_period_ms is not None, r.home != "homo", _WORKLOAD_ORDER.get(r.workload, 99), r.devices,
                                           r.bandwidth_mbit, _PLAN_ORDER.get(r.plan, 99)))
+
+
+def _home(r: Result) -> str:
+    return r.home if r.cfs_period_ms is None else f"{r.home}, quota period {r.cfs_period_ms:g} ms"
 
 
 def _fmt_s(v: float) -> str:
@@ -238,7 +247,7 @@ def markdown_table(results: Sequence[Result], broker_link: str) -> str:
                   "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | --- |"]
         for r in enc:
             lines.append(
-                f"| {r.home} | {r.workload} | {r.devices} | {'/'.join(f'{c:g}' for c in r.cpu)} | {r.bandwidth_mbit} "
+                f"| {_home(r)} | {r.workload} | {r.devices} | {'/'.join(f'{c:g}' for c in r.cpu)} | {r.bandwidth_mbit} "
                 f"| {r.plan} | {_fmt_s(r.latency.median)} | {_fmt_s(r.latency.min)}–{_fmt_s(r.latency.max)} "
                 f"| {_fmt_ratio(r.vs_single)} | {r.latency.n}{f' ({r.errors} failed)' if r.errors else ''} "
                 f"| {r.plan_desc} |")
@@ -250,7 +259,7 @@ def markdown_table(results: Sequence[Result], broker_link: str) -> str:
             ttft = _fmt_s(r.ttft.median) if r.ttft else ""
             mpt = f"{r.ms_per_token.median:.1f} ({r.ms_per_token.min:.1f}–{r.ms_per_token.max:.1f})" if r.ms_per_token else ""
             lines.append(
-                f"| {r.home} | {r.workload} | {r.devices} | {'/'.join(f'{c:g}' for c in r.cpu)} | {r.bandwidth_mbit} "
+                f"| {_home(r)} | {r.workload} | {r.devices} | {'/'.join(f'{c:g}' for c in r.cpu)} | {r.bandwidth_mbit} "
                 f"| {r.plan} | {ttft} | {mpt} | {_fmt_ratio(r.ms_per_token_vs_single)} | {_fmt_s(r.latency.median)} "
                 f"| {r.latency.n}{f' ({r.errors} failed)' if r.errors else ''} | {r.plan_desc} |")
         lines.append("")

@@ -176,9 +176,12 @@ class BenchHome:
 
     def __init__(self, scenario: Scenario, profiles: Sequence[Any] | None, workdir: Path,
                  progress: Progress = stderr_progress, threads: int = 1, catalog: str = "shapes",
-                 models: Sequence[str] | None = None, ram_mb: int = 2500) -> None:
+                 models: Sequence[str] | None = None, ram_mb: int = 2500,
+                 cfs_period_ms: float | None = None) -> None:
         """``profiles``: the devices' planner profiles; None calibrates them in the home
-        (``bench.calibrate`` in the first device's namespace and quota, scaled by quota)."""
+        (``bench.calibrate`` in the first device's namespace and quota, scaled by quota).
+        ``cfs_period_ms``: an experiment: the CPU quota's period (the testbed uses 100 ms), same share."""
+        self.cfs_period_ms = cfs_period_ms
         self.scenario = scenario
         self.ram_mb = ram_mb
         self.calibration: dict[str, float] = {}
@@ -214,6 +217,8 @@ class BenchHome:
 
         sc = self.scenario
         self.home = self._stack.enter_context(Home(sc.home_spec()))
+        if self.cfs_period_ms is not None:
+            self._set_cfs_period(self.cfs_period_ms)
         broker_ip = self.home.address("broker")
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(mosquitto_conf())
@@ -238,6 +243,20 @@ class BenchHome:
         hello = self._client.stdout.readline() if self._client.stdout else ""
         if not hello:
             raise BenchError(f"the timing client did not start; see {self.workdir / 'client.log'}")
+
+    def _set_cfs_period(self, period_ms: float) -> None:
+        """Same CPU share, shorter (or longer) quota period: a device is throttled for at most
+        (1 - share) x period at a time, so synchronisation points wait less for a throttled peer."""
+        period_us = int(period_ms * 1000)
+        for link in self.home.links:
+            if link.cpu is None:
+                continue
+            for group in map(Path, link.cgroups):
+                if (group / "cpu.cfs_period_us").exists():
+                    (group / "cpu.cfs_quota_us").write_text("-1")  # lift first: period < quota is refused
+                    (group / "cpu.cfs_period_us").write_text(str(period_us))
+                    (group / "cpu.cfs_quota_us").write_text(str(max(1000, int(link.cpu * period_us))))
+        self.progress(f"CPU quota period set to {period_ms:g} ms (shares unchanged)")
 
     def _calibrate(self) -> list[Any]:
         sc = self.scenario
@@ -322,7 +341,7 @@ def run_scenario(scenario: Scenario, cfg: BenchConfig, rates: HostRates | None, 
     profiles = device_profiles(scenario, rates, mem_mb) if rates is not None else None
     out: list[Samples] = []
     t_start = time.monotonic()
-    with BenchHome(scenario, profiles, workdir, progress, ram_mb=mem_mb) as bh:
+    with BenchHome(scenario, profiles, workdir, progress, ram_mb=mem_mb, cfs_period_ms=cfg.cfs_period_ms) as bh:
         profiles = bh.profiles
         progress(f"{scenario.label()}: home up ({time.monotonic() - t_start:.1f} s), waiting for agents")
         leader = bh.wait_ready(scenario.workloads[0], timeout_s=max(300.0, cfg.request_timeout_s))
@@ -331,7 +350,8 @@ def run_scenario(scenario: Scenario, cfg: BenchConfig, rates: HostRates | None, 
             samples = {p: Samples(p, workload.name, scenario.home, scenario.cpu, scenario.bandwidth_mbit,
                                   scenario.broker_mbit, workload.model_for(p),
                                   device_gflops=tuple(pr.gflops for pr in profiles),
-                                  cpu_share_concurrent=bh.cpu_share_concurrent) for p in scenario.plans}
+                                  cpu_share_concurrent=bh.cpu_share_concurrent,
+                                  cfs_period_ms=cfg.cfs_period_ms) for p in scenario.plans}
             for p, s in samples.items():
                 try:
                     pred = predict(scenario, workload, p, leader, profiles)

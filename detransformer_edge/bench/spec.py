@@ -135,6 +135,7 @@ class BenchConfig:
     warmup: int = 2
     broker_mbit: int | None = None
     request_timeout_s: float = 180.0
+    cfs_period_ms: float | None = None  # experiment: CPU quota period (testbed default 100 ms)
 
     def __post_init__(self) -> None:
         for w in self.workloads:

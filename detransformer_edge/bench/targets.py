@@ -30,7 +30,7 @@ class TargetCheck:
 
 def _homo4(results: Sequence[Result], workload: str = "enc128") -> dict[tuple[str, int], Result]:
     return {(r.plan, r.bandwidth_mbit): r for r in results
-            if r.workload == workload and r.home == "homo" and r.devices == 4}
+            if r.workload == workload and r.home == "homo" and r.devices == 4 and r.cfs_period_ms is None}
 
 
 def check_targets(results: Sequence[Result]) -> list[TargetCheck]:
@@ -58,7 +58,7 @@ def check_targets(results: Sequence[Result]) -> list[TargetCheck]:
             out.append(TargetCheck(f"enc128, {bw} Mbit: adaptive never slower than fixed BP", "≤ 1.00×",
                                    f"{r:.2f}×", r <= 1.0, f"{(1.0 - r) * 100:+.0f} %"))
     hetero = {r.plan: r for r in results if r.workload == "enc128" and r.home == "hetero" and r.devices == 4
-              and r.bandwidth_mbit == 100}
+              and r.bandwidth_mbit == 100 and r.cfs_period_ms is None}
     if "adaptive" in hetero and "bp-fixed" in hetero:
         sp = hetero["bp-fixed"].latency.median / hetero["adaptive"].latency.median
         out.append(TargetCheck("enc128, hetero 0.8/0.4/0.2/0.2, 100 Mbit: adaptive faster than fixed equal-split BP",
@@ -103,6 +103,8 @@ def prediction_rows(results: Sequence[Result]) -> list[PredictionRow]:
     rows = []
     for r in results:
         cfg = f"{r.workload}, {r.home} {r.devices}×({'/'.join(f'{c:g}' for c in r.cpu)}), {r.bandwidth_mbit} Mbit"
+        if r.cfs_period_ms is not None:
+            cfg += f", quota period {r.cfs_period_ms:g} ms"
         if r.ms_per_token is not None and r.predicted_ms_per_token is not None:
             rows.append(PredictionRow(cfg, r.plan, "ms/token", r.predicted_ms_per_token, r.ms_per_token.median))
             if r.ttft is not None and r.predicted_ttft_s is not None:
@@ -119,10 +121,10 @@ def within(rows: Sequence[PredictionRow], tolerance: float = 0.25) -> float:
 def ranking_agreement(results: Sequence[Result]) -> tuple[int, int]:
     """Scenarios (workload, home, devices, bandwidth) where the plan the cost model ranks fastest
     is also the fastest measured, over all scenarios with at least two predicted plans."""
-    groups: dict[tuple[str, str, int, int], list[Result]] = {}
+    groups: dict[tuple[object, ...], list[Result]] = {}
     for r in results:
         if r.predicted_s is not None:
-            groups.setdefault((r.workload, r.home, r.devices, r.bandwidth_mbit), []).append(r)
+            groups.setdefault((r.workload, r.home, r.devices, r.bandwidth_mbit, r.cfs_period_ms), []).append(r)
     agree = total = 0
     for rs in groups.values():
         if len(rs) < 2:

@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gflops", type=float, default=None,
                    help="one host core's GFLOPS at BERT-base shapes for the device profiles "
                         "(default: calibrated in every home, inside a device's namespace and quota)")
+    p.add_argument("--cfs-period-ms", type=float, default=None,
+                   help="experiment: CPU quota period in ms, same shares (testbed default 100); results are "
+                        "kept apart from the default ones")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds one request may take (default %(default)s)")
     p.add_argument("--keep-logs", default=None, help="keep agent/broker logs and configs under this folder")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
@@ -49,7 +52,8 @@ def config_from_args(args: argparse.Namespace):  # -> BenchConfig
             workloads=parse_name_list(args.workloads, "workloads", tuple(WORKLOADS)),
             plans=parse_name_list(args.plans, "plans", PLANS),
         )
-    changes = {"broker_mbit": args.broker_mbit, "request_timeout_s": args.timeout}
+    changes = {"broker_mbit": args.broker_mbit, "request_timeout_s": args.timeout,
+               "cfs_period_ms": args.cfs_period_ms}
     if args.runs is not None:
         changes["runs"] = args.runs
     if args.warmup is not None:
