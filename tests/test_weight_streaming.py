@@ -216,7 +216,7 @@ async def test_streaming_device_gets_its_weights_and_answers(mosquitto_broker, t
         with torch.inference_mode():
             ref = mean_pool(m.model(ids, torch.ones_like(ids)), torch.ones_like(ids))
         reply_to = f"detransformer/{cluster}/replies/test"
-        (t, r), = await ask(mosquitto_broker, f"detransformer/{cluster}/request",
+        (_, r), = await ask(mosquitto_broker, f"detransformer/{cluster}/request",
                             {"id": "w1", "reply_to": reply_to, "op": "embed", "input": "dim the lights in the hall",
                              "params": {"model": MODEL, "plan": "bp-fixed"}}, [reply_to])
         assert "result" in r, r

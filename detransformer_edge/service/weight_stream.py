@@ -15,6 +15,7 @@ See docs/WEIGHTS.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import msgpack
 import torch
 
@@ -71,6 +73,10 @@ def want_device(prefix: str, topic: str) -> str | None:
         return check_name(dev, "device id")
     except ProtocolError:
         return None
+
+
+def _sha256_hex(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
 
 
 # --- messages ----------------------------------------------------------------------------------------
@@ -156,8 +162,9 @@ class WeightChunk:
             raise ProtocolError("weights chunk: a 'complete' message (index -1) carries no data")
 
     def to_bytes(self) -> bytes:
-        return msgpack.packb({"model": self.model, "shard": self.shard, "index": self.index, "total": self.total,
-                              "sha256": self.sha256, "data": self.data}, use_bin_type=True)
+        packed: bytes = msgpack.packb({"model": self.model, "shard": self.shard, "index": self.index,
+                                       "total": self.total, "sha256": self.sha256, "data": self.data}, use_bin_type=True)
+        return packed
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> WeightChunk:
@@ -188,7 +195,7 @@ class WeightServer:
         self.catalog, self.publish, self.prefix = catalog, publish, prefix
         self.chunk_bytes, self.max_shard_bytes, self.cache_bytes = chunk_bytes, max_shard_bytes, cache_bytes
         self._sem = asyncio.Semaphore(max_concurrent)
-        self._tasks: dict[tuple[str, str, str], asyncio.Task] = {}
+        self._tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._blobs: OrderedDict[tuple[str, str], tuple[bytes, str]] = OrderedDict()
         self._blob_lock = asyncio.Lock()
         # test hooks: rewrite (or drop, returning None) a chunk before it is sent; a log of sent chunks
@@ -212,7 +219,11 @@ class WeightServer:
             task = asyncio.create_task(self._serve(device, want.model, shard, set(want.have.get(shard, ()))),
                                        name=f"weights-{device}-{shard}")
             self._tasks[key] = task
-            task.add_done_callback(lambda t, k=key: self._tasks.pop(k, None) if self._tasks.get(k) is t else None)
+            task.add_done_callback(functools.partial(self._forget, key))
+
+    def _forget(self, key: tuple[str, str, str], task: asyncio.Task[None]) -> None:
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
 
     async def _blob(self, model: str, shard: str) -> tuple[bytes, str]:
         async with self._blob_lock:
@@ -226,7 +237,7 @@ class WeightServer:
             blob = await asyncio.to_thread(unit_bytes, served.config(), shard, served.tensors)
             if len(blob) > self.max_shard_bytes:
                 raise WeightTransferError(f"shard {model}/{shard} is {len(blob)} bytes, above the {self.max_shard_bytes} limit")
-            hit = (blob, hashlib.sha256(blob).hexdigest())
+            hit = (blob, _sha256_hex(blob))
             self._blobs[(model, shard)] = hit
             while len(self._blobs) > 1 and sum(len(b) for b, _ in self._blobs.values()) > self.cache_bytes:
                 self._blobs.popitem(last=False)
@@ -252,9 +263,8 @@ class WeightServer:
                     self.sent.append((device, model, shard, i))
                     if chunk is not None:
                         await self.publish(topic, chunk.to_bytes(), 1)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # one bad shard must not stop the leader; the device retries
+        except (DetransformerError, OSError, ValueError, RuntimeError, aiomqtt.MqttError) as exc:
+            # one bad shard must not stop the leader; the device retries
             log.warning("cannot stream %s/%s to %s: %s", model, shard, device, exc)
 
     async def close(self) -> None:
@@ -417,7 +427,7 @@ class WeightFetcher:
                     heard = True
                 if t.received_all() and heard:
                     blob = await asyncio.to_thread(t.assemble)
-                    if await asyncio.to_thread(lambda: hashlib.sha256(blob).hexdigest()) == t.sha256:
+                    if await asyncio.to_thread(_sha256_hex, blob) == t.sha256:
                         return blob
                     self.corrupt_shards += 1
                     log.warning("%s: shard %s/%s failed its sha256: fetching it again", self.device_id, model, unit)

@@ -47,7 +47,7 @@ class WeightSourceError(DetransformerError):
 class LocalWeightSource(Protocol):
     """Reads named tensors (our state-dict names, float32) from a device's own files."""
 
-    def __call__(self, names: Collection[str]) -> dict[str, torch.Tensor]: ...
+    def __call__(self, names: Collection[str], /) -> Mapping[str, Any]: ...  # name -> torch.Tensor
 
 
 # --- which names a placement needs -----------------------------------------------------------------
@@ -59,7 +59,7 @@ def empty_model(cfg: ModelConfig) -> nn.Module:
     from detransformer_edge.model.encoder import Encoder
 
     with torch.device("meta"):
-        return (Encoder if cfg.family == "encoder" else Decoder)(cfg)
+        return Encoder(cfg) if isinstance(cfg, EncoderConfig) else Decoder(cfg)
 
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -288,7 +288,13 @@ def intent_source(weights_dir: Path | None = None) -> LocalWeightSource:
 
 def smollm2_source() -> LocalWeightSource:
     """SmolLM2 from the dequantised-GGUF cache (built on first use: one full dequantisation)."""
-    from detransformer_edge.model.loaders import _CACHE_FORMAT, cache_dir, file_sha256, read_llama_gguf, weights_path
+    from detransformer_edge.model.loaders import (
+        _CACHE_FORMAT,
+        cache_dir,
+        file_sha256,
+        read_llama_gguf,
+        weights_path,
+    )
 
     path = weights_path("smollm2-135m")
     cache = cache_dir()
