@@ -180,7 +180,9 @@ def test_plots_are_written(tmp_path):
 
 
 def test_targets_and_prediction_tables():
-    from detransformer_edge.bench.targets import check_targets, prediction_rows, predictions_markdown, targets_markdown, within
+    from detransformer_edge.bench.targets import (
+        check_targets, prediction_rows, predictions_markdown, ratio_table, targets_markdown, within,
+    )
 
     samples = []
     for mbit, single, tp, bp, adaptive in ((1000, 0.5, 0.3, 0.24, 0.2), (100, 0.5, 1.3, 0.3, 0.3), (20, 0.5, 6.0, 0.6, 0.55)):
@@ -205,3 +207,5 @@ def test_targets_and_prediction_tables():
     rows = prediction_rows(results)
     assert len(rows) == 12 and within(rows) == pytest.approx(9 / 12)  # tp predicted at 2x: +100 %
     assert "Within ±25 %: 9 of 12" in predictions_markdown(results)
+    table = ratio_table(results)
+    assert "| enc128 | 100 | 500 ms |  | 2.60× | 0.60× | 0.60× | adaptive plan |" in table

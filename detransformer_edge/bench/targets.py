@@ -150,10 +150,43 @@ def predictions_markdown(results: Sequence[Result]) -> str:
     return "\n".join(lines)
 
 
+def ratio_table(results: Sequence[Result], home: str = "homo", devices: int = 4) -> str:
+    """Per workload and link rate: one device's median, and every plan as a multiple of it
+    (decoders: ms per token)."""
+    plans = ("pipeline", "tp", "bp-fixed", "adaptive")
+    rows: dict[tuple[str, int], dict[str, Result]] = {}
+    for r in results:
+        if r.home == home and r.devices == devices and r.cfs_period_ms is None:
+            rows.setdefault((r.workload, r.bandwidth_mbit), {})[r.plan] = r
+    order = {w: i for i, w in enumerate(("enc16", "enc64", "enc128", "dec"))}
+    lines = ["| workload | Mbit/s | one device | " + " | ".join(plans) + " | adaptive chose |",
+             "| --- | ---: | ---: | " + " | ".join("---:" for _ in plans) + " | --- |"]
+    for (w, bw), by in sorted(rows.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1])):
+        single = by.get("single")
+        if single is None:
+            continue
+        dec = single.ms_per_token is not None
+        base = single.ms_per_token.median if dec and single.ms_per_token else single.latency.median
+
+        def cell(p: str) -> str:
+            r = by.get(p)
+            if r is None:
+                return ""
+            v = r.ms_per_token.median if dec and r.ms_per_token else r.latency.median
+            return f"{v / base:.2f}×"
+        one = f"{base:.0f} ms/token" if dec else f"{base * 1e3:.0f} ms"
+        chose = by["adaptive"].plan_desc if "adaptive" in by else ""
+        lines.append(f"| {w} | {bw} | {one} | " + " | ".join(cell(p) for p in plans) + f" | {chose} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
     path = Path(args[0] if args else "bench/results/results.json")
     results, link, _ = load_report(json.loads(path.read_text()))
+    for home, n in sorted({(r.home, r.devices) for r in results}):
+        print(f"## {home}, {n} devices: multiple of one device (lower is better)\n")
+        print(ratio_table(results, home, n) + "\n")
     print("## Targets\n")
     print(targets_markdown(check_targets(results)))
     print("\n## Predicted vs measured\n")
