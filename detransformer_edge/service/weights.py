@@ -298,8 +298,16 @@ def smollm2_source() -> LocalWeightSource:
 
     path = weights_path("smollm2-135m")
     cache = cache_dir()
-    if cache is None:
-        raise WeightSourceError("selective SmolLM2 loading reads the dequantised cache; unset DETRANSFORMER_EDGE_CACHE=off")
+    if cache is None:  # no cache allowed: dequantise the file on each read and keep only the names asked for
+        def uncached(names: Collection[str]) -> dict[str, torch.Tensor]:
+            sd = read_llama_gguf(path, cache=None)[1]
+            sd.setdefault("lm_head.weight", sd["tok_emb.weight"])
+            missing = sorted(set(names) - set(sd))
+            if missing:
+                raise WeightSourceError(f"{path.name} has no tensors {missing[:3]}")
+            return {n: sd[n] for n in names}
+
+        return uncached
     entry = cache / f"{path.stem}-{file_sha256(path)[:16]}-v{_CACHE_FORMAT}"
     weights_file = entry / "weights.safetensors"
     if not weights_file.is_file():
