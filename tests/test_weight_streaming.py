@@ -223,3 +223,58 @@ async def test_streaming_device_gets_its_weights_and_answers(mosquitto_broker, t
         assert "dev2" in r["result"]["plan"], r["result"]["plan"]
         got = torch.tensor(r["result"]["embeddings"])
         assert torch.nn.functional.cosine_similarity(got, ref).item() > 0.9999
+
+
+@pytest.mark.slow
+@pytest.mark.mosquitto
+async def test_pretrained_models_stream_and_answer_like_one_device(mosquitto_broker, tmp_path):
+    """MiniLM and the intent model: two devices read their share from local files, the third
+    streams it; embeddings and intents equal the single-device models'."""
+    from detransformer_edge.model.loaders import load_model
+    from detransformer_edge.nlu.parser import IntentParser, default_weights_dir
+    from detransformer_edge.service.catalog import default_catalog
+    from tests.test_service import PROFILES, agent_config, ask, wait_for_placement
+
+    if not (default_weights_dir() / "model.safetensors").is_file():
+        pytest.skip("no shipped intent model (detransformer_edge/nlu/weights)")
+    torch.set_num_threads(1)
+    host, port = mosquitto_broker
+    cluster = f"t{uuid.uuid4().hex[:8]}"
+    async with contextlib.AsyncExitStack() as stack:
+        agents = []
+        for i in range(3):
+            cfg = agent_config(f"dev{i}", cluster, host, port)
+            if i == 2:
+                cfg = replace(cfg, weights="stream", weights_cache=tmp_path / "weights")
+            prof = load_profile(ROOT / "firmware_profiles" / f"{PROFILES[i]}.toml")
+            agent = HomeAgent(cfg, prof, default_catalog().subset(["intent", "minilm-l6"]), broker=mosquitto_broker,
+                              intent_threshold=0.0, replan_delay_s=0.2, replicate_all=True)
+            agents.append(await stack.enter_async_context(agent))
+        leader = await wait_for_placement(agents, timeout=120)
+        assert {d for d, _, _, _ in leader.weight_server.sent} == {"dev2"}
+        assert set(agents[2].host.weight_bytes()) == {"intent", "minilm-l6"}
+
+        text = "turn on the light in the kitchen"
+        full = load_model("minilm-l6")
+        enc = full.tokenizer.encode(text)
+        ids = torch.tensor([enc])
+        with torch.inference_mode():
+            ref = mean_pool(full.model(ids, torch.ones_like(ids)), torch.ones_like(ids))
+        reply_to = f"detransformer/{cluster}/replies/test"
+        for k, plan in enumerate(["single", "pipeline", "tp"]):
+            (_, r), = await ask(mosquitto_broker, f"detransformer/{cluster}/request",
+                                {"id": f"m{k}", "reply_to": reply_to, "op": "embed", "input": text,
+                                 "params": {"model": "minilm-l6", "plan": plan}}, [reply_to], timeout=60)
+            assert "result" in r, r
+            got = torch.tensor(r["result"]["embeddings"])
+            assert torch.nn.functional.cosine_similarity(got, ref).item() > 0.9999, plan
+            if plan != "single":
+                assert "dev2" in r["result"]["plan"], r["result"]["plan"]
+
+        parser = IntentParser.load_default()
+        expected = parser.parse(text)
+        q = {"input": text, "siteId": "kitchen", "id": "q1", "sessionId": "s1"}
+        (topic, body), = await ask(mosquitto_broker, "hermes/nlu/query", q,
+                                   ["hermes/intent/#", "hermes/nlu/intentNotRecognized"], timeout=60)
+        assert body["intent"]["intentName"] == expected.intent_name, body
+        assert abs(body["intent"]["confidenceScore"] - expected.confidence) < 1e-3
