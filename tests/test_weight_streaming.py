@@ -274,7 +274,7 @@ async def test_pretrained_models_stream_and_answer_like_one_device(mosquitto_bro
         parser = IntentParser.load_default()
         expected = parser.parse(text)
         q = {"input": text, "siteId": "kitchen", "id": "q1", "sessionId": "s1"}
-        (topic, body), = await ask(mosquitto_broker, "hermes/nlu/query", q,
+        (_, body), = await ask(mosquitto_broker, "hermes/nlu/query", q,
                                    ["hermes/intent/#", "hermes/nlu/intentNotRecognized"], timeout=60)
         assert body["intent"]["intentName"] == expected.intent_name, body
         assert abs(body["intent"]["confidenceScore"] - expected.confidence) < 1e-3
