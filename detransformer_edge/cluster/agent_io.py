@@ -226,6 +226,14 @@ class ClusterAgent:
         return election.is_leader(self._snapshot())
 
     @property
+    def holds_lease(self) -> bool:
+        """The followed lease record is this session's own, even if its renewal echo is late (a
+        busy event loop reads it late): nobody else claimed it, so requests are still ours."""
+        lease = self._lease
+        return (self._session is not None and lease is not None and lease.record.id == self.config.id
+                and lease.record.session == self._session)
+
+    @property
     def role(self) -> str:
         if not self._settled:
             return "starting"
@@ -660,8 +668,11 @@ class ClusterAgent:
                 self._wake.set()
                 await self._check_role()
         elif t.request.match(topic) is not None:
-            if self.is_leader:
+            if self.is_leader or self.holds_lease:
+                # counted here, not when the task starts: a burst is dispatched before any runs
                 busy = self._pending_requests >= self.max_pending_requests
+                if not busy:
+                    self._pending_requests += 1
                 self._spawn(self._serve_request(message, payload, busy), "request")
         elif t.assign.match(topic) == me:
             msg = t.assign.decode(payload)
@@ -691,8 +702,6 @@ class ClusterAgent:
         self._lease = obs.lease
 
     async def _serve_request(self, message: aiomqtt.Message, payload: bytes, busy: bool) -> None:
-        if not busy:
-            self._pending_requests += 1
         try:
             await self._answer_request(message, payload, busy)
         finally:
