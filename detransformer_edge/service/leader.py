@@ -331,7 +331,7 @@ class Leader:
         mp = self.state.models.get(model)
         single = baseline_plan("single", (self.me,), cfg.n_layers, cfg.nd)
         if mp is None or not mp.placement.can_run(single, cfg.layer_kinds):
-            raise ServiceError("unavailable", f"a device of the plan failed ({', '.join(sorted(blamed)) or 'no answer'}) "
+            raise ServiceError("busy", f"a device of the plan failed ({', '.join(sorted(blamed)) or 'no answer'}) "
                                               f"and the remaining ready devices cannot run {model!r}; try again shortly")
         return single
 
