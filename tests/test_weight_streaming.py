@@ -4,7 +4,9 @@ interrupted transfer resumes from the chunks kept on disk."""
 
 import asyncio
 import contextlib
+import hashlib
 import json
+import math
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -26,6 +28,7 @@ from detransformer_edge.service.weight_stream import (
     WeightTransferError,
     WeightWant,
     chunk_topic,
+    manifest_topic,
     want_device,
     want_filter,
 )
@@ -80,6 +83,7 @@ async def link(broker, server: WeightServer, fetcher: WeightFetcher, prefix: str
         fetcher.publish = lambda t, p, q: dev.publish(t, p, qos=q)
         await lead.subscribe(want_filter(prefix), qos=1)
         await dev.subscribe(chunk_topic(prefix, "dev9"), qos=1)
+        await dev.subscribe(manifest_topic(prefix, "dev9"), qos=1)
 
         async def serve():
             async for m in lead.messages:
@@ -87,7 +91,10 @@ async def link(broker, server: WeightServer, fetcher: WeightFetcher, prefix: str
 
         async def receive():
             async for m in dev.messages:
-                fetcher.handle_chunk(bytes(m.payload))
+                if m.topic.value.endswith("/manifest"):
+                    fetcher.handle_manifest(m.topic.value, bytes(m.payload))
+                else:
+                    fetcher.handle_chunk(bytes(m.payload))
 
         tasks = [asyncio.create_task(serve()), asyncio.create_task(receive())]
         try:
@@ -105,9 +112,9 @@ def reference(units):
     return served.tensors({n for u in units for n in unit_parameters(cfg, u)})
 
 
-def make_pair(tmp_path, prefix, **fetcher_kw):
+def make_pair(tmp_path, prefix, signer=None, **fetcher_kw):
     cat = tiny_catalog()
-    server = WeightServer(cat, None, prefix, chunk_bytes=2048)
+    server = WeightServer(cat, None, prefix, chunk_bytes=2048, signer=signer)
     fetcher = WeightFetcher("dev9", cat, None, prefix, tmp_path / "cache", **fetcher_kw)
     return server, fetcher
 
@@ -186,11 +193,49 @@ async def test_silent_leader_gives_a_clear_error(mosquitto_broker, tmp_path, top
     assert fetcher.progress() == {} and fetcher.percent() is None
 
 
+KEY = "a long cluster secret for tests"
+
+
+@pytest.mark.mosquitto
+async def test_signed_manifest_rejects_a_forged_shard(mosquitto_broker, tmp_path, topic_prefix):
+    """With a cluster key, chunks that agree with their own (forged) sha256 are still refused:
+    the shard must match the SHA-256 the leader signed."""
+    from detransformer_edge.cluster.signing import CommandSigner, CommandVerifier
+
+    server, fetcher = make_pair(tmp_path, topic_prefix, signer=CommandSigner(KEY, "lead"),
+                                verifier=CommandVerifier(KEY), timeout_s=5.0)
+    fake = b"not the weights" * 500
+    fake_sha = hashlib.sha256(fake).hexdigest()
+    forged = []
+
+    def forge(device, chunk):  # a forger answering in the leader's place, the first time
+        if chunk.shard == "layer.1" and len(forged) < math.ceil(len(fake) / 2048):
+            i = len(forged)
+            forged.append(i)
+            return WeightChunk(chunk.model, chunk.shard, i, math.ceil(len(fake) / 2048), fake_sha,
+                               fake[i * 2048:(i + 1) * 2048])
+        return chunk
+
+    server.on_send = forge
+    async with link(mosquitto_broker, server, fetcher, topic_prefix):
+        got = await asyncio.wait_for(fetcher.fetch(MODEL, 1, ("layer.1",)), 60)
+    ref = reference(("layer.1",))
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+    assert forged and fetcher.corrupt_shards == 1
+
+    # a device with the key refuses a leader without it
+    server2, fetcher2 = make_pair(tmp_path / "b", topic_prefix, verifier=CommandVerifier(KEY), timeout_s=0.5, retries=1)
+    async with link(mosquitto_broker, server2, fetcher2, topic_prefix):
+        with pytest.raises(WeightTransferError):
+            await asyncio.wait_for(fetcher2.fetch(MODEL, 1, ("layer.1",)), 30)
+
+
 # --- the agents: a device configured to stream ---------------------------------------------------------
 
 
 @pytest.mark.mosquitto
-async def test_streaming_device_gets_its_weights_and_answers(mosquitto_broker, tmp_path):
+@pytest.mark.parametrize("key", [None, KEY])
+async def test_streaming_device_gets_its_weights_and_answers(mosquitto_broker, tmp_path, key):
     from tests.test_service import PROFILES, agent_config, ask, wait_for_placement
 
     host, port = mosquitto_broker
@@ -198,7 +243,7 @@ async def test_streaming_device_gets_its_weights_and_answers(mosquitto_broker, t
     async with contextlib.AsyncExitStack() as stack:
         agents = []
         for i in range(3):
-            cfg = agent_config(f"dev{i}", cluster, host, port)
+            cfg = replace(agent_config(f"dev{i}", cluster, host, port), cluster_key=key)
             if i == 2:
                 cfg = replace(cfg, weights="stream", weights_cache=tmp_path / "weights")
             prof = load_profile(ROOT / "firmware_profiles" / f"{PROFILES[i]}.toml")
@@ -206,6 +251,7 @@ async def test_streaming_device_gets_its_weights_and_answers(mosquitto_broker, t
                               replan_delay_s=0.2, replicate_all=True)
             agents.append(await stack.enter_async_context(agent))
         leader = await wait_for_placement(agents, timeout=60)
+        assert (agents[2].weight_fetcher.verifier is None) == (key is None)  # signed manifests with a key
         streamed = {(d, m) for d, m, _, _ in leader.weight_server.sent}
         assert {d for d, _ in streamed} == {"dev2"}, streamed  # only the streaming device asked
         assert {m for _, m in streamed} == set(agents[2].host.weight_bytes())

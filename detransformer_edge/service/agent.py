@@ -30,7 +30,14 @@ from detransformer_edge.service.catalog import Catalog
 from detransformer_edge.service.host import ModelHost, weights_from_dict
 from detransformer_edge.service.leader import Leader, ServiceError
 from detransformer_edge.service.runs import RunControl, parse_run_topic
-from detransformer_edge.service.weight_stream import WeightFetcher, WeightServer, chunk_topic, want_device, want_filter
+from detransformer_edge.service.weight_stream import (
+    WeightFetcher,
+    WeightServer,
+    chunk_topic,
+    manifest_topic,
+    want_device,
+    want_filter,
+)
 from detransformer_edge.transport.mqtt import MqttTransport
 
 log = logging.getLogger(__name__)
@@ -74,8 +81,10 @@ class HomeAgent:
         from detransformer_edge.model.loaders import cache_dir
 
         weights_cache = config.weights_cache or (cache_dir() or Path.home() / ".cache" / "detransformer-edge") / "weights"
-        self.weight_server = WeightServer(catalog, self._publish, prefix)
-        self.weight_fetcher = WeightFetcher(config.id, catalog, self._publish, prefix, weights_cache / config.cluster / config.id)
+        self.weight_server = WeightServer(catalog, self._publish, prefix, signer=self.cluster.signer,
+                                          term=lambda: self.cluster.lease.term if self.cluster.lease is not None else 1)
+        self.weight_fetcher = WeightFetcher(config.id, catalog, self._publish, prefix, weights_cache / config.cluster / config.id,
+                                            verifier=self.cluster.verifier)
         self.host = ModelHost(self.transport, catalog, self.weight_fetcher, config.weights)  # type: ignore[arg-type]
         self._assign_task: asyncio.Task | None = None
         self.leader = Leader(config.id, self.host, catalog, self._publish, f"{prefix}/run", replicate_all=replicate_all)
@@ -96,6 +105,7 @@ class HomeAgent:
         self.cluster.subscribe(HERMES_QUERY, self._on_hermes_query, qos=1)
         self.cluster.subscribe(want_filter(prefix), self._on_weights_want, qos=1)
         self.cluster.subscribe(chunk_topic(prefix, config.id), self._on_weights_chunk, qos=1)
+        self.cluster.subscribe(manifest_topic(prefix, config.id), self._on_weights_manifest, qos=1)
         self.leader.listeners.append(self._publish_log)
 
     # --- lifetime --------------------------------------------------------------------------------
@@ -277,6 +287,9 @@ class HomeAgent:
     def _on_weights_chunk(self, message: aiomqtt.Message) -> None:
         self.weight_fetcher.handle_chunk(bytes(message.payload))  # type: ignore[arg-type]
 
+    def _on_weights_manifest(self, message: aiomqtt.Message) -> None:
+        self.weight_fetcher.handle_manifest(message.topic.value, bytes(message.payload))  # type: ignore[arg-type]
+
     async def _status_now(self) -> None:
         with contextlib.suppress(AgentNotConnectedError, aiomqtt.MqttError):
             await self.cluster.publish_status()
@@ -396,7 +409,7 @@ class HomeAgent:
             return Reply.failure(request.id, exc.code, str(exc))
 
     async def _on_hermes_query(self, message: aiomqtt.Message) -> None:
-        if not (self.cluster.is_leader or self.cluster.holds_lease):
+        if not self.cluster.is_leader:
             return
         payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else str(message.payload or "").encode()
         try:
@@ -418,9 +431,7 @@ class HomeAgent:
             ]
             intent = hermes.recognized(query, result.intent, result.confidence, slots)
             await self._publish(hermes.intent_topic(result.intent), intent.to_json(), 1)
-        except ServiceError as exc:  # "busy: ..." tells the voice assistant to try again shortly
-            await self._hermes_error(payload, f"{exc.code}: {exc}", query.session_id)
-        except ProtocolError as exc:
+        except (ServiceError, ProtocolError) as exc:
             await self._hermes_error(payload, str(exc), query.session_id)
         except Exception as exc:  # every query gets an answer, even when a handler has a bug
             log.exception("hermes query %s failed", query.id)

@@ -3,6 +3,13 @@
     device -> P/weights/<device>/want    JSON  {model, placement_version, shards, have}
     leader -> P/weights/<device>/chunk   msgpack {model, shard, index, total, sha256, data}  (QoS 1)
 
+With a cluster key the leader also sends, before the chunks of each shard, a signed manifest::
+
+    leader -> P/weights/<device>/manifest  JSON {model, shard, total, sha256, sig}  (QoS 1)
+
+and the device accepts a shard only when its bytes match the signed SHA-256: the per-chunk
+SHA-256 catches corruption, the manifest's signature catches a forger on the broker.
+
 A *shard* is one unit of ``service/weights.py`` (``embeddings``, ``sub_block.<j>``, ``layer.<i>``)
 serialised with safetensors; it travels in chunks of at most 256 KiB, each carrying the SHA-256
 of the whole shard. The device keeps chunks on disk as they arrive, so a restart asks only for
@@ -32,6 +39,7 @@ import aiomqtt
 import msgpack
 import torch
 
+from detransformer_edge.cluster.signing import CommandSigner, CommandVerifier
 from detransformer_edge.cluster.topics import ProtocolError, check_name
 from detransformer_edge.errors import ConfigError, DetransformerError
 from detransformer_edge.service.catalog import Catalog
@@ -57,6 +65,10 @@ def want_topic(prefix: str, device: str) -> str:
 
 def chunk_topic(prefix: str, device: str) -> str:
     return f"{prefix}/weights/{device}/chunk"
+
+
+def manifest_topic(prefix: str, device: str) -> str:
+    return f"{prefix}/weights/{device}/manifest"
 
 
 def want_filter(prefix: str) -> str:
@@ -189,11 +201,15 @@ class WeightServer:
 
     def __init__(self, catalog: Catalog, publish: Publish, prefix: str, *, chunk_bytes: int = CHUNK_BYTES,
                  max_shard_bytes: int = MAX_SHARD_BYTES, max_concurrent: int = 2,
-                 cache_bytes: int = 256 << 20) -> None:
+                 cache_bytes: int = 256 << 20, signer: CommandSigner | None = None,
+                 term: Callable[[], int] = lambda: 1) -> None:
+        """``signer``/``term``: with a cluster key, each shard's SHA-256 is sent in a manifest
+        signed for the current lease term."""
         if not 0 < chunk_bytes <= CHUNK_BYTES:
             raise ConfigError(f"chunk_bytes must be 1..{CHUNK_BYTES}")
         self.catalog, self.publish, self.prefix = catalog, publish, prefix
         self.chunk_bytes, self.max_shard_bytes, self.cache_bytes = chunk_bytes, max_shard_bytes, cache_bytes
+        self.signer, self.term = signer, term
         self._sem = asyncio.Semaphore(max_concurrent)
         self._tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
         self._blobs: OrderedDict[tuple[str, str], tuple[bytes, str]] = OrderedDict()
@@ -250,6 +266,10 @@ class WeightServer:
                 total = max(1, math.ceil(len(blob) / self.chunk_bytes))
                 missing = [i for i in range(total) if i not in have]
                 topic = chunk_topic(self.prefix, device)
+                if self.signer is not None:
+                    mtopic = manifest_topic(self.prefix, device)
+                    body = json.dumps({"model": model, "shard": shard, "total": total, "sha256": sha})
+                    await self.publish(mtopic, self.signer.sign(mtopic, self.term(), body).encode(), 1)
                 if not missing:
                     await self.publish(topic, WeightChunk(model, shard, -1, total, sha).to_bytes(), 1)
                     return
@@ -286,6 +306,7 @@ class _Transfer:
         self.sha256: str | None = None
         self.have: set[int] = set()
         self.complete_notice = False
+        self.signed_sha256: str | None = None  # from the leader's signed manifest (cluster key set)
         self.event = asyncio.Event()
         self._logged = -1
         manifest = path / "manifest.json"
@@ -343,7 +364,10 @@ class WeightFetcher:
 
     def __init__(self, device_id: str, catalog: Catalog, publish: Publish, prefix: str, cache_dir: Path, *,
                  max_concurrent: int = 2, timeout_s: float = 10.0, retries: int = 5,
-                 max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+                 max_shard_bytes: int = MAX_SHARD_BYTES, verifier: CommandVerifier | None = None) -> None:
+        """``verifier``: with a cluster key, a shard is accepted only when it matches the SHA-256
+        of a manifest the leader signed."""
+        self.verifier = verifier
         self.device_id, self.catalog, self.publish, self.prefix = device_id, catalog, publish, prefix
         self.cache_dir = Path(cache_dir)
         self.max_concurrent, self.timeout_s, self.retries = max_concurrent, timeout_s, retries
@@ -364,6 +388,25 @@ class WeightFetcher:
             return None
         partial = sum(t.percent() / 100 for t in self._active.values())
         return round(100.0 * min(self._units, self._units_done + partial) / self._units, 1)
+
+    def handle_manifest(self, topic: str, payload: bytes) -> None:
+        """A signed manifest: the SHA-256 a shard must have (ignored without a cluster key)."""
+        if self.verifier is None:
+            return
+        try:
+            self.verifier.verify(topic, payload, "weights")  # SignatureError: forged or replayed
+            d = json.loads(payload)
+            model, shard, sha = d.get("model"), d.get("shard"), d.get("sha256")
+            _check_model_and_shard(model, shard)
+            if not isinstance(sha, str) or len(sha) != 64:
+                raise ProtocolError("weights manifest: sha256 must be 64 hex digits")
+        except (ProtocolError, ValueError, UnicodeDecodeError) as exc:
+            log.warning("%s: dropping weights manifest: %s", self.device_id, exc)
+            return
+        t = self._active.get((model, shard))
+        if t is not None:
+            t.signed_sha256 = sha
+            t.event.set()
 
     def handle_chunk(self, payload: bytes) -> None:
         try:
@@ -425,12 +468,18 @@ class WeightFetcher:
                         break  # silence: ask again for what is still missing
                     t.event.clear()
                     heard = True
-                if t.received_all() and heard:
+                if t.received_all() and heard and self.verifier is not None and t.signed_sha256 is None:
+                    failures += 1  # chunks, but no signed manifest: ask again
+                    log.warning("%s: no signed manifest for %s/%s (is the leader's cluster_key set?)",
+                                self.device_id, model, unit)
+                elif t.received_all() and heard:
                     blob = await asyncio.to_thread(t.assemble)
-                    if await asyncio.to_thread(_sha256_hex, blob) == t.sha256:
+                    digest = await asyncio.to_thread(_sha256_hex, blob)
+                    if digest == t.sha256 and t.signed_sha256 in (None, digest):
                         return blob
                     self.corrupt_shards += 1
-                    log.warning("%s: shard %s/%s failed its sha256: fetching it again", self.device_id, model, unit)
+                    log.warning("%s: shard %s/%s failed its %s: fetching it again", self.device_id, model, unit,
+                                "sha256" if digest != t.sha256 else "signed sha256")
                     t.wipe()
                     failures += 1
                 elif t.complete_notice:  # the leader thinks we have it all, but our copy was stale
