@@ -219,3 +219,42 @@ def test_intent_parser_heads_only(tmp_path):
     shard = load_selective_shard(cfg, w, source)
     assert set(source(["layers.1.attn.q_proj.weight"])) == {"layers.1.attn.q_proj.weight"}
     torch.testing.assert_close(shard.coupled[1].attn.q_proj.weight, full.encoder.layers[1].attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("mode", ["auto", "local", "stream"])
+async def test_host_streams_when_local_files_are_missing_or_corrupted(mode):
+    import dataclasses
+
+    from detransformer_edge.errors import ModelNotInstalledError
+    from detransformer_edge.model.manifest import WeightIntegrityError
+    from detransformer_edge.service.catalog import Catalog
+    from detransformer_edge.service.host import ModelHost
+
+    served = tiny_catalog().get("tiny-encoder-bp")
+    cfg = served.config()
+    for failure in (WeightIntegrityError("corrupted"), ModelNotInstalledError("pip install ...")):
+        def broken(names, failure=failure):
+            raise failure
+
+        class FakeFetcher:
+            asked = []
+
+            async def fetch(self, model, version, units):
+                self.asked.append((model, version, tuple(units)))
+                return served.tensors({n for u in units for n in unit_parameters(cfg, u)})
+
+            def progress(self):
+                return {}
+
+        cat = Catalog({"tiny-encoder-bp": dataclasses.replace(served, tensors=broken)})
+        fetcher = FakeFetcher()
+        w = DeviceWeights(True, (0,), (1, 3))
+        async with MemoryHub().transport("d0") as t:
+            host = ModelHost(t, cat, fetcher, mode)
+            if mode == "local":
+                with pytest.raises(type(failure)):
+                    await host.assign(1, {"tiny-encoder-bp": w})
+                continue
+            await host.assign(4, {"tiny-encoder-bp": w})
+        assert fetcher.asked == [("tiny-encoder-bp", 4, ("embeddings", "sub_block.0", "layer.1", "layer.3"))]
+        assert host.ready and host.weight_bytes()["tiny-encoder-bp"] > 0

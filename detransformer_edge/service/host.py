@@ -19,13 +19,19 @@ from typing import Literal
 import torch
 
 from detransformer_edge.errors import ConfigError, DetransformerError, ModelNotInstalledError
+from detransformer_edge.model.manifest import WeightIntegrityError
 from detransformer_edge.parallel.executor import Executor, Job, JobResult
 from detransformer_edge.parallel.plan import DeviceWeights
 from detransformer_edge.parallel.shards import DeviceShard, build_shard
 from detransformer_edge.service.catalog import Catalog
 from detransformer_edge.service.runs import RunControl
+from detransformer_edge.service.weights import (
+    WeightSourceError,
+    build_selective_shard,
+    load_selective_shard,
+    shard_units,
+)
 from detransformer_edge.transport.base import Transport
-from detransformer_edge.service.weights import WeightSourceError, build_selective_shard, load_selective_shard, shard_units
 from detransformer_edge.transport.errors import RequestCancelled
 
 log = logging.getLogger(__name__)
@@ -104,7 +110,7 @@ class ModelHost:
         if self.weights_mode != "stream":
             try:
                 return await asyncio.to_thread(self._cut, model, weights)
-            except (ModelNotInstalledError, WeightSourceError) as exc:
+            except (ModelNotInstalledError, WeightSourceError, WeightIntegrityError) as exc:
                 if self.fetcher is None or self.weights_mode == "local":
                     raise
                 log.warning("%s: no local weights for %s (%s): streaming them from the leader", self.device_id, model, exc)

@@ -269,11 +269,21 @@ class SafetensorsSource:
         return cls(path, mapping, **kwargs)
 
 
+def _verified(path: Path) -> Path:
+    """``path``, checked against the SHA-256 recorded when it was first loaded
+    (``model/manifest.py``; WeightIntegrityError if it changed under us)."""
+    from detransformer_edge.model.loaders import cache_dir
+    from detransformer_edge.model.manifest import verify_file
+
+    verify_file(path, cache_dir())
+    return path
+
+
 def minilm_source() -> LocalWeightSource:
     """all-MiniLM-L6-v2 from its package (HF BERT names mapped to ours)."""
     from detransformer_edge.model.loaders import bert_name, weights_path
 
-    return SafetensorsSource.mapped(weights_path("minilm-l6"), bert_name)
+    return SafetensorsSource.mapped(_verified(weights_path("minilm-l6")), bert_name)
 
 
 def intent_source(weights_dir: Path | None = None) -> LocalWeightSource:
@@ -283,7 +293,7 @@ def intent_source(weights_dir: Path | None = None) -> LocalWeightSource:
     path = (weights_dir or default_weights_dir()) / "model.safetensors"
     if not path.is_file():
         raise WeightSourceError(f"no intent model at {path}; run `detransformer-edge train-intent`")
-    return SafetensorsSource.mapped(path, lambda k: k.removeprefix("encoder.") if k.startswith("encoder.") else None)
+    return SafetensorsSource.mapped(_verified(path), lambda k: k.removeprefix("encoder.") if k.startswith("encoder.") else None)
 
 
 def smollm2_source() -> LocalWeightSource:
@@ -296,7 +306,7 @@ def smollm2_source() -> LocalWeightSource:
         weights_path,
     )
 
-    path = weights_path("smollm2-135m")
+    path = _verified(weights_path("smollm2-135m"))
     cache = cache_dir()
     if cache is None:  # no cache allowed: dequantise the file on each read and keep only the names asked for
         def uncached(names: Collection[str]) -> dict[str, torch.Tensor]:
