@@ -237,7 +237,8 @@ async def test_host_streams_when_local_files_are_missing_or_corrupted(mode):
             raise failure
 
         class FakeFetcher:
-            asked = []
+            def __init__(self):
+                self.asked = []
 
             async def fetch(self, model, version, units):
                 self.asked.append((model, version, tuple(units)))
