@@ -88,17 +88,21 @@ def write_plots(results: Sequence[Result], out_dir: Path, broker_link: str = "")
 
         by = {(r.plan, r.bandwidth_mbit): _value(r, decoder) for r in rs}
         fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-        for base, label, color in (("tp", "adaptive vs Megatron TP", "#d62728"),
-                                   ("single", "adaptive vs one device", "#444444"),
-                                   ("bp-fixed", "adaptive vs fixed BP", "#1f77b4")):
+        for base, label, color, dy in (("tp", "adaptive vs Megatron TP", "#d62728", 7),
+                                       ("single", "adaptive vs one device", "#444444", -12),
+                                       ("bp-fixed", "adaptive vs fixed BP", "#1f77b4", 7)):
             pts = [(b, by[(base, b)][0] / by[("adaptive", b)][0]) for b in bws  # type: ignore[index]
                    if by.get((base, b)) and by.get(("adaptive", b))]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color, label=label)
                 for x, y in pts:
-                    ax.annotate(f"{y:.2f}×", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+                    ax.annotate(f"{y:.2f}×", (x, y), textcoords="offset points", xytext=(0, dy), ha="center",
+                                fontsize=7, color=color)
         ax.axhline(1.0, color="#999999", lw=1, ls="--")
         ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}×"))
+        ax.yaxis.set_minor_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}×" if v in (0.5, 2, 3, 5) else ""))
         ax.set_xticks(bws, [str(b) for b in bws])
         ax.set_xlabel("device link (Mbit/s)")
         ax.set_ylabel("speedup of the adaptive plan (×)")
