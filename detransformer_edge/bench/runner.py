@@ -265,14 +265,27 @@ class BenchHome:
         self.progress(f"CPU quota period set to {period_ms:g} ms (shares unchanged)")
 
     def _calibrate(self) -> list[Any]:
+        """One calibration per distinct quota (in the first device that has it): on a busy host a
+        0.8 quota may deliver what 0.4 does, so scaling one measurement by quota would misstate
+        the others."""
+        from detransformer_edge.planner.profile import DeviceProfile
+
         sc = self.scenario
-        name, cpu = sc.device_names()[0], sc.cpu[0]
-        done = self.home.run(name, [sys.executable, "-m", "detransformer_edge.bench.calibrate"], timeout=300)
-        self.calibration = json.loads(done.stdout.strip().splitlines()[-1])
-        per_core = HostRates(self.calibration["gflops"] / cpu, self.calibration["gflops"] / cpu,
-                             self.calibration["mem_bw_gbs"])  # copies run at full speed between throttles
-        self.progress(f"calibrated {name} (cpu {cpu:g}): BERT-base seq 128 forward {self.calibration['forward_s'] * 1e3:.0f} ms "
-                      f"= {self.calibration['gflops']:.1f} GFLOPS; profiles = {per_core.gflops:.1f} GFLOPS x quota")
+        by_quota: dict[float, dict[str, float]] = {}
+        for name, cpu in zip(sc.device_names(), sc.cpu):
+            if cpu in by_quota:
+                continue
+            done = self.home.run(name, [sys.executable, "-m", "detransformer_edge.bench.calibrate"], timeout=300)
+            by_quota[cpu] = json.loads(done.stdout.strip().splitlines()[-1])
+            self.progress(f"calibrated {name} (cpu {cpu:g}): BERT-base seq 128 forward "
+                          f"{by_quota[cpu]['forward_s'] * 1e3:.0f} ms = {by_quota[cpu]['gflops']:.1f} GFLOPS")
+        self.calibration = {f"cpu {c:g}": v["gflops"] for c, v in by_quota.items()}
+        profiles = []
+        for prof, cpu in zip(device_profiles(sc, HostRates(1.0, 1.0, 1.0), self.ram_mb), sc.cpu):
+            cal = by_quota[cpu]
+            profiles.append(DeviceProfile(**{**prof.__dict__, "gflops": round(cal["gflops"], 3),
+                                             "attn_gflops": round(cal["gflops"], 3),
+                                             "mem_bw_gbs": round(cal["mem_bw_gbs"] * cpu, 3)}))
         from detransformer_edge.testbed.measure import measure_cpu_shares
 
         # what the host gives when every device computes at once (a quota is only a ceiling)
@@ -280,7 +293,7 @@ class BenchHome:
         self.cpu_share_concurrent = tuple(shares[n] for n in sc.device_names())
         self.progress("CPU share with every device busy at once: " + ", ".join(
             f"{n} {v:.2f}/{c:g}" for (n, v), c in zip(shares.items(), sc.cpu)))
-        return device_profiles(sc, per_core, self.ram_mb)
+        return profiles
 
     def _wait_port(self, ip: str, timeout_s: float = 15.0) -> None:
         script = ("import socket,sys,time\n"
