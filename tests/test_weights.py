@@ -259,3 +259,12 @@ async def test_host_streams_when_local_files_are_missing_or_corrupted(mode):
             await host.assign(4, {"tiny-encoder-bp": w})
         assert fetcher.asked == [("tiny-encoder-bp", 4, ("embeddings", "sub_block.0", "layer.1", "layer.3"))]
         assert host.ready and host.weight_bytes()["tiny-encoder-bp"] > 0
+
+
+def test_materialise_accepts_inference_tensors():
+    served = tiny_catalog().get("tiny-encoder-bp")
+    cfg = served.config()
+    with torch.inference_mode():
+        tensors = served.tensors(unit_parameters(cfg, "layer.1"))
+    model = materialise(cfg, tensors)
+    assert not model.layers[1].attn.q_proj.weight.is_inference()

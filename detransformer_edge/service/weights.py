@@ -150,8 +150,13 @@ def materialise(cfg: ModelConfig, tensors: Mapping[str, torch.Tensor]) -> nn.Mod
     for name, t in tensors.items():
         if tuple(t.shape) != shapes[name]:
             raise WeightSourceError(f"tensor {name} has shape {tuple(t.shape)}, the model wants {shapes[name]}")
-    model = empty_model(cfg)
-    model.load_state_dict(dict(tensors), assign=True, strict=False)
+    # ordinary tensors whatever mode the caller is in: a tensor made under inference mode cannot
+    # become a Parameter outside it (and the executor's inference mode can leak into the event
+    # loop's thread across awaits), so such tensors are copied
+    with torch.inference_mode(False):
+        plain = {n: t.clone() if t.is_inference() else t for n, t in tensors.items()}
+        model = empty_model(cfg)
+        model.load_state_dict(plain, assign=True, strict=False)
     if isinstance(cfg, DecoderConfig):
         model.tie_weights()  # type: ignore[operator]
         # inv_freq is a non-persistent buffer: assign-loading leaves it on meta
