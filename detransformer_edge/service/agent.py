@@ -409,7 +409,7 @@ class HomeAgent:
             return Reply.failure(request.id, exc.code, str(exc))
 
     async def _on_hermes_query(self, message: aiomqtt.Message) -> None:
-        if not self.cluster.is_leader:
+        if not (self.cluster.is_leader or self.cluster.holds_lease):
             return
         payload = bytes(message.payload) if isinstance(message.payload, (bytes, bytearray)) else str(message.payload or "").encode()
         try:
@@ -431,7 +431,9 @@ class HomeAgent:
             ]
             intent = hermes.recognized(query, result.intent, result.confidence, slots)
             await self._publish(hermes.intent_topic(result.intent), intent.to_json(), 1)
-        except (ServiceError, ProtocolError) as exc:
+        except ServiceError as exc:  # "busy: ..." tells the voice assistant to try again shortly
+            await self._hermes_error(payload, f"{exc.code}: {exc}", query.session_id)
+        except ProtocolError as exc:
             await self._hermes_error(payload, str(exc), query.session_id)
         except Exception as exc:  # every query gets an answer, even when a handler has a bug
             log.exception("hermes query %s failed", query.id)
