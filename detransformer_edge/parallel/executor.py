@@ -169,9 +169,10 @@ class Executor:
             raise PlanError(f"request {job.req} was already prefilled; send decode jobs")
         if job.kind == "decode" and not state.passes:
             raise PlanError(f"request {job.req} has no prefill on this device")
-        ctx = _Pass(self, job, state)
-        with torch.inference_mode():
-            out = await ctx.run()
+        # No grad mode around the whole pass: a mode entered before an ``await`` would leak into
+        # whatever else the event loop runs meanwhile, so each synchronous computation below
+        # enters it itself (``torch.no_grad`` on the compute methods).
+        out = await _Pass(self, job, state).run()
         state.passes += 1
         return out
 
@@ -224,9 +225,11 @@ class _Pass:
             assert self.shard.head is not None
             if job.last_only:
                 out = out[:, -1:, :]
-            return self.shard.head(out)
+            with torch.no_grad():
+                return self.shard.head(out)
         return out
 
+    @torch.no_grad()
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.shard.embed is None:
             raise self.shard.need("the embeddings (coordinator)")
@@ -248,6 +251,7 @@ class _Pass:
     def _cache(self, *key: object) -> KVCache | None:
         return self.state.cache(key) if self.cfg.family == "decoder" else None
 
+    @torch.no_grad()
     def _layer_full(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Layer i on the full hidden state, with whole weights held here."""
         if self.cfg.layer_kinds[i] == "decoupled":
@@ -257,6 +261,7 @@ class _Pass:
             raise self.shard.need(f"layer {i}")
         return layer(h, *self._layer_args(h), cache=self._cache("c", i))
 
+    @torch.no_grad()
     def _sub_block(self, i: int, j: int, x: torch.Tensor) -> torch.Tensor:
         block = self.shard.sub_blocks.get((i, j))
         if block is None:

@@ -88,16 +88,26 @@ class TPShard(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
+        # Grad mode is entered per synchronous segment: held across an ``await`` it would leak
+        # into whatever else the event loop runs meanwhile.
         if self.family == "encoder":  # post-LN
-            a = await reduce(self.attn(x, mask), "attn")
-            x = self.attn_norm(x + a + self.o_bias)
-            f = await reduce(self.down(F.gelu(self.up(x))), "ffn")
-            return self.ffn_norm(x + f + self.down_bias)
-        a = await reduce(self.attn(self.attn_norm(x), rope=rope, cache=cache), "attn")  # pre-norm
-        x = x + a
-        n = self.ffn_norm(x)
+            with torch.no_grad():
+                part = self.attn(x, mask)
+            a = await reduce(part, "attn")
+            with torch.no_grad():
+                x = self.attn_norm(x + a + self.o_bias)
+                part = self.down(F.gelu(self.up(x)))
+            f = await reduce(part, "ffn")
+            with torch.no_grad():
+                return self.ffn_norm(x + f + self.down_bias)
+        with torch.no_grad():  # pre-norm
+            part = self.attn(self.attn_norm(x), rope=rope, cache=cache)
+        x = x + await reduce(part, "attn")
         assert self.gate is not None
-        return x + await reduce(self.down(F.silu(self.gate(n)) * self.up(n)), "ffn")
+        with torch.no_grad():
+            n = self.ffn_norm(x)
+            part = self.down(F.silu(self.gate(n)) * self.up(n))
+        return x + await reduce(part, "ffn")
 
 
 def _param_bytes(modules: list[nn.Module]) -> int:

@@ -125,7 +125,7 @@ class ModelHost:
         if served.tensors is not None:
             return load_selective_shard(served.config(), weights, served.tensors)
         loaded = self.catalog.load(model)
-        with torch.inference_mode():
+        with torch.no_grad():
             return build_shard(loaded.model, weights)
 
     def loading(self) -> dict[str, float]:

@@ -171,7 +171,7 @@ def build_selective_shard(cfg: ModelConfig, weights: DeviceWeights, tensors: Map
     if missing:
         raise WeightSourceError(f"weights for {weights} lack {len(missing)} tensors, e.g. {missing[:3]}")
     model = materialise(cfg, {n: tensors[n] for n in need})
-    with torch.inference_mode():
+    with torch.no_grad():
         return build_shard(model, weights)  # type: ignore[arg-type]
 
 
