@@ -139,7 +139,24 @@ def ranking_agreement(results: Sequence[Result]) -> tuple[int, int]:
     return agree, total
 
 
-def predictions_markdown(results: Sequence[Result]) -> str:
+def error_summary(results: Sequence[Result]) -> str:
+    """Per plan (and metric): how many predictions, the median error, the share within ±25 %."""
+    import statistics
+
+    by: dict[tuple[str, str], list[PredictionRow]] = {}
+    for r in prediction_rows(results):
+        by.setdefault((r.plan, r.metric), []).append(r)
+    order = {p: i for i, p in enumerate(("single", "pipeline", "tp", "bp-fixed", "adaptive"))}
+    lines = ["| plan | metric | configurations | median error | within ±25 % |", "| --- | --- | ---: | ---: | ---: |"]
+    for (plan, metric), rows in sorted(by.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 9))):
+        lines.append(f"| {plan} | {metric} | {len(rows)} | {statistics.median(r.error for r in rows) * 100:+.0f} % "
+                     f"| {within(rows) * 100:.0f} % |")
+    return "\n".join(lines)
+
+
+def predictions_markdown(results: Sequence[Result], workloads: Sequence[str] | None = None) -> str:
+    if workloads is not None:
+        results = [r for r in results if r.workload in workloads]
     rows = prediction_rows(results)
     lines = ["| configuration | plan | metric | predicted | measured | error |", "| --- | --- | --- | ---: | ---: | ---: |"]
     lines += [f"| {r.config} | {r.plan} | {r.metric} | {r.predicted:.0f} | {r.measured:.0f} | {r.error * 100:+.0f} % |"
@@ -190,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     print("## Targets\n")
     print(targets_markdown(check_targets(results)))
     print("\n## Predicted vs measured\n")
+    print(error_summary(results) + "\n")
     print(predictions_markdown(results))
     return 0
 
