@@ -81,7 +81,7 @@ def agent_toml(device: str, profile_path: Path, broker_host: str, port: int = MQ
         "[broker]\n"
         f'url = "mqtt://{broker_host}:{port}"\n'
         "[election]\n"
-        "lease_s = 4.0\n"
+        "lease_s = 10.0\n"  # the default: a device busy loading models must not lose its lease
     )
 
 
