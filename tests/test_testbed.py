@@ -234,7 +234,7 @@ def test_cpu_quota_share(host: None) -> None:
     if free < 0.3:
         pytest.fail(f"host too busy to measure CPU quotas: an unlimited loop got {free:.2f}")
     assert 0.14 <= shares["slow"] <= 0.26, shares
-    assert 0.75 * min(0.8, free) <= shares["fast"] <= 0.88, shares
+    assert 0.6 * min(0.8, free) <= shares["fast"] <= 0.88, shares  # a ceiling, not a guarantee on a busy host
     assert shares["fast"] > 1.4 * shares["slow"], shares
 
 
