@@ -98,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     }
     previous = []
     if json_path.exists() and not args.fresh and not args.quick:
-        previous, _, _ = load_report(json.loads(json_path.read_text()))
+        previous, _, old_meta = load_report(json.loads(json_path.read_text()))
+        # every command whose results the merged file holds, oldest first
+        meta["commands"] = [*old_meta.get("commands", [old_meta.get("command", "")]), meta["command"]]
 
     def save(samples) -> list:
         results = merge(previous, aggregate(samples)) if previous else sort_results(aggregate(samples))
