@@ -46,6 +46,10 @@ QUERIES: tuple[str, ...] = (
     "add oat milk to the shopping list",
     "lock the front door",
     "who wrote the odyssey",
+    # a long, rambling command: at this length the planner splits the decoupled encoder's
+    # sub-blocks across devices
+    "okay so before everyone goes to sleep tonight could you please set the brightness of the "
+    "lights in the living room all the way down to about twenty percent for me",
 )
 PROMPT = "What is the capital of France?"
 # A longer text: at this length the planner spreads the encoder over devices.
