@@ -28,14 +28,15 @@ class TargetCheck:
     margin: str  # how far inside (+) or outside (-) the target, in words
 
 
-def _homo4(results: Sequence[Result], workload: str = "enc128") -> dict[tuple[str, int], Result]:
+def _homo4(results: Sequence[Result], workload: str = "enc128", period: float | None = None) -> dict[tuple[str, int], Result]:
     return {(r.plan, r.bandwidth_mbit): r for r in results
-            if r.workload == workload and r.home == "homo" and r.devices == 4 and r.cfs_period_ms is None}
+            if r.workload == workload and r.home == "homo" and r.devices == 4 and r.cfs_period_ms == period}
 
 
-def check_targets(results: Sequence[Result]) -> list[TargetCheck]:
+def check_targets(results: Sequence[Result], cfs_period_ms: float | None = None) -> list[TargetCheck]:
+    """The targets on the results of the default testbed (or of a ``--cfs-period-ms`` experiment)."""
     out: list[TargetCheck] = []
-    h = _homo4(results)
+    h = _homo4(results, period=cfs_period_ms)
     bws = sorted({b for (_, b) in h})
     for bw in bws:
         a, s = h.get(("adaptive", bw)), h.get(("single", bw))
@@ -58,13 +59,13 @@ def check_targets(results: Sequence[Result]) -> list[TargetCheck]:
             out.append(TargetCheck(f"enc128, {bw} Mbit: adaptive never slower than fixed BP", "≤ 1.00×",
                                    f"{r:.2f}×", r <= 1.0, f"{(1.0 - r) * 100:+.0f} %"))
     hetero = {r.plan: r for r in results if r.workload == "enc128" and r.home == "hetero" and r.devices == 4
-              and r.bandwidth_mbit == 100 and r.cfs_period_ms is None}
+              and r.bandwidth_mbit == 100 and r.cfs_period_ms == cfs_period_ms}
     if "adaptive" in hetero and "bp-fixed" in hetero:
         sp = hetero["bp-fixed"].latency.median / hetero["adaptive"].latency.median
         out.append(TargetCheck("enc128, hetero 0.8/0.4/0.2/0.2, 100 Mbit: adaptive faster than fixed equal-split BP",
                                f"≥ {HETERO_SPEEDUP_OVER_BP:.1f}×", f"{sp:.2f}×", sp >= HETERO_SPEEDUP_OVER_BP,
                                f"{(sp - HETERO_SPEEDUP_OVER_BP) / HETERO_SPEEDUP_OVER_BP * 100:+.0f} %"))
-    d = _homo4(results, "dec")
+    d = _homo4(results, "dec", cfs_period_ms)
     for bw in sorted({b for (_, b) in d}):
         a = d.get(("adaptive", bw))
         if a is None or a.ms_per_token is None:
@@ -167,13 +168,14 @@ def predictions_markdown(results: Sequence[Result], workloads: Sequence[str] | N
     return "\n".join(lines)
 
 
-def ratio_table(results: Sequence[Result], home: str = "homo", devices: int = 4) -> str:
+def ratio_table(results: Sequence[Result], home: str = "homo", devices: int = 4,
+                cfs_period_ms: float | None = None) -> str:
     """Per workload and link rate: one device's median, and every plan as a multiple of it
     (decoders: ms per token)."""
     plans = ("pipeline", "tp", "bp-fixed", "adaptive")
     rows: dict[tuple[str, int], dict[str, Result]] = {}
     for r in results:
-        if r.home == home and r.devices == devices and r.cfs_period_ms is None:
+        if r.home == home and r.devices == devices and r.cfs_period_ms == cfs_period_ms:
             rows.setdefault((r.workload, r.bandwidth_mbit), {})[r.plan] = r
     order = {w: i for i, w in enumerate(("enc16", "enc64", "enc128", "dec"))}
     lines = ["| workload | Mbit/s | one device | " + " | ".join(plans) + " | adaptive chose |",
