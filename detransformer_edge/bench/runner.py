@@ -293,6 +293,9 @@ class BenchHome:
         self.cpu_share_concurrent = tuple(shares[n] for n in sc.device_names())
         self.progress("CPU share with every device busy at once: " + ", ".join(
             f"{n} {v:.2f}/{c:g}" for (n, v), c in zip(shares.items(), sc.cpu)))
+        if min(v / c for v, c in zip(self.cpu_share_concurrent, sc.cpu)) < 0.85:
+            self.progress("WARNING: this host cannot give every device its CPU quota at once (other jobs?): "
+                          "plans that compute on several devices will look slower than they are")
         return profiles
 
     def _wait_port(self, ip: str, timeout_s: float = 15.0) -> None:
