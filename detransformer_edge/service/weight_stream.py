@@ -307,6 +307,7 @@ class _Transfer:
         self.have: set[int] = set()
         self.complete_notice = False
         self.signed_sha256: str | None = None  # from the leader's signed manifest (cluster key set)
+        self.verifying = False  # the received copy is being read and checked: hold other copies off
         self.event = asyncio.Event()
         self._logged = -1
         manifest = path / "manifest.json"
@@ -328,6 +329,8 @@ class _Transfer:
         if chunk.total > self.max_chunks:
             raise ProtocolError(f"shard {chunk.shard} of {chunk.total} chunks is above the size limit")
         if self.sha256 is not None and (chunk.sha256, chunk.total) != (self.sha256, self.total):
+            if self.verifying:
+                return  # asked for again once this copy's verdict is in
             log.info("the leader's %s differs from the copy kept here: starting it again", chunk.shard)
             self.wipe()
         if self.sha256 is None:
@@ -473,9 +476,16 @@ class WeightFetcher:
                     log.warning("%s: no signed manifest for %s/%s (is the leader's cluster_key set?)",
                                 self.device_id, model, unit)
                 elif t.received_all() and heard:
-                    blob = await asyncio.to_thread(t.assemble)
-                    digest = await asyncio.to_thread(_sha256_hex, blob)
-                    if digest == t.sha256 and t.signed_sha256 in (None, digest):
+                    expected = t.sha256
+                    t.verifying = True
+                    try:
+                        blob = await asyncio.to_thread(t.assemble)
+                        digest = await asyncio.to_thread(_sha256_hex, blob)
+                    except OSError:
+                        continue  # the chunk files went away underneath (disk trouble): ask again
+                    finally:
+                        t.verifying = False
+                    if digest == expected == t.sha256 and t.signed_sha256 in (None, digest):
                         return blob
                     self.corrupt_shards += 1
                     log.warning("%s: shard %s/%s failed its %s: fetching it again", self.device_id, model, unit,
