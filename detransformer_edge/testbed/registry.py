@@ -119,22 +119,38 @@ def _signal_all(pids: set[int], sig: int) -> None:
             pass
 
 
-def kill_processes(netns: list[str], cgroups: list[str]) -> None:
+def _reap(pids: set[int]) -> None:
+    """Collect those of ``pids`` that are our own exited children: a zombie still holds its
+    cgroup (rmdir fails with EBUSY) until its parent reaps it."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except (ChildProcessError, OSError):
+            pass
+
+
+def kill_processes(netns: list[str], cgroups: list[str]) -> set[int]:
     """End every process still in these namespaces or cgroups: a namespace held by a live
-    process outlives `ip netns del` (with its links), and a busy cgroup cannot be removed."""
-    pids = _pids_in(netns, cgroups)
+    process outlives `ip netns del` (with its links), and a busy cgroup cannot be removed.
+    Returns every pid it signalled."""
+    seen = pids = _pids_in(netns, cgroups)
     if not pids:
-        return
+        return set()
     log.info("stopping %d leftover process(es): %s", len(pids), sorted(pids))
     _signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + KILL_GRACE_S
     while time.monotonic() < deadline and (pids := _pids_in(netns, cgroups)):
+        _reap(seen)
         time.sleep(0.05)
     if pids:
+        seen |= pids
         _signal_all(pids, signal.SIGKILL)
         deadline = time.monotonic() + KILL_GRACE_S
         while time.monotonic() < deadline and _pids_in(netns, cgroups):
+            _reap(seen)
             time.sleep(0.05)
+    _reap(seen)
+    return seen
 
 
 def teardown(netns: list[str], cgroups: list[str]) -> list[str]:
@@ -142,7 +158,7 @@ def teardown(netns: list[str], cgroups: list[str]) -> list[str]:
 
     Best effort: every step is tried; returns what could not be removed.
     """
-    kill_processes(netns, cgroups)
+    signalled = kill_processes(netns, cgroups)
     leftovers: list[str] = []
     existing = set(list_netns())
     for ns in netns:
@@ -152,7 +168,7 @@ def teardown(netns: list[str], cgroups: list[str]) -> list[str]:
                 leftovers.append(f"netns {ns}: {done.stderr.strip()}")
     for group in cgroups:
         path = Path(group)
-        for _ in range(40):  # exiting tasks leave the cgroup a moment after SIGKILL
+        for _ in range(100):  # exiting tasks leave the cgroup a moment after SIGKILL
             try:
                 path.rmdir()
                 break
@@ -160,6 +176,7 @@ def teardown(netns: list[str], cgroups: list[str]) -> list[str]:
                 break
             except OSError as exc:
                 err = exc
+                _reap(signalled)
                 time.sleep(0.05)
         else:
             leftovers.append(f"cgroup {group}: {err}")
