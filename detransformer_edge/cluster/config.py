@@ -175,12 +175,7 @@ class AgentConfig:
                 insecure=tls_t.get("insecure", bool, False),
             )
             tls_t.done()
-        password = b.get("password", str, None)
-        password_file = b.path("password_file", base_dir)
-        if password is not None and password_file is not None:
-            raise ConfigError("broker: set password or password_file, not both")
-        if password_file is not None:
-            password = _read_secret(password_file, "broker.password_file")
+        password = b.secret("password", base_dir)
         broker = BrokerConfig(
             url=b.get("url", str, None),
             username=b.get("username", str, None),
@@ -199,12 +194,7 @@ class AgentConfig:
             settle_s=e.get("settle_s", float, None),
         )
         e.done()
-        key = top.get("cluster_key", str, None)
-        key_file = top.path("cluster_key_file", base_dir)
-        if key is not None and key_file is not None:
-            raise ConfigError("set cluster_key or cluster_key_file, not both")
-        if key_file is not None:
-            key = _read_secret(key_file, "cluster_key_file")
+        key = top.secret("cluster_key", base_dir)
         cfg = cls(
             id=top.get("id", str, _REQUIRED),
             cluster=top.get("cluster", str, "home"),
@@ -255,6 +245,14 @@ class _Section:
         if isinstance(v, float) and not math.isfinite(v):
             raise ConfigError(f"{self._key(key)} must be a finite number, got {v!r}")
         return v
+
+    def secret(self, key: str, base_dir: Path) -> str | None:
+        """``key`` given inline, or read from the file named by ``<key>_file`` (not both)."""
+        value = self.get(key, str, None)
+        path = self.path(f"{key}_file", base_dir)
+        if value is not None and path is not None:
+            raise ConfigError(f"set {self._key(key)} or {self._key(key + '_file')}, not both")
+        return _read_secret(path, self._key(key + "_file")) if path is not None else value
 
     def path(self, key: str, base_dir: Path) -> Path | None:
         v = self.get(key, str, None)
