@@ -240,7 +240,7 @@ def chromium() -> str:
 
 
 def dump_dom(url: str) -> str:
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         out = subprocess.run(
             [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
              "--virtual-time-budget=5000", "--dump-dom", url],
@@ -281,7 +281,7 @@ class Cdp:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        self._profile = tempfile.TemporaryDirectory()
+        self._profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         self.proc = subprocess.Popen(
             [chromium(), "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={self._profile.name}",
              f"--remote-debugging-port={port}", "--remote-allow-origins=*", self.url],
@@ -323,7 +323,7 @@ class Cdp:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self._profile.cleanup()
+        self._profile.cleanup()  # Chromium helpers may still be writing; leftovers are ignored
 
 
 @pytest.mark.browser
