@@ -179,8 +179,24 @@ def teardown(netns: list[str], cgroups: list[str]) -> list[str]:
                 _reap(signalled)
                 time.sleep(0.05)
         else:
+            if _set_aside(path):
+                continue
             leftovers.append(f"cgroup {group}: {err}")
     return leftovers
+
+
+def _set_aside(path: Path) -> bool:
+    """A cgroup with no live task can still be busy: a killed owner's children become zombies
+    that only init reaps, and in a container init may never do so. Rename it aside so the home's
+    names are free again (the kernel frees it once the zombies go)."""
+    try:
+        if Path(path, "cgroup.procs").read_text().split():
+            return False
+        path.rename(path.with_name(f"{path.name}.stale-{os.getpid()}-{time.monotonic_ns()}"))
+    except OSError:
+        return False
+    log.warning("cgroup %s holds only exited tasks; set aside", path)
+    return True
 
 
 def cleanup_record(record: HomeRecord) -> list[str]:
