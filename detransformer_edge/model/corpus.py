@@ -11,11 +11,15 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
+import json
 import logging
+import os
 import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+
+from detransformer_edge.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +108,48 @@ def _usr_share_doc(root: Path) -> list[str]:
     return texts
 
 
+CORPUS_FILE_ENV = "DTE_CORPUS_FILE"
+
+
+def export_corpus(corpus: Corpus, path: str | Path) -> Path:
+    """Write ``corpus`` as gzipped JSON ({"train": [...], "held_out": [...]}), e.g. to train on
+    another machine (a GPU box with a different Python) on exactly this machine's text."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8", compresslevel=9) as fh:
+        json.dump({"train": list(corpus.train), "held_out": list(corpus.held_out),
+                   "fingerprint": corpus.fingerprint}, fh)
+    return path
+
+
+def read_corpus_file(path: str | Path) -> Corpus:
+    """A corpus written by ``export_corpus`` (its fingerprint is checked)."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            data = json.load(fh)
+        corpus = Corpus(tuple(data["train"]), tuple(data["held_out"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not a corpus file written by export_corpus: {exc}") from exc
+    if data.get("fingerprint") not in (None, corpus.fingerprint):
+        raise ConfigError(f"{path}: corpus fingerprint mismatch (file damaged?)")
+    return corpus
+
+
 def load_corpus(held_out_fraction: float = 0.05, doc_root: str | Path = "/usr/share/doc",
                 max_sentences: int | None = None) -> Corpus:
-    """All offline sentences, deduplicated, split by sentence hash into train / held-out."""
+    """All offline sentences, deduplicated, split by sentence hash into train / held-out.
+
+    With the environment variable ``DTE_CORPUS_FILE`` set, the corpus is read from that file
+    (written by ``export_corpus``) instead, so another machine trains on the same text.
+    """
+    override = os.environ.get(CORPUS_FILE_ENV)
+    if override:
+        corpus = read_corpus_file(override)
+        if max_sentences is not None:
+            corpus = Corpus(corpus.train[:max_sentences], corpus.held_out)
+        log.info("corpus from %s: %d train, %d held-out sentences", override, len(corpus.train),
+                 len(corpus.held_out))
+        return corpus
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     blocks = _pydoc_topics() + _stdlib_docstrings(stdlib) + _usr_share_doc(Path(doc_root))
     seen: set[str] = set()
