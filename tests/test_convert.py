@@ -103,3 +103,55 @@ def test_corpus_keeps_prose_only() -> None:
     text = "This is a real sentence about files. It has two parts, both short!\n\n>>> print(x)\nfoo_bar(1, 2)\n"
     assert split_sentences(text) == ["This is a real sentence about files.", "It has two parts, both short!"]
     assert not is_sentence("a = b + c * d / e")
+
+
+def test_every_recipe_option_trains_and_nd1_loss_is_zero() -> None:
+    """Each hidden-state loss / target / block-local choice lowers the loss; an exact student
+    (nd = 1 copy of the teacher) has zero loss under every choice."""
+    from detransformer_edge.model.convert import distillation_loss, teacher_states
+
+    teacher = _teacher()
+    ids, mask = _ids()
+    with torch.no_grad():
+        states = teacher_states(teacher, ids, mask)
+    exact = init_student(teacher, get_config("tiny-encoder", nd=1, nb=2, sub_ffn=teacher.cfg.d_ff))
+    for targets in ("blocks", "layers"):
+        for hidden in ("mse", "cos"):
+            s = DistilSettings(targets=targets, hidden_loss=hidden)
+            for local in (False, True):
+                assert float(distillation_loss(exact, states, ids, mask, s, local=local)) < 1e-5
+    for kw in ({"targets": "layers", "hidden_loss": "cos"}, {"targets": "blocks", "hidden_loss": "mse"},
+               {"targets": "layers", "hidden_loss": "cos", "local_frac": 0.5}):
+        student = init_student(teacher, get_config("tiny-encoder", nd=2, nb=2))
+        settings = DistilSettings(steps=30, batch_size=8, max_len=16, lr=2e-3, warmup=3, **kw)
+        losses = distil(student, teacher, SENTENCES, _fake_tokenize, settings, None, progress=False)
+        assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, kw
+
+
+def test_block_local_loss_starts_each_block_from_the_teacher() -> None:
+    """With local=True a student whose first block is wrong still matches in its second block
+    when that block equals the teacher's; end-to-end, the first block's error carries over."""
+    from detransformer_edge.model.convert import distillation_loss, teacher_states
+
+    teacher = _teacher()
+    cfg = get_config("tiny-encoder", nd=1, nb=2, sub_ffn=teacher.cfg.d_ff)
+    student = init_student(teacher, cfg)
+    with torch.no_grad():  # spoil block 0 (layers 0 and 1) only
+        for p in student.layers[0].parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    ids, mask = _ids()
+    with torch.no_grad():
+        states = teacher_states(teacher, ids, mask)
+    s = DistilSettings(targets="blocks", hidden_loss="mse", cos_weight=0.0)
+    e2e = float(distillation_loss(student, states, ids, mask, s, local=False))
+    local = float(distillation_loss(student, states, ids, mask, s, local=True))
+    assert local < e2e
+    assert local > 0  # block 0 is still wrong
+
+
+@pytest.mark.parametrize("bad", [{"targets": "all"}, {"hidden_loss": "l1"}, {"local_frac": 1.5}, {"batch_size": 0}])
+def test_bad_distil_settings_raise(bad: dict) -> None:
+    from detransformer_edge.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        DistilSettings(**bad)

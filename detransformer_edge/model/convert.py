@@ -130,27 +130,78 @@ def layer_outputs(model: Encoder, input_ids: torch.Tensor, attention_mask: torch
 
 @dataclass
 class DistilSettings:
-    steps: int = 600  # ~20 min on this project's shared 2-core CPU (docs/ACCURACY.md)
+    # Defaults: the best recipe of `python bench/distil_sweep.py` (docs/ACCURACY.md): every layer's
+    # output matched by per-token cosine, lr 5e-4; 1 200 steps fit the 20-minute budget on 2 cores.
+    steps: int = 1200
     batch_size: int = 16
     max_len: int = 48  # most corpus sentences are shorter; longer ones are cut
-    lr: float = 2e-4
+    lr: float = 5e-4
     warmup: int = 50
     weight_decay: float = 0.01
-    cos_weight: float = 1.0  # weight of (1 - cosine) on the sentence embedding vs boundary MSE
+    cos_weight: float = 1.0  # weight of (1 - cosine) on the sentence embedding vs the hidden-state loss
+    targets: str = "layers"  # hidden states matched: "blocks" (block ends) or "layers" (every layer)
+    hidden_loss: str = "cos"  # "mse" (masked mean squared error) or "cos" (1 - per-token cosine)
+    local_frac: float = 0.0  # first fraction of steps: every block runs from the teacher's input to it
     checkpoint_every: int = 100
     seed: int = 0
     eval_sentences: int = 2000
 
+    def __post_init__(self) -> None:
+        if self.targets not in ("blocks", "layers"):
+            raise ConfigError(f"targets must be 'blocks' or 'layers', got {self.targets!r}")
+        if self.hidden_loss not in ("mse", "cos"):
+            raise ConfigError(f"hidden_loss must be 'mse' or 'cos', got {self.hidden_loss!r}")
+        if not 0.0 <= self.local_frac <= 1.0:
+            raise ConfigError(f"local_frac must be within [0, 1], got {self.local_frac}")
+        if self.steps < 0 or self.batch_size <= 0 or self.max_len < 2:
+            raise ConfigError("steps must be >= 0, batch_size > 0 and max_len >= 2")
 
-def distillation_loss(student: Encoder, teacher_hidden: list[torch.Tensor], teacher_emb: torch.Tensor,
-                      input_ids: torch.Tensor, attention_mask: torch.Tensor, cos_weight: float) -> torch.Tensor:
-    hs = layer_outputs(student, input_ids, attention_mask, block_ends(student.cfg))
-    m = attention_mask.to(hs[0].dtype)[..., None]  # (B, T, 1)
-    n = m.sum() * hs[0].shape[-1]
-    mse = sum(((h - t) ** 2 * m).sum() / n for h, t in zip(hs, teacher_hidden, strict=True))
-    emb = mean_pool(hs[-1], attention_mask)
-    cos = F.cosine_similarity(emb, teacher_emb, dim=-1).mean()
-    return mse / len(hs) + cos_weight * (1.0 - cos)
+
+def target_layers(cfg: EncoderConfig, targets: str) -> list[int]:
+    """Layers whose outputs the student is trained to match."""
+    return block_ends(cfg) if targets == "blocks" else list(range(cfg.n_layers))
+
+
+def teacher_states(teacher: Encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """[embeddings output, output of layer 0, ..., output of layer L-1] of the teacher."""
+    h = teacher.embeddings(input_ids)
+    mask = padding_mask(attention_mask)
+    states = [h]
+    for layer in teacher.layers:
+        h = layer(h, mask)
+        states.append(h)
+    return states
+
+
+def _hidden_loss(h: torch.Tensor, t: torch.Tensor, m: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "cos":
+        return ((1.0 - F.cosine_similarity(h, t, dim=-1)) * m[..., 0]).sum() / m.sum()
+    return ((h - t) ** 2 * m).sum() / (m.sum() * h.shape[-1])
+
+
+def distillation_loss(student: Encoder, states: list[torch.Tensor], input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor, settings: DistilSettings, local: bool = False) -> torch.Tensor:
+    """Hidden-state loss at the target layers + ``cos_weight`` * (1 - sentence-embedding cosine).
+
+    ``states`` come from ``teacher_states``. With ``local`` every block starts from the
+    teacher's input to it (block-local distillation: no error carried in from earlier blocks).
+    """
+    cfg = student.cfg
+    targets = set(target_layers(cfg, settings.targets))
+    starts = {blk[0] for blk in cfg.blocks} if local else {0}
+    mask = padding_mask(attention_mask)
+    m = attention_mask.to(states[0].dtype)[..., None]  # (B, T, 1)
+    h = states[0]  # embeddings are frozen copies of the teacher's
+    losses: list[torch.Tensor] = []
+    for i, layer in enumerate(student.layers):
+        if i in starts:
+            h = states[i]
+        h = layer(h, mask)
+        if i in targets:
+            losses.append(_hidden_loss(h, states[i + 1], m, settings.hidden_loss))
+    emb = mean_pool(h, attention_mask)
+    cos = F.cosine_similarity(emb, mean_pool(states[-1], attention_mask), dim=-1).mean()
+    return torch.stack(losses).mean() + settings.cos_weight * (1.0 - cos)
 
 
 class Progress:
@@ -213,11 +264,12 @@ def embedding_cosine(student: Encoder, teacher: Encoder, sentences: Sequence[str
 
 def distil(student: Encoder, teacher: Encoder, train: Sequence[str], tokenize: Tokenize,
            settings: DistilSettings, out_dir: Path | None = None, device: str = "cpu",
-           progress: bool = True) -> list[float]:
+           progress: bool = True, on_step: Callable[[int], None] | None = None) -> list[float]:
     """Train ``student`` towards ``teacher``; checkpoint to ``out_dir`` and resume from it if present.
 
     Embeddings stay frozen (they are exact copies and the teacher's inputs to layer 0).
-    Returns the loss of every step run in this call.
+    Returns the loss of every step run in this call. ``on_step(step)`` runs after each step
+    (e.g. to evaluate a learning curve; the student is in train mode, the hook may switch it).
     """
     student.to(device).train()
     teacher.to(device).eval()
@@ -253,9 +305,9 @@ def distil(student: Encoder, teacher: Encoder, train: Sequence[str], tokenize: T
         ids, mask = tokenize(next(batches), settings.max_len)
         ids, mask = ids.to(device), mask.to(device)
         with torch.no_grad():
-            t_hidden = layer_outputs(teacher, ids, mask, block_ends(student.cfg))
-            t_emb = mean_pool(t_hidden[-1], mask)
-        loss = distillation_loss(student, t_hidden, t_emb, ids, mask, settings.cos_weight)
+            states = teacher_states(teacher, ids, mask)
+        local = step < settings.local_frac * settings.steps
+        loss = distillation_loss(student, states, ids, mask, settings, local=local)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -265,6 +317,9 @@ def distil(student: Encoder, teacher: Encoder, train: Sequence[str], tokenize: T
         losses.append(loss.item())
         if bar is not None:
             bar.update(step, loss=losses[-1])
+        if on_step is not None:
+            on_step(step)
+            student.train()
         if ckpt is not None and (step % settings.checkpoint_every == 0 or step == settings.steps):
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(),
