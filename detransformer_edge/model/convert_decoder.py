@@ -1,0 +1,579 @@
+"""Convert a pretrained (standard) Llama-style decoder into a decoupled DeTransformer student and
+distil it; the decoder counterpart of ``model/convert.py`` (which handles encoders).
+
+Initialisation (``init_decoder_student``) copies what carries over exactly and slices the rest:
+
+* token embedding (tied with the output head), final RMSNorm and coupled layers: copied;
+* decoupled layer i, sub-block j owning features ``s = cfg.sub_slice(j)``:
+  Q/K/V take the teacher's input columns ``s`` (all query heads and all GQA K/V heads, so RoPE
+  applies unchanged); the output projection takes the teacher's rows ``s``; both RMSNorm weights
+  take slice ``s`` (the sub-block normalises by the RMS of its own slice: the one approximation at
+  init besides the cut cross-slice terms); SwiGLU gate/up take input columns ``s`` and down takes
+  output rows ``s`` of the teacher's intermediate units, ordered with the sub-block's own group of
+  ``d_ff / nd`` units first and the others after it (as for encoders), trimmed or zero-padded
+  (padded units: random gate/up, zero down, so they start silent) to I' = ``cfg.d_ff_sub``.
+  For SmolLM2-135M with nd=2 the parameter-matched I' equals d_ff (1536), so nothing is trimmed.
+
+With ``nd == 1`` and I' = d_ff the student is the teacher exactly (``tests/test_convert_decoder.py``).
+
+Distillation (``distil_decoder``): the corpus' train sentences, tokenised with the teacher's
+tokenizer and packed into ``seq_len``-token sequences separated by EOS. Loss per batch::
+
+    KL(teacher || student) of the next-token distributions (temperature 1, mean over all positions)
+    + hidden_weight * mean over block ends b of ||h_s,b - h_t,b||^2 / ||h_t,b||^2
+
+where the block ends are the outputs of the coupled layers (the last one is the final hidden
+state before the output norm) and ``hidden_weight`` defaults to 1.0: the normalised MSE starts
+around the size of the KL term and keeps the block boundaries (where devices synchronise) close to
+the teacher's, while the KL term is what perplexity measures. The token embedding (= output head)
+stays frozen. Optionally (``calibrate_norms``, off by default: it did not help SmolLM2) every
+sub-block's RMSNorm weights are rescaled before training so that its slice is normalised to the
+scale the teacher's full-width norm gives it. AdamW, linear warm-up then cosine decay to 10 %, gradient clipping at 1.0,
+checkpoint/resume as the encoder conversion. With a deadline (``--max-minutes``) the cosine
+follows whichever is further along, steps or time, so a time-limited run still decays its rate,
+and training stops at a step boundary with enough time left to evaluate and save.
+
+Evaluation: perplexity of held-out text (held-out sentences packed the same way, first
+``eval_tokens`` tokens) for the teacher, the sliced initial student and the distilled student,
+and top-1 next-token agreement of each student with the teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from detransformer_edge.errors import ConfigError
+from detransformer_edge.model.config import DecoderConfig
+from detransformer_edge.model.convert import Progress, _batches, _ffn_unit_order
+from detransformer_edge.model.decoder import Decoder
+
+log = logging.getLogger(__name__)
+
+_LAYER_WEIGHTS = (
+    "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "attn_norm", "ffn.gate", "ffn.up",
+    "ffn.down", "ffn_norm",
+)
+_SAME_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "head_dim")
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def student_config(teacher_cfg: DecoderConfig, nd: int, nb: int | None, **overrides: Any) -> DecoderConfig:
+    """The teacher's config (norm eps, RoPE theta from its file) with the DeTransformer knobs set."""
+    if not isinstance(teacher_cfg, DecoderConfig):
+        raise ConfigError(f"decoder conversion needs a DecoderConfig, got {type(teacher_cfg).__name__}")
+    return dataclasses.replace(teacher_cfg, nd=nd, nb=nb, **overrides)
+
+
+@torch.no_grad()
+def init_decoder_student(teacher: Decoder, student_cfg: DecoderConfig, seed: int = 0) -> Decoder:
+    """A decoupled student initialised from ``teacher``'s weights (see module docstring)."""
+    if not isinstance(teacher, Decoder) or not isinstance(getattr(teacher, "cfg", None), DecoderConfig):
+        raise ConfigError(f"the teacher must be a standard Decoder, got {type(teacher).__name__}")
+    if not isinstance(student_cfg, DecoderConfig):
+        raise ConfigError(f"the student config must be a DecoderConfig, got {type(student_cfg).__name__}")
+    tcfg = teacher.cfg
+    if tcfg.is_decoupled:
+        raise ConfigError("the teacher must be a standard (coupled) decoder")
+    for name in _SAME_FIELDS:
+        if getattr(tcfg, name) != getattr(student_cfg, name):
+            raise ConfigError(
+                f"student {name}={getattr(student_cfg, name)} differs from teacher's {getattr(tcfg, name)}"
+            )
+    if student_cfg.sub_attn != "full":
+        raise ConfigError("conversion supports sub_attn='full' (sub-block Q/K/V span all heads)")
+    if student_cfg.tie_embeddings != tcfg.tie_embeddings:
+        raise ConfigError("student and teacher must agree on tied embeddings")
+    T = teacher.state_dict()
+    torch.manual_seed(seed)
+    student = Decoder(student_cfg)
+    S = student.state_dict()
+    for key, value in S.items():  # the teacher's actual tensors must fit the shapes its config claims
+        if key in T and not key.startswith("layers.") and T[key].shape != value.shape:
+            raise ConfigError(f"teacher {key} has shape {tuple(T[key].shape)}, expected {tuple(value.shape)}")
+    out: dict[str, torch.Tensor] = {}
+    for key in ("tok_emb.weight", "norm.weight", "lm_head.weight"):
+        out[key] = T[key].detach().clone().float()
+
+    def t(i: int, p: str) -> torch.Tensor:
+        key = f"layers.{i}.{p}.weight"
+        if key not in T:
+            raise ConfigError(f"teacher has no {key}")
+        return T[key].detach().float()
+
+    for i, kind in enumerate(student_cfg.layer_kinds):
+        if kind == "coupled":
+            for p in _LAYER_WEIGHTS:
+                out[f"layers.{i}.{p}.weight"] = t(i, p).clone()
+            continue
+        I_sub = student_cfg.d_ff_sub
+        for j in range(student_cfg.nd):
+            s = student_cfg.sub_slice(j)
+            pre = f"layers.{i}.sub_blocks.{j}."
+            for p in ("q_proj", "k_proj", "v_proj"):
+                out[pre + f"attn.{p}.weight"] = t(i, f"attn.{p}")[:, s].clone()  # (heads*hd, d_sub)
+            out[pre + "attn.o_proj.weight"] = t(i, "attn.o_proj")[s, :].clone()  # (d_sub, heads*hd)
+            for norm in ("attn_norm", "ffn_norm"):
+                out[pre + f"{norm}.weight"] = t(i, norm)[s].clone()
+            units = _ffn_unit_order(tcfg.d_ff, student_cfg.nd, j)[:I_sub]
+            n = len(units)
+            gate_w = S[pre + "ffn.gate.weight"].clone()  # (I', d_sub); random rows for padded units
+            up_w = S[pre + "ffn.up.weight"].clone()
+            down_w = torch.zeros(student_cfg.d_sub, I_sub)  # padded units start silent
+            gate_w[:n] = t(i, "ffn.gate")[units][:, s]
+            up_w[:n] = t(i, "ffn.up")[units][:, s]
+            down_w[:, :n] = t(i, "ffn.down")[s][:, units]
+            out[pre + "ffn.gate.weight"], out[pre + "ffn.up.weight"] = gate_w, up_w
+            out[pre + "ffn.down.weight"] = down_w
+    missing = set(S) - set(out)
+    if missing:
+        raise ConfigError(f"conversion left student parameters unset: {sorted(missing)[:5]}")
+    bad = [k for k in S if out[k].shape != S[k].shape]
+    if bad:
+        raise ConfigError(f"teacher weights do not fit the student: {bad[:5]}")
+    student.load_state_dict(out)
+    student.tie_weights()
+    return student.eval()
+
+
+@torch.no_grad()
+def calibrate_norms(student: Decoder, teacher: Decoder, input_ids: torch.Tensor, batch_size: int = 8) -> dict[str, float]:
+    """Rescale each sub-block's RMSNorm weights so its slice is normalised to the teacher's scale.
+
+    The teacher normalises slice ``s`` of x by rms(x) over all features; a sub-block only sees
+    x_s and divides by rms(x_s). Multiplying the sub-block's norm weight by the mean of
+    rms(x_s) / rms(x) over the teacher's activations on ``input_ids`` (B, T) restores the typical
+    scale (models with a few huge "massive activation" features make the two differ a lot).
+    Returns the factors used, by parameter name. With nd=1 every factor is 1.
+    """
+    cfg = student.cfg
+    sums: dict[tuple[int, str], torch.Tensor] = {}
+    count = 0
+    hooks = []
+
+    def hook(i: int, which: str):
+        def fn(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].float()
+            full = x.pow(2).mean(-1, keepdim=True).sqrt()  # (B, T, 1)
+            parts = torch.stack([x[..., cfg.sub_slice(j)].pow(2).mean(-1).sqrt() for j in range(cfg.nd)], -1)
+            ratio = (parts / full.clamp_min(1e-12)).reshape(-1, cfg.nd).sum(0)  # (nd,)
+            sums[(i, which)] = sums.get((i, which), 0) + ratio
+        return fn
+
+    for i, kind in enumerate(cfg.layer_kinds):
+        if kind == "decoupled":
+            layer = teacher.layers[i]
+            hooks.append(layer.attn_norm.register_forward_pre_hook(hook(i, "attn_norm")))
+            hooks.append(layer.ffn_norm.register_forward_pre_hook(hook(i, "ffn_norm")))
+    try:
+        for k in range(0, len(input_ids), batch_size):
+            ids = input_ids[k : k + batch_size]
+            teacher(ids)
+            count += ids.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    factors: dict[str, float] = {}
+    for (i, which), total in sums.items():
+        for j in range(cfg.nd):
+            f = float(total[j]) / max(1, count)
+            getattr(student.layers[i].sub_blocks[j], which).weight.mul_(f)
+            factors[f"layers.{i}.sub_blocks.{j}.{which}"] = f
+    return factors
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def pack_sentences(sentences: Sequence[str], tokenizer: Any, seq_len: int, seed: int | None = 0,
+                   max_tokens: int | None = None) -> torch.Tensor:
+    """Token id sequences (N, seq_len): sentences (shuffled with ``seed``; None keeps the order)
+    tokenised without special tokens, each followed by EOS, concatenated and cut into rows (the
+    incomplete tail is dropped). ``max_tokens`` stops once that many tokens are packed."""
+    if seq_len < 2:
+        raise ConfigError(f"seq_len must be at least 2, got {seq_len}")
+    eos = tokenizer.eos_id
+    if eos is None:
+        raise ConfigError("the tokenizer has no EOS id to separate sentences")
+    order = list(range(len(sentences)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    stream: list[int] = []
+    backend = tokenizer.backend
+    chunk = 4096
+    for k in range(0, len(order), chunk):
+        texts = [sentences[i] for i in order[k : k + chunk]]
+        for enc in backend.encode_batch(texts, add_special_tokens=False):
+            stream.extend(enc.ids)
+            stream.append(eos)
+        if max_tokens is not None and len(stream) >= max_tokens:
+            break
+    n_rows = len(stream) // seq_len
+    if max_tokens is not None:
+        n_rows = min(n_rows, max_tokens // seq_len)
+    if n_rows == 0:
+        raise ConfigError(f"too little text to fill one {seq_len}-token sequence")
+    return torch.tensor(stream[: n_rows * seq_len], dtype=torch.long).view(n_rows, seq_len)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward passes, loss and evaluation
+
+
+def block_ends(cfg: DecoderConfig) -> list[int]:
+    """Indices of the layers that end a block (the coupled layers of a decoupled model)."""
+    return [blk[-1] for blk in cfg.blocks]
+
+
+def forward_with_hidden(model: Decoder, input_ids: torch.Tensor,
+                        layers: Sequence[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits (B, T, V) and the hidden states (B, T, d) after each layer in ``layers``."""
+    h = model.tok_emb(input_ids)
+    rope = model.rope(0, input_ids.shape[1], input_ids.device)
+    wanted = set(layers)
+    hidden: list[torch.Tensor] = []
+    for i, layer in enumerate(model.layers):
+        h = layer(h, rope)
+        if i in wanted:
+            hidden.append(h)
+    return model.lm_head(model.norm(h)), hidden
+
+
+def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of next-token distributions, mean over all positions (T = 1)."""
+    V = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.float().reshape(-1, V), dim=-1)
+    t = F.log_softmax(teacher_logits.float().reshape(-1, V), dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def normalised_mse(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Mean over block ends of ||h_s - h_t||^2 / ||h_t||^2."""
+    terms = [((s.float() - t.float()) ** 2).sum() / (t.float() ** 2).sum().clamp_min(1e-12)
+             for s, t in zip(student_hidden, teacher_hidden, strict=True)]
+    return torch.stack(terms).mean()
+
+
+def nll_sum(model: Decoder, ids: torch.Tensor) -> tuple[float, int, torch.Tensor]:
+    """Summed next-token NLL of ``ids`` (B, T) under ``model``, the number of predicted tokens and
+    the model's top-1 prediction at every position (B, T)."""
+    logits = model(ids).float()
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    return float(nll), ids[:, 1:].numel(), logits.argmax(-1)
+
+
+@torch.no_grad()
+def evaluate(model: Decoder, sequences: torch.Tensor, batch_size: int = 8, device: str = "cpu",
+             reference_top1: torch.Tensor | None = None) -> dict[str, Any]:
+    """Perplexity (exp of the mean next-token NLL) of ``sequences`` and the model's top-1
+    predictions; with ``reference_top1`` (another model's predictions) also the share of positions
+    where both agree."""
+    model.eval()
+    total, count = 0.0, 0
+    tops: list[torch.Tensor] = []
+    for k in range(0, len(sequences), batch_size):
+        ids = sequences[k : k + batch_size].to(device)
+        with _autocast(device):
+            s, n, top = nll_sum(model, ids)
+        total += s
+        count += n
+        tops.append(top.cpu())
+    top1 = torch.cat(tops)
+    result: dict[str, Any] = {"perplexity": math.exp(total / max(1, count)), "nll": total / max(1, count),
+                              "tokens": count, "top1": top1}
+    if reference_top1 is not None:
+        result["agreement"] = float((top1 == reference_top1).float().mean())
+    return result
+
+
+def perplexity(model: Decoder, sequences: torch.Tensor, batch_size: int = 8, device: str = "cpu") -> float:
+    """exp(mean next-token NLL) of ``sequences`` (N, T) under ``model``."""
+    return float(evaluate(model, sequences, batch_size, device)["perplexity"])
+
+
+def _autocast(device: str) -> Any:
+    if device.startswith("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation
+
+
+@dataclass
+class DecoderDistilSettings:
+    steps: int = 2000  # a GPU run; a CPU run is normally limited by max_minutes instead
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 3e-4
+    warmup: int = 10
+    min_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    hidden_weight: float = 1.0  # weight of the normalised block-end MSE next to the KL term
+    checkpoint_every: int = 25
+    seed: int = 0
+    eval_tokens: int = 16384
+    eval_batch_size: int = 8
+    max_minutes: float | None = None  # wall budget of the whole conversion (training + evaluation)
+    # Rescale sub-block RMSNorms to the teacher's scale at init. Off: on SmolLM2-135M nd=2 nb=5 it
+    # raised the sliced student's held-out perplexity (352k -> 541k, 8192 tokens).
+    calibrate_norms: bool = False
+    calibration_tokens: int = 2048  # train tokens the calibration reads
+
+
+def lr_factor(step: int, settings: DecoderDistilSettings, time_fraction: float = 0.0) -> float:
+    """Warm-up then cosine decay to ``min_lr_fraction``; progress is the larger of step and time."""
+    if step < settings.warmup:
+        return (step + 1) / settings.warmup
+    frac = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
+    frac = min(1.0, max(frac, time_fraction))
+    lo = settings.min_lr_fraction
+    return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+@dataclass
+class DistilResult:
+    losses: list[float]
+    step: int  # total steps done (including those of earlier, resumed calls)
+    steps_this_call: int
+    train_seconds: float  # training wall time of this call
+    stopped_by: str  # "steps" or "time"
+
+
+def distil_decoder(student: Decoder, teacher: Decoder, sequences: torch.Tensor, settings: DecoderDistilSettings,
+                   out_dir: Path | None = None, device: str = "cpu", progress: bool = True,
+                   deadline: float | None = None, stop_at: int | None = None) -> DistilResult:
+    """Train ``student`` towards ``teacher`` on ``sequences`` (N, seq_len) token ids; checkpoint to
+    ``out_dir`` and resume from it if present. ``deadline`` (``time.monotonic()`` value): stop at
+    the first step boundary after which another step would not fit. ``stop_at``: stop after that
+    many steps in all (the schedule still spans ``settings.steps``; a later call resumes)."""
+    student.to(device).train()
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student.tok_emb.weight.requires_grad_(False)  # tied with lm_head: both frozen
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    step = 0
+    ckpt = out_dir / "checkpoint.pt" if out_dir is not None else None
+    if ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)
+        student.load_state_dict(state["student"])
+        student.tie_weights()
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        log.info("resuming decoder distillation at step %d from %s", step, ckpt)
+    ends = block_ends(student.cfg)
+    batches = _batches(range(len(sequences)), settings.batch_size, settings.seed)
+    for _ in range(step):  # skip what the checkpoint already saw
+        next(batches)
+    started = time.monotonic()
+    budget = None if deadline is None else max(1e-9, deadline - started)
+    bar = Progress(settings.steps, step, "distil") if progress else None
+    losses: list[float] = []
+    stopped_by = "steps"
+    step_times: list[float] = []
+    last = settings.steps if stop_at is None else min(stop_at, settings.steps)
+    while step < last:
+        now = time.monotonic()
+        if deadline is not None and step_times:
+            per_step = max(step_times[-5:])  # pessimistic: the load on a shared CPU varies
+            if now + per_step > deadline:
+                stopped_by = "time"
+                break
+        t0 = now
+        time_fraction = 0.0 if budget is None else (now - started) / budget
+        for g in opt.param_groups:
+            g["lr"] = settings.lr * lr_factor(step, settings, time_fraction)
+        ids = sequences[next(batches)].to(device)
+        with _autocast(device):
+            with torch.no_grad():
+                t_logits, t_hidden = forward_with_hidden(teacher, ids, ends)
+            s_logits, s_hidden = forward_with_hidden(student, ids, ends)
+            kl = kl_teacher_student(s_logits, t_logits)
+            mse = normalised_mse(s_hidden, t_hidden)
+            loss = kl + settings.hidden_weight * mse
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        step_times.append(time.monotonic() - t0)
+        if bar is not None and bar.tty:
+            bar.update(step, loss=losses[-1], kl=kl.item(), mse=mse.item(), s_per_step=step_times[-1])
+        elif progress and (len(losses) <= 3 or step % 5 == 0):  # a log file: one line every 5 steps
+            print(f"step {step} loss {losses[-1]:.4f} kl {kl.item():.4f} mse {mse.item():.4f} "
+                  f"lr {opt.param_groups[0]['lr']:.2e} {step_times[-1]:.1f} s/step "
+                  f"elapsed {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        if ckpt is not None and (step % settings.checkpoint_every == 0 or step == settings.steps):
+            _save_checkpoint(ckpt, student, opt, step)
+    if ckpt is not None and losses and step % settings.checkpoint_every and step != settings.steps:
+        _save_checkpoint(ckpt, student, opt, step)  # stopped early, between checkpoints
+    if stopped_by == "steps" and step < settings.steps:
+        stopped_by = "stop_at"
+    if bar is not None:
+        bar.close()
+    student.eval()
+    return DistilResult(losses, step, len(losses), time.monotonic() - started, stopped_by)
+
+
+def _save_checkpoint(ckpt: Path, student: Decoder, opt: torch.optim.Optimizer, step: int) -> None:
+    tmp = ckpt.with_suffix(".tmp")
+    torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+    os.replace(tmp, ckpt)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def save_decoder_student(student: Decoder, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
+    """DIR/model.safetensors (float32; the tied output head is stored once, as tok_emb) +
+    DIR/config.json (the DecoderConfig fields under "decoder")."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().float().contiguous() for k, v in student.state_dict().items()}
+    if student.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    save_file(sd, str(out_dir / "model.safetensors"))
+    init = {f.name for f in dataclasses.fields(DecoderConfig) if f.init}
+    cfg = {k: v for k, v in asdict(student.cfg).items() if k in init}
+    (out_dir / "config.json").write_text(json.dumps({"decoder": cfg, **(extra or {})}, indent=2) + "\n")
+
+
+def load_decoder_student(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
+    """Read a converted decoder written by ``save_decoder_student``."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "model.safetensors").exists():
+        raise ConfigError(f"{model_dir} has no model.safetensors; run `detransformer-edge convert --out {model_dir}`")
+    meta = json.loads((model_dir / "config.json").read_text())
+    if "decoder" not in meta:
+        raise ConfigError(f"{model_dir}/config.json does not describe a decoder")
+    cfg = DecoderConfig(**meta["decoder"])
+    model = Decoder(cfg)
+    sd = load_file(str(model_dir / "model.safetensors"))
+    if cfg.tie_embeddings:
+        sd["lm_head.weight"] = sd["tok_emb.weight"]
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()})
+    model.tie_weights()
+    return model.to(dtype).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# The whole command
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def convert_decoder_and_distil(source: str, nd: int, nb: int, out_dir: str | Path,
+                               settings: DecoderDistilSettings, device: str = "cpu",
+                               progress: bool = True) -> dict[str, Any]:
+    """`detransformer-edge convert --from <decoder>`: init from ``source``, evaluate, distil,
+    evaluate again, write model, config and quality.json. With ``settings.max_minutes`` the whole
+    call (loading, evaluations, training, saving) aims to finish within that many minutes."""
+    from detransformer_edge.model.corpus import load_corpus
+    from detransformer_edge.model.loaders import load_model
+
+    started = time.monotonic()
+    deadline = None if settings.max_minutes is None else started + 60.0 * settings.max_minutes
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loaded = load_model(source)
+    teacher = loaded.model.float().eval()
+    if not isinstance(teacher, Decoder):
+        raise ConfigError(f"{source!r} is not a decoder")
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    tokenizer = loaded.tokenizer
+    cfg = student_config(teacher.cfg, nd, nb)
+    corpus = load_corpus()
+    train = pack_sentences(corpus.train, tokenizer, settings.seq_len, seed=settings.seed)
+    held = pack_sentences(corpus.held_out, tokenizer, settings.seq_len, seed=12345, max_tokens=settings.eval_tokens)
+    log.info("packed %d train and %d held-out sequences of %d tokens", len(train), len(held), settings.seq_len)
+    student = init_decoder_student(teacher, cfg, seed=settings.seed)
+    factors: dict[str, float] = {}
+    if settings.calibrate_norms:
+        factors = calibrate_norms(student, teacher, train[: max(1, settings.calibration_tokens // settings.seq_len)])
+    quality_path = out_dir / "quality.json"
+    previous: dict[str, Any] = json.loads(quality_path.read_text()) if quality_path.exists() else {}
+    ref_path = out_dir / "teacher_eval.pt"
+
+    def ev(model: Decoder, ref: torch.Tensor | None) -> tuple[dict[str, Any], float]:
+        t0 = time.monotonic()
+        r = evaluate(model.to(device), held, settings.eval_batch_size, device, ref)
+        return r, time.monotonic() - t0
+
+    eval_seconds = None
+    if ref_path.exists() and "ppl_teacher" in previous and "ppl_init" in previous:  # resumed run
+        teacher_top1 = torch.load(ref_path, weights_only=True)
+        ppl_teacher, ppl_init = previous["ppl_teacher"], previous["ppl_init"]
+        agree_init, eval_seconds = previous.get("agreement_init"), previous.get("eval_seconds")
+    else:
+        r_t, _ = ev(teacher, None)
+        teacher_top1, ppl_teacher = r_t["top1"], r_t["perplexity"]
+        torch.save(teacher_top1, ref_path)
+        r_i, eval_seconds = ev(student, teacher_top1)
+        ppl_init, agree_init = r_i["perplexity"], r_i["agreement"]
+        quality_path.write_text(json.dumps({"ppl_teacher": ppl_teacher, "ppl_init": ppl_init,
+                                            "agreement_init": agree_init, "eval_seconds": eval_seconds}) + "\n")
+    log.info("held-out perplexity: teacher %.2f, sliced student %.2f", ppl_teacher, ppl_init)
+    if progress:
+        print(f"held-out perplexity ({len(held) * settings.seq_len} tokens): teacher {ppl_teacher:.2f}, "
+              f"sliced student {ppl_init:.2f} (top-1 agreement {agree_init:.3f})", flush=True)
+    train_deadline = None
+    if deadline is not None:
+        # keep room for the final evaluation (as long as the initial one, plus a margin) and saving
+        reserve = 1.25 * (eval_seconds or 60.0) + 30.0
+        train_deadline = deadline - reserve
+    result = distil_decoder(student, teacher, train, settings, out_dir, device, progress, train_deadline)
+    r_a, _ = ev(student, teacher_top1)
+    student.to("cpu")
+    save_decoder_student(student, out_dir, {"source": source, "quality": "quality.json"})
+    s_per_step = result.train_seconds / result.steps_this_call if result.steps_this_call else None
+    quality = {
+        "source": source, "nd": nd, "nb": nb, "d_ff_sub": cfg.d_ff_sub,
+        "ppl_teacher": ppl_teacher, "ppl_init": ppl_init, "ppl_after": r_a["perplexity"],
+        "agreement_init": agree_init, "agreement_after": r_a["agreement"],
+        "eval_tokens": r_a["tokens"], "eval_seconds": eval_seconds,
+        "steps": result.step, "steps_this_run": result.steps_this_call, "stopped_by": result.stopped_by,
+        "train_seconds": result.train_seconds, "seconds_per_step": s_per_step,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "first_loss": result.losses[0] if result.losses else None,
+        "seconds": time.monotonic() - started, "cpu_seconds": _cpu_seconds(),
+        "threads": torch.get_num_threads(), "device": device,
+        "params_teacher": teacher.num_params(), "params_student": student.num_params(),
+        "train_sequences": len(train), "train_sentences": len(corpus.train),
+        "held_out_sentences": len(corpus.held_out), "corpus_fingerprint": corpus.fingerprint,
+        "loss": "KL(teacher||student) + hidden_weight * normalised block-end MSE",
+        "norm_calibration": ({"min": min(factors.values()), "max": max(factors.values()),
+                              "median": sorted(factors.values())[len(factors) // 2]} if factors else None),
+        "settings": asdict(settings),
+    }
+    quality_path.write_text(json.dumps(quality, indent=2) + "\n")
+    return quality
