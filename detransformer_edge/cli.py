@@ -20,6 +20,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("plan", "plan"),
     ("convert", "convert"),
     ("train-intent", "train_intent"),
+    ("train-lm", "train_lm"),
     ("agent", "agent"),
     ("demo", "demo"),
     ("bench", "bench"),
