@@ -86,6 +86,7 @@ def test_batches_are_deterministic_and_indexable(tiny):
     assert not torch.equal(a.get(0)[0], paired.Batches(data.train, 32, 4, seed=4).get(0)[0])
 
 
+@pytest.mark.slow
 def test_training_loss_decreases(tiny):
     _, data = tiny
     settings = dataclasses.replace(SETTINGS, steps=40)
