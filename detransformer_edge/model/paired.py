@@ -23,17 +23,15 @@ scratch on the same text, same steps, same hyper-parameters; validation perplexi
   state rounded (``nlu.precision.round_trip``) at the input of every coupled layer (where the
   sub-block outputs are all-gathered over the network), for ``<f2`` and ``|i1``.
 
-CPU budget: measured on the development machine (2 cores, ``--threads 2``, ``nice -n 5``, torch
-2.13 CPU, shared with two or three other heavy jobs), batch 16 x seq_len 128 = 2048 tokens/step,
-with ``train_lm`` for 12 steps per model (the script is in ``SECONDS_PER_STEP_CPU``'s comment):
-standard 8.6-9.6 s/step, nd=4 nb=4 13.3-25.5 s/step (its decoupled layers run 4 sub-blocks one
-after another, each with all 6 heads over a 96-wide slice). Uncontended, one forward + backward at
-batch 4 took 0.36-0.42 s (standard) and 0.43-0.58 s (nd4nb4), i.e. the load, not the model,
-dominates those numbers. ``DEFAULT_STEPS = 100`` keeps the slowest model (nd4nb4, 13.3 s/step)
-at about 22 min of training plus about 5 min of evaluation (curve on 8 192 tokens every 20
-steps, final on 32 768 tokens, twice more for the wire dtypes): <= 30 min for one model. That is
-204 800 training tokens (7% of one epoch of the 3.06 M-token train stream): an early-training
-comparison; a GPU run of the same matrix can pass a larger ``--steps`` (all five models must share it).
+CPU budget: measured on the development machine with nothing else running (2 cores,
+``--threads 2``, torch 2.13 CPU), batch 16 x seq_len 128 = 2048 tokens/step, ``train_lm`` for 8
+steps per model: standard 1.35 s/step, nd=2 nb=2 1.63 s/step, nd=4 nb=4 1.73 s/step (decoupled
+layers run their sub-blocks one after another: smaller matrix products). ``DEFAULT_STEPS = 800``
+keeps the slowest model at about 23 min of training plus about 2 min of evaluation (curve on
+8 192 tokens every steps // 5 steps, final on 32 768 tokens, twice more for the wire dtypes): <= 30 min
+for one model. That is 1.64 M training tokens (54% of one epoch of the 3.06 M-token train stream).
+A GPU run of the same matrix gives the same numbers within noise; it can also pass a larger
+``--steps`` (all five models must share it to be compared).
 
 Only torch, numpy, tokenizers and safetensors are imported here (no MQTT / HTTP service
 modules), so ``python -m detransformer_edge.model.paired`` runs on a bare GPU machine.
@@ -80,8 +78,8 @@ TARGET_RATIO = 1.05  # decoupled perplexity within 5% of the standard model's
 # DTE_CORPUS_FILE=runs/paired-data/corpus.json.gz nice -n 5 python -c '...' calling
 # train_lm(build_model(cfg, 0), data, LMSettings(steps=12, curve_tokens=128, eval_every=10**6))
 # with torch.set_num_threads(2); the spread is the other jobs' load.
-SECONDS_PER_STEP_CPU = {"std": (8.6, 9.6), "nd4nb4": (13.3, 25.5)}
-DEFAULT_STEPS = 100
+SECONDS_PER_STEP_CPU = {"std": 1.35, "nd2nb2": 1.63, "nd4nb4": 1.73}  # quiet 2-core CPU, see above
+DEFAULT_STEPS = 800
 DEFAULT_BATCH = 16
 DEFAULT_SEQ_LEN = 128
 
