@@ -157,3 +157,26 @@ def test_bad_distil_settings_raise(bad: dict) -> None:
 
     with pytest.raises(ConfigError):
         DistilSettings(**bad)
+
+
+def test_corpus_file_round_trip_and_override(tmp_path, monkeypatch) -> None:
+    import gzip
+
+    from detransformer_edge.errors import ConfigError
+    from detransformer_edge.model.corpus import CORPUS_FILE_ENV, Corpus, export_corpus, load_corpus, read_corpus_file
+
+    corpus = Corpus(("One train sentence here.", "Another train sentence."), ("A held-out sentence.",))
+    path = export_corpus(corpus, tmp_path / "c.json.gz")
+    again = read_corpus_file(path)
+    assert again == corpus and again.fingerprint == corpus.fingerprint
+    monkeypatch.setenv(CORPUS_FILE_ENV, str(path))
+    assert load_corpus() == corpus
+    assert load_corpus(max_sentences=1).train == corpus.train[:1]
+    bad = tmp_path / "bad.json.gz"
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(ConfigError):
+        read_corpus_file(bad)
+    with gzip.open(bad, "wt") as fh:  # damaged: the text no longer matches its fingerprint
+        fh.write('{"train": ["x"], "held_out": [], "fingerprint": "0000"}')
+    with pytest.raises(ConfigError, match="fingerprint"):
+        read_corpus_file(bad)
