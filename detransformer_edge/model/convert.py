@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from detransformer_edge.errors import ConfigError
-from detransformer_edge.model.config import EncoderConfig
+from detransformer_edge.model.config import DecoderConfig, EncoderConfig
 from detransformer_edge.model.encoder import Encoder, mean_pool, padding_mask
 
 log = logging.getLogger(__name__)
@@ -110,22 +110,9 @@ def init_student(teacher: Encoder, student_cfg: EncoderConfig, seed: int = 0) ->
     return student
 
 
-def block_ends(cfg: EncoderConfig) -> list[int]:
+def block_ends(cfg: EncoderConfig | DecoderConfig) -> list[int]:
     """Indices of the layers that end a block (the coupled layers of a decoupled model)."""
     return [blk[-1] for blk in cfg.blocks]
-
-
-def layer_outputs(model: Encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  layers: Sequence[int]) -> list[torch.Tensor]:
-    """Hidden states (B, T, d) after each layer in ``layers``."""
-    h = model.embeddings(input_ids)
-    mask = padding_mask(attention_mask)
-    outs: list[torch.Tensor] = []
-    for i, layer in enumerate(model.layers):
-        h = layer(h, mask)
-        if i in layers:
-            outs.append(h)
-    return outs
 
 
 @dataclass

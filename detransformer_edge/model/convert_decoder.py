@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.config import DecoderConfig
-from detransformer_edge.model.convert import Progress, _batches, _ffn_unit_order
+from detransformer_edge.model.convert import Progress, _batches, _ffn_unit_order, block_ends
 from detransformer_edge.model.decoder import Decoder
 
 log = logging.getLogger(__name__)
@@ -236,11 +236,6 @@ def pack_sentences(sentences: Sequence[str], tokenizer: Any, seq_len: int, seed:
 
 # --------------------------------------------------------------------------------------------
 # Forward passes, loss and evaluation
-
-
-def block_ends(cfg: DecoderConfig) -> list[int]:
-    """Indices of the layers that end a block (the coupled layers of a decoupled model)."""
-    return [blk[-1] for blk in cfg.blocks]
 
 
 def forward_with_hidden(model: Decoder, input_ids: torch.Tensor,
