@@ -49,8 +49,8 @@ import os
 import platform
 import re
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,7 @@ from detransformer_edge.model.config import DecoderConfig
 from detransformer_edge.model.convert import Progress
 from detransformer_edge.model.corpus import Corpus, load_corpus
 from detransformer_edge.model.decoder import Decoder
-from detransformer_edge.nlu.precision import WIRE_DTYPES, round_trip
+from detransformer_edge.nlu.precision import WIRE_DTYPES, wire_rounding
 
 log = logging.getLogger(__name__)
 
@@ -316,19 +316,12 @@ def wire_layers(model: Decoder) -> list[int]:
     return [i for i, k in enumerate(kinds) if k == "coupled"]
 
 
-@contextmanager
-def decoder_wire_rounding(model: Decoder, dtype: str, layers: Sequence[int] | None = None) -> Iterator[None]:
+def decoder_wire_rounding(model: Decoder, dtype: str,
+                          layers: Sequence[int] | None = None) -> AbstractContextManager[None]:
     """Round the hidden state to wire ``dtype`` at the inputs of ``layers`` (default wire_layers)."""
     if dtype not in WIRE_DTYPES:
         raise ConfigError(f"unknown wire dtype {dtype!r}; known: {', '.join(WIRE_DTYPES)}")
-    points = wire_layers(model) if layers is None else list(layers)
-    handles = [model.layers[i].register_forward_pre_hook(
-        lambda m, args: (round_trip(args[0], dtype), *args[1:])) for i in points]  # type: ignore[arg-type]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return wire_rounding(model, dtype, wire_layers(model) if layers is None else list(layers))  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -338,7 +331,7 @@ def evaluate(model: Decoder, inputs: torch.Tensor, targets: torch.Tensor, batch_
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    ctx = decoder_wire_rounding(model, wire) if wire is not None else _nullcontext()
+    ctx = decoder_wire_rounding(model, wire) if wire is not None else nullcontext()
     with ctx:
         for k in range(0, inputs.shape[0], batch_size):
             x, y = inputs[k : k + batch_size].to(device), targets[k : k + batch_size].to(device)
@@ -349,11 +342,6 @@ def evaluate(model: Decoder, inputs: torch.Tensor, targets: torch.Tensor, batch_
     model.train(was_training)
     nll = total / max(1, count)
     return {"nll": nll, "ppl": math.exp(nll), "tokens": count}
-
-
-@contextmanager
-def _nullcontext() -> Iterator[None]:
-    yield
 
 
 # --------------------------------------------------------------------------- training
