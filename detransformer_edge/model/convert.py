@@ -144,6 +144,15 @@ class DistilSettings:
             raise ConfigError("steps must be >= 0, batch_size > 0 and max_len >= 2")
 
 
+def warmup_cosine(step: int, warmup: int, steps: int, floor: float, progress: float = 0.0) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then cosine decay to ``floor``
+    at ``steps``; ``progress`` (0..1, e.g. the share of a time budget used) can move the decay ahead."""
+    if step < warmup:
+        return (step + 1) / warmup
+    frac = min(1.0, max((step - warmup) / max(1, steps - warmup), progress))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
 def target_layers(cfg: EncoderConfig, targets: str) -> list[int]:
     """Layers whose outputs the student is trained to match."""
     return block_ends(cfg) if targets == "blocks" else list(range(cfg.n_layers))
@@ -267,13 +276,7 @@ def distil(student: Encoder, teacher: Encoder, train: Sequence[str], tokenize: T
         p.requires_grad_(False)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
-    def lr_at(step: int) -> float:
-        if step < settings.warmup:
-            return (step + 1) / settings.warmup
-        frac = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, settings.warmup, settings.steps, 0.1))
     step = 0
     ckpt = out_dir / "checkpoint.pt" if out_dir is not None else None
     if ckpt is not None and ckpt.exists():

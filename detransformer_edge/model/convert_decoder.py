@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.config import DecoderConfig
-from detransformer_edge.model.convert import Progress, _batches, _ffn_unit_order, block_ends
+from detransformer_edge.model.convert import Progress, _batches, _ffn_unit_order, block_ends, warmup_cosine
 from detransformer_edge.model.decoder import Decoder
 
 log = logging.getLogger(__name__)
@@ -337,12 +337,7 @@ class DecoderDistilSettings:
 
 def lr_factor(step: int, settings: DecoderDistilSettings, time_fraction: float = 0.0) -> float:
     """Warm-up then cosine decay to ``min_lr_fraction``; progress is the larger of step and time."""
-    if step < settings.warmup:
-        return (step + 1) / settings.warmup
-    frac = (step - settings.warmup) / max(1, settings.steps - settings.warmup)
-    frac = min(1.0, max(frac, time_fraction))
-    lo = settings.min_lr_fraction
-    return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac))
+    return warmup_cosine(step, settings.warmup, settings.steps, settings.min_lr_fraction, time_fraction)
 
 
 @dataclass

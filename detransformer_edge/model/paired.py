@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.config import DecoderConfig
-from detransformer_edge.model.convert import Progress
+from detransformer_edge.model.convert import Progress, warmup_cosine
 from detransformer_edge.model.corpus import Corpus, load_corpus
 from detransformer_edge.model.decoder import Decoder
 from detransformer_edge.nlu.precision import WIRE_DTYPES, wire_rounding
@@ -390,12 +390,7 @@ class LMSettings:
 
 
 def lr_factor(step: int, settings: LMSettings) -> float:
-    warm = settings.warmup_steps
-    if step < warm:
-        return (step + 1) / warm
-    frac = min(1.0, (step - warm) / max(1, settings.steps - warm))
-    m = settings.min_lr_ratio
-    return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * frac))
+    return warmup_cosine(step, settings.warmup_steps, settings.steps, settings.min_lr_ratio)
 
 
 def set_precision(device: str) -> None:
