@@ -10,10 +10,13 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import core as hypothesis_core
+from hypothesis import settings as hypothesis_settings
 
 from detransformer_edge.transport.broker import (  # noqa: F401 - re-exported for tests
     find_mosquitto,
@@ -22,6 +25,34 @@ from detransformer_edge.transport.broker import (  # noqa: F401 - re-exported fo
     run_mosquitto,
     wait_for_port,
 )
+
+
+hypothesis_settings.register_profile("dte", print_blob=True)  # a failure prints how to replay it
+hypothesis_settings.load_profile("dte")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each run draws a fresh Hypothesis seed (repeated runs explore different inputs) and says
+    which, so a failure anywhere, CI included, replays with ``--hypothesis-seed=N``."""
+    seed = config.getoption("hypothesis_seed", None)
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+        hypothesis_core.global_force_seed = seed
+    config.stash[_SEED] = seed
+
+
+_SEED = pytest.StashKey[object]()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"hypothesis seed: {config.stash[_SEED]} (replay with --hypothesis-seed={config.stash[_SEED]})"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    if exitstatus != 0:
+        terminalreporter.write_line(f"hypothesis seed of this run: {config.stash[_SEED]} "
+                                    f"(replay with --hypothesis-seed={config.stash[_SEED]})")
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from paho.mqtt.properties import Properties
 
 from detransformer_edge.cluster.agent_io import ClusterAgent, MembershipView
 from detransformer_edge.cluster.config import AgentConfig, BrokerConfig, ElectionConfig
+from detransformer_edge.integrations import homeassistant
 from detransformer_edge.cluster.topics import Assignment, ClusterTopics, ProfileRecord, Reply, Request
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(60)]
@@ -416,8 +417,12 @@ async def test_assignments_are_fenced_by_term_and_ha_discovery_resent(
         async with watcher(host, port, "homeassistant/#") as w:
             stale = Assignment("boss", sent.term - 1, 2, {})
             await w.client.publish(t.assign.format("w"), stale.to_json(), qos=1)
-            n = len(w.messages)  # retained configs of both agents
-            assert n >= 12
+            retained = {topic for a in (lead, worker) for topic, _ in homeassistant.discovery_messages(
+                a.topics, a.profile, a.sw_version, a.config.homeassistant_prefix)}
+            assert len(retained) >= 12
+            # the broker sends the retained configs right after the subscription: wait for all
+            await w.wait_for(lambda tp, p: retained <= {m[1] for m in w.messages}, 5)
+            n = len(w.messages)
             await w.client.publish("homeassistant/status", "online", qos=1)
             await w.wait_for(lambda tp, p: "detransformer_" + cl.replace("-", "_") in tp or cl in tp, 5, since=n)
         await asyncio.sleep(0.3)

@@ -1,5 +1,7 @@
 """Plans as data: validation, serialisation round trips, required weights."""
 
+import json
+
 import pytest
 
 from detransformer_edge.parallel.plan import (
@@ -18,10 +20,9 @@ PLANS = [
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.describe())
 def test_round_trips(plan):
-    assert Plan.from_json(plan.to_json()) == plan
-    assert Plan.from_msgpack(plan.to_msgpack()) == plan
-    assert Plan.from_dict(plan.to_dict()) == plan
-    assert hash(plan) == hash(Plan.from_json(plan.to_json()))
+    again = Plan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert again == plan
+    assert hash(plan) == hash(again)
 
 
 @pytest.mark.parametrize(
@@ -60,14 +61,12 @@ def test_model_checks():
         Plan("tp", ("a", "b", "c")).check(n_layers=4, nd=1, decoupled=False, n_heads=2)
 
 
-@pytest.mark.parametrize("bad", ['{"mode": "single"}', "[1,2]", "{", '{"mode":"single","devices":"a"}',
+@pytest.mark.parametrize("bad", ['{"mode": "single"}', "[1,2]", '{"mode":"single","devices":"a"}',
                                  '{"mode":"single","devices":["a"],"evil":1}',
                                  '{"mode":"pipeline","devices":["a"],"stages":[{"device":"a","start":"0","end":1}]}'])
 def test_bad_serialised_plans(bad):
     with pytest.raises(PlanError):
-        Plan.from_json(bad)
-    with pytest.raises(PlanError):
-        Plan.from_msgpack(b"\xc1garbage")
+        Plan.from_dict(json.loads(bad))
 
 
 def test_required_weights_and_placement():

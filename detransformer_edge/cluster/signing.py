@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from detransformer_edge.cluster.topics import ProtocolError, check_name
+from detransformer_edge.cluster.topics import ProtocolError, check_name, load_object
 
 SIG_FIELD = "sig"
 MIN_KEY_CHARS = 16  # shorter keys are accepted with a warning: a home LAN is not a bank
@@ -81,15 +81,12 @@ def _mac(key: bytes, topic: str, stamp: Stamp, body: Mapping[str, Any]) -> str:
 
 
 def _load(payload: str | bytes | bytearray, what: str) -> dict[str, Any]:
-    if len(payload) > MAX_SIGNED_BYTES:
-        raise SignatureError(f"{what}: control message of {len(payload)} bytes is too large")
     try:
-        data = json.loads(payload)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, int digits
-        raise SignatureError(f"{what}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise SignatureError(f"{what}: a control message must be a JSON object")
-    return data
+        return load_object(payload, what, max_bytes=MAX_SIGNED_BYTES)
+    except SignatureError:
+        raise
+    except ProtocolError as exc:
+        raise SignatureError(str(exc)) from None
 
 
 class CommandSigner:

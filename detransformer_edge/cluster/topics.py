@@ -57,16 +57,38 @@ def check_publish_topic(value: str, what: str) -> str:
 # ---------------------------------------------------------------------------- field readers
 
 
-def load_object(payload: str | bytes | bytearray, schema: str) -> dict[str, Any]:
-    """Decode a JSON object payload or raise ProtocolError naming the schema."""
-    if len(payload) > MAX_JSON_BYTES:
+def _no_constant(token: str) -> Any:
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if not math.isfinite(value):  # 1e999 overflows to inf: the service could never send it back
+        raise ValueError(f"number {token[:20]} is out of range")
+    return value
+
+
+def strict_loads(payload: str | bytes | bytearray, schema: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """Decode JSON the way the service writes it, or raise ProtocolError naming the schema.
+
+    Python's json accepts NaN, Infinity and numbers that overflow to infinity; none of them is
+    JSON (RFC 8259) and the service cannot send them back (``allow_nan=False``), so a message
+    carrying one is refused here rather than failing later when a reply is encoded."""
+    if not isinstance(payload, (str, bytes, bytearray)):
+        raise ProtocolError(f"{schema}: payload must be text or bytes, got {type(payload).__name__}")
+    if len(payload) > max_bytes:
         raise ProtocolError(f"{schema}: payload of {len(payload)} bytes is too large "
-                            f"(at most {MAX_JSON_BYTES})")
+                            f"(at most {max_bytes})")
     try:
         text = payload.decode("utf-8") if isinstance(payload, (bytes, bytearray)) else payload
-        data = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, too many digits, too deep
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, NaN, too many digits, too deep
         raise ProtocolError(f"{schema}: payload is not valid UTF-8 JSON ({exc})") from exc
+
+
+def load_object(payload: str | bytes | bytearray, schema: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """Decode a JSON object payload or raise ProtocolError naming the schema."""
+    data = strict_loads(payload, schema, max_bytes)
     if not isinstance(data, dict):
         raise ProtocolError(f"{schema}: payload must be a JSON object, got {type(data).__name__}")
     return data

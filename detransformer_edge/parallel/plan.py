@@ -1,7 +1,7 @@
 """Parallel plans as data: which device runs what for one request.
 
-A :class:`Plan` is pure, frozen, validated on construction and serialisable to JSON and
-msgpack (``to_dict`` / ``from_dict``). Checks that need the model's shape (layer count, number of
+A :class:`Plan` is pure, frozen, validated on construction and serialisable as plain data
+(``to_dict`` / ``from_dict``; the run control message carries it as JSON). Checks that need the model's shape (layer count, number of
 sub-blocks) live in :meth:`Plan.check`, which the executor and the planner call.
 
 Modes
@@ -25,12 +25,10 @@ tokens and produces its result. Activations cross the network in ``wire`` precis
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-import msgpack
 
 from detransformer_edge.errors import DetransformerError
 
@@ -204,32 +202,6 @@ class Plan:
             return cls(**{**data, "stages": stages})  # type: ignore[arg-type]
         except TypeError as exc:
             raise PlanError(f"bad plan: {exc}") from None
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> Plan:
-        if not isinstance(text, (str, bytes, bytearray)) or len(text) > 1 << 20:
-            raise PlanError("a JSON plan must be text of at most 1 MiB")
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # bad JSON / UTF-8, too many digits, too deep
-            raise PlanError(f"plan is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
-
-    def to_msgpack(self) -> bytes:
-        return msgpack.packb(self.to_dict(), use_bin_type=True)
-
-    @classmethod
-    def from_msgpack(cls, data: bytes) -> Plan:
-        if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) > 1 << 20:
-            raise PlanError("a msgpack plan must be bytes of at most 1 MiB")
-        try:
-            obj = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises several unrelated types for bad input
-            raise PlanError(f"plan is not valid msgpack: {exc}") from None
-        return cls.from_dict(obj)
 
 
 # --- placement: which weights each device holds ----------------------------------------------

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from detransformer_edge.cluster.topics import ProtocolError, check_name
+from detransformer_edge.cluster.topics import ProtocolError, check_name, load_object
 from detransformer_edge.parallel.plan import Plan, PlanError
 
 RunKind = Literal["encode", "generate"]
@@ -52,14 +52,7 @@ class RunControl:
 
     @classmethod
     def from_json(cls, payload: str | bytes) -> RunControl:
-        if len(payload) > 256 * 1024:
-            raise ProtocolError("run: control message too large")
-        try:
-            d = json.loads(payload)
-        except (ValueError, RecursionError) as exc:  # bad JSON / UTF-8, too many digits, too deep
-            raise ProtocolError(f"run: not valid JSON: {exc}") from None
-        if not isinstance(d, Mapping):
-            raise ProtocolError("run: expected a JSON object")
+        d = load_object(payload, cls.SCHEMA, max_bytes=256 * 1024)
         try:
             mask = d.get("attention_mask")
             if mask is not None:

@@ -40,7 +40,7 @@ import msgpack
 import torch
 
 from detransformer_edge.cluster.signing import CommandSigner, CommandVerifier
-from detransformer_edge.cluster.topics import ProtocolError, check_name
+from detransformer_edge.cluster.topics import ProtocolError, check_name, load_object
 from detransformer_edge.errors import ConfigError, DetransformerError
 from detransformer_edge.service.catalog import Catalog
 from detransformer_edge.service.weights import check_unit, unit_bytes, unit_tensors
@@ -131,13 +131,8 @@ class WeightWant:
 
     @classmethod
     def from_json(cls, payload: bytes) -> WeightWant:
-        if len(payload) > MAX_WANT_BYTES:
-            raise ProtocolError(f"weights want of {len(payload)} bytes is too large")
-        try:
-            d = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ProtocolError(f"weights want is not JSON: {exc}") from None
-        if not isinstance(d, dict) or not isinstance(d.get("shards"), list) or not isinstance(d.get("have", {}), dict):
+        d = load_object(payload, "weights want", max_bytes=MAX_WANT_BYTES)
+        if not isinstance(d.get("shards"), list) or not isinstance(d.get("have", {}), dict):
             raise ProtocolError("weights want must be an object with 'shards' (list) and 'have' (object)")
         have = d.get("have", {})
         if not all(isinstance(v, list) for v in have.values()):
@@ -398,7 +393,7 @@ class WeightFetcher:
             return
         try:
             self.verifier.verify(topic, payload, "weights")  # SignatureError: forged or replayed
-            d = json.loads(payload)
+            d = load_object(payload, "weights manifest")
             model, shard, sha = d.get("model"), d.get("shard"), d.get("sha256")
             _check_model_and_shard(model, shard)
             if not isinstance(sha, str) or len(sha) != 64:
