@@ -9,7 +9,7 @@ the card mostly idle), writes JSON and prints a table.
     python bench/distil_sweep.py --steps 100 --recipes base,layers-cos --threads 2   # a CPU smoke run
 
 On another machine, point ``DTE_CORPUS_FILE`` at a corpus written by
-``detransformer_edge.model.corpus.export_corpus`` so both machines train on the same text.
+``detransformer_edge.training.corpus.export_corpus`` so both machines train on the same text.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def run_one(name: str, steps: int, device: str, eval_n: int, threads: int | None
     import torch
 
     from detransformer_edge.model.config import get_config
-    from detransformer_edge.model.convert import (
+    from detransformer_edge.training.convert import (
         DistilSettings,
         dataclasses_replace,
         distil,
@@ -58,7 +58,7 @@ def run_one(name: str, steps: int, device: str, eval_n: int, threads: int | None
         load_pretrained,
         make_tokenize,
     )
-    from detransformer_edge.model.corpus import load_corpus
+    from detransformer_edge.training.corpus import load_corpus
 
     if threads:
         torch.set_num_threads(threads)

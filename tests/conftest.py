@@ -26,7 +26,6 @@ from detransformer_edge.transport.broker import (  # noqa: F401 - re-exported fo
     wait_for_port,
 )
 
-
 hypothesis_settings.register_profile("dte", print_blob=True)  # a failure prints how to replay it
 hypothesis_settings.load_profile("dte")
 

@@ -8,10 +8,33 @@ import json
 
 import pytest
 
-from detransformer_edge.bench.results import Samples, Stats, aggregate, find, load_report, markdown_table, merge, report
-from detransformer_edge.bench.runner import HostRates, agent_toml, device_profiles, mosquitto_conf, predict
+from detransformer_edge.bench.results import (
+    Samples,
+    Stats,
+    aggregate,
+    find,
+    load_report,
+    markdown_table,
+    merge,
+    report,
+)
+from detransformer_edge.bench.runner import (
+    HostRates,
+    agent_toml,
+    device_profiles,
+    mosquitto_conf,
+    predict,
+)
 from detransformer_edge.bench.spec import (
-    HETERO_CPU, WORKLOADS, BenchConfig, Scenario, Workload, broker_link, cpu_quotas, parse_int_list, parse_name_list,
+    HETERO_CPU,
+    WORKLOADS,
+    BenchConfig,
+    Scenario,
+    Workload,
+    broker_link,
+    cpu_quotas,
+    parse_int_list,
+    parse_name_list,
 )
 from detransformer_edge.cluster.config import AgentConfig
 from detransformer_edge.errors import ConfigError
@@ -181,7 +204,12 @@ def test_plots_are_written(tmp_path):
 
 def test_targets_and_prediction_tables():
     from detransformer_edge.bench.targets import (
-        check_targets, prediction_rows, predictions_markdown, ratio_table, targets_markdown, within,
+        check_targets,
+        prediction_rows,
+        predictions_markdown,
+        ratio_table,
+        targets_markdown,
+        within,
     )
 
     samples = []

@@ -24,8 +24,14 @@ from paho.mqtt.properties import Properties
 
 from detransformer_edge.cluster.agent_io import ClusterAgent, MembershipView
 from detransformer_edge.cluster.config import AgentConfig, BrokerConfig, ElectionConfig
+from detransformer_edge.cluster.topics import (
+    Assignment,
+    ClusterTopics,
+    ProfileRecord,
+    Reply,
+    Request,
+)
 from detransformer_edge.integrations import homeassistant
-from detransformer_edge.cluster.topics import Assignment, ClusterTopics, ProfileRecord, Reply, Request
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(60)]
 
@@ -87,7 +93,7 @@ class Watcher:
             self._new.clear()
             try:
                 await asyncio.wait_for(self._new.wait(), left)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 pass
 
 
@@ -433,6 +439,7 @@ async def test_extra_subscription_serves_hermes_and_status_reports_work_state(
     mosquitto_broker: tuple[str, int],
 ) -> None:
     """How the lead wires Hermes: subscribe a handler; replies go out with agent.publish."""
+    from detransformer_edge.cluster.agent_io import WorkState
     from detransformer_edge.integrations.hermes import (
         TOPIC_NLU_QUERY,
         NluIntent,
@@ -440,7 +447,6 @@ async def test_extra_subscription_serves_hermes_and_status_reports_work_state(
         recognized,
         slot,
     )
-    from detransformer_edge.cluster.agent_io import WorkState
 
     host, port = mosquitto_broker
     cl = cluster_name()

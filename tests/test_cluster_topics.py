@@ -7,10 +7,10 @@ import pytest
 from detransformer_edge.cluster.topics import (
     Assignment,
     ClusterTopics,
-    ProfileRecord,
     DeviceStatus,
     LeaderLease,
     Presence,
+    ProfileRecord,
     ProtocolError,
     Reply,
     ReplyError,

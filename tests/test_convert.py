@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from detransformer_edge.model.config import get_config
-from detransformer_edge.model.convert import DistilSettings, distil, init_student, load_student, save_student
-from detransformer_edge.model.corpus import is_sentence, split_sentences
 from detransformer_edge.model.encoder import Encoder
+from detransformer_edge.training.convert import (
+    DistilSettings,
+    distil,
+    init_student,
+    load_student,
+    save_student,
+)
+from detransformer_edge.training.corpus import is_sentence, split_sentences
 
 torch.set_num_threads(1)
 
@@ -108,7 +114,7 @@ def test_corpus_keeps_prose_only() -> None:
 def test_every_recipe_option_trains_and_nd1_loss_is_zero() -> None:
     """Each hidden-state loss / target / block-local choice lowers the loss; an exact student
     (nd = 1 copy of the teacher) has zero loss under every choice."""
-    from detransformer_edge.model.convert import distillation_loss, teacher_states
+    from detransformer_edge.training.convert import distillation_loss, teacher_states
 
     teacher = _teacher()
     ids, mask = _ids()
@@ -132,7 +138,7 @@ def test_every_recipe_option_trains_and_nd1_loss_is_zero() -> None:
 def test_block_local_loss_starts_each_block_from_the_teacher() -> None:
     """With local=True a student whose first block is wrong still matches in its second block
     when that block equals the teacher's; end-to-end, the first block's error carries over."""
-    from detransformer_edge.model.convert import distillation_loss, teacher_states
+    from detransformer_edge.training.convert import distillation_loss, teacher_states
 
     teacher = _teacher()
     cfg = get_config("tiny-encoder", nd=1, nb=2, sub_ffn=teacher.cfg.d_ff)
@@ -163,7 +169,13 @@ def test_corpus_file_round_trip_and_override(tmp_path, monkeypatch) -> None:
     import gzip
 
     from detransformer_edge.errors import ConfigError
-    from detransformer_edge.model.corpus import CORPUS_FILE_ENV, Corpus, export_corpus, load_corpus, read_corpus_file
+    from detransformer_edge.training.corpus import (
+        CORPUS_FILE_ENV,
+        Corpus,
+        export_corpus,
+        load_corpus,
+        read_corpus_file,
+    )
 
     corpus = Corpus(("One train sentence here.", "Another train sentence."), ("A held-out sentence.",))
     path = export_corpus(corpus, tmp_path / "c.json.gz")

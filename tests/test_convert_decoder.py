@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.config import get_config
-from detransformer_edge.model.convert_decoder import (
+from detransformer_edge.model.decoder import Decoder
+from detransformer_edge.model.encoder import Encoder
+from detransformer_edge.training.convert_decoder import (
     DecoderDistilSettings,
     calibrate_norms,
     distil_decoder,
@@ -24,8 +26,6 @@ from detransformer_edge.model.convert_decoder import (
     save_decoder_student,
     student_config,
 )
-from detransformer_edge.model.decoder import Decoder
-from detransformer_edge.model.encoder import Encoder
 
 torch.set_num_threads(1)
 
@@ -196,7 +196,7 @@ def test_deadline_stops_at_a_step_boundary(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_smollm2_nd2_student_builds_and_trains() -> None:
-    from detransformer_edge.model.loaders import load_model
+    from detransformer_edge.weights.loaders import load_model
 
     try:
         loaded = load_model("smollm2-135m")

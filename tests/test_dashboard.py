@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -187,10 +186,9 @@ SECRET_PASSWORD = "mqtt-password-" + uuid.uuid4().hex
 async def home_with_dashboard(broker, n=3):
     """Three agents (tiny models) with a cluster key and broker password set, and a Dashboard on
     the leader wired the way runner.run_agent wires it."""
-    from tests.test_service import PROFILES, ROOT, agent_config, wait_for_placement
-
     from detransformer_edge.planner.profile import load_profile
     from detransformer_edge.service.agent import HomeAgent
+    from tests.test_service import PROFILES, ROOT, agent_config, wait_for_placement
 
     host, port = broker
     cluster = f"t{uuid.uuid4().hex[:8]}"

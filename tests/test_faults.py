@@ -230,7 +230,13 @@ def _in_netns(netns: str, fn, *args):
 
 @pytest.mark.testbed
 def test_device_link_cut_and_restored(tmp_path):
-    from detransformer_edge.testbed import BrokerSpec, DeviceSpec, Home, HomeSpec, TestbedUnavailable
+    from detransformer_edge.testbed import (
+        BrokerSpec,
+        DeviceSpec,
+        Home,
+        HomeSpec,
+        TestbedUnavailable,
+    )
 
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")

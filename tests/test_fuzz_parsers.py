@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from detransformer_edge.cluster.config import AgentConfig
 from detransformer_edge.cluster.topics import (
-    load_object,
     Assignment,
     DeviceStatus,
     LeaderLease,
@@ -26,6 +25,7 @@ from detransformer_edge.cluster.topics import (
     ProtocolError,
     Reply,
     Request,
+    load_object,
 )
 from detransformer_edge.errors import ConfigError, DetransformerError
 from detransformer_edge.integrations.hermes import HermesError, NluQuery, parse_nlu_query
@@ -315,4 +315,4 @@ def test_non_json_numbers_are_refused_anywhere(name, token):
         parse(body.encode())
     if name == "reply":
         with pytest.raises(ProtocolError):
-            Reply.from_json('{"id": "r1", "result": {"": %s}}' % token)
+            Reply.from_json(f'{{"id": "r1", "result": {{"": {token}}}}}')

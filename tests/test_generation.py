@@ -29,7 +29,7 @@ def _threads() -> None:
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from detransformer_edge.model.loaders import load_model
+    from detransformer_edge.weights.loaders import load_model
 
     return load_model("smollm2-135m", cache=False)
 
@@ -232,7 +232,7 @@ def test_chat_template_chatml() -> None:
 @pytest.mark.slow
 def test_generate_cli_answers_paris(capsys, monkeypatch, smollm2) -> None:
     from detransformer_edge.cli import main
-    from detransformer_edge.model import loaders
+    from detransformer_edge.weights import loaders
 
     def load_once(name, nd=1, nb=None, progress=None, cache=True):  # reuse the module's model
         assert name == "smollm2-135m" and progress is not None

@@ -7,7 +7,7 @@ import json
 import jinja2
 import pytest
 
-from detransformer_edge.cluster.topics import ClusterTopics, ProfileRecord, DeviceStatus
+from detransformer_edge.cluster.topics import ClusterTopics, DeviceStatus, ProfileRecord
 from detransformer_edge.integrations.homeassistant import (
     BIRTH_TOPIC,
     SENSORS,

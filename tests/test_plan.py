@@ -5,7 +5,12 @@ import json
 import pytest
 
 from detransformer_edge.parallel.plan import (
-    DeviceWeights, Placement, Plan, PlanError, Stage, required_weights,
+    DeviceWeights,
+    Placement,
+    Plan,
+    PlanError,
+    Stage,
+    required_weights,
 )
 
 PLANS = [

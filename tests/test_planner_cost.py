@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from detransformer_edge.model import analysis
-from detransformer_edge.model.analysis import Workload
 from detransformer_edge.model.config import get_config
 from detransformer_edge.parallel.plan import DeviceWeights, Plan
+from detransformer_edge.planner import analysis
+from detransformer_edge.planner.analysis import Workload
 from detransformer_edge.planner.cost import (
     ENVELOPE_BYTES,
     PROCESS_OVERHEAD_MB,

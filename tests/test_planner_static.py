@@ -52,7 +52,7 @@ def test_home_placement_fits_and_covers(cfg: object) -> None:
     coords = [d for d, h in sp.placement.holdings.items() if h.embeddings]
     assert coords
     # every request of the mix has a runnable plan on this placement
-    for request, bd in sp.choices:
+    for _request, bd in sp.choices:
         assert sp.placement.can_run(bd.plan, cfg.layer_kinds)  # type: ignore[attr-defined]
     assert sp.expected_s > 0
     # the speaker (200 MB) cannot hold anything beyond the runtime

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import uuid
-from dataclasses import replace
 from pathlib import Path
 
 import aiomqtt
@@ -177,7 +176,7 @@ async def test_baseline_plans_on_full_replicas(mosquitto_broker, model, strategi
     with torch.inference_mode():
         ref = mean_pool(m.model(ids, torch.ones_like(ids)), torch.ones_like(ids))
     async with home(mosquitto_broker, replicate_all=True) as (cluster, agents):
-        leader = await wait_for_placement(agents)
+        await wait_for_placement(agents)
         reply_to = f"detransformer/{cluster}/replies/test"
         for k, strategy in enumerate(strategies):
             (t, r), = await ask(mosquitto_broker, f"detransformer/{cluster}/request",

@@ -276,9 +276,9 @@ async def test_streaming_device_gets_its_weights_and_answers(mosquitto_broker, t
 async def test_pretrained_models_stream_and_answer_like_one_device(mosquitto_broker, tmp_path):
     """MiniLM and the intent model: two devices read their share from local files, the third
     streams it; embeddings and intents equal the single-device models'."""
-    from detransformer_edge.model.loaders import load_model
     from detransformer_edge.nlu.parser import IntentParser, default_weights_dir
     from detransformer_edge.service.catalog import default_catalog
+    from detransformer_edge.weights.loaders import load_model
     from tests.test_service import PROFILES, agent_config, ask, wait_for_placement
 
     if not (default_weights_dir() / "model.safetensors").is_file():

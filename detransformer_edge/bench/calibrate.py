@@ -18,9 +18,9 @@ import time
 def calibrate(reps: int = 3, seq: int = 128) -> dict[str, float]:
     import torch
 
-    from detransformer_edge.model.analysis import Workload, model_flops
     from detransformer_edge.model.config import get_config
     from detransformer_edge.model.encoder import Encoder
+    from detransformer_edge.planner.analysis import Workload, model_flops
     from detransformer_edge.planner.measure import measure_memory_bandwidth_gbs
 
     torch.set_num_threads(1)

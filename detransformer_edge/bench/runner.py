@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -107,7 +106,9 @@ def measure_host_rates(budget_s: float = 2.0) -> HostRates:
 
     from detransformer_edge.model.config import get_config
     from detransformer_edge.planner.measure import (
-        measure_attention_gflops, measure_matmul_gflops, measure_memory_bandwidth_gbs,
+        measure_attention_gflops,
+        measure_matmul_gflops,
+        measure_memory_bandwidth_gbs,
     )
 
     threads = torch.get_num_threads()
@@ -382,7 +383,7 @@ def run_scenario(scenario: Scenario, cfg: BenchConfig, rates: HostRates | None, 
                 except DetransformerError as exc:
                     log.warning("no prediction for %s: %s", p, exc)
             failed: set[str] = set()
-            for k in range(cfg.warmup):
+            for _ in range(cfg.warmup):
                 for p in scenario.plans:
                     ans = run_plan_once(bh, workload, p, cfg.request_timeout_s)
                     if not ans.get("ok"):

@@ -187,7 +187,7 @@ def ratio_table(results: Sequence[Result], home: str = "homo", devices: int = 4,
         dec = single.ms_per_token is not None
         base = single.ms_per_token.median if dec and single.ms_per_token else single.latency.median
 
-        def cell(p: str) -> str:
+        def cell(p: str, by: dict[str, Result] = by, dec: bool = dec, base: float = base) -> str:
             r = by.get(p)
             if r is None:
                 return ""

@@ -316,7 +316,7 @@ class ClusterAgent:
         if self._run_task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._run_task), 5.0)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 self._run_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._run_task
@@ -736,7 +736,7 @@ class ClusterAgent:
             )
         except ProtocolError as exc:
             reply = Reply.failure(request_id, "bad_request", str(exc))
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             reply = Reply.failure(request_id, "timeout", "the cluster did not finish in time")
         except DetransformerError as exc:
             reply = Reply.failure(request_id, "internal", str(exc))

@@ -40,7 +40,12 @@ def config_from_args(args: argparse.Namespace):  # -> BenchConfig
     from dataclasses import replace
 
     from detransformer_edge.bench.spec import (
-        HOMES, PLANS, WORKLOADS, BenchConfig, parse_int_list, parse_name_list,
+        HOMES,
+        PLANS,
+        WORKLOADS,
+        BenchConfig,
+        parse_int_list,
+        parse_name_list,
     )
 
     if args.quick:
@@ -69,7 +74,14 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from detransformer_edge.bench.results import aggregate, load_report, markdown_table, merge, report, sort_results
+    from detransformer_edge.bench.results import (
+        aggregate,
+        load_report,
+        markdown_table,
+        merge,
+        report,
+        sort_results,
+    )
     from detransformer_edge.bench.runner import HostRates, run_bench, stderr_progress
     from detransformer_edge.bench.spec import broker_link
 

@@ -1,7 +1,7 @@
 """`detransformer-edge convert`: build a decoupled student from a pretrained model and distil it.
 
-Encoders (``--from minilm-l6``, the default) go through ``model/convert.py``; decoders
-(``--from smollm2-135m``) through ``model/convert_decoder.py``.
+Encoders (``--from minilm-l6``, the default) go through ``training/convert.py``; decoders
+(``--from smollm2-135m``) through ``training/convert_decoder.py``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_encoder(args: argparse.Namespace, device: str) -> int:
     import dataclasses
 
-    from detransformer_edge.model.convert import DistilSettings, convert_and_distil
+    from detransformer_edge.training.convert import DistilSettings, convert_and_distil
 
     decoder_only = [f"--{n.replace('_', '-')}" for n in ("seq_len", "lr", "max_minutes", "eval_tokens")
                     if getattr(args, n, None) is not None]
@@ -84,7 +84,7 @@ def _run_encoder(args: argparse.Namespace, device: str) -> int:
 def _run_decoder(args: argparse.Namespace, device: str) -> int:
     import dataclasses
 
-    from detransformer_edge.model.convert_decoder import (
+    from detransformer_edge.training.convert_decoder import (
         DecoderDistilSettings,
         convert_decoder_and_distil,
     )

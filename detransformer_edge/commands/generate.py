@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from detransformer_edge.commands._status import StatusLine
     from detransformer_edge.errors import ConfigError
     from detransformer_edge.model.generation import SamplingConfig, build_prompt, generate
-    from detransformer_edge.model.loaders import load_model, pretrained_kind
+    from detransformer_edge.weights.loaders import load_model
+    from detransformer_edge.weights.sources import pretrained_kind
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -68,8 +68,11 @@ def _ms(seconds: float) -> str:
 def run(args: argparse.Namespace) -> int:
     from detransformer_edge.model.config import get_config
     from detransformer_edge.planner.cost import Broker, Request
-    from detransformer_edge.planner.profile import load_profiles
-    from detransformer_edge.planner.runtime import DEFAULT_ACCURACY, RuntimePlanner, holdings_summary
+    from detransformer_edge.planner.runtime import (
+        DEFAULT_ACCURACY,
+        RuntimePlanner,
+        holdings_summary,
+    )
     from detransformer_edge.planner.static import plan_static
 
     profiles = expand_profiles(args.profiles)

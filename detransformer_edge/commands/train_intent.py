@@ -30,10 +30,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from detransformer_edge.errors import ConfigError
-    from detransformer_edge.model.convert import DistilSettings, convert_and_distil, load_pretrained, load_student
     from detransformer_edge.nlu.dataset import build_dataset
     from detransformer_edge.nlu.parser import default_weights_dir
     from detransformer_edge.nlu.train import TrainSettings, save_intent_model, train_and_evaluate
+    from detransformer_edge.training.convert import (
+        DistilSettings,
+        convert_and_distil,
+        load_pretrained,
+        load_student,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,7 +1,7 @@
 """`detransformer-edge train-lm`: the paired experiment -- a standard and decoupled decoders trained
 from scratch with identical data, steps and hyper-parameters; validation perplexity compared.
 
-The same arguments work for ``python -m detransformer_edge.model.paired`` (a bare GPU machine)."""
+The same arguments work for ``python -m detransformer_edge.training.paired`` (a bare GPU machine)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     import shutil
 
     from detransformer_edge.errors import ConfigError
-    from detransformer_edge.model import paired
-    from detransformer_edge.model.corpus import export_corpus, load_corpus, read_corpus_file
+    from detransformer_edge.training import paired
+    from detransformer_edge.training.corpus import export_corpus, load_corpus, read_corpus_file
 
     if args.report_only:
         if not args.out.is_dir():

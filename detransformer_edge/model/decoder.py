@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from detransformer_edge.model.config import DecoderConfig
-from detransformer_edge.model.layers import Attention, DecoupledLayer, KVCache, RotaryEmbedding, SwiGLU
+from detransformer_edge.model.layers import (
+    Attention,
+    DecoupledLayer,
+    KVCache,
+    RotaryEmbedding,
+    SwiGLU,
+)
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 LayerCache = KVCache | list[KVCache]

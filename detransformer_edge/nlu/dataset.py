@@ -16,7 +16,14 @@ from typing import Literal
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.integrations.hermes import INTENT_SLOTS, INTENTS, SLOTS
-from detransformer_edge.nlu.templates import DOORS, ITEMS, OOD_FILLERS, OUT_OF_DOMAIN, ROOMS, TEMPLATES
+from detransformer_edge.nlu.templates import (
+    DOORS,
+    ITEMS,
+    OOD_FILLERS,
+    OUT_OF_DOMAIN,
+    ROOMS,
+    TEMPLATES,
+)
 from detransformer_edge.nlu.values import number_to_words
 
 Split = Literal["train", "validation", "test"]

@@ -69,8 +69,8 @@ class IntentParser:
         leader tokenises and runs the heads, the devices hold the encoder (service/weights.py)."""
         from safetensors import safe_open
 
-        from detransformer_edge.model.loaders import weights_path
         from detransformer_edge.model.tokenizer import TextTokenizer
+        from detransformer_edge.weights.sources import weights_path
 
         weights_dir = Path(weights_dir)
         if not (weights_dir / "model.safetensors").exists():

@@ -86,11 +86,16 @@ def wire_rounding(encoder: Encoder, dtype: WireDtype, layers: list[int] | None =
 def measure(weights_dir: str | None = None, converted_dir: str | None = None, sentences: int = 1000) -> dict:
     """Intent accuracy / slot F1 of the shipped intent model and sentence-embedding cosine (vs the
     same model in float32) of the converted decoupled MiniLM and the original, per wire dtype."""
-    from detransformer_edge.model.convert import embedding_cosine_between, load_pretrained, load_student, make_tokenize
-    from detransformer_edge.model.corpus import load_corpus
     from detransformer_edge.nlu.dataset import build_dataset
     from detransformer_edge.nlu.parser import IntentParser
     from detransformer_edge.nlu.train import evaluate, predict
+    from detransformer_edge.training.convert import (
+        embedding_cosine_between,
+        load_pretrained,
+        load_student,
+        make_tokenize,
+    )
+    from detransformer_edge.training.corpus import load_corpus
 
     parser = IntentParser.load(weights_dir) if weights_dir else IntentParser.load_default()
     ds = build_dataset(seed=0)

@@ -20,10 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from detransformer_edge.integrations.hermes import INTENTS
-from detransformer_edge.model.convert import Progress
 from detransformer_edge.model.encoder import Encoder
-from detransformer_edge.nlu.dataset import BIO_TAGS, IGNORE, Dataset, Example, SlotSpan, bio_labels, spans_from_bio
+from detransformer_edge.nlu.dataset import (
+    BIO_TAGS,
+    IGNORE,
+    Dataset,
+    Example,
+    SlotSpan,
+    bio_labels,
+    spans_from_bio,
+)
 from detransformer_edge.nlu.model import IntentSlotModel
+from detransformer_edge.training.convert import Progress
 
 log = logging.getLogger(__name__)
 

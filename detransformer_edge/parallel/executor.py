@@ -129,7 +129,7 @@ class Executor:
         try:
             out = await asyncio.wait_for(self._run(job), timeout=job.timeout)
             error = None
-        except (DetransformerError, TimeoutError, asyncio.TimeoutError) as exc:
+        except (DetransformerError, TimeoutError) as exc:
             kind = "deadline exceeded" if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not isinstance(exc, DetransformerError) else type(exc).__name__
             error = f"{kind}: {exc}" if str(exc) else kind
             out = None

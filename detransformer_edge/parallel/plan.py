@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-
 from detransformer_edge.errors import DetransformerError
 
 Mode = Literal["single", "pipeline", "tp", "block"]

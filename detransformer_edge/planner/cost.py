@@ -28,9 +28,9 @@ from functools import cached_property
 from typing import Literal
 
 from detransformer_edge.errors import DetransformerError
-from detransformer_edge.model import analysis
-from detransformer_edge.model.analysis import Mode, OpCost, Workload
 from detransformer_edge.parallel.plan import DeviceWeights, Plan, required_weights
+from detransformer_edge.planner import analysis
+from detransformer_edge.planner.analysis import Mode, OpCost, Workload
 from detransformer_edge.planner.profile import DeviceProfile
 
 WIRE_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}

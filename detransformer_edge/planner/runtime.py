@@ -24,8 +24,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from detransformer_edge.parallel.plan import DeviceWeights, Placement, Plan, PlanError, Stage
-from detransformer_edge.planner.cost import WIRE_ITEMSIZE, Breakdown, Broker, CostModel, PlanningError, Request
-from detransformer_edge.model.analysis import Workload
+from detransformer_edge.planner.analysis import Workload
+from detransformer_edge.planner.cost import (
+    WIRE_ITEMSIZE,
+    Breakdown,
+    Broker,
+    CostModel,
+    PlanningError,
+    Request,
+)
 from detransformer_edge.planner.profile import DeviceProfile
 
 # Wire dtypes each accuracy budget allows, most compact first. "fp16" (the default) keeps

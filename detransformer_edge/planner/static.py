@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from detransformer_edge.model import analysis
-from detransformer_edge.model.analysis import Workload
 from detransformer_edge.parallel.plan import DeviceWeights, Placement
+from detransformer_edge.planner import analysis
+from detransformer_edge.planner.analysis import Workload
 from detransformer_edge.planner.cost import (
     PROCESS_OVERHEAD_MB,
     Breakdown,

@@ -19,10 +19,21 @@ from typing import Any
 import aiomqtt
 
 from detransformer_edge import __version__
-from detransformer_edge.cluster.agent_io import AgentNotConnectedError, ClusterAgent, MembershipView, WorkState
+from detransformer_edge.cluster.agent_io import (
+    AgentNotConnectedError,
+    ClusterAgent,
+    MembershipView,
+    WorkState,
+)
 from detransformer_edge.cluster.config import AgentConfig
 from detransformer_edge.cluster.signing import SignatureError
-from detransformer_edge.cluster.topics import Assignment, ProfileRecord, ProtocolError, Reply, Request
+from detransformer_edge.cluster.topics import (
+    Assignment,
+    ProfileRecord,
+    ProtocolError,
+    Reply,
+    Request,
+)
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.integrations import hermes
 from detransformer_edge.planner.profile import DeviceProfile
@@ -78,7 +89,7 @@ class HomeAgent:
         self.transport = MqttTransport(config.id, broker[0], broker[1], prefix=prefix, username=user, password=password,
                                        tls_context=self.cluster.tls_context())
         # weights: the leader streams shard units to devices without local model files
-        from detransformer_edge.model.loaders import cache_dir
+        from detransformer_edge.weights.sources import cache_dir
 
         weights_cache = config.weights_cache or (cache_dir() or Path.home() / ".cache" / "detransformer-edge") / "weights"
         self.weight_server = WeightServer(catalog, self._publish, prefix, signer=self.cluster.signer,

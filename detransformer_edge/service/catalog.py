@@ -125,13 +125,13 @@ def default_catalog() -> Catalog:
     from detransformer_edge.model.config import get_config
 
     def embed_loader() -> LoadedServedModel:
-        from detransformer_edge.model.loaders import load_model
+        from detransformer_edge.weights.loaders import load_model
 
         m = load_model("minilm-l6")
         return LoadedServedModel(m.model, m.tokenizer)
 
     def generate_loader() -> LoadedServedModel:
-        from detransformer_edge.model.loaders import load_model
+        from detransformer_edge.weights.loaders import load_model
 
         m = load_model("smollm2-135m")
         return LoadedServedModel(m.model, m.tokenizer, chat_template=m.chat_template)
@@ -144,8 +144,8 @@ def default_catalog() -> Catalog:
     def embed_tools() -> LoadedServedModel:
         import json
 
-        from detransformer_edge.model.loaders import weights_path
         from detransformer_edge.model.tokenizer import TextTokenizer
+        from detransformer_edge.weights.sources import weights_path
 
         cfg = get_config("minilm-l6")
         model_dir = weights_path("minilm-l6").parent
@@ -160,8 +160,9 @@ def default_catalog() -> Catalog:
         from gguf import GGUFReader
 
         from detransformer_edge.model.chat import ChatTemplate
-        from detransformer_edge.model.loaders import read_gguf_metadata, weights_path
         from detransformer_edge.model.tokenizer import TextTokenizer
+        from detransformer_edge.weights.llama import read_gguf_metadata
+        from detransformer_edge.weights.sources import weights_path
 
         metadata = read_gguf_metadata(GGUFReader(str(weights_path("smollm2-135m"))))  # mapped, not dequantised
         return LoadedServedModel(None, TextTokenizer.from_gguf_metadata(metadata),

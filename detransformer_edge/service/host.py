@@ -19,7 +19,6 @@ from typing import Literal
 import torch
 
 from detransformer_edge.errors import ConfigError, DetransformerError, ModelNotInstalledError
-from detransformer_edge.model.manifest import WeightIntegrityError
 from detransformer_edge.parallel.executor import Executor, Job, JobResult
 from detransformer_edge.parallel.plan import DeviceWeights
 from detransformer_edge.parallel.shards import DeviceShard, build_shard
@@ -33,6 +32,7 @@ from detransformer_edge.service.weights import (
 )
 from detransformer_edge.transport.base import Transport
 from detransformer_edge.transport.errors import RequestCancelled
+from detransformer_edge.weights.manifest import WeightIntegrityError
 
 log = logging.getLogger(__name__)
 

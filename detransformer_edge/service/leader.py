@@ -35,7 +35,14 @@ import torch
 from detransformer_edge.cluster.signing import CommandSigner
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.parallel.executor import Job
-from detransformer_edge.parallel.plan import BASELINES, Placement, Plan, PlanError, baseline_plan, full_replica_weights
+from detransformer_edge.parallel.plan import (
+    BASELINES,
+    Placement,
+    Plan,
+    PlanError,
+    baseline_plan,
+    full_replica_weights,
+)
 from detransformer_edge.planner.cost import Broker, PlanningError
 from detransformer_edge.planner.cost import Request as PlanRequest
 from detransformer_edge.planner.profile import DeviceProfile, profile_from_dict
@@ -210,7 +217,7 @@ class Leader:
         try:
             await asyncio.wait_for(self._ready_event.wait(), timeout)
             return True
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return False
 
     def placement_summary(self) -> dict[str, Any]:

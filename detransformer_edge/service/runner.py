@@ -43,10 +43,9 @@ def device_profile(config: AgentConfig, broker: tuple[str, int] | None) -> Devic
 async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None) -> int:
     import torch
 
+    from detransformer_edge.cluster import discovery
     from detransformer_edge.service.agent import HomeAgent
     from detransformer_edge.service.catalog import CATALOGS
-
-    from detransformer_edge.cluster import discovery
 
     config = AgentConfig.load(opts.config_path)
     broker = await discovery.resolve_broker(config, timeout=15.0)

@@ -5,9 +5,8 @@ transport's own topics (``P/run/<req>/<step>/...``)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from detransformer_edge.cluster.topics import ProtocolError, check_name, load_object
 from detransformer_edge.parallel.plan import Plan, PlanError

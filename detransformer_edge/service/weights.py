@@ -276,9 +276,9 @@ class SafetensorsSource:
 
 def _verified(path: Path) -> Path:
     """``path``, checked against the SHA-256 recorded when it was first loaded
-    (``model/manifest.py``; WeightIntegrityError if it changed under us)."""
-    from detransformer_edge.model.loaders import cache_dir
-    from detransformer_edge.model.manifest import verify_file
+    (``weights/manifest.py``; WeightIntegrityError if it changed under us)."""
+    from detransformer_edge.weights.manifest import verify_file
+    from detransformer_edge.weights.sources import cache_dir
 
     verify_file(path, cache_dir())
     return path
@@ -286,7 +286,8 @@ def _verified(path: Path) -> Path:
 
 def minilm_source() -> LocalWeightSource:
     """all-MiniLM-L6-v2 from its package (HF BERT names mapped to ours)."""
-    from detransformer_edge.model.loaders import bert_name, weights_path
+    from detransformer_edge.weights.bert import bert_name
+    from detransformer_edge.weights.sources import weights_path
 
     return SafetensorsSource.mapped(_verified(weights_path("minilm-l6")), bert_name)
 
@@ -303,13 +304,8 @@ def intent_source(weights_dir: Path | None = None) -> LocalWeightSource:
 
 def smollm2_source() -> LocalWeightSource:
     """SmolLM2 from the dequantised-GGUF cache (built on first use: one full dequantisation)."""
-    from detransformer_edge.model.loaders import (
-        _CACHE_FORMAT,
-        cache_dir,
-        file_sha256,
-        read_llama_gguf,
-        weights_path,
-    )
+    from detransformer_edge.weights.llama import CACHE_FORMAT, read_llama_gguf
+    from detransformer_edge.weights.sources import cache_dir, file_sha256, weights_path
 
     path = _verified(weights_path("smollm2-135m"))
     cache = cache_dir()
@@ -323,7 +319,7 @@ def smollm2_source() -> LocalWeightSource:
             return {n: sd[n] for n in names}
 
         return uncached
-    entry = cache / f"{path.stem}-{file_sha256(path)[:16]}-v{_CACHE_FORMAT}"
+    entry = cache / f"{path.stem}-{file_sha256(path)[:16]}-v{CACHE_FORMAT}"
     weights_file = entry / "weights.safetensors"
     if not weights_file.is_file():
         log.info("building the dequantised SmolLM2 cache in %s (once)", entry)

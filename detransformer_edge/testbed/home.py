@@ -211,7 +211,7 @@ class Home:
             try:
                 write_limits(c, group, node.cpu, node.mem_mb)
             except OSError as exc:
-                raise TestbedError(f"{node.name}: cannot set {c.name} limit in {group}: {exc}")
+                raise TestbedError(f"{node.name}: cannot set {c.name} limit in {group}: {exc}") from exc
         return NodeLink(node.name, addr, ns, port, shaping, node.cpu, node.mem_mb, tuple(groups))
 
     # ------------------------------------------------------------ queries

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from detransformer_edge.errors import DetransformerError
-from detransformer_edge.model.loaders import file_sha256
+from detransformer_edge.weights.sources import file_sha256
 
 log = logging.getLogger(__name__)
 

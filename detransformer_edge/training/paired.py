@@ -34,12 +34,11 @@ A GPU run of the same matrix gives the same numbers within noise; it can also pa
 ``--steps`` (all five models must share it to be compared).
 
 Only torch, numpy, tokenizers and safetensors are imported here (no MQTT / HTTP service
-modules), so ``python -m detransformer_edge.model.paired`` runs on a bare GPU machine.
+modules), so ``python -m detransformer_edge.training.paired`` runs on a bare GPU machine.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -61,10 +60,10 @@ import torch.nn.functional as F
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.config import DecoderConfig
-from detransformer_edge.model.convert import Progress, warmup_cosine
-from detransformer_edge.model.corpus import Corpus, load_corpus
 from detransformer_edge.model.decoder import Decoder
 from detransformer_edge.nlu.precision import WIRE_DTYPES, wire_rounding
+from detransformer_edge.training.convert import Progress, warmup_cosine
+from detransformer_edge.training.corpus import Corpus, load_corpus
 
 log = logging.getLogger(__name__)
 
@@ -653,24 +652,3 @@ def run_paired(out: str | Path, only: str | Sequence[str] | None = None, setting
                   f"{r['seconds_per_step']:.3f} s/step, {r['train_seconds']:.0f} s training")
         write_report(out)
     return write_report(out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m detransformer_edge.model.paired`` with the arguments of ``train-lm``."""
-    import sys
-
-    from detransformer_edge.commands.train_lm import HELP, add_arguments, run
-
-    parser = argparse.ArgumentParser(prog="python -m detransformer_edge.model.paired", description=HELP)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return int(run(args) or 0)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

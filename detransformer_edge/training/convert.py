@@ -355,7 +355,7 @@ def load_student(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> E
 
 def load_pretrained(name: str = "minilm-l6") -> tuple[Encoder, Any]:
     """The pretrained standard encoder (float32, eval) and its ``TextTokenizer``."""
-    from detransformer_edge.model.loaders import load_model
+    from detransformer_edge.weights.loaders import load_model
 
     loaded = load_model(name)
     return loaded.model.float().eval(), loaded.tokenizer
@@ -385,7 +385,7 @@ def convert_and_distil(source: str, nd: int, nb: int, out_dir: str | Path, setti
                        device: str = "cpu") -> dict[str, Any]:
     """The whole `convert` command: init from ``source``, distil, write model, config and quality."""
     from detransformer_edge.model.config import get_config
-    from detransformer_edge.model.corpus import load_corpus
+    from detransformer_edge.training.corpus import load_corpus
 
     started = time.monotonic()
     out_dir = Path(out_dir)

@@ -13,7 +13,6 @@ run time (``WEIGHT_BYTES``).
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Literal
 

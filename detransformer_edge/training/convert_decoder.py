@@ -1,5 +1,5 @@
 """Convert a pretrained (standard) Llama-style decoder into a decoupled DeTransformer student and
-distil it; the decoder counterpart of ``model/convert.py`` (which handles encoders).
+distil it; the decoder counterpart of ``training/convert.py`` (which handles encoders).
 
 Initialisation (``init_decoder_student``) copies what carries over exactly and slices the rest:
 
@@ -59,8 +59,14 @@ import torch.nn.functional as F
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.config import DecoderConfig
-from detransformer_edge.model.convert import Progress, _batches, _ffn_unit_order, block_ends, warmup_cosine
 from detransformer_edge.model.decoder import Decoder
+from detransformer_edge.training.convert import (
+    Progress,
+    _batches,
+    _ffn_unit_order,
+    block_ends,
+    warmup_cosine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -487,8 +493,8 @@ def convert_decoder_and_distil(source: str, nd: int, nb: int, out_dir: str | Pat
     """`detransformer-edge convert --from <decoder>`: init from ``source``, evaluate, distil,
     evaluate again, write model, config and quality.json. With ``settings.max_minutes`` the whole
     call (loading, evaluations, training, saving) aims to finish within that many minutes."""
-    from detransformer_edge.model.corpus import load_corpus
-    from detransformer_edge.model.loaders import load_model
+    from detransformer_edge.training.corpus import load_corpus
+    from detransformer_edge.weights.loaders import load_model
 
     started = time.monotonic()
     deadline = None if settings.max_minutes is None else started + 60.0 * settings.max_minutes

@@ -1,0 +1,1 @@
+"""Training: conversion to decoupled models and distillation, the paired experiment, the corpus."""

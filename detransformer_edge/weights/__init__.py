@@ -1,0 +1,1 @@
+"""Weights from files: pretrained packages (safetensors, GGUF), the conversion cache and manifests."""
