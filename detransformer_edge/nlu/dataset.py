@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from detransformer_edge.errors import ConfigError
-from detransformer_edge.integrations.hermes import INTENT_SLOTS, INTENTS, SLOTS
+from detransformer_edge.nlu.vocabulary import INTENT_SLOTS, INTENTS, SLOTS
 from detransformer_edge.nlu.templates import DOORS, ITEMS, OOD_FILLERS, OUT_OF_DOMAIN, ROOMS, TEMPLATES
 from detransformer_edge.nlu.values import number_to_words
 
@@ -53,7 +53,7 @@ class Dataset:
 
 def _check_vocabulary() -> None:
     if set(TEMPLATES) != set(INTENTS):
-        raise ConfigError(f"templates and hermes.INTENTS disagree: {set(TEMPLATES) ^ set(INTENTS)}")
+        raise ConfigError(f"templates and vocabulary.INTENTS disagree: {set(TEMPLATES) ^ set(INTENTS)}")
     for intent, templates in TEMPLATES.items():
         for t in templates:
             for slot in _PLACEHOLDER.findall(t):

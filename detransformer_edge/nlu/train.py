@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from detransformer_edge.integrations.hermes import INTENTS
+from detransformer_edge.nlu.vocabulary import INTENTS
 from detransformer_edge.model.convert import Progress
 from detransformer_edge.model.encoder import Encoder
 from detransformer_edge.nlu.dataset import BIO_TAGS, IGNORE, Dataset, Example, SlotSpan, bio_labels, spans_from_bio
