@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from detransformer_edge.integrations.hermes import INTENTS, KIND_NUMBER, KIND_PERCENTAGE
 from detransformer_edge.nlu.dataset import (
     BIO_TAGS,
     IGNORE,
@@ -20,6 +19,7 @@ from detransformer_edge.nlu.values import (
     parse_duration,
     parse_level,
 )
+from detransformer_edge.nlu.vocabulary import INTENTS, KIND_NUMBER, KIND_PERCENTAGE
 
 
 @pytest.fixture(scope="module")

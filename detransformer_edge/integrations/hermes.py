@@ -5,8 +5,8 @@ A voice client publishes `hermes/nlu/query`; the cluster leader answers with
 JSON used by Rhasspy (camelCase: siteId, sessionId, intentName, confidenceScore, slotName,
 rawValue); checked against rhasspy-hermes `rhasspyhermes/nlu.py` and `intent.py`.
 
-`INTENTS`, `SLOTS` and `INTENT_SLOTS` are the vocabulary the intent model is trained on;
-import them from here so the model and the protocol can't disagree.
+`INTENTS`, `SLOTS` and `INTENT_SLOTS` are the vocabulary the intent model is trained on; they
+live in `detransformer_edge.nlu.vocabulary` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -26,63 +26,21 @@ from detransformer_edge.cluster.topics import (
     req_int,
     req_str,
 )
+from detransformer_edge.nlu.vocabulary import (
+    INTENT_SLOTS,
+    INTENTS,
+    KIND_CUSTOM,
+    KIND_DURATION,
+    KIND_NUMBER,
+    KIND_PERCENTAGE,
+    SLOTS,
+)
 
 TOPIC_NLU_QUERY = "hermes/nlu/query"
 TOPIC_INTENT_PREFIX = "hermes/intent/"
 TOPIC_INTENT_FILTER = "hermes/intent/#"
 TOPIC_NOT_RECOGNIZED = "hermes/nlu/intentNotRecognized"
 TOPIC_NLU_ERROR = "hermes/error/nlu"
-
-# slot kinds as Hermes spells them in `value.kind`
-KIND_CUSTOM = "Custom"
-KIND_NUMBER = "Number"
-KIND_PERCENTAGE = "Percentage"
-KIND_DURATION = "Duration"  # our value: total seconds (a number)
-
-INTENTS: tuple[str, ...] = (
-    "TurnOnLight",
-    "TurnOffLight",
-    "SetBrightness",
-    "SetTemperature",
-    "GetTemperature",
-    "SetTimer",
-    "CancelTimer",
-    "GetTime",
-    "GetWeather",
-    "PlayMusic",
-    "StopMusic",
-    "SetVolume",
-    "LockDoor",
-    "UnlockDoor",
-    "AddToShoppingList",
-)
-
-# slot name -> the value kinds it may carry
-SLOTS: Mapping[str, tuple[str, ...]] = {
-    "room": (KIND_CUSTOM,),  # "kitchen", "living room"; also names a door for Lock/UnlockDoor
-    "level": (KIND_NUMBER, KIND_PERCENTAGE),  # brightness/volume percent, temperature degrees
-    "duration": (KIND_DURATION,),
-    "item": (KIND_CUSTOM,),  # shopping list item
-}
-
-# intent -> slots it may carry (all optional: "turn on the light" has no room)
-INTENT_SLOTS: Mapping[str, tuple[str, ...]] = {
-    "TurnOnLight": ("room",),
-    "TurnOffLight": ("room",),
-    "SetBrightness": ("room", "level"),
-    "SetTemperature": ("room", "level"),
-    "GetTemperature": ("room",),
-    "SetTimer": ("duration",),
-    "CancelTimer": (),
-    "GetTime": (),
-    "GetWeather": (),
-    "PlayMusic": ("room",),
-    "StopMusic": ("room",),
-    "SetVolume": ("room", "level"),
-    "LockDoor": ("room",),
-    "UnlockDoor": ("room",),
-    "AddToShoppingList": ("item",),
-}
 
 _INTENT_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from detransformer_edge.errors import ConfigError
-from detransformer_edge.integrations.hermes import INTENT_SLOTS, INTENTS, SLOTS
 from detransformer_edge.nlu.templates import (
     DOORS,
     ITEMS,
@@ -25,6 +24,7 @@ from detransformer_edge.nlu.templates import (
     TEMPLATES,
 )
 from detransformer_edge.nlu.values import number_to_words
+from detransformer_edge.nlu.vocabulary import INTENT_SLOTS, INTENTS, SLOTS
 
 Split = Literal["train", "validation", "test"]
 SLOT_NAMES: tuple[str, ...] = tuple(SLOTS)
@@ -60,7 +60,7 @@ class Dataset:
 
 def _check_vocabulary() -> None:
     if set(TEMPLATES) != set(INTENTS):
-        raise ConfigError(f"templates and hermes.INTENTS disagree: {set(TEMPLATES) ^ set(INTENTS)}")
+        raise ConfigError(f"templates and vocabulary.INTENTS disagree: {set(TEMPLATES) ^ set(INTENTS)}")
     for intent, templates in TEMPLATES.items():
         for t in templates:
             for slot in _PLACEHOLDER.findall(t):

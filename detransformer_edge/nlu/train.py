@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from detransformer_edge.integrations.hermes import INTENTS
 from detransformer_edge.model.encoder import Encoder
 from detransformer_edge.nlu.dataset import (
     BIO_TAGS,
@@ -31,6 +30,7 @@ from detransformer_edge.nlu.dataset import (
     spans_from_bio,
 )
 from detransformer_edge.nlu.model import IntentSlotModel
+from detransformer_edge.nlu.vocabulary import INTENTS
 from detransformer_edge.training.convert import Progress
 
 log = logging.getLogger(__name__)

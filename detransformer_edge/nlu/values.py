@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 from detransformer_edge.errors import DetransformerError
-from detransformer_edge.integrations.hermes import (
+from detransformer_edge.nlu.vocabulary import (
     KIND_CUSTOM,
     KIND_DURATION,
     KIND_NUMBER,

@@ -48,7 +48,7 @@ class TinyIntentHead:
     """A fixed random linear map from the mean hidden state to an intent (tests only)."""
 
     def __init__(self, d_model: int, vocab_size: int, seed: int = 0, threshold: float = 0.0) -> None:
-        from detransformer_edge.integrations.hermes import INTENTS
+        from detransformer_edge.nlu.vocabulary import INTENTS
         from detransformer_edge.service.catalog import ByteTokenizer
 
         self.intents = tuple(INTENTS)
