@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from detransformer_edge.parallel import collectives as C
+from detransformer_edge.protocol.topics import RunTopics
 from detransformer_edge.transport.base import Transport
 from detransformer_edge.transport.mqtt import MqttTransport
 from detransformer_edge.transport.wire import decode_tensor, encode_tensor
@@ -89,7 +90,7 @@ async def group(broker: tuple[str, int], n: int) -> AsyncIterator[list[Transport
     prefix = f"detransformer/bench-{uuid.uuid4().hex[:8]}"
     async with contextlib.AsyncExitStack() as stack:
         yield [
-            await stack.enter_async_context(MqttTransport(d, *broker, prefix=prefix))
+            await stack.enter_async_context(MqttTransport.connect(d, *broker, RunTopics(prefix)))
             for d in IDS[:n]
         ]
 

@@ -31,6 +31,7 @@ import aiomqtt  # noqa: E402
 import torch  # noqa: E402
 
 from detransformer_edge.cluster.config import AgentConfig, BrokerConfig, ElectionConfig  # noqa: E402
+from detransformer_edge.integrations import plugins_for  # noqa: E402
 from detransformer_edge.integrations.dashboard import Dashboard, model_layouts  # noqa: E402
 from detransformer_edge.planner.profile import load_profile  # noqa: E402
 from detransformer_edge.service.agent import HomeAgent  # noqa: E402
@@ -134,15 +135,15 @@ async def main() -> int:
                 agents = []
                 for dev, prof in HOME:
                     agent = HomeAgent(config(dev, port), load_profile(ROOT / "firmware_profiles" / f"{prof}.toml"),
-                                      tiny_catalog(), broker=("127.0.0.1", port), intent_threshold=0.0, replan_delay_s=0.3)
+                                      tiny_catalog(), plugins=plugins_for(config(dev, port)), broker=("127.0.0.1", port), intent_threshold=0.0, replan_delay_s=0.3)
                     agents.append(await stack.enter_async_context(agent))
                 async with asyncio.timeout(60):
-                    while not any(a.cluster.is_leader and a.leader.state.placement_ready() for a in agents):
+                    while not any(a.cluster.is_leader and a.placements.state.placement_ready() for a in agents):
                         await asyncio.sleep(0.1)
                 leader = next(a for a in agents if a.cluster.is_leader)
                 dash = await stack.enter_async_context(
                     Dashboard(leader.snapshot, port=0, layouts=model_layouts(leader.catalog)))
-                leader.leader.listeners.append(dash.notify)
+                leader.add_listener(dash.notify)
                 await traffic(port)
                 await asyncio.sleep(1.5)  # one more status round, so every card shows its latest numbers
                 if args.serve:

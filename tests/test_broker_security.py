@@ -17,14 +17,16 @@ import ssl
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiomqtt
 import pytest
 from aiomqtt.exceptions import MqttConnectError
 
-from detransformer_edge.cluster.agent_io import ClusterAgent
+from detransformer_edge.cluster.agent import ClusterAgent
 from detransformer_edge.cluster.config import AgentConfig
-from detransformer_edge.cluster.topics import ProfileRecord
+from detransformer_edge.integrations.homeassistant import HomeAssistantDiscovery
+from detransformer_edge.protocol.messages import ProfileRecord
 
 pytestmark = pytest.mark.mosquitto
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -193,7 +195,9 @@ async def test_agent_with_tls_and_credentials_goes_online(secure_broker, tmp_pat
     async with client(b, "admin") as admin:
         await admin.subscribe("detransformer/home/devices/kitchen-pi/presence", qos=1)
         await admin.subscribe("homeassistant/sensor/detransformer_home_kitchen-pi/#", qos=1)
-        async with ClusterAgent(cfg, profile) as agent:
+        agent = ClusterAgent(cfg, profile)
+        await HomeAssistantDiscovery().start(SimpleNamespace(session=agent.session, cluster=agent))
+        async with agent:
             await agent.wait_connected(10)
             seen = set()
             async with asyncio.timeout(10):
@@ -216,6 +220,7 @@ async def test_two_home_agents_serve_over_tls_with_acl_and_cluster_key(secure_br
     place the model, run a two-device pipeline through the ACL, and answer the voice user."""
     import json
 
+    from detransformer_edge.integrations import plugins_for
     from detransformer_edge.planner.profile import load_profile
     from detransformer_edge.service.agent import HomeAgent
     from detransformer_edge.service.catalog import tiny_catalog
@@ -235,10 +240,10 @@ async def test_two_home_agents_serve_over_tls_with_acl_and_cluster_key(secure_br
                 f'keepalive_s = 2\n[broker.tls]\nca_file = "{b["certs"] / "ca.crt"}"\n'
                 "[election]\nlease_s = 3.0\nsettle_s = 0.3\n")
             agent = HomeAgent(cfg, load_profile(root / "firmware_profiles" / f"{prof}.toml"), tiny_catalog(),
-                              broker=("localhost", b["tls_port"]), replan_delay_s=0.2, replicate_all=True)
+                              plugins=plugins_for(cfg), broker=("localhost", b["tls_port"]), replan_delay_s=0.2, replicate_all=True)
             agents.append(await stack.enter_async_context(agent))
         async with asyncio.timeout(30):
-            while not any(a.cluster.is_leader and a.leader.state.placement_ready() for a in agents):
+            while not any(a.cluster.is_leader and a.placements.state.placement_ready() for a in agents):
                 await asyncio.sleep(0.1)
         reply_to = "detransformer/home/replies/voice"
         async with client(b, "voice") as voice:

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import aiomqtt
@@ -22,16 +23,12 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from detransformer_edge.cluster.agent_io import ClusterAgent, MembershipView
+from detransformer_edge.cluster.agent import ClusterAgent
 from detransformer_edge.cluster.config import AgentConfig, BrokerConfig, ElectionConfig
-from detransformer_edge.cluster.topics import (
-    Assignment,
-    ClusterTopics,
-    ProfileRecord,
-    Reply,
-    Request,
-)
+from detransformer_edge.cluster.membership import MembershipView
 from detransformer_edge.integrations import homeassistant
+from detransformer_edge.protocol.messages import Assignment, ProfileRecord, Reply, Request
+from detransformer_edge.protocol.topics import ClusterTopics
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(60)]
 
@@ -153,9 +150,9 @@ async def test_presence_and_profile_are_retained_and_offline_on_clean_exit(
 AGENT_SCRIPT = """
 import asyncio, sys
 sys.path.insert(0, {root!r})
-from detransformer_edge.cluster.agent_io import ClusterAgent
+from detransformer_edge.cluster.agent import ClusterAgent
 from detransformer_edge.cluster.config import AgentConfig, BrokerConfig, ElectionConfig
-from detransformer_edge.cluster.topics import ProfileRecord
+from detransformer_edge.protocol.messages import ProfileRecord
 
 async def main():
     cfg = AgentConfig(id="victim", cluster={cluster!r}, discovery=False, homeassistant=False,
@@ -415,6 +412,8 @@ async def test_assignments_are_fenced_by_term_and_ha_discovery_resent(
     got: list[Assignment] = []
     lead = ClusterAgent(make_config("boss", cl, host, port), profile("boss", 5.0))
     worker = ClusterAgent(make_config("w", cl, host, port), profile("w", 1.0), on_assignment=got.append)
+    for a in (lead, worker):  # the Home Assistant plug-in, as an agent with homeassistant = true runs it
+        await homeassistant.HomeAssistantDiscovery().start(SimpleNamespace(session=a.session, cluster=a))
     async with lead, worker:
         await until(lambda: lead.is_leader and worker.lease is not None and worker.lease.id == "boss",
                     10, "leader")
@@ -439,8 +438,8 @@ async def test_extra_subscription_serves_hermes_and_status_reports_work_state(
     mosquitto_broker: tuple[str, int],
 ) -> None:
     """How the lead wires Hermes: subscribe a handler; replies go out with agent.publish."""
-    from detransformer_edge.cluster.agent_io import WorkState
-    from detransformer_edge.integrations.hermes import (
+    from detransformer_edge.cluster.membership import WorkState
+    from detransformer_edge.protocol.hermes import (
         TOPIC_NLU_QUERY,
         NluIntent,
         parse_nlu_query,
@@ -454,8 +453,8 @@ async def test_extra_subscription_serves_hermes_and_status_reports_work_state(
     site = f"site-{cl}"  # the hermes topics are global: filter on our own siteId
     agent = ClusterAgent(make_config("voice", cl, host, port), profile("voice", 1.0))
 
-    async def on_query(message: aiomqtt.Message) -> None:
-        query = parse_nlu_query(message.payload)  # type: ignore[arg-type]
+    async def on_query(topic: str, payload: bytes, _props: object) -> None:
+        query = parse_nlu_query(payload)
         if query.site_id != site or not agent.is_leader:
             return
         reply = recognized(query, "TurnOnLight", 0.9, [slot("room", "kitchen", "kitchen")])

@@ -28,7 +28,7 @@ from detransformer_edge.cluster.election import (
     observe_lease,
     ranked_candidates,
 )
-from detransformer_edge.cluster.topics import LeaderLease
+from detransformer_edge.protocol.messages import LeaderLease
 
 LEASE = 2.0
 

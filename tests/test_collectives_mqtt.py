@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from detransformer_edge.parallel import collectives as C
+from detransformer_edge.protocol.topics import RunTopics
 from detransformer_edge.transport import RequestCancelled, Transport, TransportTimeout
 from detransformer_edge.transport.mqtt import MqttTransport
 
@@ -26,7 +27,7 @@ async def mqtt_group(
     async with contextlib.AsyncExitStack() as stack:
         yield [
             await stack.enter_async_context(
-                MqttTransport(d, host, port, prefix=prefix, protocol=protocol)
+                MqttTransport.connect(d, host, port, RunTopics(prefix), protocol=protocol)
             )
             for d in IDS[:n]
         ]

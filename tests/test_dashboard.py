@@ -186,6 +186,7 @@ SECRET_PASSWORD = "mqtt-password-" + uuid.uuid4().hex
 async def home_with_dashboard(broker, n=3):
     """Three agents (tiny models) with a cluster key and broker password set, and a Dashboard on
     the leader wired the way runner.run_agent wires it."""
+    from detransformer_edge.integrations import plugins_for
     from detransformer_edge.planner.profile import load_profile
     from detransformer_edge.service.agent import HomeAgent
     from tests.test_service import PROFILES, ROOT, agent_config, wait_for_placement
@@ -199,11 +200,11 @@ async def home_with_dashboard(broker, n=3):
             cfg = replace(cfg, cluster_key=SECRET_KEY,
                           broker=replace(cfg.broker, username=f"dev{i}", password=SECRET_PASSWORD))
             agent = HomeAgent(cfg, load_profile(ROOT / "firmware_profiles" / f"{PROFILES[i]}.toml"), tiny_catalog(),
-                              broker=broker, intent_threshold=0.0, replan_delay_s=0.2)
+                              plugins=plugins_for(cfg), broker=broker, intent_threshold=0.0, replan_delay_s=0.2)
             agents.append(await stack.enter_async_context(agent))
         leader = await wait_for_placement(agents)
         dash = await stack.enter_async_context(Dashboard(leader.snapshot, port=0, layouts=model_layouts(leader.catalog)))
-        leader.leader.listeners.append(dash.notify)
+        leader.add_listener(dash.notify)
         yield cluster, agents, leader, dash
 
 

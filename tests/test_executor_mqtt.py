@@ -9,6 +9,7 @@ import torch
 
 from detransformer_edge.parallel.local import LocalCluster, shards_for_plans
 from detransformer_edge.parallel.plan import Plan, Stage
+from detransformer_edge.protocol.topics import RunTopics
 from detransformer_edge.transport.mqtt import MqttTransport
 from tests.test_executor_parity import _encoder_inputs, _model
 
@@ -21,7 +22,7 @@ async def mqtt_cluster(model, plans, broker, prefix):
     shards = shards_for_plans(model, plans)
     async with contextlib.AsyncExitStack() as stack:
         transports = {
-            d: await stack.enter_async_context(MqttTransport(d, host, port, prefix=prefix)) for d in shards
+            d: await stack.enter_async_context(MqttTransport.connect(d, host, port, RunTopics(prefix))) for d in shards
         }
         yield LocalCluster(transports, shards)
 
@@ -45,7 +46,7 @@ async def test_encoder_over_mosquitto(mosquitto_broker, topic_prefix, name, nd, 
         ref = model(ids, mask)
     async with mqtt_cluster(model, [plan], mosquitto_broker, topic_prefix) as cluster:
         res = await cluster.encode(plan, ids, mask, timeout=20)
-    assert res.ok, res.error
+    assert res.ok, res.failure
     assert (res.output - ref).abs().max().item() <= 1e-4
 
 
@@ -86,5 +87,5 @@ async def test_block_parallel_on_embedded_amqtt_broker(amqtt_broker, topic_prefi
         ref = model(ids, mask)
     async with mqtt_cluster(model, [plan], amqtt_broker, topic_prefix) as cluster:
         res = await cluster.encode(plan, ids, mask, timeout=20)
-    assert res.ok, res.error
+    assert res.ok, res.failure
     assert (res.output - ref).abs().max().item() <= 1e-4

@@ -16,22 +16,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detransformer_edge.cluster.config import AgentConfig
-from detransformer_edge.cluster.topics import (
+from detransformer_edge.errors import ConfigError, DetransformerError
+from detransformer_edge.parallel.plan import Plan, PlanError
+from detransformer_edge.protocol.codec import ProtocolError, load_object
+from detransformer_edge.protocol.hermes import HermesError, NluQuery, parse_nlu_query
+from detransformer_edge.protocol.messages import (
     Assignment,
     DeviceStatus,
     LeaderLease,
+    LogEntry,
     Presence,
     ProfileRecord,
-    ProtocolError,
     Reply,
     Request,
-    load_object,
+    TokenEvent,
 )
-from detransformer_edge.errors import ConfigError, DetransformerError
-from detransformer_edge.integrations.hermes import HermesError, NluQuery, parse_nlu_query
-from detransformer_edge.parallel.plan import Plan, PlanError
-from detransformer_edge.service.runs import RunControl
-from detransformer_edge.service.weight_stream import WeightWant
+from detransformer_edge.protocol.runs import RunControl, RunEnd
+from detransformer_edge.protocol.weights import WeightManifest, WeightWant
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -55,6 +56,11 @@ VALID = {
     "run": {"req": "r1", "model": "tiny-encoder", "kind": "encode", "plan": PLAN, "term": 2,
             "timeout_s": 10.0, "max_passes": 1, "attention_mask": [[1, 1, 0]]},
     "plan": PLAN,
+    "weights_manifest": {"model": "minilm-l6", "shard": "layer.1", "total": 4, "sha256": "ab" * 32},
+    "run_end": {"req": "r1", "term": 3},
+    "token": {"id": "r1", "event": "token", "seq": 1, "text": " Paris"},
+    "log": {"id": "i1-ab", "client_id": "q1", "kind": "intent", "text": "lights on", "started": 1.7e9,
+            "plan": "single on dev0", "latency_ms": 12.5, "result": "TurnOnLight (0.98)", "error": None},
     "weights_want": {"model": "minilm-l6", "placement_version": 3, "shards": ["block0.sub1", "embeddings"],
                      "have": {"embeddings": [0, 1, 2]}},
 }
@@ -95,6 +101,10 @@ PARSERS = {
     "run": (RunControl.from_json, ProtocolError, _run_round_trip),
     "plan": (_parse_plan, (ProtocolError, PlanError), _plan_round_trip),
     "weights_want": (WeightWant.from_json, ProtocolError, _want_round_trip),
+    "weights_manifest": (WeightManifest.from_json, ProtocolError, _round_trip(WeightManifest)),
+    "run_end": (RunEnd.from_json, ProtocolError, _round_trip(RunEnd)),
+    "token": (TokenEvent.from_json, ProtocolError, _round_trip(TokenEvent)),
+    "log": (LogEntry.from_json, ProtocolError, _round_trip(LogEntry)),
 }
 
 

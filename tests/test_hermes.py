@@ -7,7 +7,7 @@ import json
 import pytest
 
 from detransformer_edge.errors import DetransformerError
-from detransformer_edge.integrations.hermes import (
+from detransformer_edge.protocol.hermes import (
     INTENT_SLOTS,
     INTENTS,
     SLOTS,

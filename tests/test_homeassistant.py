@@ -7,7 +7,6 @@ import json
 import jinja2
 import pytest
 
-from detransformer_edge.cluster.topics import ClusterTopics, DeviceStatus, ProfileRecord
 from detransformer_edge.integrations.homeassistant import (
     BIRTH_TOPIC,
     SENSORS,
@@ -16,6 +15,8 @@ from detransformer_edge.integrations.homeassistant import (
     removal_messages,
     should_resend,
 )
+from detransformer_edge.protocol.messages import DeviceStatus, ProfileRecord
+from detransformer_edge.protocol.topics import ClusterTopics
 
 T = ClusterTopics("home")
 PROFILE = ProfileRecord("kitchen.pi", "Kitchen Pi", "rpi4", 13.5, 3000.0, 90.0, 12.0)

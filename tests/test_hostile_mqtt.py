@@ -19,6 +19,7 @@ import aiomqtt
 import pytest
 import torch
 
+from detransformer_edge.integrations import plugins_for
 from detransformer_edge.model.encoder import mean_pool
 from detransformer_edge.planner.profile import load_profile
 from detransformer_edge.service.agent import HomeAgent
@@ -96,7 +97,7 @@ async def hostile_home(broker, cluster, ha_prefix, key):
             prof = load_profile(ROOT / "firmware_profiles" / f"{PROFILES[i]}.toml")
             cfg = replace(agent_config(f"dev{i}", cluster, host, port), cluster_key=key,
                           homeassistant=True, homeassistant_prefix=ha_prefix)
-            agent = HomeAgent(cfg, prof, tiny_catalog(), broker=broker, intent_threshold=0.0, replan_delay_s=0.2)
+            agent = HomeAgent(cfg, prof, tiny_catalog(), plugins=plugins_for(cfg), broker=broker, intent_threshold=0.0, replan_delay_s=0.2)
             agents.append(await stack.enter_async_context(agent))
         yield agents
 
@@ -105,8 +106,8 @@ def describe(agents) -> str:
     return "; ".join(
         f"{a.id}: connected={a.cluster.connected} leader={a.cluster.is_leader} "
         f"lease={a.cluster.lease} online={a.cluster.membership.online} "
-        f"ready={a.leader.state.ready if a.cluster.is_leader else '-'} "
-        f"version={a.leader.state.version if a.cluster.is_leader else '-'} work={a.cluster.work_state}"
+        f"ready={a.placements.state.ready if a.cluster.is_leader else '-'} "
+        f"version={a.placements.state.version if a.cluster.is_leader else '-'} work={a.cluster.work_state}"
         for a in agents)
 
 
@@ -133,7 +134,7 @@ async def test_garbage_on_every_topic(mosquitto_broker, caplog, key):
     prefix, ha_prefix = f"detransformer/{cluster}", f"ha{uuid.uuid4().hex[:6]}"
     async with hostile_home(mosquitto_broker, cluster, ha_prefix, key) as agents:
         leader = await wait_for_placement(agents)
-        sessions = [a.cluster._session for a in agents]
+        sessions = [a.session.session_id for a in agents]
         if key is None:
             assert any("NOT signed" in r.getMessage() for r in caplog.records)
 
@@ -153,12 +154,12 @@ async def test_garbage_on_every_topic(mosquitto_broker, caplog, key):
                 while True:
                     await asyncio.sleep(1.0)
                     leaders = [a for a in agents if a.cluster.is_leader]
-                    if len(leaders) == 1 and leaders[0].leader.state.placement_ready():
+                    if len(leaders) == 1 and leaders[0].placements.state.placement_ready():
                         break
         except TimeoutError:
             pytest.fail(f"cluster did not recover: {describe(agents)}")
         assert [a.cluster.connected for a in agents] == [True] * 3
-        assert [a.cluster._session for a in agents] == sessions, "an agent reconnected"
+        assert [a.session.session_id for a in agents] == sessions, "an agent reconnected"
         assert [a for a in agents if a.cluster.is_leader] == [leader]
         assert {a.cluster.lease.id for a in agents} == {leader.id}
         assert all(a.cluster.membership.online == ("dev0", "dev1", "dev2") for a in agents)

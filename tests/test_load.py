@@ -117,8 +117,8 @@ async def test_voice_burst_beyond_the_queue_gets_hermes_busy_errors(mosquitto_br
 
     async with home(mosquitto_broker) as (cluster, agents):
         lead = await wait_for_placement(agents)
-        lead.leader._slots = asyncio.Semaphore(2)
-        lead.leader._max_waiting = 2 + 4
+        lead.tasks._slots = asyncio.Semaphore(2)
+        lead.tasks._max_waiting = 2 + 4
         run = lead.host.run_coordinator
 
         async def slow(model, job):  # a slow home: each run takes 0.3 s of waiting on the network

@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 import detransformer_edge.nlu as nlu_package
-from detransformer_edge.integrations import hermes
 from detransformer_edge.nlu import vocabulary
+from detransformer_edge.protocol import hermes
 
 FORBIDDEN = ("detransformer_edge.integrations", "detransformer_edge.service", "detransformer_edge.cluster",
              "detransformer_edge.commands")

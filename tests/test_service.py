@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from detransformer_edge.cluster.config import AgentConfig, BrokerConfig, ElectionConfig
+from detransformer_edge.integrations import plugins_for
 from detransformer_edge.model.encoder import mean_pool
 from detransformer_edge.planner.profile import load_profile
 from detransformer_edge.service.agent import HomeAgent
@@ -42,7 +43,7 @@ async def home(broker, n=3, **agent_kwargs):
         for i in range(n):
             prof = load_profile(ROOT / "firmware_profiles" / f"{PROFILES[i]}.toml")
             agent = HomeAgent(agent_config(f"dev{i}", cluster, host, port), prof, tiny_catalog(),
-                              broker=broker, intent_threshold=0.0, replan_delay_s=0.2, **agent_kwargs)
+                              plugins=plugins_for(agent_config(f"dev{i}", cluster, host, port)), broker=broker, intent_threshold=0.0, replan_delay_s=0.2, **agent_kwargs)
             agents.append(await stack.enter_async_context(agent))
         yield cluster, agents
 
@@ -51,7 +52,7 @@ async def wait_for_placement(agents, timeout=30.0):
     async with asyncio.timeout(timeout):
         while True:
             leaders = [a for a in agents if a.cluster.is_leader]
-            if len(leaders) == 1 and leaders[0].leader.state.placement_ready():
+            if len(leaders) == 1 and leaders[0].placements.state.placement_ready():
                 return leaders[0]
             await asyncio.sleep(0.1)
 
@@ -76,7 +77,7 @@ async def test_agents_place_and_answer_every_api(mosquitto_broker):
     async with home(mosquitto_broker) as (cluster, agents):
         leader = await wait_for_placement(agents)
         assert leader.id == "dev0"  # the N100 has the highest capability score
-        summary = leader.leader.placement_summary()
+        summary = leader.placements.summary()
         assert summary["version"] >= 1 and set(summary["models"]) == {"intent", "tiny-encoder", "tiny-encoder-bp", "tiny-decoder"}
         # each device holds only its assignment
         held = {a.id: a.host.weight_bytes() for a in agents}
@@ -153,17 +154,17 @@ async def test_agents_place_and_answer_every_api(mosquitto_broker):
 async def test_replans_when_a_device_leaves(mosquitto_broker):
     async with home(mosquitto_broker) as (cluster, agents):
         leader = await wait_for_placement(agents)
-        v1 = leader.leader.state.version
+        v1 = leader.placements.state.version
         gone = agents[2]
         await gone.__aexit__(None, None, None)
         async with asyncio.timeout(20):
-            while not (leader.leader.state.version > v1 and leader.leader.state.placement_ready()
-                       and "dev2" not in leader.leader.state.profiles):
+            while not (leader.placements.state.version > v1 and leader.placements.state.placement_ready()
+                       and "dev2" not in leader.placements.state.profiles):
                 await asyncio.sleep(0.1)
         q = {"input": "what time is it", "id": "q9"}
         (topic, body), = await ask(mosquitto_broker, "hermes/nlu/query", q, ["hermes/intent/#", "hermes/nlu/intentNotRecognized"])
         assert body["id"] == "q9"
-        plans = [r.plan for r in leader.leader.log if r.kind == "intent"]
+        plans = [r.plan for r in leader.tasks.log if r.kind == "intent"]
         assert plans and "dev2" not in plans[-1]
 
 

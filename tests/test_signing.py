@@ -1,4 +1,4 @@
-"""Leader commands carry an HMAC (cluster/signing.py): forged, unsigned and replayed assignments
+"""Leader commands carry an HMAC (protocol/signing.py): forged, unsigned and replayed assignments
 and run plans are ignored; correctly signed ones are applied."""
 
 import asyncio
@@ -13,14 +13,15 @@ import aiomqtt
 import pytest
 
 from detransformer_edge.cluster.config import AgentConfig
-from detransformer_edge.cluster.signing import (
+from detransformer_edge.integrations import plugins_for
+from detransformer_edge.planner.profile import load_profile
+from detransformer_edge.protocol.signing import (
     CommandSigner,
     CommandVerifier,
     SignatureError,
     Stamp,
     canonical,
 )
-from detransformer_edge.planner.profile import load_profile
 from detransformer_edge.service.agent import HomeAgent
 from detransformer_edge.service.catalog import tiny_catalog
 from tests.test_service import PROFILES, agent_config, ask, wait_for_placement
@@ -116,7 +117,7 @@ async def signed_home(broker, cluster):
         for i in range(3):
             prof = load_profile(ROOT / "firmware_profiles" / f"{PROFILES[i]}.toml")
             cfg = replace(agent_config(f"dev{i}", cluster, host, port), cluster_key=KEY)
-            agent = HomeAgent(cfg, prof, tiny_catalog(), broker=broker, intent_threshold=0.0,
+            agent = HomeAgent(cfg, prof, tiny_catalog(), plugins=plugins_for(cfg), broker=broker, intent_threshold=0.0,
                               replan_delay_s=0.2, replicate_all=True)
             agents.append(await stack.enter_async_context(agent))
         yield agents

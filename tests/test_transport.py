@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from detransformer_edge.protocol.codec import ProtocolError
+from detransformer_edge.protocol.topics import RunTopics
 from detransformer_edge.transport import (
     Mailbox,
     MailboxLimits,
@@ -42,7 +44,7 @@ def make_transport(request: pytest.FixtureRequest, topic_prefix: str) -> Factory
         hub = MemoryHub()
         return lambda dev, **kw: hub.transport(dev, **kw)
     host, port = request.getfixturevalue(f"{request.param}_broker")
-    return lambda dev, **kw: MqttTransport(dev, host, port, prefix=topic_prefix, **kw)
+    return lambda dev, **kw: MqttTransport.connect(dev, host, port, RunTopics(topic_prefix), **kw)
 
 
 @contextlib.asynccontextmanager
@@ -211,9 +213,9 @@ def test_mailbox_ttl_expires_unclaimed_messages() -> None:
 async def test_mqtt_v5_uses_no_local(mosquitto_broker: tuple[str, int], topic_prefix: str) -> None:
     host, port = mosquitto_broker
     async with (
-        MqttTransport("a", host, port, prefix=topic_prefix, protocol="5") as a,
-        MqttTransport("b", host, port, prefix=topic_prefix, protocol="5") as b,
-        MqttTransport("c", host, port, prefix=topic_prefix) as c,  # 3.1.1 and 5 mix fine
+        MqttTransport.connect("a", host, port, RunTopics(topic_prefix), protocol="5") as a,
+        MqttTransport.connect("b", host, port, RunTopics(topic_prefix), protocol="5") as b,
+        MqttTransport.connect("c", host, port, RunTopics(topic_prefix)) as c,  # 3.1.1 and 5 mix fine
     ):
         await a.publish(["b", "c"], ("r", 0), b"v5")
         assert await b.recv("a", ("r", 0), timeout=5) == b"v5"
@@ -228,9 +230,10 @@ async def test_mqtt_refused_connection_is_typed() -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t = MqttTransport("a", "127.0.0.1", port, prefix="detransformer/x")
+    t = MqttTransport.connect("a", "127.0.0.1", port, RunTopics("detransformer/x"), connect_timeout_s=1.0)
     with pytest.raises(TransportError, match="cannot connect"):
         await t.start()
+    assert not t.session.connected
 
 
 @pytest.mark.mosquitto
@@ -238,18 +241,17 @@ async def test_mqtt_close_cancels_its_task(
     mosquitto_broker: tuple[str, int], topic_prefix: str
 ) -> None:
     host, port = mosquitto_broker
-    before = {t.get_name() for t in asyncio.all_tasks()}
-    async with MqttTransport("a", host, port, prefix=topic_prefix):
-        names = {t.get_name() for t in asyncio.all_tasks()} - before
-        assert "mqtt-dispatch-a" in names
+    before = set(asyncio.all_tasks())
+    async with MqttTransport.connect("a", host, port, RunTopics(topic_prefix)) as t:
+        mine = {task for task in asyncio.all_tasks() - before if t.session.settings.client_id in task.get_name()}
+        assert mine  # the session's connection and reader
     await asyncio.sleep(0)
-    assert "mqtt-dispatch-a" not in {t.get_name() for t in asyncio.all_tasks() if not t.done()}
+    assert all(task.done() for task in mine)
 
 
-@pytest.mark.mosquitto
 def test_prefix_with_wildcards_is_refused() -> None:
-    with pytest.raises(TransportError, match="invalid topic prefix"):
-        MqttTransport("a", prefix="detransformer/+")
+    with pytest.raises(ProtocolError, match="invalid topic prefix"):
+        RunTopics("detransformer/+")
 
 
 @pytest.fixture
@@ -278,7 +280,7 @@ async def test_broker_loss_fails_pending_receives(
 ) -> None:
     """A broker that dies mid-request must fail the waiting receive, not hang it."""
     port, proc = private_mosquitto
-    async with MqttTransport("a", "127.0.0.1", port, prefix="detransformer/loss") as a:
+    async with MqttTransport.connect("a", "127.0.0.1", port, RunTopics("detransformer/loss")) as a:
         waiter = asyncio.create_task(a.recv("b", ("r", 0), timeout=30))
         await asyncio.sleep(0.1)
         proc.kill()

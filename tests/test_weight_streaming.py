@@ -15,22 +15,19 @@ import aiomqtt
 import pytest
 import torch
 
-from detransformer_edge.cluster.topics import DeviceStatus, ProtocolError
+from detransformer_edge.integrations import plugins_for
 from detransformer_edge.model.encoder import mean_pool
 from detransformer_edge.planner.profile import load_profile
+from detransformer_edge.protocol.codec import ProtocolError
+from detransformer_edge.protocol.messages import DeviceStatus
+from detransformer_edge.protocol.topics import ClusterTopics
+from detransformer_edge.protocol.weights import CHUNK_BYTES, WeightChunk, WeightWant
 from detransformer_edge.service.agent import HomeAgent
 from detransformer_edge.service.catalog import tiny_catalog
 from detransformer_edge.service.weight_stream import (
-    CHUNK_BYTES,
-    WeightChunk,
     WeightFetcher,
     WeightServer,
     WeightTransferError,
-    WeightWant,
-    chunk_topic,
-    manifest_topic,
-    want_device,
-    want_filter,
 )
 from detransformer_edge.service.weights import unit_parameters
 
@@ -66,8 +63,9 @@ def test_messages_round_trip_and_reject_bad_input():
     status = DeviceStatus("dev2", False, "follower", 0.1, 50.0, 3, weights_percent=42.5)
     assert DeviceStatus.from_dict(status.to_dict()) == status
     assert "weights_percent" not in replace(status, weights_percent=None).to_dict()
-    assert want_device("detransformer/home", "detransformer/home/weights/dev2/want") == "dev2"
-    assert want_device("detransformer/home", "detransformer/home/weights/a/b/want") is None
+    want_topics = ClusterTopics("home").weights_want
+    assert want_topics.match("detransformer/home/weights/dev2/want") == "dev2"
+    assert want_topics.match("detransformer/home/weights/a/b/want") is None
 
 
 # --- leader and device over Mosquitto, without agents ---------------------------------------------------
@@ -81,13 +79,14 @@ async def link(broker, server: WeightServer, fetcher: WeightFetcher, prefix: str
             aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V311) as dev:
         server.publish = lambda t, p, q: lead.publish(t, p, qos=q)
         fetcher.publish = lambda t, p, q: dev.publish(t, p, qos=q)
-        await lead.subscribe(want_filter(prefix), qos=1)
-        await dev.subscribe(chunk_topic(prefix, "dev9"), qos=1)
-        await dev.subscribe(manifest_topic(prefix, "dev9"), qos=1)
+        topics = server.topics
+        await lead.subscribe(topics.weights_want.filter, qos=1)
+        await dev.subscribe(topics.chunk_topic("dev9"), qos=1)
+        await dev.subscribe(topics.weights_manifest.format("dev9"), qos=1)
 
         async def serve():
             async for m in lead.messages:
-                await server.handle_want(want_device(prefix, m.topic.value), bytes(m.payload))
+                await server.handle_want(topics.weights_want.match(m.topic.value), bytes(m.payload))
 
         async def receive():
             async for m in dev.messages:
@@ -114,8 +113,9 @@ def reference(units):
 
 def make_pair(tmp_path, prefix, signer=None, **fetcher_kw):
     cat = tiny_catalog()
-    server = WeightServer(cat, None, prefix, chunk_bytes=2048, signer=signer)
-    fetcher = WeightFetcher("dev9", cat, None, prefix, tmp_path / "cache", **fetcher_kw)
+    topics = ClusterTopics(prefix.split("/", 1)[1])  # the fixture's unique prefix as a cluster
+    server = WeightServer(cat, None, topics, chunk_bytes=2048, signer=signer)
+    fetcher = WeightFetcher("dev9", cat, None, topics, tmp_path / "cache", **fetcher_kw)
     return server, fetcher
 
 
@@ -200,7 +200,7 @@ KEY = "a long cluster secret for tests"
 async def test_signed_manifest_rejects_a_forged_shard(mosquitto_broker, tmp_path, topic_prefix):
     """With a cluster key, chunks that agree with their own (forged) sha256 are still refused:
     the shard must match the SHA-256 the leader signed."""
-    from detransformer_edge.cluster.signing import CommandSigner, CommandVerifier
+    from detransformer_edge.protocol.signing import CommandSigner, CommandVerifier
 
     server, fetcher = make_pair(tmp_path, topic_prefix, signer=CommandSigner(KEY, "lead"),
                                 verifier=CommandVerifier(KEY), timeout_s=5.0)
@@ -247,7 +247,7 @@ async def test_streaming_device_gets_its_weights_and_answers(mosquitto_broker, t
             if i == 2:
                 cfg = replace(cfg, weights="stream", weights_cache=tmp_path / "weights")
             prof = load_profile(ROOT / "firmware_profiles" / f"{PROFILES[i]}.toml")
-            agent = HomeAgent(cfg, prof, tiny_catalog(), broker=mosquitto_broker, intent_threshold=0.0,
+            agent = HomeAgent(cfg, prof, tiny_catalog(), plugins=plugins_for(cfg), broker=mosquitto_broker, intent_threshold=0.0,
                               replan_delay_s=0.2, replicate_all=True)
             agents.append(await stack.enter_async_context(agent))
         leader = await wait_for_placement(agents, timeout=60)
@@ -293,7 +293,7 @@ async def test_pretrained_models_stream_and_answer_like_one_device(mosquitto_bro
             if i == 2:
                 cfg = replace(cfg, weights="stream", weights_cache=tmp_path / "weights")
             prof = load_profile(ROOT / "firmware_profiles" / f"{PROFILES[i]}.toml")
-            agent = HomeAgent(cfg, prof, default_catalog().subset(["intent", "minilm-l6"]), broker=mosquitto_broker,
+            agent = HomeAgent(cfg, prof, default_catalog().subset(["intent", "minilm-l6"]), plugins=plugins_for(cfg), broker=mosquitto_broker,
                               intent_threshold=0.0, replan_delay_s=0.2, replicate_all=True)
             agents.append(await stack.enter_async_context(agent))
         leader = await wait_for_placement(agents, timeout=120)

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from detransformer_edge.cluster.topics import ProtocolError, check_name
 from detransformer_edge.errors import ConfigError
+from detransformer_edge.protocol.codec import ProtocolError, check_name
 
 PROTOCOLS = ("auto", "3.1.1", "5")
 MAX_CONFIG_CHARS = 1 << 20  # an agent config is a few hundred bytes

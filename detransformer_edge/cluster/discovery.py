@@ -23,8 +23,8 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from detransformer_edge.cluster.config import AgentConfig
-from detransformer_edge.cluster.topics import ProtocolError, check_name
 from detransformer_edge.errors import DetransformerError
+from detransformer_edge.protocol.codec import ProtocolError, check_name
 
 log = logging.getLogger(__name__)
 

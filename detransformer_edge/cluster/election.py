@@ -1,6 +1,6 @@
 """Leader election as pure functions over a snapshot: `decide(snapshot) -> action`.
 
-The agent's MQTT shell (agent_io.py) gathers the snapshot — its clock, its connection session,
+The agent's MQTT shell (cluster/agent.py) gathers the snapshot — its clock, its connection session,
 the lease it follows, the membership view — and carries out the action (publish a lease record
 on the retained `P/leader` topic). Nothing here does I/O, so the property tests in
 tests/test_cluster_election.py run thousands of simulated homes in seconds.
@@ -26,8 +26,10 @@ Rules (docs/API.md repeats them for implementers of other agents):
   `expires_at` and receive time + lease_s), or its holder's presence is `offline` (LWT).
 * Claimed terms are max(known term + 1, unix time in ms), so terms keep growing even for an
   agent that restarted or found the retained record gone (v5 message expiry).
-* On a vacancy the candidates are the online members ranked by capability score, highest
-  first, ties broken by the smaller id. The candidate ranked k claims after the lease has been
+* On a vacancy the candidates are the online members ranked first by whether they hold the
+  model files themselves (a leader without them would have to stream every weight), then by
+  capability score, highest first, ties broken by the smaller id. A device that is loading
+  model weights does not claim (it could not serve yet); a leader that is loading keeps renewing. The candidate ranked k claims after the lease has been
   vacant for k × stagger_s (so a dead-but-not-yet-offline favourite cannot block the election).
 * Stability: a live lease is never preempted, not even by a higher-score device that joins.
   Leadership moves only when the lease becomes vacant.
@@ -38,7 +40,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from detransformer_edge.cluster.topics import LeaderLease
+from detransformer_edge.protocol.messages import LeaderLease
 
 RENEW_FRACTION = 1.0 / 3.0  # renew after a third of the lease: two renewals may be lost
 RETRY_FRACTION = 1.0 / 6.0  # re-publish an unanswered claim/renewal after this part of a lease
@@ -110,6 +112,8 @@ class ElectionSnapshot:
     last_publish_at: float | None  # when this agent last published a lease record
     lease_s: float
     stagger_s: float  # delay per rank before a lower-ranked candidate claims
+    preferred: frozenset[str] = frozenset()  # members holding the model files: ranked first
+    loading: bool = False  # this agent is loading model weights: it does not claim a vacant lease
 
 
 @dataclass(frozen=True)
@@ -146,9 +150,11 @@ def is_vacant(s: ElectionSnapshot) -> bool:
     return r.id == s.self_id and r.session != s.session
 
 
-def ranked_candidates(members: Mapping[str, float], offline: frozenset[str] = frozenset()) -> list[str]:
-    """Online members, best first: highest score, ties by the smaller id."""
-    return sorted((m for m in members if m not in offline), key=lambda m: (-members[m], m))
+def ranked_candidates(members: Mapping[str, float], offline: frozenset[str] = frozenset(),
+                      preferred: frozenset[str] = frozenset()) -> list[str]:
+    """Online members, best first: holders of the model files, then the highest score, ties by the
+    smaller id."""
+    return sorted((m for m in members if m not in offline), key=lambda m: (m not in preferred, -members[m], m))
 
 
 def next_vacant_since(s: ElectionSnapshot) -> float | None:
@@ -175,9 +181,9 @@ def decide(s: ElectionSnapshot) -> Action:
         if s.now >= renew_at and _retry_due(s):
             return PublishLease(_record(s, r.term), "renew")
         return Hold()
-    if not is_vacant(s) or not _retry_due(s):
+    if not is_vacant(s) or not _retry_due(s) or s.loading:
         return Hold()
-    ranked = ranked_candidates(s.members, s.offline)
+    ranked = ranked_candidates(s.members, s.offline, s.preferred)
     if s.self_id not in ranked:
         return Hold()
     vacant_for = s.now - (s.vacant_since if s.vacant_since is not None else s.now)

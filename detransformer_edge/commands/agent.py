@@ -23,6 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from detransformer_edge.integrations import plugins_for
     from detransformer_edge.service.runner import AgentOptions, run_agent
 
     opts = AgentOptions(
@@ -30,4 +31,4 @@ def run(args: argparse.Namespace) -> int:
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
         replicate_all=args.replicate_all, threads=args.threads, intent_threshold=args.intent_threshold,
     )
-    return asyncio.run(run_agent(opts))
+    return asyncio.run(run_agent(opts, plugins_for=plugins_for))

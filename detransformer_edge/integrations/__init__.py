@@ -1,1 +1,22 @@
+"""Plug-ins the agent runs beside its own work: Rhasspy Hermes, Home Assistant discovery, the
+dashboard. The agent never imports them; ``plugins_for`` builds the ones a config asks for and
+the command that starts the agent hands them over (``service/plugins.py``)."""
 
+from __future__ import annotations
+
+from detransformer_edge.cluster.config import AgentConfig
+from detransformer_edge.service.plugins import Plugin
+
+
+def plugins_for(config: AgentConfig) -> list[Plugin]:
+    """The plug-ins of one agent, from its config."""
+    from detransformer_edge.integrations.dashboard import DashboardPlugin
+    from detransformer_edge.integrations.hermes import HermesNlu
+    from detransformer_edge.integrations.homeassistant import HomeAssistantDiscovery
+
+    plugins: list[Plugin] = [HermesNlu()]
+    if config.homeassistant:
+        plugins.append(HomeAssistantDiscovery(config.homeassistant_prefix))
+    if config.dashboard_port:
+        plugins.append(DashboardPlugin(config.dashboard_host, config.dashboard_port))
+    return plugins

@@ -6,7 +6,7 @@ request log). The server knows nothing about the cluster: it calls ``snapshot()`
 ``notify`` is called (the leader's listener hook) and at least every ``push_interval_s``.
 
     async with Dashboard(agent.snapshot, host="0.0.0.0", port=8080, layouts=model_layouts(agent.catalog)) as dash:
-        agent.leader.listeners.append(dash.notify)
+        agent.add_listener(dash.notify)
 
 Routes (GET only; there is nothing to change from the page):
 
@@ -272,3 +272,24 @@ def _file_response(path: Path) -> web.Response:
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
     for key, value in _SECURITY_HEADERS.items():
         response.headers.setdefault(key, value)
+
+
+class DashboardPlugin:
+    """The plug-in: serve the dashboard of this agent's home while the agent runs."""
+
+    name = "dashboard"
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.dashboard: Dashboard | None = None
+
+    async def start(self, home: Any) -> None:
+        layouts = await asyncio.to_thread(model_layouts, home.catalog)
+        self.dashboard = await Dashboard(home.snapshot, host=self.host, port=self.port, layouts=layouts).start()
+        home.add_listener(self.dashboard.notify)
+        log.warning("agent %s: dashboard on %s", home.id, self.dashboard.url)
+
+    async def stop(self) -> None:
+        if self.dashboard is not None:
+            await self.dashboard.stop()
+            self.dashboard = None

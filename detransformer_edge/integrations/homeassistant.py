@@ -20,12 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from detransformer_edge.cluster.topics import (
-    PRESENCE_OFFLINE,
-    PRESENCE_ONLINE,
-    ClusterTopics,
-    ProfileRecord,
-)
+from detransformer_edge.protocol.messages import PRESENCE_OFFLINE, PRESENCE_ONLINE, ProfileRecord
+from detransformer_edge.protocol.topics import ClusterTopics
 
 DISCOVERY_PREFIX = "homeassistant"
 BIRTH_TOPIC = f"{DISCOVERY_PREFIX}/status"
@@ -131,3 +127,35 @@ def should_resend(topic: str, payload: bytes | str, prefix: str = DISCOVERY_PREF
     """True when HA announced (re)start on its birth topic: send discovery again."""
     text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else payload
     return topic == f"{prefix}/status" and text.strip() == BIRTH_ONLINE
+
+
+class HomeAssistantDiscovery:
+    """The plug-in: publish this agent's discovery configs (retained) after every connect, and
+    again whenever Home Assistant announces its (re)start on its birth topic."""
+
+    name = "homeassistant"
+
+    def __init__(self, prefix: str = DISCOVERY_PREFIX) -> None:
+        self.prefix = prefix
+        self.home: Any = None
+
+    async def start(self, home: Any) -> None:
+        self.home = home
+        home.session.subscribe(f"{self.prefix}/status", self._on_birth, 1)
+        home.session.on_connect(self.announce)
+
+    async def stop(self) -> None:
+        self.home = None
+
+    async def announce(self) -> None:
+        home = self.home
+        if home is None:
+            return
+        cluster = home.cluster
+        for topic, payload in discovery_messages(cluster.topics, cluster.profile, cluster.sw_version, self.prefix):
+            await home.session.publish(topic, payload, qos=1, retain=True)
+
+    async def _on_birth(self, topic: str, payload: bytes, _props: object) -> None:
+        if should_resend(topic, payload, self.prefix):
+            await self.announce()
+

@@ -81,6 +81,68 @@ def select_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
+class DecodeLoop:
+    """One generation as a state machine, driven by whoever computes the logits: a local model
+    (``generate_ids``) or the devices of a distributed plan (the leader). It is the only decode
+    loop of the project, so stop rules, sampling and the context limit are the same everywhere::
+
+        loop = DecodeLoop(prompt_ids, cfg, eos_ids, max_position)
+        while not loop.done:
+            kind, ids = loop.next_input()      # ("prefill", prompt) first, then ("decode", [token])
+            token = loop.push(logits_of(kind, ids))   # None when this token ended the generation
+
+    After a failed distributed step, ``restart()`` makes the next input a prefill of the prompt
+    and every token so far (a new plan has no caches)."""
+
+    def __init__(self, prompt_ids: Sequence[int], cfg: SamplingConfig, eos_ids: Sequence[int] = (),
+                 max_position: int | None = None) -> None:
+        import torch
+
+        if not prompt_ids:
+            raise ConfigError("generation needs a non-empty prompt")
+        if max_position is not None and len(prompt_ids) > max_position:
+            raise ConfigError(f"prompt is {len(prompt_ids)} tokens; the model's context is {max_position}")
+        self.prompt = list(prompt_ids)
+        self.cfg = cfg
+        self.max_position = max_position
+        self.tokens: list[int] = []
+        self.stop_reason: StopReason | None = None if cfg.max_new_tokens > 0 else "max_new_tokens"
+        self._stop = set(eos_ids) | set(cfg.stop_ids)
+        self._generator = torch.Generator().manual_seed(cfg.seed) if not cfg.greedy and cfg.seed is not None else None
+        self._prefill = True
+
+    @property
+    def done(self) -> bool:
+        return self.stop_reason is not None
+
+    @property
+    def position(self) -> int:
+        """Prompt and generated tokens so far (the newest one not yet read by the model)."""
+        return len(self.prompt) + len(self.tokens)
+
+    def next_input(self) -> tuple[Literal["prefill", "decode"], list[int]]:
+        if self._prefill:
+            return "prefill", self.prompt + self.tokens
+        return "decode", [self.tokens[-1]]
+
+    def restart(self) -> None:
+        self._prefill = True
+
+    def push(self, logits: torch.Tensor) -> int | None:
+        """The logits of the last position (V,) or (..., V): choose the next token."""
+        token = select_next(logits.reshape(-1, logits.shape[-1])[-1], self.cfg, self._generator)
+        self._prefill = False
+        if token in self._stop:
+            self.stop_reason = "eos"
+            return None
+        self.tokens.append(token)
+        if len(self.tokens) >= self.cfg.max_new_tokens:
+            self.stop_reason = "max_new_tokens"
+        elif self.max_position is not None and self.position - 1 >= self.max_position:
+            self.stop_reason = "max_position"  # no position left to read this token at
+        return token
+
+
 def generate_ids(
     model: Decoder,
     prompt_ids: Sequence[int],
@@ -88,40 +150,28 @@ def generate_ids(
     eos_ids: Sequence[int] = (),
     timings: list[float] | None = None,
 ) -> Iterator[int]:
-    """Yield generated ids one by one (prefill, then one cached step per token).
+    """Yield generated ids one by one (prefill, then one cached step per token) on a local model.
 
     Stops before yielding an id in ``eos_ids`` or ``cfg.stop_ids``, after ``cfg.max_new_tokens``
     ids, or at the model's ``max_position``. ``timings`` (if given) receives seconds per id.
     """
     import torch
 
-    if not prompt_ids:
-        raise ConfigError("generation needs a non-empty prompt")
-    max_position = model.cfg.max_position
-    if len(prompt_ids) > max_position:
-        raise ConfigError(f"prompt is {len(prompt_ids)} tokens; the model's context is {max_position}")
-    stop = set(eos_ids) | set(cfg.stop_ids)
-    generator = None
-    if not cfg.greedy and cfg.seed is not None:
-        generator = torch.Generator().manual_seed(cfg.seed)
+    loop = DecodeLoop(prompt_ids, cfg, eos_ids, model.cfg.max_position)
     caches = model.new_caches()
     pos = 0
-    step_input = torch.tensor([list(prompt_ids)], dtype=torch.long)  # (1, T)
-    for _ in range(cfg.max_new_tokens):
+    while not loop.done:
         started = time.perf_counter()
+        _, ids = loop.next_input()
         # inference_mode only around the step: a `with` spanning the yield would leak into the caller.
         with torch.inference_mode():
-            logits = model(step_input, start_pos=pos, caches=caches)  # (1, T, V)
-            token = select_next(logits[0, -1], cfg, generator)
-        pos += step_input.shape[1]
+            logits = model(torch.tensor([ids], dtype=torch.long), start_pos=pos, caches=caches)  # (1, T, V)
+            token = loop.push(logits[0, -1])
+        pos += len(ids)
         if timings is not None:
             timings.append(time.perf_counter() - started)
-        if token in stop:
-            return
-        yield token
-        if pos >= max_position:  # the model has no position left to read this token at
-            return
-        step_input = torch.tensor([[token]], dtype=torch.long)  # (1, 1)
+        if token is not None:
+            yield token
 
 
 def stream_text(

@@ -1,6 +1,6 @@
 """The voice assistant's vocabulary: the intents the model recognises, their slots, value types.
 
-One definition for the model (``nlu/``), the Hermes protocol (``integrations/hermes.py``) and
+One definition for the model (``nlu/``), the Hermes protocol (``protocol/hermes.py``) and
 the service (``service/intents.py``), so they cannot disagree. This module imports nothing from
 the rest of the package.
 

@@ -36,6 +36,13 @@ from detransformer_edge.parallel import collectives as coll
 from detransformer_edge.parallel.plan import Plan, PlanError
 from detransformer_edge.parallel.shards import DeviceShard
 from detransformer_edge.transport.base import Transport
+from detransformer_edge.transport.errors import (
+    RequestCancelled,
+    TransportError,
+    TransportOverflow,
+    TransportTimeout,
+    WireError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +56,38 @@ def _torch(x: object) -> torch.Tensor:
 JobKind = Literal["encode", "prefill", "decode"]
 
 
-class ExecutionError(DetransformerError):
-    """A request failed on this device; ``cause`` says why (timeout, bad envelope, cancel...)."""
+FailureKind = Literal["timeout", "cancelled", "overflow", "transport", "wire", "plan", "internal"]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a pass failed on a device, as data: the leader re-plans without ``device`` (the
+    device a receive waited for in vain, when known) and workers stay quiet on ``cancelled``."""
+
+    kind: FailureKind
+    device: str | None
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}" if self.detail else self.kind
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Failure:
+        if isinstance(exc, TransportTimeout):
+            return cls("timeout", exc.src, str(exc))
+        if isinstance(exc, RequestCancelled):
+            return cls("cancelled", None, str(exc))
+        if isinstance(exc, TransportOverflow):
+            return cls("overflow", None, str(exc))
+        if isinstance(exc, WireError):
+            return cls("wire", None, str(exc))
+        if isinstance(exc, TransportError):
+            return cls("transport", None, str(exc))
+        if isinstance(exc, TimeoutError):
+            return cls("timeout", None, "the pass's deadline passed")
+        if isinstance(exc, PlanError):
+            return cls("plan", None, str(exc))
+        return cls("internal", None, f"{type(exc).__name__}: {exc}")
 
 
 @dataclass(frozen=True)
@@ -75,13 +112,13 @@ class JobResult:
     req: str
     device: str
     output: torch.Tensor | None = None  # coordinator: hidden (encode) or logits (decoder)
-    error: str | None = None
+    failure: Failure | None = None
     seconds: float = 0.0
     bytes_sent: int = 0
 
     @property
     def ok(self) -> bool:
-        return self.error is None
+        return self.failure is None
 
 
 @dataclass
@@ -126,17 +163,19 @@ class Executor:
         """Run this device's part; request-level failures come back as an error result."""
         t0 = time.perf_counter()
         sent0 = self.transport.stats.bytes_sent if hasattr(self.transport, "stats") else 0
+        failure = None
+        out = None
         try:
-            out = await asyncio.wait_for(self._run(job), timeout=job.timeout)
-            error = None
+            # the receives inside time out at the job's deadline and name the silent device; the
+            # outer bound only catches a pass stuck elsewhere, so it waits a little longer
+            out = await asyncio.wait_for(self._run(job), timeout=job.timeout * 1.1 + 0.05)
         except (DetransformerError, TimeoutError) as exc:
-            kind = "deadline exceeded" if isinstance(exc, (TimeoutError, asyncio.TimeoutError)) and not isinstance(exc, DetransformerError) else type(exc).__name__
-            error = f"{kind}: {exc}" if str(exc) else kind
-            out = None
+            failure = Failure.of(exc)
             self.release(job.req)
-            log.warning("request %s failed on %s: %s", job.req, self.me, error)
+            if failure.kind != "cancelled":
+                log.warning("request %s failed on %s: %s", job.req, self.me, failure)
         sent = (self.transport.stats.bytes_sent - sent0) if hasattr(self.transport, "stats") else 0
-        return JobResult(job.req, self.me, out, error, time.perf_counter() - t0, sent)
+        return JobResult(job.req, self.me, out, failure, time.perf_counter() - t0, sent)
 
     def release(self, req: str) -> None:
         """Free the request's caches and anything the transport buffered for it."""

@@ -63,7 +63,7 @@ class LocalCluster:
         if coord.ok:
             failed = [r for r in results if not r.ok]
             if failed:
-                coord.error = failed[0].error
+                coord.failure = failed[0].failure
                 coord.output = None
         return coord
 
@@ -82,7 +82,7 @@ class LocalCluster:
             res = await self.run(plan, "prefill", prompt_ids, req, timeout=timeout)
             for _ in range(max_new_tokens):
                 if not res.ok:
-                    raise DetransformerError(f"request {req} failed: {res.error}")
+                    raise DetransformerError(f"request {req} failed: {res.failure}")
                 logits = res.output[:, -1, :]
                 steps.append(logits)
                 nxt = logits.argmax(-1, keepdim=True)  # (B, 1)

@@ -49,6 +49,9 @@ class ServedModel:
     # the tokenizer / intent head / chat template without the model's weights (model left on
     # ``meta``): what a leader needs to prepare requests and finish results; None: ``loader``
     tools_loader: Callable[[], LoadedServedModel] | None = None
+    # whether this device has the model's files (random models always do): a device that has
+    # them all is preferred as leader, since it never has to stream weights from another
+    installed: Callable[[], bool] = lambda: True
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -113,6 +116,10 @@ class Catalog:
             if tools is None:
                 tools = self._cache[key] = served.tools_loader()
             return tools
+
+    def installed_locally(self) -> bool:
+        """Whether this device holds the files of every model it serves."""
+        return all(served.installed() for served in self.models.values())
 
     def subset(self, names: Sequence[str]) -> Catalog:
         return Catalog({n: self.get(n) for n in names})
@@ -196,6 +203,18 @@ def default_catalog() -> Catalog:
 
     from detransformer_edge.nlu.parser import default_weights_dir
 
+    def installed(name: str) -> Callable[[], bool]:
+        def check() -> bool:
+            from detransformer_edge.errors import ModelNotInstalledError
+            from detransformer_edge.weights.sources import weights_path
+
+            try:
+                return weights_path(name).is_file()
+            except ModelNotInstalledError:
+                return False
+
+        return check
+
     models: dict[str, ServedModel] = {}
     if (default_weights_dir() / "model.safetensors").exists():
         models["intent"] = ServedModel("intent", intent_config, intent_loader, 128, "decoupled MiniLM, intent + slot heads",
@@ -206,9 +225,10 @@ def default_catalog() -> Catalog:
     return Catalog({
         **models,
         "minilm-l6": ServedModel("embed", lambda: get_config("minilm-l6"), embed_loader, 512, "all-MiniLM-L6-v2",
-                                 lazy_source("minilm-l6"), embed_tools),
+                                 lazy_source("minilm-l6"), embed_tools, installed("minilm-l6")),
         "smollm2-135m": ServedModel("generate", lambda: get_config("smollm2-135m"), generate_loader, 2048,
-                                    "SmolLM2-135M-Instruct", lazy_source("smollm2-135m"), generate_tools),
+                                    "SmolLM2-135M-Instruct", lazy_source("smollm2-135m"), generate_tools,
+                                    installed("smollm2-135m")),
     })
 
 

@@ -24,8 +24,8 @@ from typing import Any, TextIO
 
 import aiomqtt
 
-from detransformer_edge.cluster.topics import ClusterTopics
 from detransformer_edge.errors import DetransformerError
+from detransformer_edge.protocol.topics import ClusterTopics
 from detransformer_edge.transport.broker import LocalBroker, free_port, local_broker
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "firmware_profiles"

@@ -30,8 +30,8 @@ from typing import Any
 
 import aiomqtt
 
-from detransformer_edge.cluster.topics import ClusterTopics
 from detransformer_edge.errors import DetransformerError
+from detransformer_edge.protocol.topics import ClusterTopics
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "firmware_profiles"
 PROFILES = ("intel-n100-minipc", "raspberry-pi-5", "raspberry-pi-4b", "smart-speaker-a53")

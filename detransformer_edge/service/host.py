@@ -22,8 +22,8 @@ from detransformer_edge.errors import ConfigError, DetransformerError, ModelNotI
 from detransformer_edge.parallel.executor import Executor, Job, JobResult
 from detransformer_edge.parallel.plan import DeviceWeights
 from detransformer_edge.parallel.shards import DeviceShard, build_shard
+from detransformer_edge.protocol.runs import RunControl
 from detransformer_edge.service.catalog import Catalog
-from detransformer_edge.service.runs import RunControl
 from detransformer_edge.service.weights import (
     WeightSourceError,
     build_selective_shard,
@@ -35,23 +35,6 @@ from detransformer_edge.transport.errors import RequestCancelled
 from detransformer_edge.weights.manifest import WeightIntegrityError
 
 log = logging.getLogger(__name__)
-
-
-def weights_to_dict(w: DeviceWeights) -> dict:
-    return {"embeddings": w.embeddings, "sub_blocks": list(w.sub_blocks),
-            "whole_layers": list(w.whole_layers), "tp_shards": [list(s) for s in w.tp_shards]}
-
-
-def weights_from_dict(d: Mapping) -> DeviceWeights:
-    try:
-        return DeviceWeights(
-            bool(d.get("embeddings", False)),
-            tuple(int(j) for j in d.get("sub_blocks", ())),
-            tuple(int(i) for i in d.get("whole_layers", ())),
-            tuple((int(r), int(k)) for r, k in d.get("tp_shards", ())),
-        )
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise DetransformerError(f"bad weight assignment {d!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -159,6 +142,11 @@ class ModelHost:
         self._runs[ctl.req] = task
         task.add_done_callback(lambda t, r=ctl.req: self._runs.pop(r, None))
 
+    def cancel(self, req: str, reason: str) -> None:
+        """Wake every receive ``req`` is waiting on with ``RequestCancelled`` (a device of its plan
+        went offline); the run's coordinator then fails over at once."""
+        self.transport.cancel(req, reason)
+
     def end(self, req: str) -> None:
         """The leader finished (or abandoned) ``req``: stop waiting for it and free its caches."""
         self.transport.cancel(req, "request ended")
@@ -176,14 +164,14 @@ class ModelHost:
             if ctl.kind == "encode":
                 res = await ex.execute(Job(ctl.req, ctl.plan, "encode", None, mask, timeout=ctl.timeout_s))
                 if not res.ok:
-                    log.warning("run %s failed here: %s", ctl.req, res.error)
+                    log.warning("run %s failed here: %s", ctl.req, res.failure)
                 return
             kind = "prefill"
             for _ in range(ctl.max_passes):
                 res = await ex.execute(Job(ctl.req, ctl.plan, kind, None, None, timeout=ctl.timeout_s))
                 if not res.ok:
-                    if "RequestCancelled" not in (res.error or ""):
-                        log.warning("run %s failed here: %s", ctl.req, res.error)
+                    if res.failure is not None and res.failure.kind != "cancelled":
+                        log.warning("run %s failed here: %s", ctl.req, res.failure)
                     return
                 kind = "decode"
         except RequestCancelled:

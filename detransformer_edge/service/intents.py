@@ -8,10 +8,13 @@ provides a tiny deterministic head for tests.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+
+from detransformer_edge.protocol.codec import ProtocolError
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,26 @@ class IntentResult:
     intent: str | None  # None: not recognised
     confidence: float
     slots: tuple[SlotValue, ...] = field(default_factory=tuple)
+
+
+def intent_to_dict(result: IntentResult) -> dict[str, Any]:
+    """An intent result as plain data (the ``intent`` request's reply)."""
+    return {"intent": result.intent, "confidence": result.confidence,
+            "slots": [{"entity": s.entity, "slot_name": s.slot_name, "value": s.value, "raw_value": s.raw_value,
+                       "start": s.start, "end": s.end, "kind": s.kind} for s in result.slots]}
+
+
+def intent_from_dict(d: Mapping[str, Any]) -> IntentResult:
+    """The inverse of ``intent_to_dict``; ProtocolError for anything else."""
+    try:
+        slots = tuple(SlotValue(s["entity"], s["slot_name"], s["value"], s["raw_value"], int(s["start"]),
+                                int(s["end"]), s.get("kind")) for s in d.get("slots", []))
+        intent = d.get("intent")
+        if intent is not None and not isinstance(intent, str):
+            raise TypeError("intent must be a name or null")
+        return IntentResult(intent, float(d["confidence"]), slots)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ProtocolError(f"intent result: malformed ({exc})") from None
 
 
 @dataclass(frozen=True)

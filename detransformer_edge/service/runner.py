@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from detransformer_edge import __version__
 from detransformer_edge.cluster.config import AgentConfig
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.planner.profile import DeviceProfile, load_profile
+from detransformer_edge.service.plugins import Plugin
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,11 @@ def device_profile(config: AgentConfig, broker: tuple[str, int] | None) -> Devic
     return measure_device(config.id, get_config("minilm-l6"), broker=broker, budget_s=8.0, quiet=True).profile
 
 
-async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None) -> int:
+PluginFactory = Callable[[AgentConfig], Sequence[Plugin]]
+
+
+async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None,
+                    plugins_for: PluginFactory = lambda config: ()) -> int:
     import torch
 
     from detransformer_edge.cluster import discovery
@@ -61,25 +67,17 @@ async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None) -> in
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    async with contextlib.AsyncExitStack() as stack:
-        agent = await stack.enter_async_context(
-            HomeAgent(config, profile, catalog, broker=broker, intent_threshold=opts.intent_threshold,
-                      replicate_all=opts.replicate_all)
-        )
-        if config.dashboard_port:
-            from detransformer_edge.integrations.dashboard import Dashboard, model_layouts
-
-            layouts = await asyncio.to_thread(model_layouts, catalog)
-            dashboard = await stack.enter_async_context(
-                Dashboard(agent.snapshot, host=config.dashboard_host, port=config.dashboard_port, layouts=layouts))
-            agent.leader.listeners.append(dashboard.notify)
-        if config.discovery:
-            try:  # mDNS is a convenience for finding each other; MQTT is the contract
-                await stack.enter_async_context(discovery.ClusterDiscovery(
-                    config.id, config.cluster, __version__, config.dashboard_port or 0))
-            except Exception as exc:
-                log.warning("mDNS announcement unavailable (%s); continuing over MQTT only", exc)
-        log.warning("agent %s running (broker %s:%d, profile %s); Ctrl-C to stop", config.id, *broker, profile.name)
-        await stop.wait()
-        log.warning("agent %s stopping", agent.id)
+    has_models = await asyncio.to_thread(catalog.installed_locally)
+    async with HomeAgent(config, profile, catalog, broker=broker, intent_threshold=opts.intent_threshold,
+                         replicate_all=opts.replicate_all, plugins=plugins_for(config), has_models=has_models) as agent:
+        async with contextlib.AsyncExitStack() as stack:
+            if config.discovery:
+                try:  # mDNS is a convenience for finding each other; MQTT is the contract
+                    await stack.enter_async_context(discovery.ClusterDiscovery(
+                        config.id, config.cluster, __version__, config.dashboard_port or 0))
+                except Exception as exc:
+                    log.warning("mDNS announcement unavailable (%s); continuing over MQTT only", exc)
+            log.warning("agent %s running (broker %s:%d, profile %s); Ctrl-C to stop", config.id, *broker, profile.name)
+            await stop.wait()
+            log.warning("agent %s stopping", agent.id)
     return 0

@@ -1,89 +1,214 @@
-"""Control messages of one distributed request: the leader tells the devices of a plan what to
-run (``P/run/<req>/ctl``) and when it is over (``P/run/<req>/end``). Activations then flow on the
-transport's own topics (``P/run/<req>/<step>/...``)."""
+"""Running one request on the devices of a plan, with the retry.
+
+One ``RunControl`` message starts every other device's part of a run (all passes of a
+generation included); the leader runs its own part on its host; a ``RunEnd`` frees the run
+everywhere. A distributed run that fails (a device timed out, went offline, the transport broke)
+marks the devices it points at not-ready — the failure says which, as data — and is retried
+ONCE on a new plan over the devices still ready (the leader alone when it holds the whole
+model), within the request's time bound; otherwise the caller gets an explicit error. A device
+whose presence goes offline (``mark_gone``) cancels the runs that include it at once.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-from detransformer_edge.cluster.topics import ProtocolError, check_name, load_object
-from detransformer_edge.parallel.plan import Plan, PlanError
+import torch
 
-RunKind = Literal["encode", "generate"]
-MAX_MASK_TOKENS = 8192
+from detransformer_edge.errors import DetransformerError
+from detransformer_edge.model.generation import DecodeLoop
+from detransformer_edge.parallel.executor import Failure, Job, JobKind, JobResult
+from detransformer_edge.parallel.plan import Plan
+from detransformer_edge.protocol.runs import RunControl, RunEnd, RunKind
+from detransformer_edge.protocol.topics import RunTopics
+from detransformer_edge.service.placement import Placements, ServiceError
 
+log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class RunControl:
-    """Start one request on the devices of ``plan`` (QoS 1, JSON)."""
-
-    SCHEMA: ClassVar[str] = "run"
-    req: str
-    model: str  # catalog name
-    kind: RunKind
-    plan: Plan
-    term: int
-    timeout_s: float
-    attention_mask: tuple[tuple[int, ...], ...] | None = None  # encode: (B, T) 1/0
-    max_passes: int = 1  # generate: prefill + decode steps at most
-
-    def __post_init__(self) -> None:
-        check_name(self.req, "request id")
-        check_name(self.model, "model name")
-        if self.kind not in ("encode", "generate"):
-            raise ProtocolError(f"run: unknown kind {self.kind!r}")
-        if not (0 < self.timeout_s <= 3600) or not (1 <= self.max_passes <= 100_000):
-            raise ProtocolError("run: timeout_s must be in (0, 3600] and max_passes in [1, 100000]")
-        if self.attention_mask is not None:
-            if sum(len(r) for r in self.attention_mask) > MAX_MASK_TOKENS:
-                raise ProtocolError("run: attention mask too large")
-            if any(v not in (0, 1) for r in self.attention_mask for v in r):
-                raise ProtocolError("run: attention mask must be 0/1")
-
-    def to_json(self) -> str:
-        return json.dumps({
-            "req": self.req, "model": self.model, "kind": self.kind, "plan": self.plan.to_dict(),
-            "term": self.term, "timeout_s": self.timeout_s, "max_passes": self.max_passes,
-            "attention_mask": None if self.attention_mask is None else [list(r) for r in self.attention_mask],
-        }, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, payload: str | bytes) -> RunControl:
-        d = load_object(payload, cls.SCHEMA, max_bytes=256 * 1024)
-        try:
-            mask = d.get("attention_mask")
-            if mask is not None:
-                if not isinstance(mask, list) or not all(isinstance(r, list) for r in mask):
-                    raise ProtocolError("run: attention_mask must be a list of lists")
-                mask = tuple(tuple(int(v) for v in r) for r in mask)
-            for key, typ in (("req", str), ("model", str), ("kind", str), ("term", int), ("max_passes", int)):
-                if not isinstance(d.get(key), typ) or isinstance(d.get(key), bool):
-                    raise ProtocolError(f"run: {key!r} missing or not a {typ.__name__}")
-            if not isinstance(d.get("timeout_s"), (int, float)):
-                raise ProtocolError("run: 'timeout_s' missing or not a number")
-            return cls(d["req"], d["model"], d["kind"], Plan.from_dict(d.get("plan")), d["term"],
-                       float(d["timeout_s"]), mask, d["max_passes"])
-        except PlanError as exc:
-            raise ProtocolError(f"run: bad plan: {exc}") from None
-        except (TypeError, ValueError, OverflowError) as exc:
-            if isinstance(exc, ProtocolError):
-                raise
-            raise ProtocolError(f"run: malformed: {exc}") from None
+Publish = Callable[[str, bytes, int], Awaitable[None]]
+Sign = Callable[[str, int, bytes], bytes]
 
 
-def ctl_topic(prefix: str, req: str) -> str:
-    return f"{prefix}/run/{req}/ctl"
+class CoordinatorHost(Protocol):
+    """What the coordinator needs of the model host (a fake one in unit tests)."""
+
+    async def run_coordinator(self, model: str, job: Job) -> JobResult: ...
+
+    def end(self, req: str) -> None: ...
+
+    def cancel(self, req: str, reason: str) -> None: ...
 
 
-def end_topic(prefix: str, req: str) -> str:
-    return f"{prefix}/run/{req}/end"
+class RunCoordinator:
+    def __init__(self, me: str, host: CoordinatorHost, placements: Placements, publish: Publish,
+                 run_topics: RunTopics, *, sign: Sign | None = None, term: Callable[[], int] = lambda: 0,
+                 request_timeout_s: float = 60.0) -> None:
+        self.me = me
+        self.host = host
+        self.placements = placements
+        self.publish = publish
+        self.run_topics = run_topics
+        self.sign: Sign = sign or (lambda topic, term, payload: payload)
+        self.term = term  # the lease term now: devices refuse runs of an older one
+        self.request_timeout_s = request_timeout_s
+        self._runs: dict[str, tuple[str, ...]] = {}  # distributed run id -> its other devices
+        self._gone: dict[str, set[str]] = {}  # run id -> devices that went offline during it
+        self.retries = 0  # distributed runs retried after a failure (dashboard, tests)
+
+    # --- membership -------------------------------------------------------------------------------
+
+    def mark_gone(self, device: str) -> None:
+        """``device`` went offline: it leaves the ready set and the runs that need it are
+        cancelled now (their coordinator would otherwise wait for the whole timeout)."""
+        self.placements.mark_not_ready(device)
+        for run, devices in list(self._runs.items()):
+            if device in devices:
+                self._gone.setdefault(run, set()).add(device)
+                self.host.cancel(run, f"device {device} went offline")
+
+    def run_devices(self) -> set[str]:
+        """Devices that in-flight distributed runs depend on."""
+        return {d for devices in self._runs.values() for d in devices}
+
+    # --- one run ----------------------------------------------------------------------------------
+
+    async def start(self, ctl: RunControl) -> None:
+        """Tell the plan's other devices to run their part (nothing to send for a single device)."""
+        if len(ctl.plan.devices) > 1:
+            family = self.run_topics.control
+            topic = family.format(ctl.req)
+            await self.publish(topic, self.sign(topic, ctl.term, family.encode(ctl)), 1)
+
+    async def pass_(self, model: str, run: str, plan: Plan, kind: JobKind, x: torch.Tensor,
+                    mask: torch.Tensor | None, timeout: float) -> JobResult:
+        """The leader's part of one pass; the run's devices are known so ``mark_gone`` can cancel it."""
+        others = tuple(d for d in plan.devices if d != self.me)
+        if others:
+            self._runs[run] = others
+        return await self.host.run_coordinator(model, Job(run, plan, kind, x, mask, timeout=timeout))
+
+    async def end(self, run: str, plan: Plan) -> set[str]:
+        """Free the run everywhere; returns the devices that went offline during it."""
+        self._runs.pop(run, None)
+        gone = self._gone.pop(run, set())
+        self.host.end(run)
+        if len(plan.devices) > 1:
+            try:
+                family, term = self.run_topics.end, self.term()
+                topic = family.format(run)
+                await self.publish(topic, self.sign(topic, term, family.encode(RunEnd(run, term))), 1)
+            except DetransformerError:
+                log.warning("could not publish the end of %s", run)
+        return gone
+
+    def blame(self, plan: Plan, failure: Failure | None, gone: set[str]) -> set[str]:
+        """The devices a failed run points at: those that went offline during it, or the one a
+        receive timed out on. They leave the ready set until their next ``ready`` status."""
+        blamed = set(gone)
+        if failure is not None and failure.device in plan.devices and failure.device != self.me:
+            blamed.add(failure.device)
+        for d in blamed:
+            self.placements.mark_not_ready(d)
+        return blamed
+
+    def control(self, run: str, model: str, kind: RunKind, plan: Plan, timeout: float,
+                mask: tuple[tuple[int, ...], ...] | None = None, max_passes: int = 1) -> RunControl:
+        return RunControl(run, model, kind, plan, self.term(), timeout, mask, max_passes)
+
+    # --- whole requests ---------------------------------------------------------------------------
+
+    async def encode(self, model: str, input_ids: torch.Tensor, mask: torch.Tensor, req: str,
+                     strategy: str = "adaptive", on_plan: Callable[[Plan], None] | None = None) -> torch.Tensor:
+        """The model's encoder hidden states (B, T, d), computed across the chosen devices; a
+        failed distributed run is re-planned and retried once within ``request_timeout_s``."""
+        deadline = time.monotonic() + self.request_timeout_s
+        seq_len = int(input_ids.shape[1])
+        plan, _ = self.placements.choose(model, "encode", seq_len, strategy)
+        run = req
+        mask_rows = tuple(tuple(int(v) for v in row) for row in mask.tolist())
+        for attempt in (0, 1):
+            if on_plan is not None:
+                on_plan(plan)
+            left = deadline - time.monotonic()
+            # a distributed first attempt gets half the budget so that a retry still fits
+            timeout = max(0.05, left / 2 if attempt == 0 and len(plan.devices) > 1 else left)
+            try:
+                await self.start(self.control(run, model, "encode", plan, timeout, mask_rows))
+                res = await self.pass_(model, run, plan, "encode", input_ids, mask, timeout)
+            finally:
+                gone = await self.end(run, plan)
+            if res.ok:
+                assert res.output is not None
+                return res.output
+            if attempt == 1 or len(plan.devices) == 1 or time.monotonic() >= deadline:
+                break
+            blamed = self.blame(plan, res.failure, gone)
+            log.warning("request %s: run on %s failed (%s); retrying without %s", req, plan.describe(), res.failure,
+                        ", ".join(sorted(blamed)) or "changes")
+            plan = self.placements.retry_plan(model, "encode", seq_len, strategy, plan, blamed)
+            run = f"{req}-r"
+            self.retries += 1
+        raise ServiceError("internal", f"distributed run failed: {res.failure}")
+
+    def generation(self, model: str, req: str, strategy: str, loop: DecodeLoop,
+                   on_plan: Callable[[Plan], None] | None = None) -> GenerationRun:
+        return GenerationRun(self, model, req, strategy, loop, on_plan)
 
 
-def parse_run_topic(prefix: str, topic: str) -> tuple[str, str] | None:
-    """``P/run/<req>/ctl`` -> (req, "ctl"); None for anything else."""
-    parts = topic[len(prefix) + 1:].split("/") if topic.startswith(prefix + "/") else []
-    if len(parts) == 3 and parts[0] == "run" and parts[2] in ("ctl", "end"):
-        return parts[1], parts[2]
-    return None
+class GenerationRun:
+    """The passes of one generation on the devices of a plan: ``async with`` it, then ``step()``
+    per token. A failed pass is retried once on a new plan that re-reads everything so far."""
+
+    def __init__(self, coord: RunCoordinator, model: str, req: str, strategy: str, loop: DecodeLoop,
+                 on_plan: Callable[[Plan], None] | None) -> None:
+        self.coord, self.model, self.req, self.strategy, self.loop = coord, model, req, strategy, loop
+        self.on_plan = on_plan or (lambda plan: None)
+        self.run = req
+        self.plan: Plan | None = None
+        self.retried = False
+
+    async def __aenter__(self) -> GenerationRun:
+        await self._begin(self.run, self.coord.placements.choose(self.model, "prefill", self.loop.position,
+                                                                  self.strategy)[0])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.plan is not None:
+            await self.coord.end(self.run, self.plan)
+
+    async def _begin(self, run: str, plan: Plan) -> None:
+        self.run, self.plan = run, plan
+        self.on_plan(plan)
+        passes = self.loop.cfg.max_new_tokens - len(self.loop.tokens)
+        await self.coord.start(self.coord.control(run, self.model, "generate", plan, self.coord.request_timeout_s,
+                                                  None, max(1, passes)))
+
+    async def step(self) -> torch.Tensor:
+        """The logits of the next position, for ``loop.next_input()``."""
+        assert self.plan is not None
+        kind, ids = self.loop.next_input()
+        res = await self.coord.pass_(self.model, self.run, self.plan, kind, torch.tensor([ids]), None,
+                                     self.coord.request_timeout_s)
+        if res.ok:
+            assert res.output is not None
+            return res.output
+        gone = await self.coord.end(self.run, self.plan)
+        if self.retried or len(self.plan.devices) == 1:
+            self.plan = None
+            raise ServiceError("internal", f"distributed run failed: {res.failure}")
+        self.retried = True
+        blamed = self.coord.blame(self.plan, res.failure, gone)
+        log.warning("request %s: generation on %s failed (%s); retrying without %s", self.req,
+                    self.plan.describe(), res.failure, ", ".join(sorted(blamed)) or "changes")
+        self.loop.restart()  # a new plan has no caches: it re-reads the prompt and the tokens so far
+        plan = self.coord.placements.retry_plan(self.model, "prefill", self.loop.position, self.strategy,
+                                                self.plan, blamed)
+        self.coord.retries += 1
+        await self._begin(f"{self.req}-r", plan)
+        return await self.step()
+
+
+__all__: list[Any] = ["CoordinatorHost", "GenerationRun", "RunCoordinator"]

@@ -1,13 +1,8 @@
 """Weights over MQTT, for devices without the model files: the leader streams shard units.
 
-    device -> P/weights/<device>/want    JSON  {model, placement_version, shards, have}
-    leader -> P/weights/<device>/chunk   msgpack {model, shard, index, total, sha256, data}  (QoS 1)
-
-With a cluster key the leader also sends, before the chunks of each shard, a signed manifest::
-
-    leader -> P/weights/<device>/manifest  JSON {model, shard, total, sha256, sig}  (QoS 1)
-
-and the device accepts a shard only when its bytes match the signed SHA-256: the per-chunk
+The messages (a device's ``WeightWant``, the leader's ``WeightChunk``s and, with a cluster key,
+a signed ``WeightManifest`` before the chunks of each shard) are in ``protocol/weights.py``;
+the device accepts a shard only when its bytes match the signed SHA-256: the per-chunk
 SHA-256 catches corruption, the manifest's signature catches a forger on the broker.
 
 A *shard* is one unit of ``service/weights.py`` (``embeddings``, ``sub_block.<j>``, ``layer.<i>``)
@@ -30,27 +25,28 @@ import math
 import os
 import shutil
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import aiomqtt
-import msgpack
 import torch
 
-from detransformer_edge.cluster.signing import CommandSigner, CommandVerifier
-from detransformer_edge.cluster.topics import ProtocolError, check_name, load_object
 from detransformer_edge.errors import ConfigError, DetransformerError
+from detransformer_edge.protocol.codec import ProtocolError
+from detransformer_edge.protocol.signing import CommandSigner, CommandVerifier
+from detransformer_edge.protocol.topics import ClusterTopics
+from detransformer_edge.protocol.weights import (
+    CHUNK_BYTES,
+    MAX_SHARD_BYTES,
+    WeightChunk,
+    WeightManifest,
+    WeightWant,
+)
 from detransformer_edge.service.catalog import Catalog
 from detransformer_edge.service.weights import check_unit, unit_bytes, unit_tensors
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 256 * 1024  # MQTT brokers and small devices handle messages of this size well
-MAX_SHARD_BYTES = 1 << 30  # SmolLM2's largest unit (embeddings + head, float32) is ~113 MB
-MAX_WANT_BYTES = 1 << 22  # a want lists chunk indices: ~4 M chunks at most, far beyond any shard
-MAX_SHARDS_PER_WANT = 256
 
 Publish = Callable[[str, bytes, int], Awaitable[None]]
 
@@ -59,132 +55,8 @@ class WeightTransferError(DetransformerError):
     """Streaming weights from the leader failed (no answer after retries, or bad shards)."""
 
 
-def want_topic(prefix: str, device: str) -> str:
-    return f"{prefix}/weights/{device}/want"
-
-
-def chunk_topic(prefix: str, device: str) -> str:
-    return f"{prefix}/weights/{device}/chunk"
-
-
-def manifest_topic(prefix: str, device: str) -> str:
-    return f"{prefix}/weights/{device}/manifest"
-
-
-def want_filter(prefix: str) -> str:
-    return f"{prefix}/weights/+/want"
-
-
-def want_device(prefix: str, topic: str) -> str | None:
-    """The device of a ``P/weights/<device>/want`` topic; None for any other topic."""
-    head, tail = f"{prefix}/weights/", "/want"
-    if not (topic.startswith(head) and topic.endswith(tail)):
-        return None
-    dev = topic[len(head): -len(tail)]
-    try:
-        return check_name(dev, "device id")
-    except ProtocolError:
-        return None
-
-
 def _sha256_hex(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
-
-
-# --- messages ----------------------------------------------------------------------------------------
-
-
-def _check_model_and_shard(model: Any, shard: Any) -> None:
-    if not isinstance(model, str) or not 0 < len(model) <= 128:
-        raise ProtocolError(f"weights: model must be a name, got {model!r}")
-    if not isinstance(shard, str) or not 0 < len(shard) <= 64 or "/" in shard:
-        raise ProtocolError(f"weights: shard must be a shard id, got {shard!r}")
-
-
-@dataclass(frozen=True)
-class WeightWant:
-    """A device asks for shards of a model, listing the chunk indices it already has."""
-
-    model: str
-    placement_version: int
-    shards: tuple[str, ...]
-    have: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "shards", tuple(self.shards))
-        object.__setattr__(self, "have", {k: tuple(v) for k, v in self.have.items()})
-        if not isinstance(self.placement_version, int) or isinstance(self.placement_version, bool) or self.placement_version < 0:
-            raise ProtocolError(f"weights want: bad placement_version {self.placement_version!r}")
-        if not 1 <= len(self.shards) <= MAX_SHARDS_PER_WANT:
-            raise ProtocolError(f"weights want: 1..{MAX_SHARDS_PER_WANT} shards, got {len(self.shards)}")
-        for s in self.shards:
-            _check_model_and_shard(self.model, s)
-        for s, idx in self.have.items():
-            if s not in self.shards:
-                raise ProtocolError(f"weights want: 'have' names shard {s!r} that is not wanted")
-            if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (1 << 24) for i in idx):
-                raise ProtocolError(f"weights want: chunk indices of {s!r} must be integers >= 0")
-
-    def to_json(self) -> bytes:
-        return json.dumps({"model": self.model, "placement_version": self.placement_version,
-                           "shards": list(self.shards), "have": {k: list(v) for k, v in self.have.items()}}).encode()
-
-    @classmethod
-    def from_json(cls, payload: bytes) -> WeightWant:
-        d = load_object(payload, "weights want", max_bytes=MAX_WANT_BYTES)
-        if not isinstance(d.get("shards"), list) or not isinstance(d.get("have", {}), dict):
-            raise ProtocolError("weights want must be an object with 'shards' (list) and 'have' (object)")
-        have = d.get("have", {})
-        if not all(isinstance(v, list) for v in have.values()):
-            raise ProtocolError("weights want: 'have' maps shard ids to lists of chunk indices")
-        return cls(d.get("model"), d.get("placement_version"), tuple(d["shards"]), have)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class WeightChunk:
-    """Chunk ``index`` of ``total`` of a shard; ``index = -1``: "you have it all" (no data)."""
-
-    model: str
-    shard: str
-    index: int
-    total: int
-    sha256: str  # hex digest of the whole shard
-    data: bytes = b""
-
-    def __post_init__(self) -> None:
-        _check_model_and_shard(self.model, self.shard)
-        for k in ("index", "total"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise ProtocolError(f"weights chunk: {k} must be an integer, got {v!r}")
-        if not 1 <= self.total <= math.ceil(MAX_SHARD_BYTES / 1024):
-            raise ProtocolError(f"weights chunk: total {self.total} out of range")
-        if not -1 <= self.index < self.total:
-            raise ProtocolError(f"weights chunk: index {self.index} not in -1..{self.total - 1}")
-        if not isinstance(self.sha256, str) or len(self.sha256) != 64 or not all(c in "0123456789abcdef" for c in self.sha256):
-            raise ProtocolError("weights chunk: sha256 must be 64 lowercase hex digits")
-        if not isinstance(self.data, bytes) or len(self.data) > CHUNK_BYTES:
-            raise ProtocolError(f"weights chunk: data must be at most {CHUNK_BYTES} bytes")
-        if self.index == -1 and self.data:
-            raise ProtocolError("weights chunk: a 'complete' message (index -1) carries no data")
-
-    def to_bytes(self) -> bytes:
-        packed: bytes = msgpack.packb({"model": self.model, "shard": self.shard, "index": self.index,
-                                       "total": self.total, "sha256": self.sha256, "data": self.data}, use_bin_type=True)
-        return packed
-
-    @classmethod
-    def from_bytes(cls, payload: bytes) -> WeightChunk:
-        if len(payload) > CHUNK_BYTES + 4096:
-            raise ProtocolError(f"weights chunk of {len(payload)} bytes is too large")
-        try:
-            d = msgpack.unpackb(payload, raw=False, strict_map_key=True, max_bin_len=CHUNK_BYTES,
-                                max_str_len=256, max_array_len=16, max_map_len=16, max_ext_len=0)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise ProtocolError(f"weights chunk is not msgpack: {exc}") from None
-        if not isinstance(d, dict) or set(d) != {"model", "shard", "index", "total", "sha256", "data"}:
-            raise ProtocolError("weights chunk must be a map of model, shard, index, total, sha256, data")
-        return cls(d["model"], d["shard"], d["index"], d["total"], d["sha256"], d["data"])
 
 
 # --- the leader's side ---------------------------------------------------------------------------------
@@ -194,7 +66,7 @@ class WeightServer:
     """Answers wants from the leader's local files; one task per (device, model, shard), a newer
     want for the same shard replaces the older one, at most ``max_concurrent`` shards at a time."""
 
-    def __init__(self, catalog: Catalog, publish: Publish, prefix: str, *, chunk_bytes: int = CHUNK_BYTES,
+    def __init__(self, catalog: Catalog, publish: Publish, topics: ClusterTopics, *, chunk_bytes: int = CHUNK_BYTES,
                  max_shard_bytes: int = MAX_SHARD_BYTES, max_concurrent: int = 2,
                  cache_bytes: int = 256 << 20, signer: CommandSigner | None = None,
                  term: Callable[[], int] = lambda: 1) -> None:
@@ -202,7 +74,7 @@ class WeightServer:
         signed for the current lease term."""
         if not 0 < chunk_bytes <= CHUNK_BYTES:
             raise ConfigError(f"chunk_bytes must be 1..{CHUNK_BYTES}")
-        self.catalog, self.publish, self.prefix = catalog, publish, prefix
+        self.catalog, self.publish, self.topics = catalog, publish, topics
         self.chunk_bytes, self.max_shard_bytes, self.cache_bytes = chunk_bytes, max_shard_bytes, cache_bytes
         self.signer, self.term = signer, term
         self._sem = asyncio.Semaphore(max_concurrent)
@@ -260,10 +132,11 @@ class WeightServer:
                 blob, sha = await self._blob(model, shard)
                 total = max(1, math.ceil(len(blob) / self.chunk_bytes))
                 missing = [i for i in range(total) if i not in have]
-                topic = chunk_topic(self.prefix, device)
+                topic = self.topics.chunk_topic(device)
                 if self.signer is not None:
-                    mtopic = manifest_topic(self.prefix, device)
-                    body = json.dumps({"model": model, "shard": shard, "total": total, "sha256": sha})
+                    family = self.topics.weights_manifest
+                    mtopic = family.format(device)
+                    body = family.encode(WeightManifest(model, shard, total, sha))
                     await self.publish(mtopic, self.signer.sign(mtopic, self.term(), body).encode(), 1)
                 if not missing:
                     await self.publish(topic, WeightChunk(model, shard, -1, total, sha).to_bytes(), 1)
@@ -360,13 +233,13 @@ class _Transfer:
 class WeightFetcher:
     """Gets shard units from the leader into ``cache_dir``; ``fetch`` returns their tensors."""
 
-    def __init__(self, device_id: str, catalog: Catalog, publish: Publish, prefix: str, cache_dir: Path, *,
+    def __init__(self, device_id: str, catalog: Catalog, publish: Publish, topics: ClusterTopics, cache_dir: Path, *,
                  max_concurrent: int = 2, timeout_s: float = 10.0, retries: int = 5,
                  max_shard_bytes: int = MAX_SHARD_BYTES, verifier: CommandVerifier | None = None) -> None:
         """``verifier``: with a cluster key, a shard is accepted only when it matches the SHA-256
         of a manifest the leader signed."""
         self.verifier = verifier
-        self.device_id, self.catalog, self.publish, self.prefix = device_id, catalog, publish, prefix
+        self.device_id, self.catalog, self.publish, self.topics = device_id, catalog, publish, topics
         self.cache_dir = Path(cache_dir)
         self.max_concurrent, self.timeout_s, self.retries = max_concurrent, timeout_s, retries
         self.max_chunks = math.ceil(max_shard_bytes / 1024)  # chunks may be as small as 1 KiB
@@ -393,12 +266,9 @@ class WeightFetcher:
             return
         try:
             self.verifier.verify(topic, payload, "weights")  # SignatureError: forged or replayed
-            d = load_object(payload, "weights manifest")
-            model, shard, sha = d.get("model"), d.get("shard"), d.get("sha256")
-            _check_model_and_shard(model, shard)
-            if not isinstance(sha, str) or len(sha) != 64:
-                raise ProtocolError("weights manifest: sha256 must be 64 hex digits")
-        except (ProtocolError, ValueError, UnicodeDecodeError) as exc:
+            manifest = self.topics.weights_manifest.decode(payload)
+            model, shard, sha = manifest.model, manifest.shard, manifest.sha256
+        except ProtocolError as exc:
             log.warning("%s: dropping weights manifest: %s", self.device_id, exc)
             return
         t = self._active.get((model, shard))
@@ -457,7 +327,8 @@ class WeightFetcher:
                 if t.have:
                     log.info("%s: resuming %s/%s with %d/%s chunks kept", self.device_id, model, unit, len(t.have), t.total)
                 want = WeightWant(model, version, (unit,), {unit: tuple(sorted(t.have))})
-                await self.publish(want_topic(self.prefix, self.device_id), want.to_json(), 1)
+                family = self.topics.weights_want
+                await self.publish(family.format(self.device_id), family.encode(want), 1)
                 heard = False  # anything from the leader since this want
                 while not ((t.received_all() and heard) or t.complete_notice):
                     try:

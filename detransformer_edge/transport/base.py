@@ -212,9 +212,7 @@ class Mailbox:
             async with asyncio.timeout(timeout):
                 return await fut
         except TimeoutError:
-            raise TransportTimeout(
-                f"no message {(req, step)} from {src!r} within {timeout} s"
-            ) from None
+            raise TransportTimeout(f"no message {(req, step)} from {src!r} within {timeout} s", src) from None
         finally:
             if self._waiters.get(key) is fut:
                 del self._waiters[key]

@@ -20,7 +20,11 @@ class TransportError(DetransformerError):
 
 
 class TransportTimeout(TransportError, TimeoutError):
-    """A message did not arrive in time; the message names the key and the sender."""
+    """A message did not arrive in time; ``src`` is the device it was expected from."""
+
+    def __init__(self, message: str, src: str | None = None) -> None:
+        super().__init__(message)
+        self.src = src
 
 
 class RequestCancelled(TransportError):

@@ -1,18 +1,13 @@
-"""MQTT transport over aiomqtt (MQTT 3.1.1 baseline, 5 where the broker offers it).
+"""MQTT transport: activations over the device's one MQTT session (``transport/session.py``).
 
-Topics (``P`` is the cluster prefix, e.g. ``detransformer/home``)::
-
-    P/run/<req>/<step>/<src>/to/<dst>             one device
-    P/run/<req>/<step>/<src>/all/<d1>,<d2>,...    fan-out: ONE publish, the broker copies it
-
-Each device subscribes once, at start, to two wildcards: ``P/run/+/+/+/to/<me>`` (its inbox)
-and ``P/run/+/+/+/all/+`` (every fan-out). Why not subscribe per request: MQTT 3.1.1 gives a
-publisher no way to know that a fresh subscription is active, so per-request subscriptions
-would need an extra barrier round trip per request. With the fixed wildcards a device is
-ready as soon as ``start()`` returns. The price is that a fan-out also reaches devices not
-in the receiver list (and, on 3.1.1, the sender itself: no "no local" option); they drop it
-on the topic alone without decoding. With MQTT 5 the fan-out subscription sets
-``no_local`` so the sender's own copy is not sent back.
+The topics come from the ``ActivationTopics`` it is given (``protocol.topics.RunTopics``, the one
+place they are built): every device subscribes once, at start, to its inbox and to every
+fan-out. Why not subscribe per request: MQTT 3.1.1 gives a publisher no way to know that a
+fresh subscription is active, so per-request subscriptions would need an extra barrier round
+trip per request. With the fixed wildcards a device is ready as soon as ``start()`` returns.
+The price is that a fan-out also reaches devices not in its receiver list (and, on 3.1.1, the
+sender itself: no "no local" option); they drop it on the topic alone without decoding. With
+MQTT 5 the fan-out subscription sets ``no_local`` so the sender's own copy is not sent back.
 
 Activations are QoS 0: a lost message surfaces as a request-level timeout, which the
 executor retries or re-plans; QoS 1 would double the round trips on every hop.
@@ -20,182 +15,111 @@ executor retries or re-plans; QoS 1 would double the round trips on every hop.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import socket
 import ssl
 import uuid
-from typing import Literal
-
-import aiomqtt
-from paho.mqtt.subscribeoptions import SubscribeOptions
+from typing import Literal, Protocol
 
 from detransformer_edge.transport.base import MailboxLimits, Transport
 from detransformer_edge.transport.errors import TransportClosed, TransportError
+from detransformer_edge.transport.session import MqttSession, NotConnectedError, SessionSettings
 
-__all__ = ["MqttTransport", "run_topic"]
+__all__ = ["ActivationTopics", "MqttTransport"]
 
 log = logging.getLogger(__name__)
 
 _QOS_ACTIVATION = 0
-_RECONNECT_MIN_S = 0.1  # after a lost connection: retry quickly, then back off
-_RECONNECT_MAX_S = 2.0
 
 
-def run_topic(prefix: str, req: str, step: str, src: str, dsts: list[str]) -> str:
-    """Topic of one activation message; a single receiver uses ``to``, several ``all``."""
-    if len(dsts) == 1:
-        return f"{prefix}/run/{req}/{step}/{src}/to/{dsts[0]}"
-    return f"{prefix}/run/{req}/{step}/{src}/all/{','.join(dsts)}"
+class ActivationAddress(Protocol):
+    req: str
+    step: str
+    src: str
+    dsts: tuple[str, ...]
+
+
+class ActivationTopics(Protocol):
+    """Where activations go (``protocol.topics.RunTopics``)."""
+
+    def activation(self, req: str, step: str, src: str, dsts: list[str] | tuple[str, ...]) -> str: ...
+
+    def inbox_filters(self, device_id: str) -> tuple[str, str]: ...
+
+    def parse_activation(self, topic: str) -> ActivationAddress | None: ...
 
 
 class MqttTransport(Transport):
-    """One device's endpoint: one aiomqtt client and one dispatch task."""
+    """One device's endpoint on an MQTT session (the agent's own, or one made by ``connect``)."""
 
-    def __init__(
-        self,
+    def __init__(self, device_id: str, session: MqttSession, topics: ActivationTopics, *,
+                 limits: MailboxLimits | None = None, owns_session: bool = False,
+                 connect_timeout_s: float = 10.0) -> None:
+        super().__init__(device_id, limits)
+        self.session = session
+        self.topics = topics
+        self._owns_session = owns_session
+        self._connect_timeout_s = connect_timeout_s  # own session: how long start() waits for the broker
+
+    @classmethod
+    def connect(
+        cls,
         device_id: str,
-        hostname: str = "127.0.0.1",
-        port: int = 1883,
+        hostname: str,
+        port: int,
+        topics: ActivationTopics,
         *,
-        prefix: str = "detransformer/home",
         protocol: Literal["3.1.1", "5"] = "3.1.1",
         username: str | None = None,
         password: str | None = None,
         keepalive: int = 30,
         limits: MailboxLimits | None = None,
         tls_context: ssl.SSLContext | None = None,
-    ):
-        super().__init__(device_id, limits)
-        if not prefix or any(c in prefix for c in "+#") or prefix.endswith("/"):
-            raise TransportError(f"invalid topic prefix {prefix!r}: no wildcards, no trailing /")
+        connect_timeout_s: float = 10.0,
+    ) -> MqttTransport:
+        """A transport with an MQTT session of its own (tools, benchmarks and tests)."""
         if protocol not in ("3.1.1", "5"):
             raise TransportError(f"protocol must be '3.1.1' or '5', got {protocol!r}")
-        self.hostname = hostname
-        self.port = port
-        self.prefix = prefix
-        self.protocol = protocol
-        self._username = username
-        self._password = password
-        self._keepalive = keepalive
-        self._tls_context = tls_context  # None: plain MQTT
-        self._run_prefix = f"{prefix}/run/"
-        self._client: aiomqtt.Client | None = None
-        self._dispatch_task: asyncio.Task[None] | None = None
+        settings = SessionSettings(hostname, port, f"dte-{device_id}-{uuid.uuid4().hex[:8]}", username, password,
+                                   protocol, keepalive, tls_context, reconnect_min_s=0.1, reconnect_max_s=2.0)
+        return cls(device_id, MqttSession(settings), topics, limits=limits, owns_session=True,
+                   connect_timeout_s=connect_timeout_s)
 
     async def _start(self) -> None:
-        client = await self._connect()
-        self._dispatch_task = asyncio.create_task(
-            self._dispatch(client), name=f"mqtt-dispatch-{self.device_id}"
-        )
+        inbox, fan_out = self.topics.inbox_filters(self.device_id)
+        self.session.subscribe(inbox, self._on_message, _QOS_ACTIVATION)
+        self.session.subscribe(fan_out, self._on_message, _QOS_ACTIVATION, no_local=True)
+        self.session.on_disconnect(self._lost)
+        if self._owns_session:
+            self.session.start()
+            try:
+                await self.session.wait_connected(self._connect_timeout_s)
+            except TimeoutError as exc:
+                await self.session.close()
+                s = self.session.settings
+                raise TransportError(f"device {self.device_id!r} cannot connect to MQTT broker {s.host}:{s.port} "
+                                     f"(MQTT {s.protocol}) within {self._connect_timeout_s:g} s") from exc
 
-    async def _connect(self) -> aiomqtt.Client:
-        v5 = self.protocol == "5"
-        client = aiomqtt.Client(
-            self.hostname,
-            self.port,
-            identifier=f"dte-{self.device_id}-{uuid.uuid4().hex[:8]}",
-            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            clean_session=None if v5 else True,
-            username=self._username,
-            password=self._password,
-            keepalive=self._keepalive,
-            tls_context=self._tls_context,
-            logger=logging.getLogger(f"{__name__}.paho"),
-            # Nagle + delayed ACK hold a small message that follows another for ~40 ms;
-            # a reduce-scatter sends n-1 messages back to back, so turn Nagle off.
-            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-        )
-        try:
-            await client.__aenter__()
-        except aiomqtt.MqttError as e:
-            raise TransportError(
-                f"device {self.device_id!r} cannot connect to MQTT broker "
-                f"{self.hostname}:{self.port} ({self.protocol}): {e}"
-            ) from e
-        self._client = client
-        try:
-            base = f"{self.prefix}/run/+/+/+"
-            await client.subscribe(f"{base}/to/{self.device_id}", qos=_QOS_ACTIVATION)
-            await client.subscribe(
-                f"{base}/all/+",
-                qos=_QOS_ACTIVATION,
-                options=SubscribeOptions(qos=_QOS_ACTIVATION, noLocal=True) if v5 else None,
-            )
-        except aiomqtt.MqttError as e:
-            await self._disconnect()
-            raise TransportError(f"subscribe failed on {self.hostname}:{self.port}: {e}") from e
-        return client
+    def _lost(self) -> None:
+        """The link dropped: every pending receive fails now (its request is lost); the session
+        reconnects by itself and later requests work again."""
+        log.warning("device %s lost the broker connection", self.device_id)
+        self._mailbox.interrupt(TransportError("broker connection lost"))
 
     async def _close(self) -> None:
-        task, self._dispatch_task = self._dispatch_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._disconnect()
-
-    async def _disconnect(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(aiomqtt.MqttError, OSError):
-                await client.__aexit__(None, None, None)
+        if self._owns_session:
+            await self.session.close()
 
     async def _send(self, dsts: list[str], req: str, step: str, payload: bytes) -> None:
-        if self._client is None:
-            raise TransportClosed(f"transport {self.device_id!r} is not connected")
-        topic = run_topic(self.prefix, req, step, self.device_id, dsts)
+        topic = self.topics.activation(req, step, self.device_id, dsts)
         try:
-            await self._client.publish(topic, payload, qos=_QOS_ACTIVATION)
-        except aiomqtt.MqttError as e:
-            raise TransportError(f"publish to {topic} failed: {e}") from e
+            await self.session.publish(topic, payload, qos=_QOS_ACTIVATION)
+        except NotConnectedError as exc:
+            raise TransportClosed(f"transport {self.device_id!r}: {exc}") from exc
 
-    async def _dispatch(self, client: aiomqtt.Client) -> None:
-        """Route every incoming message into the mailbox. If the link drops, fail the pending
-        receives (their requests are lost) and reconnect with backoff until it is back."""
-        attempt = 0
-        while True:
-            try:
-                async for message in client.messages:
-                    payload = message.payload
-                    if not isinstance(payload, bytes | bytearray):
-                        continue
-                    try:
-                        self._on_message(message.topic.value, bytes(payload))
-                    except Exception:  # one bad message must not kill the device's inbox
-                        log.exception(
-                            "device %s: dropping message on %s", self.device_id, message.topic
-                        )
-            except aiomqtt.MqttError as e:
-                log.warning("device %s lost the broker connection: %s", self.device_id, e)
-                self._mailbox.interrupt(TransportError(f"broker connection lost: {e}"))
-            await self._disconnect()
-            while True:
-                await asyncio.sleep(min(_RECONNECT_MAX_S, _RECONNECT_MIN_S * 2**attempt))
-                attempt = min(attempt + 1, 16)
-                try:
-                    client = await self._connect()
-                except TransportError as e:
-                    log.debug("device %s: reconnect failed: %s", self.device_id, e)
-                    continue
-                log.info("device %s reconnected to the broker", self.device_id)
-                attempt = 0
-                break
-
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        if not topic.startswith(self._run_prefix):
-            self.stats.dropped_unwanted += 1
-            return
-        parts = topic[len(self._run_prefix) :].split("/")
-        if len(parts) != 5:
-            self.stats.dropped_unwanted += 1
-            return
-        req, step, src, kind, dst = parts
+    def _on_message(self, topic: str, payload: bytes, _properties: object = None) -> None:
+        address = self.topics.parse_activation(topic)
         me = self.device_id
-        if src == me or not (
-            (kind == "to" and dst == me) or (kind == "all" and me in dst.split(","))
-        ):
-            self.stats.dropped_unwanted += 1  # own echo or a fan-out for other devices
+        if address is None or address.src == me or me not in address.dsts:
+            self.stats.dropped_unwanted += 1  # not an activation, our own echo, or for others
             return
-        self._mailbox.deliver(req, step, src, payload)
+        self._mailbox.deliver(address.req, address.step, address.src, payload)

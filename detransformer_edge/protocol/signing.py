@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from detransformer_edge.cluster.topics import ProtocolError, check_name, load_object
+from detransformer_edge.protocol.codec import ProtocolError, check_name, load_object
 
 SIG_FIELD = "sig"
 MIN_KEY_CHARS = 16  # shorter keys are accepted with a warning: a home LAN is not a bank

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from detransformer_edge.cluster.topics import (
+from detransformer_edge.errors import DetransformerError
+from detransformer_edge.protocol.codec import ProtocolError
+from detransformer_edge.protocol.messages import (
     Assignment,
-    ClusterTopics,
     DeviceStatus,
     LeaderLease,
     Presence,
     ProfileRecord,
-    ProtocolError,
     Reply,
     ReplyError,
     Request,
 )
-from detransformer_edge.errors import DetransformerError
+from detransformer_edge.protocol.topics import ClusterTopics
 
 T = ClusterTopics("home")
 
@@ -83,10 +85,10 @@ def test_topic_strings_and_matching() -> None:
         (DeviceStatus, b'{"id":"a","ready":true,"role":"leader","load":0,"rss_mb":0,"placement_version":0,"sub_blocks":[[1]]}', "sub_blocks"),
         (LeaderLease, b'{"id":"a","term":0,"expires_at":1,"lease_s":1,"session":"s"}', "term"),
         (LeaderLease, b'{"id":"a","term":1.5,"expires_at":1,"lease_s":1,"session":"s"}', "integer"),
-        (LeaderLease, b'{"id":"a","term":1,"expires_at":NaN,"lease_s":1,"session":"s"}', "finite"),
+        (LeaderLease, b'{"id":"a","term":1,"expires_at":NaN,"lease_s":1,"session":"s"}', "NaN is not a JSON number"),
         (Request, b'{"id":"r","reply_to":"a/#","op":"embed","input":"x"}', "wildcards"),
         (Request, b'{"id":"r","reply_to":"a","op":"train","input":"x"}', "'op'"),
-        (Request, b'{"id":"r","reply_to":"a","op":"generate","input":["x"]}', "single prompt"),
+        (Request, b'{"id":"r","reply_to":"a","op":"generate","input":["x"]}', "single string"),
         (Request, b'{"id":"r","reply_to":"a","op":"embed"}', "'input'"),
         (Request, b'{"id":"r","reply_to":"a","op":"embed","input":"x","params":{"a":[1]}}', "params"),
         (Reply, b'{"id":"r"}', "'result'"),
@@ -120,3 +122,40 @@ def test_profile_record_from_planner_profile() -> None:
     back = ProfileRecord.from_json(rec.to_json())
     assert back == rec
     assert profile_from_dict(dict(back.planner)).name == "kitchen-pi"
+
+
+# --- the run topics and the messages moved into protocol/ --------------------------------------------
+
+
+def test_run_topics_build_and_parse_every_activation_address() -> None:
+    from detransformer_edge.protocol.topics import ActivationAddress, RunTopics
+
+    run = RunTopics("detransformer/home")
+    one = run.activation("r1", "p0.ag.3", "dev0", ["dev1"])
+    fan = run.activation("r1", "p0.ag.3", "dev0", ["dev1", "dev2"])
+    assert one == "detransformer/home/run/r1/p0.ag.3/dev0/to/dev1"
+    assert run.parse_activation(one) == ActivationAddress("r1", "p0.ag.3", "dev0", ("dev1",))
+    assert run.parse_activation(fan) == ActivationAddress("r1", "p0.ag.3", "dev0", ("dev1", "dev2"))
+    inbox, fan_out = run.inbox_filters("dev1")
+    assert inbox == "detransformer/home/run/+/+/+/to/dev1" and fan_out.endswith("/all/+")
+    for other in (run.control.format("r1"), run.end.format("r1"), "detransformer/home/run/r1/x/y/via/z",
+                  "detransformer/other/run/r1/s/a/to/b", "detransformer/home/leader"):
+        assert run.parse_activation(other) is None, other
+    assert run.control.match("detransformer/home/run/r1/ctl") == "r1"
+    assert run.end.match("detransformer/home/run/r1/ctl") is None
+
+
+def test_new_messages_round_trip() -> None:
+    from detransformer_edge.protocol.messages import LogEntry, TokenEvent
+    from detransformer_edge.protocol.runs import RunEnd
+    from detransformer_edge.protocol.weights import WeightManifest
+
+    for msg in (RunEnd("r1", 7), WeightManifest("m", "layer.1", 3, "ab" * 32), TokenEvent("q1", 2, " Paris"),
+                LogEntry("i1-abc", "intent", "lights on", 1.7e9, "single on dev0", 12.5, "TurnOnLight (0.98)",
+                         None, "q1")):
+        assert type(msg).from_json(msg.to_json()) == msg
+    assert TokenEvent.is_event(json.loads(TokenEvent("q", 1, "x").to_json()))
+    with pytest.raises(ProtocolError):
+        WeightManifest("m", "layer.1", 3, "AB" * 32)  # upper-case hex is not what the leader writes
+    with pytest.raises(ProtocolError):
+        RunEnd.from_json(b'{"req": "a/b", "term": 1}')

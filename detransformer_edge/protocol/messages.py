@@ -1,193 +1,34 @@
-"""Typed cluster topics: every MQTT topic string is bound to the message schema it carries.
-
-Publishing goes through `TopicFamily.format(...)` + `Message.to_json()`, parsing through
-`TopicFamily.match(topic)` + `Message.from_json(payload)`, so the two can't drift apart.
-Parsing never returns `None` for a bad payload: it raises `ProtocolError` (a
-`DetransformerError`) whose message names the topic schema and the offending field.
-
-Prefix `P = detransformer/<cluster>`; see docs/API.md for the full table.
-"""
+"""The cluster's control messages (docs/API.md): device records, the leader lease, assignments,
+requests and replies. Each is a frozen, validated dataclass read and written by the one codec of
+``protocol/codec.py``; ``protocol/topics.py`` binds each to its topic."""
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Self, TypeVar
+from typing import Any, ClassVar, Self
 
-from detransformer_edge.errors import DetransformerError
+from detransformer_edge.protocol.codec import (
+    Message,
+    ProtocolError,
+    check_name,
+    check_num,
+    check_publish_topic,
+    missing_field,
+    opt_num,
+    opt_str,
+    req_bool,
+    req_int,
+    req_num,
+    req_str,
+)
 
-ROOT = "detransformer"
 PRESENCE_ONLINE = "online"
 PRESENCE_OFFLINE = "offline"
-# ids and cluster names become topic levels and HA object ids: keep them boring
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-REQUEST_OPS = ("generate", "embed")
+REQUEST_OPS = ("generate", "embed", "intent")
 ROLES = ("leader", "follower", "starting")
 ERROR_CODES = ("bad_request", "not_leader", "busy", "timeout", "unsupported", "internal")
-MAX_JSON_BYTES = 4 << 20  # a cluster message is far smaller; refuse floods before parsing
-MAX_INT = 2**53 - 1  # larger integers are not portable in JSON (I-JSON), and no term gets there
-
-
-class ProtocolError(DetransformerError, ValueError):
-    """A message on the wire does not match its topic's schema."""
-
-
-def check_name(value: str, what: str) -> str:
-    """Validate a device id / cluster name used as a topic level."""
-    if not isinstance(value, str) or not _NAME_RE.match(value):
-        raise ProtocolError(
-            f"{what} {value!r} is not valid: use 1-64 characters from A-Z a-z 0-9 _ . - "
-            "starting with a letter or digit (it becomes an MQTT topic level)"
-        )
-    return value
-
-
-def check_publish_topic(value: str, what: str) -> str:
-    """A topic a message may be published to: non-empty, no wildcards, no NUL."""
-    if not isinstance(value, str) or not value or len(value) > 512:
-        raise ProtocolError(f"{what} must be a non-empty topic string of at most 512 characters")
-    if any(c in value for c in "+#\x00"):
-        raise ProtocolError(f"{what} {value!r} must not contain the wildcards '+' or '#' or NUL")
-    return value
-
-
-# ---------------------------------------------------------------------------- field readers
-
-
-def _no_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not a JSON number")
-
-
-def _finite_float(token: str) -> float:
-    value = float(token)
-    if not math.isfinite(value):  # 1e999 overflows to inf: the service could never send it back
-        raise ValueError(f"number {token[:20]} is out of range")
-    return value
-
-
-def strict_loads(payload: str | bytes | bytearray, schema: str, max_bytes: int = MAX_JSON_BYTES) -> Any:
-    """Decode JSON the way the service writes it, or raise ProtocolError naming the schema.
-
-    Python's json accepts NaN, Infinity and numbers that overflow to infinity; none of them is
-    JSON (RFC 8259) and the service cannot send them back (``allow_nan=False``), so a message
-    carrying one is refused here rather than failing later when a reply is encoded."""
-    if not isinstance(payload, (str, bytes, bytearray)):
-        raise ProtocolError(f"{schema}: payload must be text or bytes, got {type(payload).__name__}")
-    if len(payload) > max_bytes:
-        raise ProtocolError(f"{schema}: payload of {len(payload)} bytes is too large "
-                            f"(at most {max_bytes})")
-    try:
-        text = payload.decode("utf-8") if isinstance(payload, (bytes, bytearray)) else payload
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, NaN, too many digits, too deep
-        raise ProtocolError(f"{schema}: payload is not valid UTF-8 JSON ({exc})") from exc
-
-
-def load_object(payload: str | bytes | bytearray, schema: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
-    """Decode a JSON object payload or raise ProtocolError naming the schema."""
-    data = strict_loads(payload, schema, max_bytes)
-    if not isinstance(data, dict):
-        raise ProtocolError(f"{schema}: payload must be a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _missing(schema: str, key: str) -> ProtocolError:
-    return ProtocolError(f"{schema}: missing required field {key!r}")
-
-
-def req_str(d: Mapping[str, Any], key: str, schema: str, *, allow_empty: bool = False) -> str:
-    if key not in d:
-        raise _missing(schema, key)
-    v = d[key]
-    if not isinstance(v, str) or (not allow_empty and not v):
-        raise ProtocolError(f"{schema}: field {key!r} must be a non-empty string, got {v!r}")
-    return v
-
-
-def opt_str(d: Mapping[str, Any], key: str, schema: str, default: str = "") -> str:
-    v = d.get(key, default)
-    if v is None:
-        return default
-    if not isinstance(v, str):
-        raise ProtocolError(f"{schema}: field {key!r} must be a string, got {v!r}")
-    return v
-
-
-def req_num(d: Mapping[str, Any], key: str, schema: str, *, minimum: float | None = None) -> float:
-    if key not in d:
-        raise _missing(schema, key)
-    return _num(d[key], key, schema, minimum)
-
-
-def _num(v: Any, key: str, schema: str, minimum: float | None) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
-        raise ProtocolError(f"{schema}: field {key!r} must be a finite number, got {v!r}")
-    if minimum is not None and v < minimum:
-        raise ProtocolError(f"{schema}: field {key!r} must be >= {minimum}, got {v!r}")
-    return float(v)
-
-
-def _finite(v: float) -> bool:
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int too large for a float
-        return False
-
-
-def opt_num(d: Mapping[str, Any], key: str, schema: str, *, minimum: float | None = None) -> float | None:
-    v = d.get(key)
-    return None if v is None else _num(v, key, schema, minimum)
-
-
-def req_int(d: Mapping[str, Any], key: str, schema: str, *, minimum: int | None = None) -> int:
-    if key not in d:
-        raise _missing(schema, key)
-    v = d[key]
-    if isinstance(v, bool) or not isinstance(v, int) or abs(v) > MAX_INT:
-        raise ProtocolError(f"{schema}: field {key!r} must be an integer of at most 2^53 - 1, "
-                            f"got {str(v)[:40]!r}")
-    if minimum is not None and v < minimum:
-        raise ProtocolError(f"{schema}: field {key!r} must be >= {minimum}, got {v!r}")
-    return v
-
-
-def req_bool(d: Mapping[str, Any], key: str, schema: str) -> bool:
-    if key not in d:
-        raise _missing(schema, key)
-    v = d[key]
-    if not isinstance(v, bool):
-        raise ProtocolError(f"{schema}: field {key!r} must be true or false, got {v!r}")
-    return v
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), sort_keys=True, allow_nan=False)
-
-
-# ---------------------------------------------------------------------------- messages
-
-
-class Message:
-    """Base of wire messages: frozen dataclasses with `to_json` / `from_json`."""
-
-    SCHEMA: ClassVar[str] = "message"
-
-    def to_dict(self) -> dict[str, Any]:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Self:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def to_json(self) -> str:
-        return _dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, payload: str | bytes | bytearray) -> Self:
-        return cls.from_dict(load_object(payload, cls.SCHEMA))
 
 
 @dataclass(frozen=True)
@@ -233,15 +74,17 @@ class ProfileRecord(Message):
     score: float  # capability score; higher leads (planner DeviceProfile.capability_score)
     version: str = ""  # agent software version
     planner: Mapping[str, Any] = field(default_factory=dict)
+    has_models: bool = False  # the device holds the model files itself (preferred as leader)
 
     def __post_init__(self) -> None:
         check_name(self.id, "device id")
         for key in ("gflops", "mem_mb", "link_mbit", "score"):
-            _num(getattr(self, key), key, self.SCHEMA, 0.0)
+            check_num(getattr(self, key), key, self.SCHEMA, 0.0)
 
     @classmethod
     def from_device_profile(
-        cls, device_id: str, profile: Any, *, name: str = "", device_class: str = "", version: str = ""
+        cls, device_id: str, profile: Any, *, name: str = "", device_class: str = "", version: str = "",
+        has_models: bool = False,
     ) -> ProfileRecord:
         """Build the record from a `detransformer_edge.planner.profile.DeviceProfile`."""
         from dataclasses import replace
@@ -259,6 +102,7 @@ class ProfileRecord(Message):
             score=float(profile.capability_score),
             version=version,
             planner=profile_to_dict(own),
+            has_models=has_models,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -272,6 +116,7 @@ class ProfileRecord(Message):
             "score": self.score,
             "version": self.version,
             "planner": dict(self.planner),
+            "has_models": self.has_models,
         }
 
     @classmethod
@@ -290,6 +135,7 @@ class ProfileRecord(Message):
             score=req_num(d, "score", s, minimum=0),
             version=opt_str(d, "version", s),
             planner=planner,
+            has_models=req_bool(d, "has_models", s) if "has_models" in d else False,
         )
 
 
@@ -326,6 +172,7 @@ class DeviceStatus(Message):
     last_latency_ms: float | None = None  # wall time of the last request this device served
     ts: float = 0.0  # unix time of the sample
     weights_percent: float | None = None  # streaming weights from the leader: percent received
+    loading: bool = False  # reading or receiving model weights right now
 
     def __post_init__(self) -> None:
         check_name(self.id, "device id")
@@ -344,6 +191,7 @@ class DeviceStatus(Message):
             "last_latency_ms": self.last_latency_ms,
             "ts": self.ts,
             **({} if self.weights_percent is None else {"weights_percent": self.weights_percent}),
+            **({"loading": True} if self.loading else {}),
         }
 
     @classmethod
@@ -360,6 +208,7 @@ class DeviceStatus(Message):
             last_latency_ms=opt_num(d, "last_latency_ms", s, minimum=0),
             ts=opt_num(d, "ts", s) or 0.0,
             weights_percent=opt_num(d, "weights_percent", s, minimum=0),
+            loading=req_bool(d, "loading", s) if "loading" in d else False,
         )
 
 
@@ -449,7 +298,9 @@ class Request(Message):
     """`P/request` (client → leader, QoS 1): a general request.
 
     `op` "generate": `input` is the prompt string; params e.g. max_new_tokens, temperature.
-    `op` "embed": `input` is a string or a list of strings. The reply goes to `reply_to` with
+    `op` "embed": `input` is a string or a list of strings.
+    `op` "intent": `input` is one utterance; the result is the intent with its slots (a follower
+    forwards a voice query this way). The reply goes to `reply_to` with
     the same `id` (on MQTT v5 the ResponseTopic / CorrelationData properties are honoured too)."""
 
     SCHEMA: ClassVar[str] = "request"
@@ -465,8 +316,8 @@ class Request(Message):
         check_publish_topic(self.reply_to, "request: 'reply_to'")
         if self.op not in REQUEST_OPS:
             raise ProtocolError(f"request: 'op' must be one of {REQUEST_OPS}, got {self.op!r}")
-        if self.op == "generate" and not isinstance(self.input, str):
-            raise ProtocolError("request: 'generate' takes a single prompt string as 'input'")
+        if self.op in ("generate", "intent") and not isinstance(self.input, str):
+            raise ProtocolError(f"request: '{self.op}' takes a single string as 'input'")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -487,7 +338,7 @@ class Request(Message):
         elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
             inp = tuple(raw)
         elif "input" not in d:
-            raise _missing(s, "input")
+            raise missing_field(s, "input")
         else:
             raise ProtocolError(f"{s}: 'input' must be a string or a non-empty list of strings")
         params = d.get("params", {})
@@ -561,75 +412,61 @@ class Reply(Message):
         return cls(id=rid, result=res)
 
 
-# ---------------------------------------------------------------------------- topics
+@dataclass(frozen=True)
+class TokenEvent(Message):
+    """A piece of a generation streamed to the request's reply topic (QoS 0) before its final
+    ``Reply``; ``seq`` counts from 1 so a client can spot a lost piece."""
 
-M = TypeVar("M", bound=Message)
+    SCHEMA: ClassVar[str] = "token"
+    id: str
+    seq: int
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "event": "token", "seq": self.seq, "text": self.text}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        s = cls.SCHEMA
+        if d.get("event") != "token":
+            raise ProtocolError(f"{s}: 'event' must be 'token'")
+        return cls(req_str(d, "id", s), req_int(d, "seq", s, minimum=1), req_str(d, "text", s, allow_empty=True))
+
+    @staticmethod
+    def is_event(d: Mapping[str, Any]) -> bool:
+        """Whether a JSON object on a reply topic is a streamed event rather than the Reply."""
+        return "event" in d
 
 
 @dataclass(frozen=True)
-class TopicFamily(Generic[M]):
-    """A topic pattern with one optional `{id}` level, bound to its schema and QoS/retain."""
+class LogEntry(Message):
+    """``P/log`` (QoS 0): one finished request, for dashboards and clients that follow the home."""
 
-    pattern: str  # e.g. "detransformer/home/devices/{id}/presence"
-    schema: type[M]
-    qos: int
-    retain: bool
+    SCHEMA: ClassVar[str] = "log"
+    id: str
+    kind: str  # intent | embed | generate | answer
+    text: str  # the input, cut to 120 characters
+    started: float  # unix time
+    plan: str = ""
+    latency_ms: float | None = None
+    result: str = ""  # cut to 200 characters
+    error: str | None = None
+    client_id: str | None = None  # the caller's id (Hermes query id, request id)
 
-    @property
-    def filter(self) -> str:
-        """Subscription filter: `{id}` becomes `+`."""
-        return self.pattern.replace("{id}", "+")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "text", self.text[:120])
+        object.__setattr__(self, "result", self.result[:200])
 
-    def format(self, device_id: str | None = None) -> str:
-        if "{id}" in self.pattern:
-            if device_id is None:
-                raise ProtocolError(f"topic {self.pattern} needs a device id")
-            return self.pattern.replace("{id}", check_name(device_id, "device id"))
-        return self.pattern
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "client_id": self.client_id, "kind": self.kind, "text": self.text,
+                "started": self.started, "plan": self.plan, "latency_ms": self.latency_ms,
+                "result": self.result, "error": self.error}
 
-    def match(self, topic: str) -> str | None:
-        """Device id if `topic` belongs to this family ("" for id-less topics), else None.
-
-        None here means "not this family" (a routing question), never a parse failure."""
-        if "{id}" not in self.pattern:
-            return "" if topic == self.pattern else None
-        head, tail = self.pattern.split("{id}")
-        if topic.startswith(head) and topic.endswith(tail) and len(topic) > len(head) + len(tail):
-            dev = topic[len(head) : len(topic) - len(tail)]
-            return dev if "/" not in dev else None
-        return None
-
-    def encode(self, message: M) -> bytes:
-        if not isinstance(message, self.schema):
-            raise ProtocolError(
-                f"topic {self.pattern} carries {self.schema.__name__}, not {type(message).__name__}"
-            )
-        return message.to_json().encode("utf-8")
-
-    def decode(self, payload: str | bytes | bytearray) -> M:
-        return self.schema.from_json(payload)
-
-
-class ClusterTopics:
-    """All topics of one cluster, prefix `detransformer/<cluster>`."""
-
-    def __init__(self, cluster: str, root: str = ROOT) -> None:
-        check_name(cluster, "cluster name")
-        self.cluster = cluster
-        self.prefix = f"{root}/{cluster}"
-        p = self.prefix
-        self.presence = TopicFamily(f"{p}/devices/{{id}}/presence", Presence, qos=1, retain=True)
-        self.profile = TopicFamily(f"{p}/devices/{{id}}/profile", ProfileRecord, qos=1, retain=True)
-        self.status = TopicFamily(f"{p}/devices/{{id}}/status", DeviceStatus, qos=0, retain=True)
-        self.leader = TopicFamily(f"{p}/leader", LeaderLease, qos=1, retain=True)
-        self.assign = TopicFamily(f"{p}/assign/{{id}}", Assignment, qos=1, retain=False)
-        self.request = TopicFamily(f"{p}/request", Request, qos=1, retain=False)
-        self.reply = TopicFamily(f"{p}/replies/{{id}}", Reply, qos=1, retain=False)
-
-    def default_reply_to(self, client_id: str) -> str:
-        """Conventional reply topic for a client: `P/replies/<client_id>`."""
-        return self.reply.format(client_id)
-
-    def run(self, request_id: str) -> str:
-        """Per-request topic root for plan/activations/results (owned by the executor)."""
-        return f"{self.prefix}/run/{check_name(request_id, 'request id')}"
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        s = cls.SCHEMA
+        err, cid = d.get("error"), d.get("client_id")
+        if err is not None and not isinstance(err, str) or cid is not None and not isinstance(cid, str):
+            raise ProtocolError(f"{s}: 'error' and 'client_id' must be strings or null")
+        return cls(req_str(d, "id", s), req_str(d, "kind", s), opt_str(d, "text", s), req_num(d, "started", s),
+                   opt_str(d, "plan", s), opt_num(d, "latency_ms", s, minimum=0), opt_str(d, "result", s), err, cid)
