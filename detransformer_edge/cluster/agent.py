@@ -25,18 +25,17 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import math
 import os
 import ssl
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from detransformer_edge.cluster import election
 from detransformer_edge.cluster.config import AgentConfig
+from detransformer_edge.cluster.leadership import Leadership
 from detransformer_edge.cluster.membership import Membership, MembershipView, WorkState
 from detransformer_edge.cluster.requests import RequestDesk
 from detransformer_edge.errors import ConfigError, DetransformerError
@@ -151,7 +150,7 @@ class ClusterAgent:
         self.sw_version = sw_version or profile.version
         self._owns_session = session is None
         self.session = session if session is not None else session_for(config, broker)
-        self._clock = clock
+        self.clock = clock
         self.on_membership_change = on_membership_change
         self.on_become_leader = on_become_leader
         self.on_lose_leadership = on_lose_leadership
@@ -161,14 +160,9 @@ class ClusterAgent:
         self.signer, self.verifier = signing.from_config(config.cluster_key, config.id)
         self.desk = RequestDesk(self.session, self.topics.reply, on_request, max_pending_requests)
         self.members = Membership()
-        self._settled = False
-        self._wake = asyncio.Event()
+        self.leadership = Leadership(self, lambda lease: self._safe_hook(self.on_become_leader, lease),
+                                     lambda lease: self._safe_hook(self.on_lose_leadership, lease))
         self._loops: list[asyncio.Task[Any]] = []
-        self._lease: election.ObservedLease | None = None
-        self._vacant_since: float | None = None
-        self._conflict = False
-        self._last_publish_at: float | None = None
-        self._was_leader = False
         t, me = self.topics, config.id
         s = self.session
         s.subscribe(t.presence.filter, self._on_presence, 1)
@@ -201,25 +195,25 @@ class ClusterAgent:
 
     @property
     def is_leader(self) -> bool:
-        return election.is_leader(self._snapshot())
+        return self.leadership.is_leader
 
     @property
     def holds_lease(self) -> bool:
         """The followed lease record is this session's own, even if its renewal echo is late (a
         busy event loop reads it late): nobody else claimed it, so requests are still ours."""
-        lease, session = self._lease, self.session.session_id
+        lease, session = self.leadership.lease, self.session.session_id
         return (session is not None and lease is not None and lease.record.id == self.config.id
                 and lease.record.session == session)
 
     @property
     def role(self) -> str:
-        if not self._settled:
+        if not self.leadership.settled:
             return "starting"
         return "leader" if self.is_leader else "follower"
 
     @property
     def lease(self) -> LeaderLease | None:
-        return self._lease.record if self._lease else None
+        return self.leadership.record
 
     @property
     def membership(self) -> MembershipView:
@@ -246,7 +240,7 @@ class ClusterAgent:
         status = DeviceStatus(
             id=self.config.id, ready=ws.ready, role=self.role, load=_cpu_load(),
             rss_mb=round(_current_rss_mb(), 1), placement_version=ws.placement_version,
-            sub_blocks=ws.sub_blocks, last_latency_ms=ws.last_latency_ms, ts=round(self._clock(), 3),
+            sub_blocks=ws.sub_blocks, last_latency_ms=ws.last_latency_ms, ts=round(self.clock(), 3),
             weights_percent=ws.weights_percent, loading=ws.loading,
         )
         t = self.topics.status
@@ -303,18 +297,17 @@ class ClusterAgent:
 
     async def _on_connect(self) -> None:
         """Every (re)connect: a new session must claim anew; announce ourselves; start the loops."""
-        self._settled = False
-        self._conflict = False
+        self.leadership.reset()
         await self._stop_loops()
         t, me = self.topics, self.config.id
         await self.publish(t.profile.format(me), t.profile.encode(self.profile), qos=1, retain=True)
         await self.publish(t.presence.format(me), t.presence.encode(Presence(True)), qos=1, retain=True)
-        self._loops = [self.session.spawn(self._election_loop(), "election"),
+        self._loops = [self.session.spawn(self.leadership.loop(), "election"),
                        self.session.spawn(self._status_loop(), "status")]
 
     async def _on_disconnect(self) -> None:
         await self._stop_loops()
-        await self._check_role()
+        await self.leadership.check_role()
 
     async def _say_goodbye(self) -> None:
         t = self.topics.presence
@@ -323,74 +316,13 @@ class ClusterAgent:
 
     # ------------------------------------------------------------------ loops
 
-    async def _election_loop(self) -> None:
-        el = self.config.election
-        await asyncio.sleep(el.settle)  # let retained presence/profile/leader arrive first
-        self._settled = True
-        tick = min(el.lease_s / 8, 1.0)
-        while True:
-            await self._election_step()
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(tick):
-                    await self._wake.wait()
-
     async def _status_loop(self) -> None:
         while True:
             with contextlib.suppress(NotConnectedError):
                 await self.publish_status()
             await asyncio.sleep(self.config.status_interval_s)
 
-    # ------------------------------------------------------------------ election
-
-    def _snapshot(self) -> election.ElectionSnapshot:
-        el = self.config.election
-        m = self.members
-        return election.ElectionSnapshot(
-            self_id=self.config.id,
-            session=self.session.session_id if self._settled else None,
-            now=self._clock(),
-            lease=self._lease,
-            members=m.scores(),
-            offline=m.offline(),
-            vacant_since=self._vacant_since,
-            conflict=self._conflict,
-            last_publish_at=self._last_publish_at,
-            lease_s=el.lease_s,
-            stagger_s=el.stagger,
-            preferred=frozenset(i for i, p in m.profiles.items() if p.has_models),
-            loading=self.work_state.loading,
-        )
-
-    async def _election_step(self) -> None:
-        snap = self._snapshot()
-        self._vacant_since = election.next_vacant_since(snap)
-        action = election.decide(snap)
-        if isinstance(action, election.PublishLease):
-            self._last_publish_at = snap.now
-            record = action.record
-            log.info("agent %s: %s lease term %d", self.config.id, action.reason, record.term)
-            t = self.topics.leader
-            props = None
-            if self.session.is_v5:
-                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-                props.MessageExpiryInterval = max(1, math.ceil(record.lease_s))
-            topic = t.format()
-            with contextlib.suppress(NotConnectedError):
-                await self.publish(topic, self.sign(topic, record.term, t.encode(record)), qos=t.qos,
-                                   retain=True, properties=props)
-        await self._check_role()
-
-    async def _check_role(self) -> None:
-        leader = self.is_leader
-        if leader and not self._was_leader:
-            self._was_leader = True
-            log.info("agent %s became leader (term %s)", self.config.id, self.lease and self.lease.term)
-            await self._safe_hook(self.on_become_leader, self.lease)
-        elif not leader and self._was_leader:
-            self._was_leader = False
-            log.info("agent %s stepped down", self.config.id)
-            await self._safe_hook(self.on_lose_leadership, self.lease)
+    # ------------------------------------------------------------------ election and membership
 
     async def _safe_hook(self, hook: Hook | None, *args: Any) -> None:
         try:
@@ -399,7 +331,7 @@ class ClusterAgent:
             log.exception("agent %s: hook %s failed", self.config.id, getattr(hook, "__name__", hook))
 
     async def _membership_maybe_changed(self) -> None:
-        self._wake.set()
+        self.leadership.wake.set()
         if self.members.changed():
             await self._safe_hook(self.on_membership_change, self.membership)
 
@@ -445,23 +377,8 @@ class ClusterAgent:
             self.members.status[dev] = self.topics.status.decode(payload)
 
     async def _on_leader(self, topic: str, payload: bytes, _props: object) -> None:
-        if not payload:
-            return
-        record = self.topics.leader.decode(payload)
-        if self.verifier is not None:
-            stamp = self.verifier.verify(topic, payload, "leader")  # SignatureError: ignored, logged
-            if (stamp.leader, stamp.term) != (record.id, record.term):
-                raise signing.SignatureError(f"leader: signed by {stamp.leader} term {stamp.term}, "
-                                             f"but names {record.id} term {record.term}")
-        obs = election.observe_lease(self._lease, record, self._clock(), self.config.id)
-        prev = self._lease
-        if obs.conflict and prev is not None and prev.record.session == self.session.session_id:
-            self._conflict = True
-        if obs.accepted and (prev is None or obs.lease is None or obs.lease.record.term != prev.record.term):
-            self._conflict = False
-        self._lease = obs.lease
-        self._wake.set()
-        await self._check_role()
+        if payload:
+            await self.leadership.on_record(topic, payload)
 
     def _on_request(self, topic: str, payload: bytes, props: Any) -> None:
         if self.is_leader or self.holds_lease:
@@ -474,7 +391,7 @@ class ClusterAgent:
             if (stamp.leader, stamp.term) != (msg.leader, msg.term):
                 raise signing.SignatureError(f"assign: signed by {stamp.leader} term {stamp.term}, "
                                              f"but names {msg.leader} term {msg.term}")
-        if election.accepts_command(self._lease, msg.leader, msg.term):
+        if election.accepts_command(self.leadership.lease, msg.leader, msg.term):
             await self._safe_hook(self.on_assignment, msg)
         else:
             log.warning("dropping assignment from %s term %d (stale)", msg.leader, msg.term)

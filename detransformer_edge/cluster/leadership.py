@@ -1,0 +1,137 @@
+"""The lease election's shell: gather the snapshot, carry out ``election.decide``, follow the
+records on ``P/leader`` and say when this device starts or stops leading.
+
+The rules are pure functions in ``election.py``; this class only keeps the bookkeeping between
+ticks (the lease followed, since when it is vacant, the last publish) and does the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from detransformer_edge.cluster import election
+from detransformer_edge.protocol import signing
+from detransformer_edge.protocol.messages import LeaderLease
+from detransformer_edge.transport.session import NotConnectedError
+
+if TYPE_CHECKING:
+    from detransformer_edge.cluster.agent import ClusterAgent
+
+log = logging.getLogger(__name__)
+
+
+class Leadership:
+    def __init__(self, agent: ClusterAgent, on_become: Callable[[Any], Awaitable[None]],
+                 on_lose: Callable[[Any], Awaitable[None]]) -> None:
+        self.agent = agent
+        self.on_become, self.on_lose = on_become, on_lose
+        self.settled = False  # the retained state has had time to arrive after a (re)connect
+        self.wake = asyncio.Event()
+        self.lease: election.ObservedLease | None = None
+        self._vacant_since: float | None = None
+        self._conflict = False
+        self._last_publish_at: float | None = None
+        self._was_leader = False
+
+    def reset(self) -> None:
+        """A new connection is a new session: it must settle and claim anew."""
+        self.settled = False
+        self._conflict = False
+
+    @property
+    def record(self) -> LeaderLease | None:
+        return self.lease.record if self.lease else None
+
+    def snapshot(self) -> election.ElectionSnapshot:
+        a = self.agent
+        el = a.config.election
+        m = a.members
+        return election.ElectionSnapshot(
+            self_id=a.config.id,
+            session=a.session.session_id if self.settled else None,
+            now=a.clock(),
+            lease=self.lease,
+            members=m.scores(),
+            offline=m.offline(),
+            vacant_since=self._vacant_since,
+            conflict=self._conflict,
+            last_publish_at=self._last_publish_at,
+            lease_s=el.lease_s,
+            stagger_s=el.stagger,
+            preferred=frozenset(i for i, p in m.profiles.items() if p.has_models),
+            loading=a.work_state.loading,
+        )
+
+    @property
+    def is_leader(self) -> bool:
+        return election.is_leader(self.snapshot())
+
+    async def loop(self) -> None:
+        el = self.agent.config.election
+        await asyncio.sleep(el.settle)  # let retained presence/profile/leader arrive first
+        self.settled = True
+        tick = min(el.lease_s / 8, 1.0)
+        while True:
+            await self.step()
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(tick):
+                    await self.wake.wait()
+
+    async def step(self) -> None:
+        a = self.agent
+        snap = self.snapshot()
+        self._vacant_since = election.next_vacant_since(snap)
+        action = election.decide(snap)
+        if isinstance(action, election.PublishLease):
+            self._last_publish_at = snap.now
+            record = action.record
+            log.info("agent %s: %s lease term %d", a.config.id, action.reason, record.term)
+            t = a.topics.leader
+            props = None
+            if a.session.is_v5:
+                props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                props.MessageExpiryInterval = max(1, math.ceil(record.lease_s))
+            topic = t.format()
+            with contextlib.suppress(NotConnectedError):
+                await a.publish(topic, a.sign(topic, record.term, t.encode(record)), qos=t.qos,
+                                retain=True, properties=props)
+        await self.check_role()
+
+    async def check_role(self) -> None:
+        leader = self.is_leader
+        if leader and not self._was_leader:
+            self._was_leader = True
+            log.info("agent %s became leader (term %s)", self.agent.config.id, self.record and self.record.term)
+            await self.on_become(self.record)
+        elif not leader and self._was_leader:
+            self._was_leader = False
+            log.info("agent %s stepped down", self.agent.config.id)
+            await self.on_lose(self.record)
+
+    async def on_record(self, topic: str, payload: bytes) -> None:
+        """A record on ``P/leader`` (signed by its holder when the cluster has a key)."""
+        a = self.agent
+        record = a.topics.leader.decode(payload)
+        if a.verifier is not None:
+            stamp = a.verifier.verify(topic, payload, "leader")  # SignatureError: ignored, logged
+            if (stamp.leader, stamp.term) != (record.id, record.term):
+                raise signing.SignatureError(f"leader: signed by {stamp.leader} term {stamp.term}, "
+                                             f"but names {record.id} term {record.term}")
+        obs = election.observe_lease(self.lease, record, a.clock(), a.config.id)
+        prev = self.lease
+        if obs.conflict and prev is not None and prev.record.session == a.session.session_id:
+            self._conflict = True
+        if obs.accepted and (prev is None or obs.lease is None or obs.lease.record.term != prev.record.term):
+            self._conflict = False
+        self.lease = obs.lease
+        self.wake.set()
+        await self.check_role()
