@@ -24,7 +24,8 @@ async def mqtt_cluster(model, plans, broker, prefix):
         transports = {
             d: await stack.enter_async_context(MqttTransport.connect(d, host, port, RunTopics(prefix))) for d in shards
         }
-        yield LocalCluster(transports, shards)
+        with LocalCluster(transports, shards) as cluster:
+            yield cluster
 
 
 ENCODER_PLANS = [

@@ -67,7 +67,8 @@ async def memory_cluster(model, plans):
     shards = shards_for_plans(model, plans)
     async with contextlib.AsyncExitStack() as stack:
         transports = {d: await stack.enter_async_context(hub.transport(d)) for d in shards}
-        yield LocalCluster(transports, shards), hub
+        with LocalCluster(transports, shards) as cluster:
+            yield cluster, hub
 
 
 def _encoder_inputs(cfg):

@@ -192,3 +192,33 @@ async def test_baseline_plans_on_full_replicas(mosquitto_broker, model, strategi
                             {"id": "px", "reply_to": reply_to, "op": "embed", "input": "x",
                              "params": {"model": model, "plan": "teleport"}}, [reply_to])
         assert r["error"]["code"] == "bad_request"
+
+
+async def test_traced_request_carries_every_devices_timeline_and_followers_forward(mosquitto_broker):
+    from detransformer_edge.parallel.trace import Span, breakdown
+    from detransformer_edge.protocol.client import HomeClient
+
+    async with home(mosquitto_broker, replicate_all=True) as (cluster, agents):
+        leader = await wait_for_placement(agents)
+        async with HomeClient(*mosquitto_broker, cluster=cluster) as client:
+            reply = await client.request("embed", "hello home",
+                                         {"model": "tiny-encoder-bp", "plan": "bp-fixed", "trace": True})
+            plain = await client.request("embed", "hello home", {"model": "tiny-encoder-bp", "plan": "bp-fixed"})
+        assert reply.error is None and reply.result is not None, reply
+        assert "trace" not in (plain.result or {})  # tracing only when asked
+        spans = [Span.from_list(row) for row in reply.result["trace"]]
+        per = breakdown(spans)
+        assert set(per) == {a.id for a in agents}  # bp-fixed runs on every device: every lane is there
+        assert all(p["compute"] > 0 for p in per.values())
+        assert any(s.kind == "plan" and s.device == leader.id for s in spans)
+        publishes = [s for s in spans if s.kind == "publish"]
+        assert publishes and all(s.nbytes > 0 and s.copies >= 1 for s in publishes)
+        assert all(s.start <= s.end for s in spans)
+        assert max(s.end for s in spans) - min(s.start for s in spans) <= reply.result["latency_ms"] / 1e3 + 0.5
+
+        # a follower asks the leader for an intent (how a Wyoming front-end on any device answers)
+        follower = next(a for a in agents if not a.cluster.is_leader)
+        text = "turn on the kitchen light"
+        forwarded = await follower.recognize(text)
+        local = await leader.recognize(text)
+        assert forwarded.intent == local.intent and abs(forwarded.confidence - local.confidence) < 1e-6

@@ -104,7 +104,8 @@ async def selective_cluster(served, holdings):
     shards = {d: load_selective_shard(cfg, w, served.tensors) for d, w in holdings.items()}
     async with contextlib.AsyncExitStack() as stack:
         transports = {d: await stack.enter_async_context(hub.transport(d)) for d in shards}
-        yield LocalCluster(transports, shards)
+        with LocalCluster(transports, shards) as cluster:
+            yield cluster
 
 
 @pytest.mark.parametrize("coupled", ["allgather", "gather", "tp"])

@@ -25,7 +25,8 @@ Lossy wire dtypes (float16, int8): ``broadcast``, ``all_gather`` and ``all_reduc
 device's *own* contribution through the same quantiser locally, so every device of the
 group ends with bitwise-identical tensors and replicas of the coupled layer cannot drift.
 
-``timeout`` is the budget of the whole call, not of each message.
+``timeout`` is the budget of the whole call, not of each message. ``timeline`` (optional)
+records the call's ``encode``, ``publish``, ``wait`` and ``decode`` spans (``parallel/trace.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from detransformer_edge.parallel.trace import NULL_TIMELINE, Timeline
 from detransformer_edge.transport.base import Transport, normalise_key
 from detransformer_edge.transport.errors import CollectiveError, WireError
 from detransformer_edge.transport.wire import (
@@ -104,11 +106,25 @@ def _check_dtype(wire_dtype: str) -> None:
         )
 
 
-def _roundtrip(x: np.ndarray, wire_dtype: str, req: str, step: str, src: str) -> np.ndarray:
-    """What receivers will see of ``x``: identity for float32, quantised otherwise."""
+def _as_received(x: np.ndarray, payload: bytes, wire_dtype: str) -> np.ndarray:
+    """What receivers will see of ``x`` sent as ``payload``: identity for float32, the decoded
+    payload otherwise (the device's own copy goes through the same quantiser)."""
     if wire_dtype == "float32":
         return x
-    return decode_tensor(encode_tensor(x, req, step, src, wire_dtype)).array
+    return decode_tensor(payload).array
+
+
+async def _encode_and_send(transport: Transport, dsts: list[str], req: str, step: str, x: np.ndarray,
+                           wire_dtype: str, tl: Timeline) -> bytes:
+    """Encode once and publish to ``dsts`` (one receiver: a send; several: one fan-out)."""
+    with tl.span("encode", step):
+        payload = encode_tensor(x, req, step, transport.device_id, wire_dtype)  # type: ignore[arg-type]
+    with tl.span("publish", step, len(payload), len(dsts)):
+        if len(dsts) == 1:
+            await transport.send(dsts[0], (req, step), payload)
+        else:
+            await transport.publish(dsts, (req, step), payload)
+    return payload
 
 
 class _Deadline:
@@ -122,10 +138,12 @@ class _Deadline:
 
 
 async def _recv_array(
-    transport: Transport, src: str, req: str, step: str, deadline: _Deadline
+    transport: Transport, src: str, req: str, step: str, deadline: _Deadline, tl: Timeline = NULL_TIMELINE
 ) -> np.ndarray:
-    payload = await transport.recv(src, (req, step), timeout=deadline.left())
-    msg = decode_tensor(payload)
+    with tl.span("wait", f"{step} from {src}"):
+        payload = await transport.recv(src, (req, step), timeout=deadline.left())
+    with tl.span("decode", step):
+        msg = decode_tensor(payload)
     if msg.req != req or str(msg.step) != step or msg.src != src:
         raise WireError(
             f"envelope says {(msg.req, msg.step, msg.src)} but arrived as {(req, step, src)}"
@@ -169,14 +187,15 @@ async def send(
     step: str | int,
     tensor: Tensor,
     wire_dtype: WireDtype = "float32",
+    *,
+    timeline: Timeline = NULL_TIMELINE,
 ) -> None:
     """Send one tensor to ``dst``; pair it with :func:`recv` on the other side."""
     _check_dtype(wire_dtype)
     req, step_s = normalise_key((req, step))
     if dst == transport.device_id:
         raise CollectiveError(f"device {dst!r} cannot send to itself")
-    payload = encode_tensor(tensor, req, step_s, transport.device_id, wire_dtype)
-    await transport.send(dst, (req, step_s), payload)
+    await _encode_and_send(transport, [dst], req, step_s, _to_f32(tensor), wire_dtype, timeline)
 
 
 async def recv(
@@ -187,10 +206,11 @@ async def recv(
     *,
     timeout: float | None = DEFAULT_TIMEOUT_S,
     like: Tensor | None = None,
+    timeline: Timeline = NULL_TIMELINE,
 ) -> Tensor:
     """Receive the tensor ``(req, step)`` from ``src`` as float32 (torch if ``like`` is torch)."""
     req, step_s = normalise_key((req, step))
-    arr = await _recv_array(transport, src, req, step_s, _Deadline(timeout))
+    arr = await _recv_array(transport, src, req, step_s, _Deadline(timeout), timeline)
     return _like(arr, like)
 
 
@@ -207,6 +227,7 @@ async def broadcast(
     *,
     root: str,
     timeout: float | None = DEFAULT_TIMEOUT_S,
+    timeline: Timeline = NULL_TIMELINE,
 ) -> Tensor:
     """Root's ``tensor`` to every device of ``group`` with ONE publish; others pass ``None``."""
     _check_group(transport, group, root)
@@ -219,11 +240,10 @@ async def broadcast(
         x = _to_f32(tensor)
         others = [d for d in group if d != me]
         if others:
-            payload = encode_tensor(x, req, step_s, me, wire_dtype)
-            await transport.publish(others, (req, step_s), payload)
-            x = _roundtrip(x, wire_dtype, req, step_s, me)
+            payload = await _encode_and_send(transport, others, req, step_s, x, wire_dtype, timeline)
+            x = _as_received(x, payload, wire_dtype)
         return _like(x, tensor)
-    arr = await _recv_array(transport, root, req, step_s, _Deadline(timeout))
+    arr = await _recv_array(transport, root, req, step_s, _Deadline(timeout), timeline)
     return _like(arr, tensor)
 
 
@@ -315,6 +335,7 @@ async def all_gather(
     *,
     axis: int = -1,
     timeout: float | None = DEFAULT_TIMEOUT_S,
+    timeline: Timeline = NULL_TIMELINE,
 ) -> Tensor:
     """Every device's chunk, concatenated along ``axis`` in group order, on every device.
 
@@ -332,13 +353,14 @@ async def all_gather(
     if len(group) == 1:
         return _like(x, tensor)
     others = [d for d in group if d != me]
-    await transport.publish(others, (req, step_s), encode_tensor(x, req, step_s, me, wire_dtype))
-    own = _roundtrip(x, wire_dtype, req, step_s, me)
+    payload = await _encode_and_send(transport, others, req, step_s, x, wire_dtype, timeline)
+    own = _as_received(x, payload, wire_dtype)
     deadline = _Deadline(timeout)
     chunks = [
-        own if d == me else await _recv_array(transport, d, req, step_s, deadline) for d in group
+        own if d == me else await _recv_array(transport, d, req, step_s, deadline, timeline) for d in group
     ]
-    return _like(_concat(chunks, axis, group), tensor)
+    with timeline.span("decode", step_s):
+        return _like(_concat(chunks, axis, group), tensor)
 
 
 async def all_reduce(
@@ -350,6 +372,7 @@ async def all_reduce(
     wire_dtype: WireDtype = "float32",
     *,
     timeout: float | None = DEFAULT_TIMEOUT_S,
+    timeline: Timeline = NULL_TIMELINE,
 ) -> Tensor:
     """Element-wise sum over the group, as reduce-scatter then all-gather.
 
@@ -373,15 +396,14 @@ async def all_reduce(
     normalise_key((req, ag))  # fail early if the sub-step is too long
     for d, part in zip(group, parts, strict=True):
         if d != me:
-            payload = encode_tensor(np.ascontiguousarray(part), req, rs, me, wire_dtype)
-            await transport.send(d, (req, rs), payload)
+            await _encode_and_send(transport, [d], req, rs, np.ascontiguousarray(part), wire_dtype, timeline)
     deadline = _Deadline(timeout)
     acc = np.zeros_like(parts[rank])
     for d in group:
         if d == me:
             acc += parts[rank]
             continue
-        got = await _recv_array(transport, d, req, rs, deadline)
+        got = await _recv_array(transport, d, req, rs, deadline, timeline)
         if got.shape != acc.shape:
             raise CollectiveError(
                 f"all_reduce: {d!r} sent part {got.shape}, expected {acc.shape}; "
@@ -389,5 +411,6 @@ async def all_reduce(
             )
         acc += got
     remaining = deadline.left()
-    full = await all_gather(transport, group, req, ag, acc, wire_dtype, axis=-1, timeout=remaining)
+    full = await all_gather(transport, group, req, ag, acc, wire_dtype, axis=-1, timeout=remaining,
+                            timeline=timeline)
     return _like(full.reshape(x.shape), tensor)

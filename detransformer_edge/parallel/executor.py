@@ -17,15 +17,26 @@ consecutive decoupled layers never communicate: that is block parallelism.
 
 Decoder requests keep per-device KV caches between forward passes (prefill, then one pass per
 decode step) until :meth:`Executor.release` frees them.
+
+Model compute never runs on the event loop: each device has one compute thread, and the
+loop stays free to receive the activations of other devices (and, on the leader, to keep its
+lease and answer the home) while a layer group computes. A traced job (``Job.trace``) records
+the pass's spans (``parallel/trace.py``) and returns them with its result.
+
+Activations cross the wire exactly where the hidden state changes form between devices
+(``plan.wire_crossings``): into the first layer a device computes on state it does not hold,
+into each coupled layer, and out to the coordinator.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -35,6 +46,7 @@ from detransformer_edge.model.layers import KVCache
 from detransformer_edge.parallel import collectives as coll
 from detransformer_edge.parallel.plan import Plan, PlanError
 from detransformer_edge.parallel.shards import DeviceShard
+from detransformer_edge.parallel.trace import NULL_TIMELINE, Span, Timeline
 from detransformer_edge.transport.base import Transport
 from detransformer_edge.transport.errors import (
     RequestCancelled,
@@ -101,6 +113,7 @@ class Job:
     attention_mask: torch.Tensor | None = None  # (B, T) encoder padding mask, on every device
     last_only: bool = True  # decoder: logits of the last position only
     timeout: float = 30.0  # budget of the whole pass on this device
+    trace: bool = False  # record this pass's timeline (JobResult.spans)
 
     def __post_init__(self) -> None:
         if self.kind not in ("encode", "prefill", "decode"):
@@ -115,6 +128,7 @@ class JobResult:
     failure: Failure | None = None
     seconds: float = 0.0
     bytes_sent: int = 0
+    spans: list[Span] = field(default_factory=list)  # traced jobs only
 
     @property
     def ok(self) -> bool:
@@ -149,13 +163,29 @@ class _Hidden:
         self.form: Literal["slices", "full"] = "full"
 
 
+T = TypeVar("T")
+
+
 class Executor:
-    def __init__(self, transport: Transport, shard: DeviceShard) -> None:
+    def __init__(self, transport: Transport, shard: DeviceShard,
+                 compute: concurrent.futures.ThreadPoolExecutor | None = None) -> None:
         self.transport = transport
         self.shard = shard
         self.cfg = shard.cfg
         self.me = transport.device_id
         self._requests: dict[str, _RequestState] = {}
+        # the device's compute thread (shared by the executors of one device's models)
+        self._owns_pool = compute is None
+        self.compute_pool = compute or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"compute-{self.me}")
+
+    def close(self) -> None:
+        """Stop the compute thread this executor made (a shared one belongs to its host)."""
+        if self._owns_pool:
+            self.compute_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run model compute off the event loop, on this device's compute thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.compute_pool, fn, *args)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -165,17 +195,18 @@ class Executor:
         sent0 = self.transport.stats.bytes_sent if hasattr(self.transport, "stats") else 0
         failure = None
         out = None
+        timeline = Timeline(self.me) if job.trace else NULL_TIMELINE
         try:
             # the receives inside time out at the job's deadline and name the silent device; the
             # outer bound only catches a pass stuck elsewhere, so it waits a little longer
-            out = await asyncio.wait_for(self._run(job), timeout=job.timeout * 1.1 + 0.05)
+            out = await asyncio.wait_for(self._run(job, timeline), timeout=job.timeout * 1.1 + 0.05)
         except (DetransformerError, TimeoutError) as exc:
             failure = Failure.of(exc)
             self.release(job.req)
             if failure.kind != "cancelled":
                 log.warning("request %s failed on %s: %s", job.req, self.me, failure)
         sent = (self.transport.stats.bytes_sent - sent0) if hasattr(self.transport, "stats") else 0
-        return JobResult(job.req, self.me, out, failure, time.perf_counter() - t0, sent)
+        return JobResult(job.req, self.me, out, failure, time.perf_counter() - t0, sent, timeline.spans)
 
     def release(self, req: str) -> None:
         """Free the request's caches and anything the transport buffered for it."""
@@ -191,7 +222,7 @@ class Executor:
 
     # --- one forward pass ---------------------------------------------------------------------
 
-    async def _run(self, job: Job) -> torch.Tensor | None:
+    async def _run(self, job: Job, timeline: Timeline) -> torch.Tensor | None:
         plan = job.plan
         cfg = self.cfg
         plan.check(cfg.n_layers, cfg.nd, cfg.is_decoupled, cfg.n_heads)
@@ -211,7 +242,7 @@ class Executor:
         # No grad mode around the whole pass: a mode entered before an ``await`` would leak into
         # whatever else the event loop runs meanwhile, so each synchronous computation below
         # enters it itself (``torch.no_grad`` on the compute methods).
-        out = await _Pass(self, job, state).run()
+        out = await _Pass(self, job, state, timeline).run()
         state.passes += 1
         return out
 
@@ -219,8 +250,8 @@ class Executor:
 class _Pass:
     """One forward pass of one job on this device (kept separate so state never leaks)."""
 
-    def __init__(self, ex: Executor, job: Job, state: _RequestState) -> None:
-        self.ex, self.job, self.state = ex, job, state
+    def __init__(self, ex: Executor, job: Job, state: _RequestState, timeline: Timeline) -> None:
+        self.ex, self.job, self.state, self.tl = ex, job, state, timeline
         self.plan, self.cfg, self.shard, self.me = job.plan, ex.cfg, ex.shard, ex.me
         self.t = ex.transport
         self.wire = job.plan.wire
@@ -238,16 +269,30 @@ class _Pass:
 
     # --- driver --------------------------------------------------------------------------------
 
+    async def compute(self, name: str, fn: Callable[..., T], *args: Any) -> T:
+        """Model compute on the device's compute thread, as one ``compute`` span."""
+        with self.tl.span("compute", name):
+            return await self.ex.compute(fn, *args)
+
+    def _layers(self, start: int, end: int, h: torch.Tensor) -> torch.Tensor:
+        for i in range(start, end):
+            h = self._layer_full(i, h)
+        return h
+
+    def _sub_blocks(self, layers: range, slices: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """This device's sub-blocks of consecutive decoupled layers: no communication between them."""
+        for i in layers:
+            slices = {j: self._sub_block(i, j, x) for j, x in slices.items()}
+        return slices
+
     async def run(self) -> torch.Tensor | None:
         plan, job = self.plan, self.job
         h = None
         if self.me == plan.coordinator:
-            h = self._embed(job.input_ids)
+            h = await self.compute("embed", self._embed, job.input_ids)
         if plan.mode == "single":
             assert h is not None
-            for i in range(self.cfg.n_layers):
-                h = self._layer_full(i, h)
-            out = h
+            out = await self.compute(f"L0-{self.cfg.n_layers - 1}", self._layers, 0, self.cfg.n_layers, h)
         elif plan.mode == "pipeline":
             out = await self._pipeline(h)
         elif plan.mode == "tp":
@@ -264,9 +309,13 @@ class _Pass:
             assert self.shard.head is not None
             if job.last_only:
                 out = out[:, -1:, :]
-            with torch.no_grad():
-                return self.shard.head(out)
+            return await self.compute("head", self._head, out)
         return out
+
+    @torch.no_grad()
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        assert self.shard.head is not None
+        return self.shard.head(h)
 
     @torch.no_grad()
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -316,7 +365,7 @@ class _Pass:
         async def reduce(x: torch.Tensor, what: str) -> torch.Tensor:
             return await coll.all_reduce(
                 self.t, list(group), self.job.req, self.key("L", i, what), x, self.wire, timeout=self.left()
-            )
+            , timeline=self.tl)
 
         if self.cfg.family == "encoder":
             return await shard(h, reduce, mask=self.mask)
@@ -330,25 +379,24 @@ class _Pass:
         idx = self.plan.devices.index(self.me)
         stage = stages[idx]
         if idx > 0:
-            h = await coll.recv(self.t, stages[idx - 1].device, self.job.req, self.key("pp", idx), timeout=self.left(), like=torch.empty(0))
+            h = await coll.recv(self.t, stages[idx - 1].device, self.job.req, self.key("pp", idx), timeout=self.left(), like=torch.empty(0), timeline=self.tl)
         assert h is not None
-        for i in range(stage.start, stage.end):
-            h = self._layer_full(i, h)
+        h = await self.compute(f"L{stage.start}-{stage.end - 1}", self._layers, stage.start, stage.end, h)
         if idx + 1 < len(stages):
-            await coll.send(self.t, stages[idx + 1].device, self.job.req, self.key("pp", idx + 1), h, self.wire)
+            await coll.send(self.t, stages[idx + 1].device, self.job.req, self.key("pp", idx + 1), h, self.wire, timeline=self.tl)
             h = None
         if len(stages) > 1 and idx == len(stages) - 1:
-            await coll.send(self.t, self.plan.coordinator, self.job.req, self.key("pp", "out"), h, self.wire)
+            await coll.send(self.t, self.plan.coordinator, self.job.req, self.key("pp", "out"), h, self.wire, timeline=self.tl)
             return None
         if self.me == self.plan.coordinator and len(stages) > 1:
-            return await coll.recv(self.t, stages[-1].device, self.job.req, self.key("pp", "out"), timeout=self.left(), like=torch.empty(0))
+            return await coll.recv(self.t, stages[-1].device, self.job.req, self.key("pp", "out"), timeout=self.left(), like=torch.empty(0), timeline=self.tl)
         return h
 
     async def _tensor_parallel(self, h: torch.Tensor | None) -> torch.Tensor:
         group = self.plan.devices
         h = _torch(await coll.broadcast(
             self.t, list(group), self.job.req, self.key("tp", "in"), h, self.wire,
-            root=self.plan.coordinator, timeout=self.left(),
+            root=self.plan.coordinator, timeout=self.left(), timeline=self.tl,
         ))
         for i in range(self.cfg.n_layers):
             h = await self._tp_layer(i, h, group)
@@ -358,11 +406,17 @@ class _Pass:
         plan, cfg = self.plan, self.cfg
         hs = _Hidden()
         hs.full, hs.full_on, hs.form = h, (plan.coordinator,), "full"
-        for i, kind in enumerate(cfg.layer_kinds):
+        kinds = cfg.layer_kinds
+        for i, kind in enumerate(kinds):
             if kind == "decoupled":
+                if i > 0 and kinds[i - 1] == "decoupled":
+                    continue  # computed with the run of decoupled layers it belongs to
+                end = next((k for k in range(i, len(kinds)) if kinds[k] != "decoupled"), len(kinds))
                 await self._to_slices(hs, i)
-                for j in list(hs.slices):
-                    hs.slices[j] = self._sub_block(i, j, hs.slices[j])
+                if hs.slices:
+                    js = ",".join(map(str, sorted(hs.slices)))
+                    hs.slices = await self.compute(f"L{i}-{end - 1} sub-blocks {js}", self._sub_blocks,
+                                                   range(i, end), hs.slices)
                 continue
             if plan.coupled == "allgather":
                 targets = plan.owners
@@ -376,7 +430,7 @@ class _Pass:
                 if plan.coupled == "tp":
                     hs.full = await self._tp_layer(i, hs.full, plan.coupled_devices)
                 else:
-                    hs.full = self._layer_full(i, hs.full)
+                    hs.full = await self.compute(f"L{i}", self._layer_full, i, hs.full)
         await self._to_full(hs, (plan.coordinator,), "out")
         return hs.full if self.me == plan.coordinator else None
 
@@ -395,9 +449,9 @@ class _Pass:
                 for dst in plan.owners:
                     if dst not in hs.full_on:
                         chunk = torch.cat([full[..., cfg.sub_slice(j)] for j in plan.sub_blocks_of(dst)], -1)
-                        await coll.send(self.t, dst, self.job.req, self.key("sc", i, dst), chunk, self.wire)
+                        await coll.send(self.t, dst, self.job.req, self.key("sc", i, dst), chunk, self.wire, timeline=self.tl)
         elif mine:
-            chunk = await coll.recv(self.t, src, self.job.req, self.key("sc", i, self.me), timeout=self.left(), like=torch.empty(0))
+            chunk = await coll.recv(self.t, src, self.job.req, self.key("sc", i, self.me), timeout=self.left(), like=torch.empty(0), timeline=self.tl)
             hs.slices = dict(zip(mine, chunk.split(cfg.d_sub, dim=-1)))
         hs.full, hs.form = None, "slices"
 
@@ -413,7 +467,7 @@ class _Pass:
                 if self.me in group:
                     hs.full = _torch(await coll.broadcast(
                         self.t, group, req, self.key("bc", tag), hs.full if self.me == src else None,
-                        self.wire, root=src, timeout=self.left(),
+                        self.wire, root=src, timeout=self.left(), timeline=self.tl,
                     ))
                 hs.full_on = hs.full_on + missing
             return
@@ -422,7 +476,7 @@ class _Pass:
         chunk = torch.cat([hs.slices[j] for j in mine], -1) if mine else None
         if tuple(targets) == owners:
             # The paper's BP+AllGather: one fan-out publish per owner.
-            cat = await coll.all_gather(self.t, list(owners), req, self.key("ag", tag), chunk, self.wire, timeout=self.left())
+            cat = await coll.all_gather(self.t, list(owners), req, self.key("ag", tag), chunk, self.wire, timeout=self.left(), timeline=self.tl)
             pieces = cat.split(cfg.d_sub, dim=-1)
             order = [j for d in owners for j in plan.sub_blocks_of(d)]
             by_j = dict(zip(order, pieces))
@@ -435,7 +489,7 @@ class _Pass:
                 group = [self.me, *[d for d in targets if d != self.me]]
                 received[self.me] = _torch(await coll.broadcast(
                     self.t, group, req, self.key("bc", tag, self.me), chunk, self.wire,
-                    root=self.me, timeout=self.left(),
+                    root=self.me, timeout=self.left(), timeline=self.tl,
                 ))
             if self.me in targets:
                 for owner in owners:
@@ -444,7 +498,7 @@ class _Pass:
                     group = [owner, *[d for d in targets if d != owner]]
                     received[owner] = _torch(await coll.broadcast(
                         self.t, group, req, self.key("bc", tag, owner), None, self.wire,
-                        root=owner, timeout=self.left(),
+                        root=owner, timeout=self.left(), timeline=self.tl,
                     ))
             if self.me in targets:
                 by_j: dict[int, torch.Tensor] = {}

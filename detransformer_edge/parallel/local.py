@@ -47,7 +47,7 @@ class LocalCluster:
         missing = set(shards) - set(transports)
         if missing:
             raise DetransformerError(f"no transport for devices {sorted(missing)}")
-        self.executors = {d: Executor(transports[d], shards[d]) for d in shards}
+        self.executors = {d: Executor(transports[d], shards[d]) for d in shards}  # a compute thread each
 
     async def run(
         self, plan: Plan, kind: JobKind, input_ids: torch.Tensor, req: str,
@@ -93,6 +93,16 @@ class LocalCluster:
         finally:
             self.release(req)
         return torch.cat(out, dim=1), steps
+
+    def close(self) -> None:
+        for ex in self.executors.values():
+            ex.close()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def release(self, req: str) -> None:
         for ex in self.executors.values():

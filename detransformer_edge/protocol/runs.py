@@ -14,6 +14,7 @@ from detransformer_edge.protocol.codec import (
     ProtocolError,
     check_name,
     load_object,
+    req_bool,
     req_int,
     req_num,
     req_str,
@@ -38,6 +39,7 @@ class RunControl(Message):
     timeout_s: float
     attention_mask: tuple[tuple[int, ...], ...] | None = None  # encode: (B, T) 1/0
     max_passes: int = 1  # generate: prefill + decode steps at most
+    trace: bool = False  # every device sends its pass timelines to the coordinator
 
     def __post_init__(self) -> None:
         check_name(self.req, "request id")
@@ -57,6 +59,7 @@ class RunControl(Message):
             "req": self.req, "model": self.model, "kind": self.kind, "plan": self.plan.to_dict(),
             "term": self.term, "timeout_s": self.timeout_s, "max_passes": self.max_passes,
             "attention_mask": None if self.attention_mask is None else [list(r) for r in self.attention_mask],
+            **({"trace": True} if self.trace else {}),
         }
 
     @classmethod
@@ -76,7 +79,7 @@ class RunControl(Message):
             raise ProtocolError(f"{s}: bad plan: {exc}") from None
         return cls(req_str(d, "req", s), req_str(d, "model", s), kind, plan,  # type: ignore[arg-type]
                    req_int(d, "term", s, minimum=0), req_num(d, "timeout_s", s), mask,
-                   req_int(d, "max_passes", s))
+                   req_int(d, "max_passes", s), req_bool(d, "trace", s) if "trace" in d else False)
 
     @classmethod
     def from_json(cls, payload: str | bytes | bytearray) -> Self:

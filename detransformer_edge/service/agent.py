@@ -244,6 +244,9 @@ class HomeAgent:
                 raise ServiceError("bad_request", "params.model must be a model name")
             if not isinstance(strategy, str):
                 raise ServiceError("bad_request", "params.plan must be a string")
+            trace = params.get("trace", False)
+            if not isinstance(trace, bool):
+                raise ServiceError("bad_request", "params.trace must be true or false")
             await self._await_ready()
             if request.op == "intent":
                 if not isinstance(request.input, str):
@@ -254,9 +257,10 @@ class HomeAgent:
                 texts = [request.input] if isinstance(request.input, str) else list(request.input)
                 if len(texts) > 32:
                     raise ServiceError("bad_request", "at most 32 texts per embed request")
-                vectors, rec = await self.tasks.embed(texts, model, strategy, request.id)
+                vectors, rec = await self.tasks.embed(texts, model, strategy, request.id, trace)
                 self.device.note_latency(rec.latency_ms)
-                return {"embeddings": vectors, "dim": len(vectors[0]), "plan": rec.plan, "latency_ms": rec.latency_ms}
+                return {"embeddings": vectors, "dim": len(vectors[0]), "plan": rec.plan, "latency_ms": rec.latency_ms,
+                        **({"trace": rec.trace()} if trace else {})}
             max_new = params.get("max_new_tokens", 32)
             if not isinstance(max_new, int) or isinstance(max_new, bool):
                 raise ServiceError("bad_request", "params.max_new_tokens must be an integer")
@@ -273,8 +277,9 @@ class HomeAgent:
 
             assert isinstance(request.input, str)
             text, rec, stats = await self.tasks.generate(request.input, max_new, stream, chat, model, strategy,
-                                                         request.id)
+                                                         request.id, trace)
             self.device.note_latency(rec.latency_ms)
-            return {"text": text, "plan": rec.plan, "latency_ms": rec.latency_ms, **stats}
+            return {"text": text, "plan": rec.plan, "latency_ms": rec.latency_ms, **stats,
+                    **({"trace": rec.trace()} if trace else {})}
         except ServiceError as exc:
             return Reply.failure(request.id, exc.code, str(exc))

@@ -11,6 +11,7 @@ generation is a prefill pass followed by decode passes until the leader says ``e
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ from typing import Literal
 import torch
 
 from detransformer_edge.errors import ConfigError, DetransformerError, ModelNotInstalledError
-from detransformer_edge.parallel.executor import Executor, Job, JobResult
+from detransformer_edge.parallel.executor import Executor, Job, JobKind, JobResult
 from detransformer_edge.parallel.plan import DeviceWeights
 from detransformer_edge.parallel.shards import DeviceShard, build_shard
+from detransformer_edge.parallel.trace import Span, Timeline
 from detransformer_edge.protocol.runs import RunControl
 from detransformer_edge.service.catalog import Catalog
 from detransformer_edge.service.weights import (
@@ -35,6 +37,11 @@ from detransformer_edge.transport.errors import RequestCancelled
 from detransformer_edge.weights.manifest import WeightIntegrityError
 
 log = logging.getLogger(__name__)
+
+
+def trace_step(n: int) -> str:
+    """The transport step a worker's timeline of pass ``n`` travels on."""
+    return f"trace.{n}"
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,9 @@ class ModelHost:
         self.version = 0
         self.ready = False
         self._runs: dict[str, asyncio.Task] = {}
+        # the device's one compute thread: model compute of every held model runs there, off the
+        # event loop (parallel/executor.py)
+        self.compute_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"compute-{self.device_id}")
         self._assign_lock = asyncio.Lock()
 
     # --- weights ---------------------------------------------------------------------------------
@@ -83,7 +93,7 @@ class ModelHost:
                 if weights == DeviceWeights():
                     continue
                 shard = await self._load(model, weights, version)
-                held[model] = HeldModel(weights, shard, Executor(self.transport, shard))
+                held[model] = HeldModel(weights, shard, Executor(self.transport, shard, self.compute_pool))
                 log.info("%s holds %s of %s: %.1f MB", self.device_id, weights, model, shard.nbytes() / 1e6)
             self.held = held
             self.version = version
@@ -142,6 +152,17 @@ class ModelHost:
         self._runs[ctl.req] = task
         task.add_done_callback(lambda t, r=ctl.req: self._runs.pop(r, None))
 
+    async def collect_trace(self, req: str, devices: tuple[str, ...], n: int, timeout: float = 2.0) -> list[Span]:
+        """The timelines of pass ``n`` of ``req`` from the other devices of its plan (a device
+        that does not send one within ``timeout`` is left out)."""
+        spans: list[Span] = []
+        for d in devices:
+            try:
+                spans += Timeline.spans_from_bytes(await self.transport.recv(d, (req, trace_step(n)), timeout=timeout))
+            except (DetransformerError, ValueError, TypeError) as exc:
+                log.warning("no timeline of %s from %s: %s", req, d, exc)
+        return spans
+
     def cancel(self, req: str, reason: str) -> None:
         """Wake every receive ``req`` is waiting on with ``RequestCancelled`` (a device of its plan
         went offline); the run's coordinator then fails over at once."""
@@ -161,19 +182,16 @@ class ModelHost:
             return
         mask = None if ctl.attention_mask is None else torch.tensor(ctl.attention_mask)
         try:
-            if ctl.kind == "encode":
-                res = await ex.execute(Job(ctl.req, ctl.plan, "encode", None, mask, timeout=ctl.timeout_s))
-                if not res.ok:
-                    log.warning("run %s failed here: %s", ctl.req, res.failure)
-                return
-            kind = "prefill"
-            for _ in range(ctl.max_passes):
-                res = await ex.execute(Job(ctl.req, ctl.plan, kind, None, None, timeout=ctl.timeout_s))
+            kinds: list[JobKind] = ["encode"] if ctl.kind == "encode" else ["prefill"] + ["decode"] * (ctl.max_passes - 1)
+            for n, kind in enumerate(kinds):
+                res = await ex.execute(Job(ctl.req, ctl.plan, kind, None, mask, timeout=ctl.timeout_s, trace=ctl.trace))
                 if not res.ok:
                     if res.failure is not None and res.failure.kind != "cancelled":
                         log.warning("run %s failed here: %s", ctl.req, res.failure)
                     return
-                kind = "decode"
+                if ctl.trace:  # the coordinator merges every device's timeline into the request's
+                    await self.transport.send(ctl.plan.coordinator, (ctl.req, trace_step(n)),
+                                              Timeline(self.device_id, res.spans).to_bytes())
         except RequestCancelled:
             pass
         finally:
@@ -187,3 +205,4 @@ class ModelHost:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        self.compute_pool.shutdown(wait=False, cancel_futures=True)

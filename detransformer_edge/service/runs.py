@@ -22,6 +22,7 @@ from detransformer_edge.errors import DetransformerError
 from detransformer_edge.model.generation import DecodeLoop
 from detransformer_edge.parallel.executor import Failure, Job, JobKind, JobResult
 from detransformer_edge.parallel.plan import Plan
+from detransformer_edge.parallel.trace import Span
 from detransformer_edge.protocol.runs import RunControl, RunEnd, RunKind
 from detransformer_edge.protocol.topics import RunTopics
 from detransformer_edge.service.placement import Placements, ServiceError
@@ -36,6 +37,8 @@ class CoordinatorHost(Protocol):
     """What the coordinator needs of the model host (a fake one in unit tests)."""
 
     async def run_coordinator(self, model: str, job: Job) -> JobResult: ...
+
+    async def collect_trace(self, req: str, devices: tuple[str, ...], n: int) -> list[Span]: ...
 
     def end(self, req: str) -> None: ...
 
@@ -83,12 +86,21 @@ class RunCoordinator:
             await self.publish(topic, self.sign(topic, ctl.term, family.encode(ctl)), 1)
 
     async def pass_(self, model: str, run: str, plan: Plan, kind: JobKind, x: torch.Tensor,
-                    mask: torch.Tensor | None, timeout: float) -> JobResult:
-        """The leader's part of one pass; the run's devices are known so ``mark_gone`` can cancel it."""
+                    mask: torch.Tensor | None, timeout: float, spans: list[Span] | None = None,
+                    n: int = 0) -> JobResult:
+        """The leader's part of pass ``n`` of a run; the run's devices are known so ``mark_gone``
+        can cancel it. With ``spans``, the pass is traced on every device and the timelines of
+        all of them are appended there."""
         others = tuple(d for d in plan.devices if d != self.me)
         if others:
             self._runs[run] = others
-        return await self.host.run_coordinator(model, Job(run, plan, kind, x, mask, timeout=timeout))
+        res = await self.host.run_coordinator(model, Job(run, plan, kind, x, mask, timeout=timeout,
+                                                          trace=spans is not None))
+        if spans is not None:
+            spans += res.spans
+            if others and res.ok:
+                spans += await self.host.collect_trace(run, others, n)
+        return res
 
     async def end(self, run: str, plan: Plan) -> set[str]:
         """Free the run everywhere; returns the devices that went offline during it."""
@@ -115,18 +127,29 @@ class RunCoordinator:
         return blamed
 
     def control(self, run: str, model: str, kind: RunKind, plan: Plan, timeout: float,
-                mask: tuple[tuple[int, ...], ...] | None = None, max_passes: int = 1) -> RunControl:
-        return RunControl(run, model, kind, plan, self.term(), timeout, mask, max_passes)
+                mask: tuple[tuple[int, ...], ...] | None = None, max_passes: int = 1,
+                trace: bool = False) -> RunControl:
+        return RunControl(run, model, kind, plan, self.term(), timeout, mask, max_passes, trace)
+
+    def choose(self, model: str, mode: str, seq_len: int, strategy: str,
+               spans: list[Span] | None) -> Plan:
+        t0 = time.time()
+        plan, _ = self.placements.choose(model, mode, seq_len, strategy)
+        if spans is not None:
+            spans.append(Span(self.me, "plan", plan.describe(), t0, time.time()))
+        return plan
 
     # --- whole requests ---------------------------------------------------------------------------
 
     async def encode(self, model: str, input_ids: torch.Tensor, mask: torch.Tensor, req: str,
-                     strategy: str = "adaptive", on_plan: Callable[[Plan], None] | None = None) -> torch.Tensor:
+                     strategy: str = "adaptive", on_plan: Callable[[Plan], None] | None = None,
+                     spans: list[Span] | None = None) -> torch.Tensor:
         """The model's encoder hidden states (B, T, d), computed across the chosen devices; a
-        failed distributed run is re-planned and retried once within ``request_timeout_s``."""
+        failed distributed run is re-planned and retried once within ``request_timeout_s``.
+        With ``spans`` the request is traced (``parallel/trace.py``)."""
         deadline = time.monotonic() + self.request_timeout_s
         seq_len = int(input_ids.shape[1])
-        plan, _ = self.placements.choose(model, "encode", seq_len, strategy)
+        plan = self.choose(model, "encode", seq_len, strategy, spans)
         run = req
         mask_rows = tuple(tuple(int(v) for v in row) for row in mask.tolist())
         for attempt in (0, 1):
@@ -136,8 +159,8 @@ class RunCoordinator:
             # a distributed first attempt gets half the budget so that a retry still fits
             timeout = max(0.05, left / 2 if attempt == 0 and len(plan.devices) > 1 else left)
             try:
-                await self.start(self.control(run, model, "encode", plan, timeout, mask_rows))
-                res = await self.pass_(model, run, plan, "encode", input_ids, mask, timeout)
+                await self.start(self.control(run, model, "encode", plan, timeout, mask_rows, trace=spans is not None))
+                res = await self.pass_(model, run, plan, "encode", input_ids, mask, timeout, spans)
             finally:
                 gone = await self.end(run, plan)
             if res.ok:
@@ -154,8 +177,8 @@ class RunCoordinator:
         raise ServiceError("internal", f"distributed run failed: {res.failure}")
 
     def generation(self, model: str, req: str, strategy: str, loop: DecodeLoop,
-                   on_plan: Callable[[Plan], None] | None = None) -> GenerationRun:
-        return GenerationRun(self, model, req, strategy, loop, on_plan)
+                   on_plan: Callable[[Plan], None] | None = None, spans: list[Span] | None = None) -> GenerationRun:
+        return GenerationRun(self, model, req, strategy, loop, on_plan, spans)
 
 
 class GenerationRun:
@@ -163,16 +186,18 @@ class GenerationRun:
     per token. A failed pass is retried once on a new plan that re-reads everything so far."""
 
     def __init__(self, coord: RunCoordinator, model: str, req: str, strategy: str, loop: DecodeLoop,
-                 on_plan: Callable[[Plan], None] | None) -> None:
+                 on_plan: Callable[[Plan], None] | None, spans: list[Span] | None) -> None:
         self.coord, self.model, self.req, self.strategy, self.loop = coord, model, req, strategy, loop
         self.on_plan = on_plan or (lambda plan: None)
+        self.spans = spans
         self.run = req
         self.plan: Plan | None = None
+        self.passes = 0  # passes of the current run
         self.retried = False
 
     async def __aenter__(self) -> GenerationRun:
-        await self._begin(self.run, self.coord.placements.choose(self.model, "prefill", self.loop.position,
-                                                                  self.strategy)[0])
+        await self._begin(self.run, self.coord.choose(self.model, "prefill", self.loop.position, self.strategy,
+                                                      self.spans))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -180,18 +205,19 @@ class GenerationRun:
             await self.coord.end(self.run, self.plan)
 
     async def _begin(self, run: str, plan: Plan) -> None:
-        self.run, self.plan = run, plan
+        self.run, self.plan, self.passes = run, plan, 0
         self.on_plan(plan)
         passes = self.loop.cfg.max_new_tokens - len(self.loop.tokens)
         await self.coord.start(self.coord.control(run, self.model, "generate", plan, self.coord.request_timeout_s,
-                                                  None, max(1, passes)))
+                                                  None, max(1, passes), trace=self.spans is not None))
 
     async def step(self) -> torch.Tensor:
         """The logits of the next position, for ``loop.next_input()``."""
         assert self.plan is not None
         kind, ids = self.loop.next_input()
         res = await self.coord.pass_(self.model, self.run, self.plan, kind, torch.tensor([ids]), None,
-                                     self.coord.request_timeout_s)
+                                     self.coord.request_timeout_s, self.spans, self.passes)
+        self.passes += 1
         if res.ok:
             assert res.output is not None
             return res.output

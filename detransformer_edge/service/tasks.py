@@ -27,6 +27,7 @@ import torch
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.model.generation import DecodeLoop, SamplingConfig, build_prompt
 from detransformer_edge.model.tokenizer import IncrementalDecoder
+from detransformer_edge.parallel.trace import Span
 from detransformer_edge.protocol.messages import LogEntry
 from detransformer_edge.service.catalog import Catalog
 from detransformer_edge.service.placement import ServiceError
@@ -51,13 +52,20 @@ class RequestRecord:
     result: str = ""
     error: str | None = None
     client_id: str | None = None  # the caller's id (Hermes query id, request id)
+    spans: list[Span] | None = None  # a traced request's timeline, every device's spans
 
     def entry(self) -> LogEntry:
         return LogEntry(self.id, self.kind, self.text, self.started, self.plan, self.latency_ms, self.result,
                         self.error, self.client_id)
 
+    def trace(self) -> list[list[Any]] | None:
+        return None if self.spans is None else [s.to_list() for s in self.spans]
+
     def to_dict(self) -> dict[str, Any]:
-        return self.entry().to_dict()
+        d = self.entry().to_dict()
+        if self.spans is not None:
+            d["trace"] = self.trace()
+        return d
 
 
 class Tasks:
@@ -93,9 +101,9 @@ class Tasks:
         except DetransformerError as exc:
             raise ServiceError("bad_request", str(exc)) from None
 
-    def record(self, kind: str, text: str, client_id: str | None = None) -> RequestRecord:
+    def record(self, kind: str, text: str, client_id: str | None = None, trace: bool = False) -> RequestRecord:
         rec = RequestRecord(f"{kind[0]}{next(_req_ids)}-{uuid.uuid4().hex[:6]}", kind, text, time.time(),
-                            client_id=client_id)
+                            client_id=client_id, spans=[] if trace else None)
         self.log.append(rec)
         return rec
 
@@ -114,18 +122,18 @@ class Tasks:
     async def _encode(self, model: str, ids: torch.Tensor, mask: torch.Tensor, rec: RequestRecord,
                       strategy: str = "adaptive") -> torch.Tensor:
         return await self.runs.encode(model, ids, mask, rec.id, strategy,
-                                      on_plan=lambda plan: setattr(rec, "plan", plan.describe()))
+                                      on_plan=lambda plan: setattr(rec, "plan", plan.describe()), spans=rec.spans)
 
     # --- the tasks --------------------------------------------------------------------------------
 
     async def embed(self, texts: list[str], model: str | None = None, strategy: str = "adaptive",
-                    client_id: str | None = None) -> tuple[list[list[float]], RequestRecord]:
+                    client_id: str | None = None, trace: bool = False) -> tuple[list[list[float]], RequestRecord]:
         from detransformer_edge.model.encoder import mean_pool
 
         model = self.resolve("embed", model)
         served = self.catalog.get(model)
         tools = self.catalog.tools(model)
-        rec = self.record("embed", " | ".join(texts), client_id)
+        rec = self.record("embed", " | ".join(texts), client_id, trace)
         t0 = time.perf_counter()
         await self._admit()
         try:
@@ -147,10 +155,10 @@ class Tasks:
             self._leave()
 
     async def intent(self, text: str, model: str | None = None, client_id: str | None = None,
-                     ) -> tuple[Any, RequestRecord]:
+                     trace: bool = False) -> tuple[Any, RequestRecord]:
         model = self.resolve("intent", model)
         head = self.catalog.tools(model).intent_head
-        rec = self.record("intent", text, client_id)
+        rec = self.record("intent", text, client_id, trace)
         t0 = time.perf_counter()
         await self._admit()
         try:
@@ -171,13 +179,14 @@ class Tasks:
     async def generate(
         self, prompt: str, max_new_tokens: int = 32, on_text: Callable[[str], Awaitable[None]] | None = None,
         chat: bool = True, model: str | None = None, strategy: str = "adaptive", client_id: str | None = None,
+        trace: bool = False,
     ) -> tuple[str, RequestRecord, dict[str, float]]:
         """Greedy generation; ``on_text`` receives decoded pieces as they arrive."""
         model = self.resolve("generate", model)
         served = self.catalog.get(model)
         tools = self.catalog.tools(model)
         tok = tools.tokenizer
-        rec = self.record("generate", prompt, client_id)
+        rec = self.record("generate", prompt, client_id, trace)
         t0 = time.perf_counter()
         if not 1 <= max_new_tokens <= 512:
             raise ServiceError("bad_request", "max_new_tokens must be between 1 and 512")
@@ -198,7 +207,7 @@ class Tasks:
                     if on_text is not None:
                         await on_text(piece)
 
-            async with self.runs.generation(model, rec.id, strategy, loop,
+            async with self.runs.generation(model, rec.id, strategy, loop, spans=rec.spans,
                                             on_plan=lambda plan: setattr(rec, "plan", plan.describe())) as run:
                 while not loop.done:
                     token = loop.push(await run.step())
