@@ -237,3 +237,23 @@ def test_targets_and_prediction_tables():
     assert "Within ±25 %: 9 of 12" in predictions_markdown(results)
     table = ratio_table(results)
     assert "| enc128 | 100 | 500 ms |  | 2.60× | 0.60× | 0.60× | adaptive plan |" in table
+
+
+def test_traced_runs_say_where_the_time_goes():
+    from detransformer_edge.bench.results import Samples, where_table, where_time_went
+
+    # two devices: 0.30 s and 0.20 s of compute; dev0 publishes 125 kB to one device, dev1 the same
+    trace = [["dev0", "plan", "block", 0.0, 0.001, 0, 0], ["dev0", "compute", "L0-5", 0.0, 0.30, 0, 0],
+             ["dev1", "compute", "L0-5", 0.0, 0.20, 0, 0],
+             ["dev0", "encode", "ag", 0.30, 0.31, 0, 0], ["dev0", "publish", "ag", 0.31, 0.32, 125_000, 1],
+             ["dev1", "publish", "ag", 0.2, 0.21, 125_000, 1], ["dev1", "decode", "ag", 0.33, 0.35, 0, 0]]
+    w = where_time_went(0.45, trace, link_mbit=100)
+    assert w["compute_s"] == pytest.approx(0.30)
+    assert w["wire_s"] == pytest.approx(125_000 * 8 / 100e6)  # 10 ms: the busiest device's bytes
+    assert w["codec_s"] == pytest.approx(0.02)  # dev1's decode beats dev0's encode
+    assert w["residual_s"] == pytest.approx(0.45 - 0.30 - 0.01)
+    s = Samples("bp-fixed", "enc128", "homo", (0.4, 0.4), 100, None, "bert-base-bp")
+    s.add_reply(0.45, {"latency_ms": 440.0, "plan": "block", "trace": trace})
+    table = where_table([s])
+    assert "| enc128 | 100 | bp-fixed | 450 | 300 | 10 |" in table and table.rstrip().endswith("| 140 |")
+    assert where_table([Samples("single", "enc128", "homo", (0.4,), 100, None, "bert-base")]) == ""

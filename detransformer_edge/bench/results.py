@@ -50,6 +50,7 @@ class Samples:
     cpu_share_concurrent: tuple[float, ...] = ()  # busy loops in every device at once: what the host gave
     server_s: list[float] = field(default_factory=list)  # the leader's own latency_ms (request in -> reply out)
     cfs_period_ms: float | None = None  # None: the testbed's 100 ms
+    where: list[dict[str, float]] = field(default_factory=list)  # traced runs: where the time went
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -58,6 +59,8 @@ class Samples:
     def add_reply(self, latency_s: float, result: Mapping[str, Any]) -> None:
         """One successful run: the client-side latency and the leader's result fields."""
         self.latency_s.append(latency_s)
+        if "trace" in result:
+            self.where.append(where_time_went(latency_s, result["trace"], self.bandwidth_mbit))
         if "latency_ms" in result:
             self.server_s.append(float(result["latency_ms"]) / 1e3)
         self.plan_desc = str(result.get("plan", self.plan_desc))
@@ -70,6 +73,49 @@ class Samples:
             self.tokens.append(tokens)
             if tokens > 1:
                 self.ms_per_token.append((server_total_s - server_ttft_s) / (tokens - 1) * 1e3)
+
+
+def where_time_went(latency_s: float, trace: Sequence[Sequence[Any]], link_mbit: float) -> dict[str, float]:
+    """One traced run in seconds: the slowest device's compute, the wire time of its bytes, the
+    activation codec and publishing on the busiest device, and the residual (the rest)."""
+    from detransformer_edge.parallel.trace import (
+        Span,
+        breakdown,
+        critical_compute,
+        residual,
+        wire_seconds,
+    )
+
+    spans = [Span.from_list(row) for row in trace]
+    per = breakdown(spans)
+    return {
+        "latency_s": latency_s,
+        "compute_s": critical_compute(spans),
+        "wire_s": wire_seconds(spans, link_mbit),
+        "codec_s": max((d["encode"] + d["decode"] for d in per.values()), default=0.0),
+        "publish_s": max((d["publish"] for d in per.values()), default=0.0),
+        "plan_s": max((d["plan"] for d in per.values()), default=0.0),
+        "residual_s": residual(latency_s, spans, link_mbit),
+    }
+
+
+def where_table(samples: Sequence[Samples]) -> str:
+    """Medians of the traced runs per plan: what ``bench --trace`` prints."""
+    import statistics
+
+    rows = [s for s in samples if s.where]
+    if not rows:
+        return ""
+    keys = ("latency_s", "compute_s", "wire_s", "codec_s", "publish_s", "plan_s", "residual_s")
+    lines = ["Where the time goes (medians of the traced runs, ms; compute: the slowest device; wire: its bytes at "
+             "the link rate; codec / publish: the busiest device; residual: latency − compute − wire)", "",
+             "| workload | Mbit/s | plan | latency | compute | wire | codec | publish | planning | residual |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in rows:
+        med = {k: statistics.median(w[k] for w in s.where) * 1e3 for k in keys}
+        lines.append(f"| {s.workload} | {s.bandwidth_mbit} | {s.plan} | " + " | ".join(f"{med[k]:.0f}" for k in keys[:-2])
+                     + f" | {med['plan_s']:.1f} | {med['residual_s']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)

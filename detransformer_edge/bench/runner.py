@@ -352,8 +352,11 @@ class BenchHome:
 # --- the matrix -------------------------------------------------------------------------------------
 
 
-def run_plan_once(bh: BenchHome, workload: Workload, plan: str, timeout_s: float) -> dict[str, Any]:
+def run_plan_once(bh: BenchHome, workload: Workload, plan: str, timeout_s: float,
+                  trace: bool = False) -> dict[str, Any]:
     params: dict[str, Any] = {"model": workload.model_for(plan), "plan": plan}
+    if trace:
+        params["trace"] = True
     if workload.op == "generate":
         params.update(max_new_tokens=workload.new_tokens, chat=False)
     return bh.request(workload.op, workload.text(), params, timeout_s)
@@ -396,7 +399,7 @@ def run_scenario(scenario: Scenario, cfg: BenchConfig, rates: HostRates | None, 
                 for p in scenario.plans:  # interleaved: host noise hits every plan alike
                     if p in failed:
                         continue
-                    ans = run_plan_once(bh, workload, p, cfg.request_timeout_s)
+                    ans = run_plan_once(bh, workload, p, cfg.request_timeout_s, cfg.trace)
                     if ans.get("ok"):
                         samples[p].add_reply(float(ans["latency_s"]), ans["result"])
                         shown.append(f"{p} {ans['latency_s'] * 1e3:.0f}")

@@ -136,6 +136,7 @@ class BenchConfig:
     broker_mbit: int | None = None
     request_timeout_s: float = 180.0
     cfs_period_ms: float | None = None  # experiment: CPU quota period (testbed default 100 ms)
+    trace: bool = False  # timed runs carry a timeline: where the time goes, per plan
 
     def __post_init__(self) -> None:
         for w in self.workloads:

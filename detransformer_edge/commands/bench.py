@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=180.0, help="seconds one request may take (default %(default)s)")
     p.add_argument("--keep-logs", default=None, help="keep agent/broker logs and configs under this folder")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.add_argument("--trace", action="store_true",
+                   help="trace the timed runs and print where the time goes per plan (compute, wire, codec, residual)")
 
 
 def config_from_args(args: argparse.Namespace):  # -> BenchConfig
@@ -58,7 +60,7 @@ def config_from_args(args: argparse.Namespace):  # -> BenchConfig
             plans=parse_name_list(args.plans, "plans", PLANS),
         )
     changes = {"broker_mbit": args.broker_mbit, "request_timeout_s": args.timeout,
-               "cfs_period_ms": args.cfs_period_ms}
+               "cfs_period_ms": args.cfs_period_ms, "trace": args.trace}
     if args.runs is not None:
         changes["runs"] = args.runs
     if args.warmup is not None:
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         merge,
         report,
         sort_results,
+        where_table,
     )
     from detransformer_edge.bench.runner import HostRates, run_bench, stderr_progress
     from detransformer_edge.bench.spec import broker_link
@@ -135,8 +138,18 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # plots are a convenience; the numbers are saved already
             stderr_progress(f"plots skipped: {exc}")
     stderr_progress(f"wrote {json_path} and {md_path}")
+    where = where_table(samples)
+    if where:
+        (out_dir / f"{name}-where.md").write_text(f"# Where the time goes\n\nCommand: `{meta['command']}` "
+                                                  f"(commit {commit}, {meta['started_utc']})\n\n{where}")
     if args.json:
-        print(json.dumps(report(sort_results(aggregate(samples)), link, meta)))
+        data = report(sort_results(aggregate(samples)), link, meta)
+        if where:
+            data["where"] = [{"workload": s.workload, "plan": s.plan, "bandwidth_mbit": s.bandwidth_mbit,
+                              "runs": s.where} for s in samples if s.where]
+        print(json.dumps(data))
     else:
         print(markdown_table(sort_results(aggregate(samples)), link))
+        if where:
+            print(where)
     return 0
