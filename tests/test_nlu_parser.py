@@ -104,3 +104,19 @@ def test_tiny_training_step_reduces_loss() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_intent_filter_masks_before_the_decision():
+    from detransformer_edge.nlu.parser import IntentParser
+
+    parser = IntentParser.load_default()
+    text = "turn on the kitchen light"
+    assert parser.parse(text).intent_name == "TurnOnLight"
+    encoded = parser.encode(text)
+    ids = torch.tensor([encoded.ids])
+    with torch.no_grad():
+        hidden = parser.encoder(ids, torch.ones_like(ids))
+    allowed = parser.parse_from_hidden(text, hidden, encoded, allowed=frozenset({"TurnOnLight", "GetTime"}))
+    assert allowed.intent_name == "TurnOnLight"
+    masked = parser.parse_from_hidden(text, hidden, encoded, allowed=frozenset({"GetTime", "LockDoor"}))
+    assert masked.intent_name is None  # clearly a light command: nothing allowed fits

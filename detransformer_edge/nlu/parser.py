@@ -26,7 +26,13 @@ from detransformer_edge.model.config import EncoderConfig
 from detransformer_edge.model.encoder import Encoder
 from detransformer_edge.nlu.dataset import BIO_TAGS, IGNORE, spans_from_bio
 from detransformer_edge.nlu.model import IntentSlotHeads, IntentSlotModel
-from detransformer_edge.nlu.train import INTENT_LABELS, EncodedText, decide, encode_text
+from detransformer_edge.nlu.train import (
+    INTENT_LABELS,
+    NOT_RECOGNISED,
+    EncodedText,
+    decide,
+    encode_text,
+)
 from detransformer_edge.nlu.values import SlotValueError, normalise
 
 log = logging.getLogger(__name__)
@@ -112,9 +118,12 @@ class IntentParser:
         return self.parse_from_hidden(text, hidden, encoded)
 
     @torch.no_grad()
-    def parse_from_hidden(self, text: str, hidden: Any, encoded: EncodedText | None = None) -> ParsedIntent:
+    def parse_from_hidden(self, text: str, hidden: Any, encoded: EncodedText | None = None,
+                          allowed: frozenset[str] | None = None) -> ParsedIntent:
         """Finish a parse from the encoder's last hidden states of ``encoded.ids``: (T, d) or (1, T, d),
-        a tensor or a numpy array of any float dtype."""
+        a tensor or a numpy array of any float dtype. ``allowed`` (a voice assistant's intent
+        filter) masks every other intent out before the decision, without renormalising: an
+        utterance that clearly asks for an excluded intent is then not recognised."""
         encoded = encoded or self.encode(text)
         h = torch.as_tensor(hidden).float()
         if h.dim() == 2:
@@ -125,7 +134,11 @@ class IntentParser:
                 f"{self.model.encoder.cfg.d_model} features"
             )
         intent_logits, tag_logits = self.model.heads(h, None)
-        name, conf = decide(intent_logits[0].softmax(-1), self.threshold)
+        probs = intent_logits[0].softmax(-1)
+        if allowed is not None:
+            keep = torch.tensor([label in allowed or label == NOT_RECOGNISED for label in INTENT_LABELS])
+            probs = torch.where(keep, probs, torch.zeros_like(probs))
+        name, conf = decide(probs, self.threshold)
         if name is None:
             return ParsedIntent(None, conf, [])
         tags = [IGNORE if s else int(t) for t, s in zip(tag_logits[0].argmax(-1).tolist(), encoded.special)]

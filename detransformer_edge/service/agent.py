@@ -207,13 +207,19 @@ class HomeAgent:
     def leads(self) -> bool:
         return self.cluster.is_leader or self.cluster.holds_lease
 
-    async def recognize(self, text: str, client_id: str | None = None) -> IntentResult:
-        """The intent of an utterance: computed by the home when this device leads, else asked of
-        the leader over MQTT (``P/request``, op ``intent``). ServiceError when it cannot answer."""
+    async def recognize(self, text: str, client_id: str | None = None,
+                        allowed: frozenset[str] | None = None) -> IntentResult:
+        """The intent of an utterance (``allowed``: only these intents may be recognised): computed
+        by the home when this device leads, else asked of the leader over MQTT (``P/request``, op
+        ``intent``). ServiceError when it cannot answer."""
         if not self.leads:
-            return await self._forward("intent", text)
+            params = {} if allowed is None else {"intent_filter": ",".join(sorted(allowed))}
+            reply = await self.requester.request("intent", text, params, timeout=FORWARD_TIMEOUT_S)
+            if reply.error is not None:
+                raise ServiceError(reply.error.code, reply.error.message)
+            return intent_from_dict(reply.result or {})
         await self._await_ready()
-        result, rec = await self.tasks.intent(text, client_id=client_id)
+        result, rec = await self.tasks.intent(text, client_id=client_id, allowed=allowed)
         self.device.note_latency(rec.latency_ms)
         if result.intent is not None and result.confidence < self.intent_threshold:
             return IntentResult(None, result.confidence)
@@ -227,13 +233,6 @@ class HomeAgent:
         text, rec, _ = await self.tasks.generate(prompt, max_new_tokens, on_text)
         self.device.note_latency(rec.latency_ms)
         return text
-
-    async def _forward(self, op: str, text: str) -> IntentResult:
-        """A follower asks the leader (the request desk of ``cluster/requests.py``)."""
-        reply = await self.requester.request(op, text, timeout=FORWARD_TIMEOUT_S)
-        if reply.error is not None:
-            raise ServiceError(reply.error.code, reply.error.message)
-        return intent_from_dict(reply.result or {})
 
     async def _on_request(self, request: Request) -> Reply | Mapping[str, Any]:
         try:
@@ -251,7 +250,11 @@ class HomeAgent:
             if request.op == "intent":
                 if not isinstance(request.input, str):
                     raise ServiceError("bad_request", "'intent' takes one utterance as 'input'")
-                result = await self.recognize(request.input, request.id)
+                flt = params.get("intent_filter")
+                if flt is not None and not isinstance(flt, str):
+                    raise ServiceError("bad_request", "params.intent_filter must be intent names, comma-separated")
+                allowed = None if flt is None else frozenset(n for n in flt.split(",") if n)
+                result = await self.recognize(request.input, request.id, allowed)
                 return intent_to_dict(result)
             if request.op == "embed":
                 texts = [request.input] if isinstance(request.input, str) else list(request.input)

@@ -64,7 +64,10 @@ class Prepared:
 
 class IntentHead(Protocol):
     def prepare(self, text: str) -> Prepared: ...
-    def decode(self, text: str, hidden: torch.Tensor, prepared: Prepared) -> IntentResult: ...
+    def decode(self, text: str, hidden: torch.Tensor, prepared: Prepared,
+               allowed: frozenset[str] | None = None) -> IntentResult:
+        """``allowed``: only these intents may be recognised (a voice assistant's filter)."""
+        ...
 
 
 class TinyIntentHead:
@@ -85,8 +88,11 @@ class TinyIntentHead:
         t = torch.tensor([ids])
         return Prepared(t, torch.ones_like(t))
 
-    def decode(self, text: str, hidden: torch.Tensor, prepared: Prepared) -> IntentResult:
+    def decode(self, text: str, hidden: torch.Tensor, prepared: Prepared,
+               allowed: frozenset[str] | None = None) -> IntentResult:
         probs = torch.softmax(hidden.mean(dim=1)[0] @ self.weight.T, dim=-1)
+        if allowed is not None:
+            probs = probs * torch.tensor([name in allowed for name in self.intents])
         conf, idx = probs.max(dim=-1)
         name = self.intents[int(idx)] if float(conf) >= self.threshold else None
         return IntentResult(name, float(conf))
@@ -103,8 +109,9 @@ class ParserHead:
         ids = torch.tensor([encoded.ids])  # (1, T)
         return Prepared(ids, torch.ones_like(ids), encoded)
 
-    def decode(self, text: str, hidden: torch.Tensor, prepared: Prepared) -> IntentResult:
-        parsed = self.parser.parse_from_hidden(text, hidden, prepared.extra)
+    def decode(self, text: str, hidden: torch.Tensor, prepared: Prepared,
+               allowed: frozenset[str] | None = None) -> IntentResult:
+        parsed = self.parser.parse_from_hidden(text, hidden, prepared.extra, allowed)
         slots = tuple(SlotValue(s.entity, s.slot_name, s.value, s.raw_value, s.start, s.end, s.kind) for s in parsed.slots)
         return IntentResult(parsed.intent_name, float(parsed.confidence), slots)
 

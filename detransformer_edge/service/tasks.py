@@ -155,7 +155,7 @@ class Tasks:
             self._leave()
 
     async def intent(self, text: str, model: str | None = None, client_id: str | None = None,
-                     trace: bool = False) -> tuple[Any, RequestRecord]:
+                     trace: bool = False, allowed: frozenset[str] | None = None) -> tuple[Any, RequestRecord]:
         model = self.resolve("intent", model)
         head = self.catalog.tools(model).intent_head
         rec = self.record("intent", text, client_id, trace)
@@ -167,7 +167,7 @@ class Tasks:
             if prepared.input_ids.shape[1] > served.max_tokens:
                 raise ServiceError("bad_request", f"utterance is {prepared.input_ids.shape[1]} tokens; at most {served.max_tokens}")
             hidden = await self._encode(model, prepared.input_ids, prepared.attention_mask, rec)
-            result = head.decode(text, hidden, prepared)
+            result = head.decode(text, hidden, prepared, allowed)
             self.finish(rec, t0, f"{result.intent or 'not recognised'} ({result.confidence:.2f})")
             return result, rec
         except DetransformerError as exc:
