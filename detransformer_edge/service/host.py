@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-from collections.abc import Mapping
+import os
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -37,6 +39,18 @@ from detransformer_edge.transport.errors import RequestCancelled
 from detransformer_edge.weights.manifest import WeightIntegrityError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+LOADER_NICENESS = 10  # how much lower the weight loader runs than the agent's event loop
+
+
+def _lower_priority() -> None:
+    """Lower this thread's scheduling priority (Linux niceness is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOADER_NICENESS)
+    except (OSError, AttributeError):  # not Linux, or not allowed: load at normal priority
+        pass
 
 
 def trace_step(n: int) -> str:
@@ -76,6 +90,10 @@ class ModelHost:
         # the device's one compute thread: model compute of every held model runs there, off the
         # event loop (parallel/executor.py)
         self.compute_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"compute-{self.device_id}")
+        # weights load on a thread of their own at a lower CPU priority: on a small CPU the event
+        # loop (lease renewals, status, the leader's answers) must not starve behind a long load
+        self.loader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"loader-{self.device_id}",
+                                                            initializer=_lower_priority)
         self._assign_lock = asyncio.Lock()
 
     # --- weights ---------------------------------------------------------------------------------
@@ -102,14 +120,17 @@ class ModelHost:
     async def _load(self, model: str, weights: DeviceWeights, version: int) -> DeviceShard:
         if self.weights_mode != "stream":
             try:
-                return await asyncio.to_thread(self._cut, model, weights)
+                return await self._in_loader(self._cut, model, weights)
             except (ModelNotInstalledError, WeightSourceError, WeightIntegrityError) as exc:
                 if self.fetcher is None or self.weights_mode == "local":
                     raise
                 log.warning("%s: no local weights for %s (%s): streaming them from the leader", self.device_id, model, exc)
         cfg = self.catalog.get(model).config()
         tensors = await self.fetcher.fetch(model, version, shard_units(cfg, weights))  # type: ignore[union-attr]
-        return await asyncio.to_thread(build_selective_shard, cfg, weights, tensors)
+        return await self._in_loader(build_selective_shard, cfg, weights, tensors)
+
+    async def _in_loader(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.loader, fn, *args)
 
     def _cut(self, model: str, weights: DeviceWeights) -> DeviceShard:
         """Only ``weights`` from the local files (a full load and cut where the model has no
@@ -206,3 +227,4 @@ class ModelHost:
             except (asyncio.CancelledError, Exception):
                 pass
         self.compute_pool.shutdown(wait=False, cancel_futures=True)
+        self.loader.shutdown(wait=False, cancel_futures=True)
