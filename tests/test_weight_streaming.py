@@ -324,3 +324,28 @@ async def test_pretrained_models_stream_and_answer_like_one_device(mosquitto_bro
                                    ["hermes/intent/#", "hermes/nlu/intentNotRecognized"], timeout=60)
         assert body["intent"]["intentName"] == expected.intent_name, body
         assert abs(body["intent"]["confidenceScore"] - expected.confidence) < 1e-3
+
+
+def test_the_cache_keeps_its_bound_by_dropping_the_least_recently_used_shards(tmp_path):
+    import os
+
+    from detransformer_edge.service.weight_stream import prune_cache
+
+    def shard(model, unit, size, used):
+        d = tmp_path / model / unit
+        d.mkdir(parents=True)
+        (d / "0.chunk").write_bytes(b"x" * size)
+        (d / "manifest.json").write_text("{}")
+        os.utime(d / "manifest.json", (used, used))
+
+    shard("m", "layer.0", 1000, used=100)  # oldest
+    shard("m", "layer.1", 1000, used=200)
+    shard("m", "layer.2", 1000, used=300)
+    shard("n", "embeddings", 1000, used=50)  # the oldest of all, but in use
+    freed = prune_cache(tmp_path, max_bytes=2500, keep={("n", "embeddings")})
+    assert not (tmp_path / "m" / "layer.0").exists() and not (tmp_path / "m" / "layer.1").exists()
+    assert (tmp_path / "m" / "layer.2").exists() and (tmp_path / "n" / "embeddings").exists()
+    assert freed >= 2000
+    assert prune_cache(tmp_path, max_bytes=0, keep={("n", "embeddings")}) > 0
+    assert not (tmp_path / "m").exists() and (tmp_path / "n" / "embeddings").exists()  # empty model dirs go too
+    assert prune_cache(tmp_path / "nowhere", 0) == 0

@@ -117,6 +117,7 @@ class AgentConfig:
     # leader), "local" (files only) or "stream" (always from the leader; docs/WEIGHTS.md)
     weights: str = "auto"
     weights_cache: Path | None = None  # streamed chunks kept here (default: the model cache dir)
+    weights_cache_mb: float = 2048.0  # the cache's bound: least recently used shards beyond it are deleted
 
     def __post_init__(self) -> None:
         try:
@@ -132,6 +133,8 @@ class AgentConfig:
             raise ConfigError("cluster_key is empty: set a long random secret (or remove it to run unsigned)")
         if not self.status_interval_s > 0:
             raise ConfigError("status_interval_s must be > 0")
+        if not self.weights_cache_mb >= 0:
+            raise ConfigError(f"weights_cache_mb must be >= 0 (0 keeps only the shards in use), got {self.weights_cache_mb!r}")
         if self.weights not in ("auto", "local", "stream"):
             raise ConfigError(f'weights must be "auto", "local" or "stream", got {self.weights!r}')
         if self.broker.url is None and not self.discovery:
@@ -212,6 +215,7 @@ class AgentConfig:
             election=election,
             weights=top.get("weights", str, "auto"),
             weights_cache=top.path("weights_cache", base_dir),
+            weights_cache_mb=top.get("weights_cache_mb", float, 2048.0),
         )
         top.done()
         return cfg

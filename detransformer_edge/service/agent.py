@@ -88,7 +88,8 @@ class HomeAgent:
         self.weight_server = WeightServer(catalog, self._publish, topics, signer=self.cluster.signer,
                                           term=lambda: term() or 1)
         self.weight_fetcher = WeightFetcher(config.id, catalog, self._publish, topics,
-                                            weights_cache / config.cluster / config.id, verifier=self.cluster.verifier)
+                                            weights_cache / config.cluster / config.id, verifier=self.cluster.verifier,
+                                            max_cache_bytes=config.weights_cache_mb * 1e6)
         self.host = ModelHost(self.transport, catalog, self.weight_fetcher, config.weights)
         self.placements = Placements(config.id, catalog, replicate_all=replicate_all, emit=self._emit)
         self.runs = RunCoordinator(config.id, self.host, self.placements, self._publish, topics.run,
@@ -113,6 +114,7 @@ class HomeAgent:
         await self._stack.enter_async_context(self.cluster)
         await self._stack.enter_async_context(self.session)  # connects in the background, forever
         self.spawn(self.leading.watch_silence(), "silence")
+        self.spawn(asyncio.to_thread(self.weight_fetcher.prune), "prune-weights")  # the cache's bound, at start
         for plugin in self.plugins:
             await plugin.start(self)
             self._stack.push_async_callback(plugin.stop)

@@ -22,6 +22,7 @@ from detransformer_edge.protocol.codec import ProtocolError
 from detransformer_edge.protocol.messages import Assignment
 from detransformer_edge.protocol.signing import SignatureError
 from detransformer_edge.service.placement import weights_from_dict
+from detransformer_edge.service.weights import shard_units
 from detransformer_edge.transport.session import NotConnectedError
 
 if TYPE_CHECKING:
@@ -85,6 +86,8 @@ class DeviceDuties:
             progress.cancel()
         self._state(ready=True, placement_version=version, sub_blocks=a.host.sub_blocks(), loading=False,
                     weights_percent=None)
+        in_use = {(m, unit) for m, w in models.items() for unit in shard_units(a.catalog.get(m).config(), w)}
+        await asyncio.to_thread(a.weight_fetcher.prune, in_use)  # keep the cache within its bound
         log.warning("%s: ready with placement v%d (%.1f MB of weights)", a.id, version,
                     sum(a.host.weight_bytes().values()) / 1e6)
         await self.status_now()

@@ -17,6 +17,7 @@ See docs/WEIGHTS.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,7 +26,7 @@ import math
 import os
 import shutil
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from pathlib import Path
 
 import aiomqtt
@@ -230,23 +231,64 @@ class _Transfer:
         return b"".join((self.path / f"{i}.chunk").read_bytes() for i in range(self.total))
 
 
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+def prune_cache(cache_dir: Path, max_bytes: float, keep: Collection[tuple[str, str]] = ()) -> int:
+    """Delete the least recently used shards under ``cache_dir`` (``<model>/<shard>/``) until the
+    rest fits in ``max_bytes``; shards in ``keep`` (the placement in use) are never deleted.
+    Returns the bytes freed. Last use is the shard's manifest time (touched on every use)."""
+    units = []
+    for model_dir in (d for d in cache_dir.iterdir() if d.is_dir()) if cache_dir.is_dir() else ():
+        for unit in (u for u in model_dir.iterdir() if u.is_dir()):
+            manifest = unit / "manifest.json"
+            used = manifest.stat().st_mtime if manifest.exists() else 0.0
+            units.append((used, unit, _dir_bytes(unit), (model_dir.name, unit.name) in keep))
+    total = sum(u[2] for u in units)
+    freed = 0
+    for _, unit, size, kept in sorted(units, key=lambda u: u[0]):
+        if total - freed <= max_bytes:
+            break
+        if kept:
+            continue
+        shutil.rmtree(unit, ignore_errors=True)
+        freed += size
+        log.info("weights cache: removed %s (%.1f MB, least recently used)", unit, size / 1e6)
+    for model_dir in (d for d in cache_dir.iterdir() if d.is_dir()) if cache_dir.is_dir() else ():
+        if not any(model_dir.iterdir()):
+            model_dir.rmdir()
+    return freed
+
+
 class WeightFetcher:
-    """Gets shard units from the leader into ``cache_dir``; ``fetch`` returns their tensors."""
+    """Gets shard units from the leader into ``cache_dir``; ``fetch`` returns their tensors.
+    The cache is bounded (``prune``: least recently used shards beyond ``max_cache_bytes``)."""
 
     def __init__(self, device_id: str, catalog: Catalog, publish: Publish, topics: ClusterTopics, cache_dir: Path, *,
                  max_concurrent: int = 2, timeout_s: float = 10.0, retries: int = 5,
-                 max_shard_bytes: int = MAX_SHARD_BYTES, verifier: CommandVerifier | None = None) -> None:
+                 max_shard_bytes: int = MAX_SHARD_BYTES, verifier: CommandVerifier | None = None,
+                 max_cache_bytes: float = 2048e6) -> None:
         """``verifier``: with a cluster key, a shard is accepted only when it matches the SHA-256
         of a manifest the leader signed."""
         self.verifier = verifier
         self.device_id, self.catalog, self.publish, self.topics = device_id, catalog, publish, topics
         self.cache_dir = Path(cache_dir)
+        self.max_cache_bytes = max_cache_bytes
         self.max_concurrent, self.timeout_s, self.retries = max_concurrent, timeout_s, retries
         self.max_chunks = math.ceil(max_shard_bytes / 1024)  # chunks may be as small as 1 KiB
         self._active: dict[tuple[str, str], _Transfer] = {}
         self.corrupt_shards = 0  # shards that failed their sha256 (and were fetched again)
         self._units = 0  # shards of the fetch in progress, and how many of them are done
         self._units_done = 0
+
+    def prune(self, keep: Collection[tuple[str, str]] = ()) -> int:
+        """Bound the cache (at start, and after each placement with the placement's shards kept)."""
+        try:
+            return prune_cache(self.cache_dir, self.max_cache_bytes, set(keep) | set(self._active))
+        except OSError as exc:
+            log.warning("%s: cannot prune the weights cache %s: %s", self.device_id, self.cache_dir, exc)
+            return 0
 
     def progress(self) -> dict[str, float]:
         """Percent received of each shard being fetched now (``model/shard`` -> percent)."""
@@ -352,6 +394,8 @@ class WeightFetcher:
                     finally:
                         t.verifying = False
                     if digest == expected == t.sha256 and t.signed_sha256 in (None, digest):
+                        with contextlib.suppress(OSError):
+                            os.utime(t.path / "manifest.json")  # used now: the cache keeps it longest
                         return blob
                     self.corrupt_shards += 1
                     log.warning("%s: shard %s/%s failed its %s: fetching it again", self.device_id, model, unit,
