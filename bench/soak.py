@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from detransformer_edge.cli import interrupt_on_terminate
 from detransformer_edge.service.fleet import AgentFleet, HomeWatcher, rss_kb  # noqa: E402
 from detransformer_edge.transport.broker import run_mosquitto  # noqa: E402
 
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval-s", type=float, default=10.0, help="RSS sampling interval")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "soak.json")
     args = p.parse_args(argv)
+    interrupt_on_terminate()  # SIGTERM stops the fleet like Ctrl-C: agents and broker go with it
     with tempfile.TemporaryDirectory(prefix="dte-soak-") as wd:
         res = asyncio.run(soak(args, Path(wd)))
     print(table(res))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from detransformer_edge import __version__
@@ -43,7 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupt_on_terminate() -> None:
+    """SIGTERM and SIGHUP unwind a command like Ctrl-C (KeyboardInterrupt), so every ``with`` and
+    ``finally`` runs: the broker, agents, namespaces and cgroups a command started go with it.
+    (An agent handles them itself, as a clean leave: ``service/runner.py``.)"""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    interrupt_on_terminate()
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

@@ -45,6 +45,28 @@ def device_profile(config: AgentConfig, broker: tuple[str, int] | None) -> Devic
 PluginFactory = Callable[[AgentConfig], Sequence[Plugin]]
 
 
+async def find_broker(config: AgentConfig, stop: asyncio.Event, attempt_s: float = 15.0) -> tuple[str, int] | None:
+    """The broker's address: ``broker.url``, or mDNS, asked again with backoff (a log line per
+    attempt) until a broker answers or ``stop`` is set (then None). An agent started before its
+    broker waits for it; it never gives up on its own."""
+    from detransformer_edge.cluster import discovery
+    from detransformer_edge.transport.session import backoff_delay
+
+    attempt = 0
+    while not stop.is_set():
+        try:
+            return await discovery.resolve_broker(config, timeout=attempt_s)
+        except discovery.BrokerNotFoundError as exc:
+            delay = backoff_delay(attempt, config.broker.reconnect_min_s, config.broker.reconnect_max_s)
+            attempt += 1
+            log.warning("agent %s: no broker found (%s); looking again in %.1f s (attempt %d)", config.id, exc,
+                        delay, attempt)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stop.wait()
+    return None
+
+
 async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None,
                     plugins_for: PluginFactory = lambda config: ()) -> int:
     import torch
@@ -54,7 +76,14 @@ async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None,
     from detransformer_edge.service.catalog import CATALOGS
 
     config = AgentConfig.load(opts.config_path)
-    broker = await discovery.resolve_broker(config, timeout=15.0)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a clean leave: presence offline, plug-ins stopped
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    broker = await find_broker(config, stop)
+    if broker is None:
+        return 0
     profile = await asyncio.to_thread(device_profile, config, broker)
     torch.set_num_threads(max(1, opts.threads or int(os.environ.get("DETRANSFORMER_THREADS", 0)) or profile.cores))
     if opts.catalog not in CATALOGS:
@@ -62,11 +91,6 @@ async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None,
     catalog = CATALOGS[opts.catalog]()
     if opts.models:
         catalog = catalog.subset(opts.models)
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     has_models = await asyncio.to_thread(catalog.installed_locally)
     async with HomeAgent(config, profile, catalog, broker=broker, intent_threshold=opts.intent_threshold,
                          replicate_all=opts.replicate_all, plugins=plugins_for(config), has_models=has_models) as agent:
