@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from detransformer_edge.cli import interrupt_on_terminate
+from detransformer_edge.cli import interrupt_on_terminate  # noqa: E402
 from detransformer_edge.service.fleet import AgentFleet, HomeWatcher, rss_kb  # noqa: E402
 from detransformer_edge.transport.broker import run_mosquitto  # noqa: E402
 
