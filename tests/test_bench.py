@@ -38,7 +38,7 @@ from detransformer_edge.bench.spec import (
 )
 from detransformer_edge.cluster.config import AgentConfig
 from detransformer_edge.errors import ConfigError
-from detransformer_edge.service.catalog import ByteTokenizer
+from detransformer_edge.model.tokenizer import ByteTokenizer
 
 
 def test_workload_text_is_exactly_seq_tokens_and_models_match_plans():

@@ -203,3 +203,19 @@ class IncrementalDecoder:
         full = decode(self.ids[self._prefix_start :], self.skip_special_tokens)
         self._prefix_start = self._read_start = len(self.ids)
         return full[len(prefix) :]
+
+
+class ByteTokenizer:
+    """Bytes as tokens (ids 3..), 1 = BOS/CLS, 2 = EOS/SEP, 0 = pad: enough for random models."""
+
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab = vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [3 + (b % (self.vocab - 3)) for b in text.encode("utf-8")]
+        return [self.bos_id, *ids, self.eos_id] if add_special_tokens else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return bytes((i - 3) % 256 for i in ids if i >= 3).decode("utf-8", errors="replace")

@@ -73,8 +73,11 @@ class RunControl(Message):
                 raise ProtocolError(f"{s}: attention_mask must be a list of lists of 0/1")
             mask = tuple(tuple(r) for r in mask)
         kind = req_str(d, "kind", s)
+        raw_plan = d.get("plan")
+        if not isinstance(raw_plan, Mapping):
+            raise ProtocolError(f"{s}: 'plan' must be an object")
         try:
-            plan = Plan.from_dict(d.get("plan"))
+            plan = Plan.from_dict(raw_plan)
         except PlanError as exc:
             raise ProtocolError(f"{s}: bad plan: {exc}") from None
         return cls(req_str(d, "req", s), req_str(d, "model", s), kind, plan,  # type: ignore[arg-type]

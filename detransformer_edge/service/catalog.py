@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from detransformer_edge.errors import ConfigError
+from detransformer_edge.model.tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,11 @@ def default_catalog() -> Catalog:
         return LoadedServedModel(m.model, m.tokenizer, chat_template=m.chat_template)
 
     def intent_loader() -> LoadedServedModel:
-        from detransformer_edge.service.intents import load_intent_model
+        from detransformer_edge.nlu.parser import IntentParser
+        from detransformer_edge.service.intents import ParserHead
 
-        return load_intent_model()
+        parser = IntentParser.load_default()
+        return LoadedServedModel(parser.encoder, parser.tokenizer, ParserHead(parser))
 
     def embed_tools() -> LoadedServedModel:
         import json
@@ -297,18 +300,3 @@ CATALOGS: dict[str, Callable[[], Catalog]] = {
     "pretrained": default_catalog, "tiny": tiny_catalog, "shapes": shape_catalog,
 }
 
-
-class ByteTokenizer:
-    """Bytes as tokens (ids 3..), 1 = BOS/CLS, 2 = EOS/SEP, 0 = pad: enough for random models."""
-
-    bos_id, eos_id, pad_id = 1, 2, 0
-
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab = vocab_size
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = [3 + (b % (self.vocab - 3)) for b in text.encode("utf-8")]
-        return [self.bos_id, *ids, self.eos_id] if add_special_tokens else ids
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return bytes((i - 3) % 256 for i in ids if i >= 3).decode("utf-8", errors="replace")

@@ -74,8 +74,8 @@ class TinyIntentHead:
     """A fixed random linear map from the mean hidden state to an intent (tests only)."""
 
     def __init__(self, d_model: int, vocab_size: int, seed: int = 0, threshold: float = 0.0) -> None:
+        from detransformer_edge.model.tokenizer import ByteTokenizer
         from detransformer_edge.nlu.vocabulary import INTENTS
-        from detransformer_edge.service.catalog import ByteTokenizer
 
         self.intents = tuple(INTENTS)
         self.tokenizer = ByteTokenizer(vocab_size)
@@ -131,11 +131,3 @@ def intent_model_config() -> Any:
 
         raise ConfigError(f"no intent model at {path.parent}; run `detransformer-edge train-intent`") from None
     return EncoderConfig(**config["encoder"])
-
-
-def load_intent_model() -> Any:
-    from detransformer_edge.nlu.parser import IntentParser
-    from detransformer_edge.service.catalog import LoadedServedModel
-
-    parser = IntentParser.load_default()
-    return LoadedServedModel(parser.encoder, parser.tokenizer, ParserHead(parser))

@@ -1,8 +1,8 @@
 """A record of every home on this host, so a crashed run's leftovers can be found.
 
-Each home writes /run/detransformer-testbed/<prefix>.json *before* creating anything,
+Each home writes ``STATE_DIR``/<prefix>.json *before* creating anything,
 naming its owner process and every namespace and cgroup it will make. /run is a tmpfs,
-like /run/netns, so records and namespaces vanish together at reboot. `cleanup_stale`
+like the namespaces under /run, so records and namespaces vanish together at reboot. `cleanup_stale`
 tears down homes whose owner is gone; a live owner's home is never touched unless its
 prefix is named explicitly.
 """
@@ -23,7 +23,7 @@ from .host import find_controller, sh
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = Path("/run/detransformer-testbed")
+STATE_DIR = Path("/run") / "detransformer-testbed"  # tmpfs: records vanish at reboot with the namespaces
 KILL_GRACE_S = 1.0
 """How long leftover processes get after SIGTERM before SIGKILL."""
 
