@@ -17,9 +17,7 @@ from detransformer_edge.transport.wire import (
     MAX_RANK,
     TensorMessage,
     WireError,
-    decode_control,
     decode_tensor,
-    encode_control,
     encode_tensor,
 )
 
@@ -251,17 +249,15 @@ def test_fuzz_round_trip_keeps_shape(shape: tuple[int, ...], wire_dtype: str, fi
     assert np.all(np.abs(y - x) <= tol + 1e-6)
 
 
-def test_control_round_trip_and_errors() -> None:
-    msg = {"kind": "plan", "devices": ["a", "b"], "widths": [4, 2, 2], "blob": b"\x00"}
-    assert decode_control(encode_control(msg)) == msg
-    with pytest.raises(WireError, match="must be a dict"):
-        encode_control([1])  # type: ignore[arg-type]
-    with pytest.raises(WireError, match="not msgpack-serialisable"):
-        encode_control({"x": object()})
-    with pytest.raises(WireError, match="str keys"):
-        decode_control(msgpack.packb([1]))
-    with pytest.raises(WireError, match="not valid msgpack"):
-        decode_control(b"\xc1")
+def test_round_trip_is_the_wire_itself() -> None:
+    from detransformer_edge.transport.wire import WIRE_ITEMSIZE, round_trip
+
+    x = np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 12)
+    assert np.array_equal(round_trip(x, "float32"), x)
+    for dtype in ("float16", "int8"):
+        sent = decode_tensor(encode_tensor(x, "r", 0, "a", dtype)).array
+        assert np.array_equal(round_trip(x, dtype), sent)  # the same quantiser as the collectives
+    assert WIRE_ITEMSIZE == {"float32": 4, "float16": 2, "int8": 1}
 
 
 @settings(max_examples=300, deadline=None)

@@ -23,9 +23,7 @@ from detransformer_edge.transport.errors import (
 from detransformer_edge.transport.memory import MemoryHub, MemoryTransport
 from detransformer_edge.transport.wire import (
     TensorMessage,
-    decode_control,
     decode_tensor,
-    encode_control,
     encode_tensor,
 )
 
@@ -45,8 +43,6 @@ __all__ = [
     "TransportStats",
     "TransportTimeout",
     "WireError",
-    "decode_control",
     "decode_tensor",
-    "encode_control",
     "encode_tensor",
 ]

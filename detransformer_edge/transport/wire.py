@@ -40,21 +40,22 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_RANK",
     "WIRE_DTYPES",
+    "WIRE_ITEMSIZE",
     "WIRE_VERSION",
     "TensorMessage",
     "WireDtype",
     "WireError",
-    "decode_control",
     "decode_tensor",
-    "encode_control",
     "encode_tensor",
+    "round_trip",
 ]
 
 WIRE_VERSION: Final = 1
-WireDtype = Literal["float32", "float16", "int8"]
+WireDtype = Literal["float32", "float16", "int8"]  # the one vocabulary of activation precisions
 # wire dtype name -> numpy type string carried in the envelope
 WIRE_DTYPES: Final[dict[str, str]] = {"float32": "<f4", "float16": "<f2", "int8": "|i1"}
 _ITEMSIZE: Final[dict[str, int]] = {"<f4": 4, "<f2": 2, "|i1": 1}
+WIRE_ITEMSIZE: Final[dict[str, int]] = {name: _ITEMSIZE[np_type] for name, np_type in WIRE_DTYPES.items()}
 MAX_RANK: Final = (
     8  # activations are (B, T, d) or (B, H, T, hd); 8 leaves room, bounds the shape list
 )
@@ -315,29 +316,9 @@ def decode_tensor(
     )
 
 
-_MAX_CONTROL_BYTES: Final = 1024 * 1024
 
 
-def encode_control(message: dict[str, Any]) -> bytes:
-    """Encode a small control message (plan, status, error) as msgpack.
-
-    Only plain msgpack types are allowed (dict, list, str, bytes, int, float, bool, None);
-    anything else raises :class:`WireError` instead of being silently stringified.
-    """
-    if not isinstance(message, dict):
-        raise WireError(f"control message must be a dict, got {type(message).__name__}")
-    try:
-        out = cast(bytes, msgpack.packb(message, use_bin_type=True))
-    except (TypeError, ValueError, OverflowError) as e:
-        raise WireError(f"control message is not msgpack-serialisable: {e}") from None
-    if len(out) > _MAX_CONTROL_BYTES:
-        raise WireError(f"control message of {len(out)} bytes exceeds {_MAX_CONTROL_BYTES}")
-    return out
-
-
-def decode_control(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """Decode a control message; the result is always a dict with str keys."""
-    obj = _unpack(payload, _MAX_CONTROL_BYTES, "control message")
-    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
-        raise WireError("control message must be a msgpack map with str keys")
-    return obj
+def round_trip(x: Any, wire_dtype: WireDtype) -> np.ndarray:
+    """What a receiver gets of ``x`` (numpy or torch) sent as ``wire_dtype``: the one quantiser,
+    for studies that simulate the wire (``training/``) as for the collectives."""
+    return decode_tensor(encode_tensor(x, "sim", 0, "sim", wire_dtype)).array
