@@ -1,4 +1,6 @@
-"""Wire envelope for tensors (DESIGN.md section 5) and for small control messages.
+"""Wire envelope for tensors (DESIGN.md section 5): how activations cross the network.
+
+Control messages are JSON (``protocol/codec.py``); only tensors travel in this envelope.
 
 A tensor message is one msgpack map::
 
