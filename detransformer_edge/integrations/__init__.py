@@ -1,5 +1,5 @@
-"""Plug-ins the agent runs beside its own work: Rhasspy Hermes, Home Assistant discovery, the
-dashboard. The agent never imports them; ``plugins_for`` builds the ones a config asks for and
+"""Plug-ins the agent runs beside its own work: Rhasspy Hermes, Wyoming (Home Assistant
+Assist), Home Assistant discovery, the dashboard. The agent never imports them; ``plugins_for`` builds the ones a config asks for and
 the command that starts the agent hands them over (``service/plugins.py``)."""
 
 from __future__ import annotations
@@ -19,4 +19,8 @@ def plugins_for(config: AgentConfig) -> list[Plugin]:
         plugins.append(HomeAssistantDiscovery(config.homeassistant_prefix))
     if config.dashboard_port:
         plugins.append(DashboardPlugin(config.dashboard_host, config.dashboard_port))
+    if config.wyoming_port is not None:
+        from detransformer_edge.integrations.wyoming import WyomingServer
+
+        plugins.append(WyomingServer(config.wyoming_host, config.wyoming_port, announce=config.discovery))
     return plugins
