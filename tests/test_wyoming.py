@@ -31,7 +31,7 @@ from detransformer_edge.nlu.vocabulary import INTENT_SLOTS, INTENTS
 from detransformer_edge.planner.profile import load_profile
 from detransformer_edge.service.agent import HomeAgent
 from detransformer_edge.service.intents import IntentResult, SlotValue
-from tests.test_cluster_discovery import LO, loopback_multicast  # noqa: F401 - a fixture
+from tests.test_cluster_discovery import LO, loopback_multicast  # noqa: F401, F811 - a fixture
 from tests.test_service import PROFILES, agent_config, wait_for_placement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ async def test_agents_answer_the_wyoming_client_leader_and_follower(mosquitto_br
         assert Info.is_type(info.type)
 
 
-async def test_wyoming_is_announced_over_mdns_and_withdrawn(loopback_multicast: None) -> None:
+async def test_wyoming_is_announced_over_mdns_and_withdrawn(loopback_multicast: None) -> None:  # noqa: F811
     from zeroconf import ServiceStateChange
     from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo
 
@@ -196,14 +196,14 @@ async def test_wyoming_is_announced_over_mdns_and_withdrawn(loopback_multicast: 
     try:
         async with ServiceAnnouncement(SERVICE_TYPE, name, 10600, {"id": "dev0"}, interfaces=LO):
             async with asyncio.timeout(15):
-                while (item := await seen.get())[0] != f"{name}.{SERVICE_TYPE}":
+                while (await seen.get())[0] != f"{name}.{SERVICE_TYPE}":
                     pass
             info = AsyncServiceInfo(SERVICE_TYPE, f"{name}.{SERVICE_TYPE}")
             assert await info.async_request(browser_zc.zeroconf, 3000)
             assert info.port == 10600 and "127.0.0.1" in info.parsed_addresses()
             assert info.properties[b"id"] == b"dev0"
         async with asyncio.timeout(15):
-            while (item := await seen.get()) != (f"{name}.{SERVICE_TYPE}", ServiceStateChange.Removed):
+            while (await seen.get()) != (f"{name}.{SERVICE_TYPE}", ServiceStateChange.Removed):
                 pass
     finally:
         await browser.async_cancel()

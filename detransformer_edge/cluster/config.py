@@ -208,8 +208,8 @@ class AgentConfig:
         e.done()
         if "model" in data:  # read by nothing since the catalog serves every model it has
             top.get("model", str, None)
-            log.warning("%s: the key 'model' is ignored (the home serves every model of its catalog); "
-                        "remove it", base_dir)
+            log.warning("agent config: the key 'model' is ignored (the home serves every model of its "
+                        "catalog); remove it")
         key = top.secret("cluster_key", base_dir)
         cfg = cls(
             id=top.get("id", str, _REQUIRED),
