@@ -113,7 +113,7 @@ class ClusterDiscovery:
 
     async def __aenter__(self) -> ClusterDiscovery:
         self._azc = _make_zeroconf(self._interfaces)
-        addresses = self.me.addresses or tuple(self._interfaces or ()) or (_primary_ipv4(),)
+        addresses = self.me.addresses or tuple(self._interfaces or ()) or (primary_ipv4(),)
         self._info = AsyncServiceInfo(
             SERVICE_TYPE,
             self.service_name,
@@ -208,7 +208,7 @@ class ServiceAnnouncement:
 
     async def __aenter__(self) -> ServiceAnnouncement:
         self._azc = _make_zeroconf(self._interfaces)
-        addresses = self._addresses or tuple(self._interfaces or ()) or (_primary_ipv4(),)
+        addresses = self._addresses or tuple(self._interfaces or ()) or (primary_ipv4(),)
         host = self.name.split(".", 1)[0]
         self._info = AsyncServiceInfo(self.service_type, self.name, addresses=[socket.inet_aton(a) for a in addresses],
                                       port=self.port, properties=self.properties, server=f"{host}.local.")
@@ -271,7 +271,7 @@ async def resolve_broker(config: AgentConfig, timeout: float = 3.0,
     return await find_broker(timeout, interfaces)
 
 
-def _primary_ipv4() -> str:
+def primary_ipv4() -> str:
     """The address other devices reach us on (the route to a public address; no traffic sent)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:

@@ -12,11 +12,12 @@ def plugins_for(config: AgentConfig) -> list[Plugin]:
     """The plug-ins of one agent, from its config."""
     from detransformer_edge.integrations.dashboard import DashboardPlugin
     from detransformer_edge.integrations.hermes import HermesNlu
-    from detransformer_edge.integrations.homeassistant import HomeAssistantDiscovery
+    from detransformer_edge.integrations.homeassistant import HomeAssistantDiscovery, dashboard_url
 
     plugins: list[Plugin] = [HermesNlu()]
     if config.homeassistant:
-        plugins.append(HomeAssistantDiscovery(config.homeassistant_prefix))
+        plugins.append(HomeAssistantDiscovery(config.homeassistant_prefix,
+                                              dashboard_url(config.dashboard_host, config.dashboard_port)))
     if config.dashboard_port:
         plugins.append(DashboardPlugin(config.dashboard_host, config.dashboard_port))
     if config.wyoming_port is not None:
