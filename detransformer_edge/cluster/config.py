@@ -152,6 +152,11 @@ class AgentConfig:
     @classmethod
     def load(cls, path: str | Path) -> AgentConfig:
         path = Path(path)
+        if path.is_dir():  # what Docker leaves when a bind-mounted file did not exist on the host
+            raise ConfigError(
+                f"agent config {path} is a directory, not a file: Docker creates an empty directory when "
+                "the file it should mount is missing; create deploy/agent.toml (cp deploy/agent.example.toml "
+                "deploy/agent.toml), remove the directory and start again")
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
@@ -320,6 +325,9 @@ class _Section:
 
 
 def _read_secret(path: Path, what: str) -> str:
+    if path.is_dir():
+        raise ConfigError(f"{what}: {path} is a directory, not a file (Docker creates one when a bind-mounted "
+                          "file is missing on the host: put the file there and remove the directory)")
     try:
         return path.read_text(encoding="utf-8").strip()
     except OSError as exc:
