@@ -17,6 +17,7 @@ from wyoming.handle import Handled, NotHandled
 from wyoming.info import Describe, Info, SelectProgram
 from wyoming.intent import Intent, NotRecognized, Recognize
 
+from detransformer_edge.cluster.config import BrokerConfig
 from detransformer_edge.integrations import plugins_for
 from detransformer_edge.integrations.wyoming import (
     ASSIST_INTENTS,
@@ -89,6 +90,21 @@ def test_stray_and_unreadable_slots_are_left_out_and_replies_speak() -> None:
     assert to_assist(result("TurnOnLight", ("room", "kitchen", "Custom"))).reply == "Turning on the lights in the kitchen."
     assert to_assist(result("LockDoor")).reply == "Locking the door."
     assert to_assist(result(None)) is None and to_assist(result("Fly")) is None
+
+
+def test_plugins_for_serves_wyoming_when_configured() -> None:
+    from detransformer_edge.cluster.config import AgentConfig
+
+    assert not [p for p in plugins_for(AgentConfig(id="a")) if isinstance(p, WyomingServer)]
+    (lan,) = [p for p in plugins_for(AgentConfig(id="a", wyoming_port=10600)) if isinstance(p, WyomingServer)]
+    assert (lan.host, lan.port, lan.announce) == ("0.0.0.0", 10600, True)
+    (local,) = [p for p in plugins_for(AgentConfig(id="a", wyoming_port=0, wyoming_host="127.0.0.1"))
+                if isinstance(p, WyomingServer)]
+    assert local.announce is False  # nobody else could connect: not announced on the LAN
+    (quiet,) = [p for p in plugins_for(AgentConfig(id="a", wyoming_port=1, discovery=False,
+                                                   broker=BrokerConfig(url="mqtt://b")))
+                if isinstance(p, WyomingServer)]
+    assert quiet.announce is False
 
 
 def test_describe_lists_the_programs_and_their_intents() -> None:

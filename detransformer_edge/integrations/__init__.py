@@ -23,5 +23,7 @@ def plugins_for(config: AgentConfig) -> list[Plugin]:
     if config.wyoming_port is not None:
         from detransformer_edge.integrations.wyoming import WyomingServer
 
-        plugins.append(WyomingServer(config.wyoming_host, config.wyoming_port, announce=config.discovery))
+        # announced only where Home Assistant could connect: not when bound to this device's loopback
+        lan = not (config.wyoming_host.startswith("127.") or config.wyoming_host in ("localhost", "::1"))
+        plugins.append(WyomingServer(config.wyoming_host, config.wyoming_port, announce=config.discovery and lan))
     return plugins
