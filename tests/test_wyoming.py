@@ -230,7 +230,8 @@ async def test_wyoming_is_announced_over_mdns_and_withdrawn(loopback_multicast: 
 @pytest.mark.mosquitto
 async def test_the_real_intent_model_over_wyoming(mosquitto_broker) -> None:
     """The done-when of the tracker: HassTurnOn with area kitchen; an out-of-domain sentence is
-    not recognised (the shipped intent model, one device)."""
+    not recognised; the timer examples answer over Wyoming and Hermes (the shipped intent model,
+    one device)."""
     from detransformer_edge.service.catalog import CATALOGS
 
     async with wyoming_home(mosquitto_broker, n=1, catalog=lambda: CATALOGS["pretrained"]().subset(["intent"])) as agents:
@@ -244,3 +245,15 @@ async def test_the_real_intent_model_over_wyoming(mosquitto_broker) -> None:
         assert NotRecognized.is_type(not_recognised.type)
         t = Intent.from_event(timer)
         assert (t.name, {e.name: e.value for e in t.entities}) == ("HassStartTimer", {"minutes": 3})
+        cancel, = await exchange(server_of(leader), Transcript("remove the kitchen timer").event())
+        assert (Intent.from_event(cancel).name, Intent.from_event(cancel).entities) == ("HassCancelTimer", [])
+
+        # the tracker's Hermes examples: the right intent, stray slots gone, one answer each
+        from detransformer_edge.protocol.client import HomeClient
+
+        async with HomeClient(*mosquitto_broker, cluster=leader.config.cluster) as client:
+            eggs = await client.hermes_query("set a 3 minute timer for the eggs", site_id="slow-test")
+            kitchen = await client.hermes_query("remove the kitchen timer", site_id="slow-test")
+        assert eggs.intent == "SetTimer" and [s["slotName"] for s in eggs.payload["slots"]] == ["duration"]
+        assert eggs.payload["slots"][0]["value"]["minutes"] == 3
+        assert kitchen.intent == "CancelTimer" and kitchen.payload["slots"] == []
