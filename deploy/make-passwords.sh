@@ -2,12 +2,13 @@
 # Make the Mosquitto password file for a DeTransformer Edge home, plus one password file per
 # user for its config (agent: [broker] password_file; voice client: its own config).
 #
-#   sh deploy/make-passwords.sh kitchen-pi living-room-minipc --voice voice
+#   sh deploy/make-passwords.sh kitchen-pi living-room-minipc --voice voice --homeassistant --rhasspy
 #   sh deploy/make-passwords.sh --out /tmp/secrets --passwords /tmp/passwords kitchen-pi
 #
 # Arguments are agent usernames, which must equal the device ids (`id` in agent.toml): the
 # ACL (deploy/acl) lets user X write only detransformer/<cluster>/devices/X/#.
-# --voice NAME adds a voice-client user (repeatable).
+# --voice NAME adds a voice-client user (repeatable); --homeassistant and --rhasspy add the users
+# `homeassistant` and `rhasspy` that deploy/acl gives Home Assistant's and Rhasspy's rights.
 #
 # Writes (both kept out of git by .gitignore):
 #   deploy/passwords                 the broker's hashed password file (mosquitto_passwd)
@@ -25,7 +26,9 @@ while [ $# -gt 0 ]; do
         --out) out="$2"; shift 2 ;;
         --passwords) passwords="$2"; shift 2 ;;
         --voice) users="$users $2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        --homeassistant) users="$users homeassistant"; shift ;;
+        --rhasspy) users="$users rhasspy"; shift ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         -*) echo "make-passwords.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) users="$users $1"; shift ;;
     esac
@@ -65,6 +68,7 @@ mode 0600) and set in its agent.toml:
   [broker]
   username = "<device id>"
   password_file = "/etc/detransformer/mqtt.password"
-Voice clients: log in with their user name and $out/<name>.password.
+Voice clients, Home Assistant and Rhasspy: log in with their user name and $out/<name>.password
+(Home Assistant: the MQTT integration; Rhasspy: Settings -> MQTT, External).
 Check deploy/acl lists every agent user. See docs/OPERATIONS.md, "Credentials and TLS".
 EOF

@@ -23,6 +23,7 @@ COMMANDS: tuple[tuple[str, str], ...] = (
     ("train-intent", "train_intent"),
     ("train-lm", "train_lm"),
     ("agent", "agent"),
+    ("ask", "ask"),
     ("demo", "demo"),
     ("bench", "bench"),
 )

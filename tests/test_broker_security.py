@@ -61,7 +61,7 @@ def secure_broker(tmp_path_factory):
                    capture_output=True)  # idempotent: keeps what exists
     subprocess.run(["sh", str(DEPLOY / "make-passwords.sh"), "--out", str(secrets), "--passwords",
                     str(d / "passwords"), "kitchen-pi", "living-room-minipc", "--voice", "voice",
-                    "--voice", "admin"], check=True, capture_output=True)
+                    "--voice", "admin", "--homeassistant", "--rhasspy"], check=True, capture_output=True)
     # the real ACL, plus a privileged observer for the tests
     (d / "acl").write_text((DEPLOY / "acl").read_text() + "\nuser admin\ntopic readwrite #\n")
     port, tls_port = _free_port(), _free_port()
@@ -84,7 +84,7 @@ def secure_broker(tmp_path_factory):
             proc.kill()
             raise RuntimeError(f"mosquitto did not start: {(d / 'mosquitto.log').read_text()[-2000:]}")
         passwords = {u: (secrets / f"{u}.password").read_text() for u in
-                     ("kitchen-pi", "living-room-minipc", "voice", "admin")}
+                     ("kitchen-pi", "living-room-minipc", "voice", "admin", "homeassistant", "rhasspy")}
         yield {"port": port, "tls_port": tls_port, "certs": certs, "secrets": secrets, "pw": passwords}
     finally:
         proc.terminate()
@@ -150,6 +150,54 @@ async def test_voice_client_cannot_write_assignments_or_device_topics(secure_bro
                               (f"{p}/request", b"marker-5"))
     await only_marker_arrives(secure_broker, "voice", (f"{p}/devices/voice/presence", b"online"),
                               (f"{p}/request", b"marker-6"))
+
+
+async def only_allowed_reads_arrive(b, reader, filters, forbidden, marker):
+    """``reader`` subscribes to ``filters``; the admin publishes ``forbidden`` then ``marker``
+    (topic, payload); the reader must get the marker and not the forbidden message."""
+    async with client(b, "admin") as admin, client(b, reader) as r:
+        for f in filters:
+            await r.subscribe(f, qos=1)
+        await admin.publish(*forbidden, qos=1)
+        await admin.publish(*marker, qos=1)
+        seen = []
+        async with asyncio.timeout(5):
+            async for m in r.messages:
+                seen.append((m.topic.value, bytes(m.payload)))
+                if seen[-1] == marker:
+                    break
+        assert forbidden not in seen, seen
+
+
+async def test_home_assistant_reads_discovery_and_device_state_and_nothing_else(secure_broker):
+    b, p = secure_broker, "detransformer/home"
+    # what HA needs: the discovery configs, the devices' status and presence; its birth message
+    await only_allowed_reads_arrive(b, "homeassistant", ["homeassistant/#", f"{p}/#"],
+                                    (f"{p}/log", b'{"text": "what the household said"}'),
+                                    ("homeassistant/sensor/detransformer_home_kitchen-pi/memory/config", b"{}"))
+    await only_allowed_reads_arrive(b, "homeassistant", [f"{p}/#"], (f"{p}/replies/voice", b"private"),
+                                    (f"{p}/devices/kitchen-pi/status", b'{"ready": true}'))
+    await only_allowed_reads_arrive(b, "homeassistant", [f"{p}/devices/+/presence"],
+                                    (f"{p}/devices/kitchen-pi/profile", b"{}"),
+                                    (f"{p}/devices/kitchen-pi/presence", b"online"))
+    await only_marker_arrives(b, "homeassistant", (f"{p}/request", b'{"op": "generate"}'),
+                              ("homeassistant/status", b"online"))
+    await only_marker_arrives(b, "homeassistant", (f"{p}/devices/kitchen-pi/presence", b"offline"),
+                              ("homeassistant/status", b"online"))
+
+
+async def test_rhasspy_speaks_hermes_and_cannot_command_the_devices(secure_broker):
+    b, p = secure_broker, "detransformer/home"
+    # its own services and the query to the home go through; the home's topics stay closed
+    await only_marker_arrives(b, "rhasspy", (f"{p}/assign/kitchen-pi", b'{"forged": 1}'),
+                              ("hermes/nlu/query", b'{"input": "what time is it"}'))
+    await only_marker_arrives(b, "rhasspy", (f"{p}/leader", b'{"id": "rhasspy"}'),
+                              ("rhasspy/asr/default/default/audioCaptured", b"wav"))
+    await only_allowed_reads_arrive(b, "rhasspy", ["hermes/#", f"{p}/#"], (f"{p}/log", b"{}"),
+                                    ("hermes/nlu/intentParsed", b"{}"))
+    # the agent answers Rhasspy's way: intentParsed first
+    await only_marker_arrives(b, "kitchen-pi", ("hermes/asr/startListening", b"agents do not listen"),
+                              ("hermes/nlu/intentParsed", b"marker-7"))
 
 
 async def test_voice_client_reads_only_its_own_replies(secure_broker):

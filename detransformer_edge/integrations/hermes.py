@@ -1,22 +1,61 @@
-"""Rhasspy Hermes, as a plug-in: the home answers ``hermes/nlu/query`` like Rhasspy's NLU does.
+"""Rhasspy Hermes, as a plug-in: the home answers ``hermes/nlu/query`` the way Rhasspy's NLU
+(rhasspy-nlu-hermes) does.
 
-Every agent subscribes; only the one that leads answers, with ``hermes/intent/<intentName>``
-or ``hermes/nlu/intentNotRecognized`` (the messages are in ``protocol/hermes.py``). A malformed
-query, or a home that cannot answer now, gets ``hermes/error/nlu``.
+Every agent subscribes; only the one that leads answers. Each query it can read gets exactly one
+answer: ``hermes/nlu/intentParsed`` followed by ``hermes/intent/<intentName>``, or
+``hermes/nlu/intentNotRecognized``. Rhasspy's dialogue manager waits for one of those two and does
+not listen to ``hermes/error/nlu``, so a home that is busy, still loading or failing answers
+"not recognised" (the reason goes to the agent's log and the request log); ``hermes/error/nlu``
+is sent only for a query that cannot be read at all. The messages are in ``protocol/hermes.py``.
+
+Rhasspy's rules, kept here: ``intentFilter`` masks the intents before the decision (absent,
+null or ``[]``: no filter; nothing allowed: not recognised); slots the chosen intent does not take
+are dropped, never an error; ``siteId``, ``id``, ``sessionId``, ``lang`` and ``customData`` are
+echoed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import uuid
+from collections.abc import Sequence
 
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.protocol import hermes
-from detransformer_edge.protocol.codec import ProtocolError
+from detransformer_edge.protocol.codec import Message, ProtocolError
+from detransformer_edge.service.intents import IntentResult
 from detransformer_edge.service.plugins import Home
 from detransformer_edge.transport.session import NotConnectedError
 
 log = logging.getLogger(__name__)
+
+
+def hermes_slots(result: IntentResult) -> list[hermes.Slot]:
+    """The result's slots as Hermes slots; a slot whose value does not fit its kind is dropped
+    (logged), never an error."""
+    out = []
+    for s in result.slots:
+        try:
+            out.append(hermes.slot(s.slot_name, s.value, s.raw_value, kind=s.kind, start=s.start, end=s.end))
+        except hermes.HermesError as exc:
+            log.info("hermes: dropping slot %s=%r: %s", s.slot_name, s.raw_value, exc)
+    return out
+
+
+def answer(query: hermes.NluQuery, result: IntentResult | None) -> list[Message]:
+    """What Rhasspy's NLU publishes for ``query`` given the home's ``result`` (None: the home
+    could not answer): ``[intentParsed, intent]`` or ``[intentNotRecognized]``."""
+    allowed = query.allowed
+    if (result is None or result.intent is None or result.intent not in hermes.INTENT_SLOTS
+            or (allowed is not None and result.intent not in allowed)):
+        return [hermes.not_recognized(query)]
+    slots = hermes_slots(result)
+    kept, dropped = hermes.intent_slots(result.intent, slots)
+    if dropped:
+        log.info("hermes: %s takes slots %s; dropping %s", result.intent, hermes.INTENT_SLOTS[result.intent],
+                 ", ".join(f"{s.slot_name}={s.raw_value!r}" for s in dropped))
+    intent = hermes.recognized(query, result.intent, min(1.0, max(0.0, result.confidence)), kept)
+    return [intent.parsed(), intent]
 
 
 class HermesNlu:
@@ -39,35 +78,43 @@ class HermesNlu:
         if home is not None and (home.cluster.is_leader or home.cluster.holds_lease):
             home.spawn(self._answer(home, payload), "hermes")  # a query must not hold up the session
 
-    async def _publish(self, home: Home, topic: str, body: str) -> None:
-        try:
-            await home.session.publish(topic, body, qos=1)
-        except NotConnectedError as exc:
-            log.warning("hermes answer on %s lost: %s", topic, exc)
-
     async def _answer(self, home: Home, payload: bytes) -> None:
         try:
             query = hermes.parse_nlu_query(payload)
         except ProtocolError as exc:
-            await self._error(home, payload, f"bad nlu query: {exc}")
+            log.warning("hermes: unreadable nlu query: %s", exc)
+            await self._publish(home, [hermes.nlu_error(payload, f"bad nlu query: {exc}")])
             return
+        client_id = query.id or query.session_id or f"hermes-{uuid.uuid4().hex[:8]}"
+        result: IntentResult | None = None
+        allowed = query.allowed
+        if allowed is not None and not allowed & set(hermes.INTENT_SLOTS):
+            log.info("hermes: query %s allows none of our intents (intentFilter %s): not recognised",
+                     client_id, list(query.intent_filter or ()))
+        else:
+            try:
+                result = await home.recognize(query.input, client_id=client_id, allowed=allowed)
+            except DetransformerError as exc:  # busy, loading, a failed run: "not recognised" for now
+                code = getattr(exc, "code", None)
+                log.warning("hermes: query %s answered not recognised: %s%s", client_id,
+                            f"{code}: " if code else "", exc)
+            except Exception:  # every query gets an answer, even when a handler has a bug
+                log.exception("hermes: query %s failed; answered not recognised", client_id)
         try:
-            result = await home.recognize(query.input, client_id=query.id)
-            if result.intent is None:
-                await self._publish(home, hermes.TOPIC_NOT_RECOGNIZED, hermes.not_recognized(query).to_json())
-                return
-            slots = [hermes.slot(s.slot_name, s.value, s.raw_value, kind=s.kind, start=s.start, end=s.end)
-                     for s in result.slots]
-            intent = hermes.recognized(query, result.intent, result.confidence, slots)
-            await self._publish(home, hermes.intent_topic(result.intent), intent.to_json())
-        except DetransformerError as exc:  # "busy: ..." tells the voice assistant to try again shortly
-            code = getattr(exc, "code", None)
-            await self._error(home, payload, f"{code}: {exc}" if code else str(exc), query.session_id)
-        except Exception as exc:  # every query gets an answer, even when a handler has a bug
-            log.exception("hermes query %s failed", query.id)
-            await self._error(home, payload, f"internal error: {type(exc).__name__}: {exc}", query.session_id)
+            messages = answer(query, result)
+        except DetransformerError as exc:  # a result the protocol cannot carry: a bug, logged
+            log.exception("hermes: query %s: cannot build the answer", client_id)
+            messages = [hermes.not_recognized(query)]
+            home.answer_failed(client_id, f"hermes answer: {exc}")
+        if not await self._publish(home, messages):
+            home.answer_failed(client_id, "hermes answer lost: the broker connection is down")
 
-    async def _error(self, home: Home, payload: bytes, error: str, session_id: str = "") -> None:
-        body = json.dumps({"sessionId": session_id or None, "error": error,
-                           "context": payload[:200].decode("utf-8", "replace")})
-        await self._publish(home, hermes.TOPIC_NLU_ERROR, body)
+    async def _publish(self, home: Home, messages: Sequence[Message]) -> bool:
+        for message in messages:
+            topic = message.topic  # type: ignore[attr-defined]
+            try:
+                await home.session.publish(topic, message.to_json(), qos=1)
+            except NotConnectedError as exc:
+                log.warning("hermes answer on %s lost: %s", topic, exc)
+                return False
+        return True

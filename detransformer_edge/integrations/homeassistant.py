@@ -9,8 +9,10 @@ publishes `online` on its birth topic `homeassistant/status` (HA restarted).
 Field names checked against the HA docs (integrations/sensor.mqtt, MQTT discovery): name,
 unique_id, state_topic, value_template, unit_of_measurement, device_class,
 state_class, entity_category, icon, availability[{topic, payload_available,
-payload_not_available}], device{identifiers, name, model, manufacturer, sw_version}. A value
-template that renders `None` (null in JSON) leaves the sensor `unknown`.
+payload_not_available}], device{identifiers, name, model, manufacturer, sw_version,
+configuration_url}, origin{name, sw_version} (which program sent the config; HA logs it). A value
+template that renders `None` (null in JSON) leaves the sensor `unknown`. `configuration_url` is the
+agent's dashboard when it listens on the LAN (HA shows it as "Visit").
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ SENSORS: tuple[SensorSpec, ...] = (
     ),
     SensorSpec("cpu_load", "CPU load", "{{ (value_json.load * 100) | round(1) }}", unit="%",
                state_class="measurement", icon="mdi:cpu-64-bit", entity_category="diagnostic"),
-    SensorSpec("memory", "Memory", "{{ value_json.rss_mb | round(1) }}", unit="MB",
+    # rss_mb is in units of 2**20 bytes (cluster/agent.py reads pages * page size / 2**20)
+    SensorSpec("memory", "Memory", "{{ value_json.rss_mb | round(1) }}", unit="MiB",
                device_class="data_size", state_class="measurement", entity_category="diagnostic"),
     SensorSpec("latency", "Last request latency", "{{ value_json.last_latency_ms }}", unit="ms",
                device_class="duration", state_class="measurement", icon="mdi:timer-outline"),
@@ -68,22 +71,40 @@ def node_id(cluster: str, device_id: str) -> str:
     return _SAFE.sub("_", f"detransformer_{cluster}_{device_id}")
 
 
-def device_block(profile: ProfileRecord, cluster: str, sw_version: str) -> dict[str, Any]:
-    return {
+def device_block(profile: ProfileRecord, cluster: str, sw_version: str,
+                 configuration_url: str | None = None) -> dict[str, Any]:
+    block = {
         "identifiers": [node_id(cluster, profile.id)],
         "name": profile.name,
         "model": profile.device_class,
         "manufacturer": MANUFACTURER,
         "sw_version": sw_version,
     }
+    if configuration_url:
+        block["configuration_url"] = configuration_url
+    return block
+
+
+def dashboard_url(host: str, port: int) -> str | None:
+    """The dashboard as another machine (Home Assistant) reaches it; None when there is none or it
+    listens on this device's loopback only."""
+    if not port or host.startswith("127.") or host in ("localhost", "::1"):
+        return None
+    if host in ("0.0.0.0", "", "::"):
+        from detransformer_edge.cluster.discovery import primary_ipv4
+
+        host = primary_ipv4()
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
 
 def discovery_messages(
-    topics: ClusterTopics, profile: ProfileRecord, sw_version: str, prefix: str = DISCOVERY_PREFIX
+    topics: ClusterTopics, profile: ProfileRecord, sw_version: str, prefix: str = DISCOVERY_PREFIX,
+    configuration_url: str | None = None,
 ) -> list[tuple[str, str]]:
     """(topic, JSON payload) for every sensor of this agent; publish retained, QoS 1."""
     node = node_id(topics.cluster, profile.id)
-    device = device_block(profile, topics.cluster, sw_version)
+    device = device_block(profile, topics.cluster, sw_version, configuration_url)
+    origin = {"name": MANUFACTURER, "sw_version": sw_version}
     availability = [
         {
             "topic": topics.presence.format(profile.id),
@@ -100,6 +121,7 @@ def discovery_messages(
             "value_template": spec.value_template,
             "availability": availability,
             "device": device,
+            "origin": origin,
         }
         for key, value in (
             ("unit_of_measurement", spec.unit),
@@ -135,8 +157,9 @@ class HomeAssistantDiscovery:
 
     name = "homeassistant"
 
-    def __init__(self, prefix: str = DISCOVERY_PREFIX) -> None:
+    def __init__(self, prefix: str = DISCOVERY_PREFIX, configuration_url: str | None = None) -> None:
         self.prefix = prefix
+        self.configuration_url = configuration_url
         self.home: Any = None
 
     async def start(self, home: Any) -> None:
@@ -152,7 +175,8 @@ class HomeAssistantDiscovery:
         if home is None:
             return
         cluster = home.cluster
-        for topic, payload in discovery_messages(cluster.topics, cluster.profile, cluster.sw_version, self.prefix):
+        for topic, payload in discovery_messages(cluster.topics, cluster.profile, cluster.sw_version, self.prefix,
+                                                 self.configuration_url):
             await home.session.publish(topic, payload, qos=1, retain=True)
 
     async def _on_birth(self, topic: str, payload: bytes, _props: object) -> None:

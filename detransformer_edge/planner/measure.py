@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import socket
 import statistics
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -37,38 +36,22 @@ DEFAULT_LINK_MBIT = 100.0  # written when no broker is given to measure against
 
 @dataclass
 class Progress:
-    """Plain stderr progress (tqdm when it is installed), one tick per measurement."""
+    """One tick per measurement (``detransformer_edge.progress``)."""
 
     total: int
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        self.done = 0
-        self._bar = None
-        if not self.quiet:
-            try:
-                from tqdm import tqdm  # optional: only if already installed
+        from detransformer_edge.progress import progress
 
-                self._bar = tqdm(total=self.total, file=sys.stderr, leave=False, unit="step")
-            except ImportError:
-                self._bar = None
+        self._bar = progress("measuring", total=self.total, unit="step", quiet=self.quiet, leave=False)
 
     def step(self, label: str) -> None:
-        self.done += 1
-        if self.quiet:
-            return
-        if self._bar is not None:
-            self._bar.set_description(label)
-            self._bar.update(1)
-        else:
-            filled = int(20 * self.done / self.total)
-            print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.total} {label:<28}", end="", file=sys.stderr)
+        self._bar.set_description(label, refresh=False)
+        self._bar.update(1)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        elif not self.quiet:
-            print(file=sys.stderr)
+        self._bar.close()
 
 
 def _timed(fn: Callable[[], object], budget_s: float, min_reps: int = 3) -> float:

@@ -8,6 +8,7 @@ board. The planner reads only the fields below; comments in the file carry the s
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -205,6 +206,30 @@ def dump_profile(profile: DeviceProfile, path: str | Path, comments: dict[str, s
     Path(path).write_text(dumps_profile(profile, comments), encoding="utf-8")
 
 
+PROFILES_ENV = "DETRANSFORMER_PROFILES"  # the image sets it: /opt/detransformer-edge/firmware_profiles
+
+
 def bundled_profiles_dir() -> Path:
-    """``firmware_profiles/`` of a source checkout."""
-    return Path(__file__).resolve().parents[2] / "firmware_profiles"
+    """The shipped profiles: ``$DETRANSFORMER_PROFILES`` when set (the container image), else
+    ``firmware_profiles/`` of the source checkout."""
+    env = os.environ.get(PROFILES_ENV)
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "firmware_profiles"
+
+
+def bundled_profile_names() -> list[str]:
+    return sorted(p.stem for p in bundled_profiles_dir().glob("*.toml"))
+
+
+def is_profile_name(value: str) -> bool:
+    """A device-class name (``raspberry-pi-5``) rather than a path: no directory, no suffix."""
+    return bool(value) and "/" not in value and "\\" not in value and not value.endswith(".toml")
+
+
+def bundled_profile(name: str) -> Path:
+    """The shipped profile of a device class; ProfileError naming the known ones otherwise."""
+    path = bundled_profiles_dir() / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(bundled_profile_names()) or f"none found in {bundled_profiles_dir()}"
+        raise ProfileError(f"no bundled profile for device class {name!r} (known: {known}); "
+                           "give a device-class name or the path of a profile file")
+    return path

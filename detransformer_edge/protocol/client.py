@@ -105,9 +105,11 @@ class HomeClient:
         self.client_id = client_id or f"client-{uuid.uuid4().hex[:8]}"
         self.session = MqttSession(SessionSettings(host, port, self.client_id, username, password, protocol,  # type: ignore[arg-type]
                                                    30, tls_context, reconnect_min_s=0.2, reconnect_max_s=5.0))
-        self.requester = Requester(self.session, self.topics, self.client_id)
+        # with the broker ACL a client may read only P/replies/<its username>
+        self.requester = Requester(self.session, self.topics, username or self.client_id)
         self.connect_timeout_s = connect_timeout_s
         self._hermes_waiters: dict[str, asyncio.Future[HermesAnswer]] = {}
+        self._hermes_sessions: dict[str, str] = {}  # sessionId -> query id (errors carry the session)
         self._log_listeners: list[Callable[[LogEntry], None]] = []
         self.session.subscribe(hermes.TOPIC_INTENT_FILTER, self._on_hermes, 1)
         self.session.subscribe(hermes.TOPIC_NOT_RECOGNIZED, self._on_hermes, 1)
@@ -147,19 +149,22 @@ class HomeClient:
             body["customData"] = custom_data
         fut: asyncio.Future[HermesAnswer] = asyncio.get_running_loop().create_future()
         self._hermes_waiters[qid] = fut
+        self._hermes_sessions[body["sessionId"]] = qid
         try:
             await self.session.publish(hermes.TOPIC_NLU_QUERY, json.dumps(body), qos=1)
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._hermes_waiters.pop(qid, None)
+            self._hermes_sessions.pop(body["sessionId"], None)
 
     def _on_hermes(self, topic: str, payload: bytes, _props: object) -> None:
         with contextlib.suppress(ProtocolError):
             d = load_object(payload, "hermes")
             qid = d.get("id")
-            if topic == hermes.TOPIC_NLU_ERROR:  # errors carry the query in their context
+            if topic == hermes.TOPIC_NLU_ERROR:  # errors carry the session and the query's start
+                qid = self._hermes_sessions.get(d.get("sessionId"))  # type: ignore[arg-type]
                 with contextlib.suppress(ProtocolError):
-                    qid = load_object(str(d.get("context", "")), "hermes error context").get("id")
+                    qid = qid or load_object(str(d.get("context", "")), "hermes error context").get("id")
             fut = self._hermes_waiters.get(qid) if isinstance(qid, str) else None
             if fut is not None and not fut.done():
                 fut.set_result(HermesAnswer(topic, d))

@@ -1,9 +1,11 @@
 """Rhasspy Hermes protocol schemas for the home's voice assistant (NLU part).
 
-A voice client publishes `hermes/nlu/query`; the cluster leader answers with
-`hermes/intent/<intentName>` or `hermes/nlu/intentNotRecognized`. Field names follow the Hermes
-JSON used by Rhasspy (camelCase: siteId, sessionId, intentName, confidenceScore, slotName,
-rawValue); checked against rhasspy-hermes `rhasspyhermes/nlu.py` and `intent.py`.
+A voice client publishes `hermes/nlu/query`; the cluster leader answers as Rhasspy's NLU does:
+`hermes/nlu/intentParsed` then `hermes/intent/<intentName>` for a recognised intent, else
+`hermes/nlu/intentNotRecognized`; `hermes/error/nlu` only for a query it cannot read. Field names
+follow the Hermes JSON used by Rhasspy (camelCase: siteId, sessionId, intentName, confidenceScore,
+slotName, rawValue, customData); every message here is parsed by rhasspy-hermes 0.6.2 in the tests
+(`rhasspyhermes/nlu.py`, `intent.py`).
 
 `INTENTS`, `SLOTS` and `INTENT_SLOTS` are the vocabulary the intent model is trained on; they
 live in `detransformer_edge.nlu.vocabulary` and are re-exported here.
@@ -39,6 +41,7 @@ from detransformer_edge.protocol.codec import (
 TOPIC_NLU_QUERY = "hermes/nlu/query"
 TOPIC_INTENT_PREFIX = "hermes/intent/"
 TOPIC_INTENT_FILTER = "hermes/intent/#"
+TOPIC_INTENT_PARSED = "hermes/nlu/intentParsed"
 TOPIC_NOT_RECOGNIZED = "hermes/nlu/intentNotRecognized"
 TOPIC_NLU_ERROR = "hermes/error/nlu"
 
@@ -97,6 +100,14 @@ class NluQuery(_HermesMessage):
     session_id: str = ""
     intent_filter: tuple[str, ...] | None = None  # only these intents may be recognised
     lang: str = ""
+    custom_data: str | None = None  # the session's customData, echoed in the answer
+
+    @property
+    def allowed(self) -> frozenset[str] | None:
+        """The intents the query's filter allows, as Rhasspy reads ``intentFilter``: absent, null
+        or ``[]`` is no filter (None); a list of names allows only those (names we do not know
+        allow nothing)."""
+        return frozenset(self.intent_filter) if self.intent_filter else None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -108,6 +119,8 @@ class NluQuery(_HermesMessage):
         }
         if self.lang:
             d["lang"] = self.lang
+        if self.custom_data is not None:
+            d["customData"] = self.custom_data
         return d
 
     @classmethod
@@ -125,7 +138,26 @@ class NluQuery(_HermesMessage):
             session_id=opt_str(d, "sessionId", s),
             intent_filter=None if flt is None else tuple(flt),
             lang=opt_str(d, "lang", s),
+            custom_data=_opt_str_or_none(d, "customData", s),
         )
+
+
+# Snips' Duration value: every unit spelled out, plus our total in seconds as `value` (Rhasspy's
+# Slot contract: a value object "contains at least a 'value' key").
+_DURATION_UNITS = ("years", "quarters", "months", "weeks", "days", "hours", "minutes", "seconds")
+
+
+def duration_parts(seconds: float) -> dict[str, int | float]:
+    """A number of seconds as Snips' Duration fields: days, hours, minutes and seconds filled in
+    (300 -> minutes 5), the calendar units 0."""
+    whole = int(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    frac = seconds - whole
+    parts: dict[str, int | float] = dict.fromkeys(_DURATION_UNITS, 0)
+    parts.update(days=days, hours=hours, minutes=minutes, seconds=secs + frac if frac else secs)
+    return parts
 
 
 @dataclass(frozen=True)
@@ -138,6 +170,13 @@ class SlotValue:
             _wrap(check_num, self.value, "value", f"slot value of kind {self.kind}", None)
         elif not isinstance(self.value, str):
             raise HermesError(f"slot value of kind {self.kind} must be a string, got {self.value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": self.kind, "value": self.value}
+        if self.kind == KIND_DURATION:
+            assert not isinstance(self.value, str)
+            d.update(duration_parts(self.value), precision="Exact")
+        return d
 
 
 @dataclass(frozen=True)
@@ -163,7 +202,7 @@ class Slot:
         d: dict[str, Any] = {
             "entity": self.entity or self.slot_name,
             "slotName": self.slot_name,
-            "value": {"kind": self.value.kind, "value": self.value.value},
+            "value": self.value.to_dict(),
             "rawValue": self.raw_value,
             "confidence": self.confidence,
         }
@@ -198,6 +237,25 @@ class Slot:
         )
 
 
+def _opt_str_or_none(d: Mapping[str, Any], key: str, schema: str) -> str | None:
+    """An optional string that keeps null apart from "" (customData is echoed as it came)."""
+    return None if d.get(key) is None else _wrap(opt_str, d, key, schema)
+
+
+def _intent_part(d: Mapping[str, Any], s: str) -> tuple[str, float]:
+    intent = d.get("intent")
+    if not isinstance(intent, dict):
+        raise HermesError(f"{s}: 'intent' must be an object with intentName, confidenceScore")
+    return req_str(intent, "intentName", s), check_num(intent.get("confidenceScore"), "confidenceScore", s, 0.0)
+
+
+def _slots_part(d: Mapping[str, Any], s: str) -> tuple[Slot, ...]:
+    slots = d.get("slots") or []
+    if not isinstance(slots, list):
+        raise HermesError(f"{s}: 'slots' must be a list")
+    return tuple(Slot.from_dict(x) for x in slots)
+
+
 @dataclass(frozen=True)
 class NluIntent(_HermesMessage):
     """`hermes/intent/<intentName>`: a recognised intent."""
@@ -210,7 +268,8 @@ class NluIntent(_HermesMessage):
     site_id: str = "default"
     id: str = ""
     session_id: str = ""
-    custom_data: str = ""
+    custom_data: str | None = None
+    lang: str = ""
 
     def __post_init__(self) -> None:
         intent_topic(self.intent_name)
@@ -221,6 +280,11 @@ class NluIntent(_HermesMessage):
     def topic(self) -> str:
         return intent_topic(self.intent_name)
 
+    def parsed(self) -> NluIntentParsed:
+        """The `hermes/nlu/intentParsed` message Rhasspy's NLU sends just before this one."""
+        return NluIntentParsed(self.input, self.intent_name, self.confidence_score, self.slots,
+                               self.site_id, self.id, self.session_id)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "input": self.input,
@@ -230,27 +294,57 @@ class NluIntent(_HermesMessage):
             "id": self.id,
             "sessionId": self.session_id,
             "customData": self.custom_data,
+            "lang": self.lang or None,
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Self:
         s = cls.SCHEMA
-        intent = d.get("intent")
-        if not isinstance(intent, dict):
-            raise HermesError(f"{s}: 'intent' must be an object with intentName, confidenceScore")
-        slots = d.get("slots", [])
-        if not isinstance(slots, list):
-            raise HermesError(f"{s}: 'slots' must be a list")
+        name, confidence = _intent_part(d, s)
         return cls(
             input=req_str(d, "input", s, allow_empty=True),
-            intent_name=req_str(intent, "intentName", s),
-            confidence_score=check_num(intent.get("confidenceScore"), "confidenceScore", s, 0.0),
-            slots=tuple(Slot.from_dict(x) for x in slots),
+            intent_name=name,
+            confidence_score=confidence,
+            slots=_slots_part(d, s),
             site_id=opt_str(d, "siteId", s, "default") or "default",
             id=opt_str(d, "id", s),
             session_id=opt_str(d, "sessionId", s),
-            custom_data=opt_str(d, "customData", s),
+            custom_data=_opt_str_or_none(d, "customData", s),
+            lang=opt_str(d, "lang", s),
         )
+
+
+@dataclass(frozen=True)
+class NluIntentParsed(_HermesMessage):
+    """`hermes/nlu/intentParsed`: the low-level twin of an intent, published just before it."""
+
+    SCHEMA: ClassVar[str] = "hermes/nlu/intentParsed"
+    input: str
+    intent_name: str
+    confidence_score: float
+    slots: tuple[Slot, ...] = ()
+    site_id: str = "default"
+    id: str = ""
+    session_id: str = ""
+
+    topic: ClassVar[str] = TOPIC_INTENT_PARSED
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "intent": {"intentName": self.intent_name, "confidenceScore": self.confidence_score},
+            "slots": [slot.to_dict() for slot in self.slots],
+            "siteId": self.site_id,
+            "id": self.id,
+            "sessionId": self.session_id,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        s = cls.SCHEMA
+        name, confidence = _intent_part(d, s)
+        return cls(req_str(d, "input", s, allow_empty=True), name, confidence, _slots_part(d, s),
+                   opt_str(d, "siteId", s, "default") or "default", opt_str(d, "id", s), opt_str(d, "sessionId", s))
 
 
 @dataclass(frozen=True)
@@ -262,7 +356,9 @@ class IntentNotRecognized(_HermesMessage):
     site_id: str = "default"
     id: str = ""
     session_id: str = ""
-    custom_data: str = ""
+    custom_data: str | None = None
+
+    topic: ClassVar[str] = TOPIC_NOT_RECOGNIZED
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -281,13 +377,53 @@ class IntentNotRecognized(_HermesMessage):
             site_id=opt_str(d, "siteId", s, "default") or "default",
             id=opt_str(d, "id", s),
             session_id=opt_str(d, "sessionId", s),
-            custom_data=opt_str(d, "customData", s),
+            custom_data=_opt_str_or_none(d, "customData", s),
         )
+
+
+@dataclass(frozen=True)
+class NluError(_HermesMessage):
+    """`hermes/error/nlu`: a query the NLU could not read. ``context`` is the start of the query as
+    received; ``siteId`` and ``sessionId`` are the query's where they could be read."""
+
+    SCHEMA: ClassVar[str] = "hermes/error/nlu"
+    error: str
+    site_id: str = "default"
+    session_id: str | None = None
+    context: str | None = None
+
+    topic: ClassVar[str] = TOPIC_NLU_ERROR
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.error, "siteId": self.site_id, "sessionId": self.session_id,
+                "context": self.context}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        s = cls.SCHEMA
+        return cls(req_str(d, "error", s, allow_empty=True), opt_str(d, "siteId", s, "default") or "default",
+                   _opt_str_or_none(d, "sessionId", s), _opt_str_or_none(d, "context", s))
 
 
 def parse_nlu_query(payload: str | bytes | bytearray) -> NluQuery:
     """Parse a `hermes/nlu/query` payload; HermesError on bad JSON or field types."""
     return NluQuery.from_json(payload)
+
+
+def nlu_error(payload: str | bytes | bytearray, error: str) -> NluError:
+    """The `hermes/error/nlu` answer to a query that could not be parsed: its ``siteId`` and
+    ``sessionId`` when they can still be read from the payload, and its start as ``context``."""
+    site_id, session_id = "default", None
+    try:
+        d = load_object(payload, NluQuery.SCHEMA)
+    except ProtocolError:
+        d = {}
+    if isinstance(d.get("siteId"), str) and d["siteId"]:
+        site_id = d["siteId"]
+    if isinstance(d.get("sessionId"), str) and d["sessionId"]:
+        session_id = d["sessionId"]
+    text = payload if isinstance(payload, str) else bytes(payload).decode("utf-8", "replace")
+    return NluError(error, site_id, session_id, text[:200])
 
 
 def slot(slot_name: str, value: str | float, raw_value: str, *, kind: str | None = None,
@@ -302,28 +438,33 @@ def slot(slot_name: str, value: str | float, raw_value: str, *, kind: str | None
     return Slot(slot_name, SlotValue(kind, value), raw_value, slot_name, rng, confidence)
 
 
+def intent_slots(intent_name: str, slots: tuple[Slot, ...] | list[Slot]) -> tuple[tuple[Slot, ...], tuple[Slot, ...]]:
+    """(kept, dropped): the slots ``intent_name`` takes (INTENT_SLOTS), in order, and the rest. A
+    stray slot from the tagger never costs a correct intent its answer."""
+    takes = INTENT_SLOTS.get(intent_name, ())
+    kept = tuple(s for s in slots if s.slot_name in takes)
+    return kept, tuple(s for s in slots if s.slot_name not in takes)
+
+
 def recognized(query: NluQuery, intent_name: str, confidence: float,
                slots: tuple[Slot, ...] | list[Slot] = ()) -> NluIntent:
-    """The reply to `query` for a recognised vocabulary intent (checks INTENT_SLOTS)."""
+    """The reply to `query` for a recognised vocabulary intent: the query's siteId, id, sessionId,
+    lang and customData echoed; slots the intent does not take (INTENT_SLOTS) dropped."""
     if intent_name not in INTENT_SLOTS:
         raise HermesError(f"unknown intent {intent_name!r}; known intents: {list(INTENTS)}")
-    for s in slots:
-        if s.slot_name not in INTENT_SLOTS[intent_name]:
-            raise HermesError(
-                f"intent {intent_name} takes slots {INTENT_SLOTS[intent_name]}, not {s.slot_name!r}"
-            )
-    if query.intent_filter is not None and intent_name not in query.intent_filter:
-        raise HermesError(f"intent {intent_name} is excluded by the query's intentFilter")
+    kept, _ = intent_slots(intent_name, slots)
     return NluIntent(
         input=query.input,
         intent_name=intent_name,
         confidence_score=confidence,
-        slots=tuple(slots),
+        slots=kept,
         site_id=query.site_id,
         id=query.id,
         session_id=query.session_id,
+        custom_data=query.custom_data,
+        lang=query.lang,
     )
 
 
 def not_recognized(query: NluQuery) -> IntentNotRecognized:
-    return IntentNotRecognized(query.input, query.site_id, query.id, query.session_id)
+    return IntentNotRecognized(query.input, query.site_id, query.id, query.session_id, query.custom_data)

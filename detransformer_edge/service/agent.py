@@ -181,6 +181,16 @@ class HomeAgent:
             "weights_loading": self.host.loading(),
         }
 
+    def answer_failed(self, client_id: str, error: str) -> None:
+        """A plug-in could not deliver the answer to a logged request (its newest record with this
+        ``client_id``): the record turns into a failure and is published again. On a device that
+        does not lead there is no record here; the failure is only logged."""
+        rec = next((r for r in reversed(self.tasks.log) if r.client_id == client_id), None)
+        log.warning("answer to %s failed: %s", client_id, error)
+        if rec is not None and rec.error is None:
+            rec.error = error
+            self.tasks.emit("request", rec.to_dict())
+
     def _publish_log(self, kind: str, data: dict[str, Any]) -> None:
         """Finished requests go to ``P/log`` (QoS 0) so any dashboard or client can follow them."""
         if kind != "request":

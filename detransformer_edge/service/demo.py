@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,13 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import aiomqtt
-
 from detransformer_edge.errors import DetransformerError
+from detransformer_edge.planner.profile import bundled_profile
+from detransformer_edge.protocol.client import HomeClient
+from detransformer_edge.protocol.messages import LogEntry
 from detransformer_edge.protocol.topics import ClusterTopics
 from detransformer_edge.transport.broker import LocalBroker, free_port, local_broker
-
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "firmware_profiles"
 
 # id, name, profile: a home's mix of devices (the planner sees their real capabilities)
 DEVICES: tuple[tuple[str, str, str], ...] = (
@@ -86,7 +83,7 @@ class ClusterWatch:
     presence: dict[str, bool] = field(default_factory=dict)
     status: dict[str, dict[str, Any]] = field(default_factory=dict)
     leader: dict[str, Any] | None = None
-    log: list[dict[str, Any]] = field(default_factory=list)
+    log: list[LogEntry] = field(default_factory=list)
 
     def online(self) -> list[str]:
         return sorted(d for d, up in self.presence.items() if up)
@@ -101,19 +98,28 @@ class ClusterWatch:
         return (len(ready), version) if version else (0, 0)
 
 
-def write_configs(workdir: Path, broker: LocalBroker, cluster: str, n: int) -> list[tuple[str, Path, int]]:
+@dataclass(frozen=True)
+class DemoDevice:
+    id: str
+    config: Path
+    dashboard_port: int
+    wyoming_port: int
+
+
+def write_configs(workdir: Path, broker: LocalBroker, cluster: str, n: int) -> list[DemoDevice]:
     out = []
     for dev_id, name, profile in DEVICES[:n]:
-        port = free_port()
+        dashboard, wyoming = free_port(), free_port()
         path = workdir / f"{dev_id}.toml"
         path.write_text(
             f'id = "{dev_id}"\nname = "{name}"\ncluster = "{cluster}"\n'
-            f'profile = "{(PROFILES_DIR / (profile + ".toml")).as_posix()}"\n'
-            f"dashboard_port = {port}\ndiscovery = true\nhomeassistant = true\nstatus_interval_s = 2.0\n"
+            f'profile = "{bundled_profile(profile).as_posix()}"\n'
+            f"dashboard_port = {dashboard}\nwyoming_port = {wyoming}\nwyoming_host = \"127.0.0.1\"\n"
+            f"discovery = true\nhomeassistant = true\nstatus_interval_s = 2.0\n"
             f'\n[broker]\nurl = "{broker.url}"\nprotocol = "auto"\nkeepalive_s = 10\n'
             f"\n[election]\nlease_s = 6.0\n"
         )
-        out.append((dev_id, path, port))
+        out.append(DemoDevice(dev_id, path, dashboard, wyoming))
     return out
 
 
@@ -126,8 +132,7 @@ class Demo:
         self.prefix = self.topics.prefix
         self.watch = ClusterWatch()
         self.procs: list[subprocess.Popen[bytes]] = []
-        self._pending: dict[str, asyncio.Future[tuple[str, dict[str, Any]]]] = {}
-        self._stream: dict[str, list[str]] = {}
+        self._logged = asyncio.Event()
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -139,11 +144,11 @@ class Demo:
 
     # --- processes ---------------------------------------------------------------------------------
 
-    def start_agents(self, configs: list[tuple[str, Path, int]], workdir: Path) -> None:
+    def start_agents(self, configs: list[DemoDevice], workdir: Path) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "DETRANSFORMER_THREADS": "1"}
-        for dev_id, path, _ in configs:
-            log = (workdir / f"{dev_id}.log").open("wb")
-            argv = [sys.executable, "-m", "detransformer_edge.cli", "agent", "--config", str(path),
+        for dev in configs:
+            log = (workdir / f"{dev.id}.log").open("wb")
+            argv = [sys.executable, "-m", "detransformer_edge.cli", "agent", "--config", str(dev.config),
                     "--catalog", self.opts.catalog]
             self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                start_new_session=True))
@@ -166,58 +171,46 @@ class Demo:
                 tail = (workdir / f"{dev_id}.log").read_text(errors="replace")[-1500:]
                 raise DemoError(f"agent {dev_id} exited with code {p.returncode}:\n{tail}")
 
-    # --- MQTT -------------------------------------------------------------------------------------
+    # --- MQTT: the demo is a client of the home like any other ------------------------------------
 
-    async def listen(self, client: aiomqtt.Client) -> None:
-        p = self.prefix
-        for topic, qos in ((f"{p}/devices/+/presence", 1), (f"{p}/devices/+/status", 0), (f"{p}/leader", 1),
-                           (f"{p}/log", 0), ("hermes/intent/#", 1), ("hermes/nlu/intentNotRecognized", 1),
-                           ("hermes/error/nlu", 1), (f"{p}/replies/demo", 1)):
-            await client.subscribe(topic, qos=qos)
-        async for msg in client.messages:
-            topic = msg.topic.value
-            try:
-                payload = msg.payload.decode() if isinstance(msg.payload, (bytes, bytearray)) else str(msg.payload or "")
-                t = self.topics
-                if (dev := t.presence.match(topic)) is not None:
-                    self.watch.presence[dev] = bool(payload) and t.presence.decode(payload).online
-                elif (dev := t.status.match(topic)) is not None:
-                    self.watch.status[dev] = t.status.decode(payload).to_dict()
-                elif t.leader.match(topic) is not None:
-                    self.watch.leader = t.leader.decode(payload).to_dict() if payload else None
-                elif topic == f"{p}/log":
-                    self.watch.log.append(json.loads(payload))
-                else:
-                    body = json.loads(payload)
-                    if body.get("event") == "token":
-                        self._stream.setdefault(body["id"], []).append(body["text"])
-                        self.out.write(body["text"])
-                        self.out.flush()
-                        continue
-                    # Hermes errors (hermes/error/nlu) carry only the session id
-                    key = body.get("id") or body.get("sessionId")
-                    fut = self._pending.pop(key, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result((topic, body))
-            except (ValueError, KeyError, TypeError, DetransformerError):
-                continue
+    def watch_cluster(self, home: HomeClient) -> None:
+        t = self.topics
 
-    async def request(self, client: aiomqtt.Client, topic: str, body: dict[str, Any], timeout: float = 120.0,
-                      key: str | None = None) -> tuple[str, dict[str, Any], float]:
-        fut: asyncio.Future[tuple[str, dict[str, Any]]] = asyncio.get_running_loop().create_future()
-        self._pending[body["id"]] = fut
-        if key is not None:
-            self._pending[key] = fut
-        t0 = time.perf_counter()
-        await client.publish(topic, json.dumps(body), qos=1)
-        topic_out, reply = await asyncio.wait_for(fut, timeout)
-        return topic_out, reply, (time.perf_counter() - t0) * 1e3
+        def on_presence(topic: str, payload: bytes, _props: object) -> None:
+            dev = t.presence.match(topic)
+            if dev is not None:
+                self.watch.presence[dev] = bool(payload) and t.presence.decode(payload).online
 
-    def plan_of(self, client_id: str) -> dict[str, Any] | None:
-        for rec in reversed(self.watch.log):
-            if rec.get("client_id") == client_id:
-                return rec
-        return None
+        def on_status(topic: str, payload: bytes, _props: object) -> None:
+            dev = t.status.match(topic)
+            if dev is not None and payload:
+                self.watch.status[dev] = t.status.decode(payload).to_dict()
+
+        def on_leader(topic: str, payload: bytes, _props: object) -> None:
+            self.watch.leader = t.leader.decode(payload).to_dict() if payload else None
+
+        def on_log(entry: LogEntry) -> None:
+            self.watch.log.append(entry)
+            self._logged.set()
+
+        home.session.subscribe(t.presence.filter, on_presence, 1)
+        home.session.subscribe(t.status.filter, on_status, 0)
+        home.session.subscribe(t.leader.format(), on_leader, 1)
+        home.follow_log(on_log)
+
+    async def logged(self, client_id: str, timeout: float = 2.0) -> LogEntry | None:
+        """The leader's request-log line for ``client_id`` (it follows the answer by a moment)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for entry in reversed(self.watch.log):
+                if entry.client_id == client_id:
+                    return entry
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self._logged.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._logged.wait(), left)
 
     # --- the script ---------------------------------------------------------------------------------
 
@@ -255,68 +248,96 @@ class Demo:
                 self.say(f"  starting agent {dev_id:16s} {name} (profile {profile})")
             stack.callback(self.stop_agents)
             self.start_agents(configs, workdir)
-            async with aiomqtt.Client(broker.host, broker.port, protocol=aiomqtt.ProtocolVersion.V311,
-                                      identifier=f"demo-{uuid.uuid4().hex[:8]}",
-                                      socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]) as client:
-                listener = asyncio.create_task(self.listen(client))
-                try:
-                    devices = [d for d, _, _ in configs]
-                    leader = await self.wait_for_cluster(devices, workdir)
-                    port = next(port for d, _, port in configs if d == leader)
-                    self.say(f"cluster ready in {time.monotonic() - t_start:.1f} s: leader {leader}; "
-                             f"dashboard http://127.0.0.1:{port}/")
-                    await self.voice_queries(client)
-                    await self.embedding(client)
-                    await self.generation(client)
-                    self.say(f"\ndemo finished in {time.monotonic() - t_start:.1f} s; agent logs were in {workdir}")
-                    self.say(f"dashboard: http://127.0.0.1:{port}/")
-                    wait = opts.wait if opts.wait is not None else sys.stdin.isatty()
-                    if wait:
-                        self.say("agents keep running; press Ctrl-C to stop")
-                        await asyncio.Event().wait()
-                finally:
-                    listener.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                        await listener
+            async with HomeClient(broker.host, broker.port, cluster=self.cluster,
+                                  client_id=f"demo-{uuid.uuid4().hex[:8]}") as home:
+                self.watch_cluster(home)
+                leader = await self.wait_for_cluster([d.id for d in configs], workdir)
+                lead = next(d for d in configs if d.id == leader)
+                self.say(f"cluster ready in {time.monotonic() - t_start:.1f} s: leader {leader}; "
+                         f"dashboard http://127.0.0.1:{lead.dashboard_port}/")
+                for dev in configs:  # any device answers Home Assistant (followers ask the leader)
+                    self.say(f"  {dev.id:16s} wyoming tcp://127.0.0.1:{dev.wyoming_port}")
+                await self.voice_queries(home)
+                await self.wyoming_query(lead)
+                await self.embedding(home)
+                await self.generation(home)
+                self.say(f"\ndemo finished in {time.monotonic() - t_start:.1f} s; agent logs were in {workdir}")
+                self.say(f"dashboard: http://127.0.0.1:{lead.dashboard_port}/")
+                self.say(f"wyoming tcp://127.0.0.1:{lead.wyoming_port}  (Home Assistant: Wyoming Protocol "
+                         f"integration, host 127.0.0.1, port {lead.wyoming_port})")
+                wait = opts.wait if opts.wait is not None else sys.stdin.isatty()
+                if wait:
+                    self.say(f"ask it yourself: detransformer-edge ask --broker {broker.host}:{broker.port} "
+                             f"--cluster {self.cluster} \"turn off the kitchen light\"")
+                    self.say("agents keep running; press Ctrl-C to stop")
+                    await asyncio.Event().wait()
         return 0
 
-    async def voice_queries(self, client: aiomqtt.Client) -> None:
+    async def voice_queries(self, home: HomeClient) -> None:
         self.say("\nvoice assistant -> hermes/nlu/query")
-        for k, text in enumerate(QUERIES):
-            qid = f"demo-q{k}"
-            body = {"input": text, "siteId": "kitchen", "id": qid, "sessionId": f"demo-s{k}"}
-            topic, reply, ms = await self.request(client, "hermes/nlu/query", body, key=body["sessionId"])
-            if topic.startswith("hermes/intent/"):
-                slots = ", ".join(f"{s['slotName']}={s['value']['value']!r}" for s in reply.get("slots", []))
-                answer = f"{reply['intent']['intentName']} ({reply['intent']['confidenceScore']:.2f}){' ' + slots if slots else ''}"
-            elif topic.endswith("intentNotRecognized"):
+        for text in QUERIES:
+            t0 = time.perf_counter()
+            reply = await home.hermes_query(text, site_id="kitchen", timeout=120)
+            ms = (time.perf_counter() - t0) * 1e3
+            body = reply.payload
+            if reply.recognized:
+                slots = ", ".join(f"{s['slotName']}={s['value']['value']!r}" for s in body.get("slots", []))
+                answer = f"{reply.intent} ({body['intent']['confidenceScore']:.2f}){' ' + slots if slots else ''}"
+            elif reply.topic == "hermes/nlu/intentNotRecognized":
                 answer = "not recognised"
             else:
-                answer = f"error: {reply.get('error')}"
-            await asyncio.sleep(0.05)  # the leader's log line follows its reply
-            rec = self.plan_of(qid) or {}
-            self.say(f"  {text!r}\n      -> {answer}\n      plan {rec.get('plan', '?')}, "
-                     f"{ms:.0f} ms end to end (leader {rec.get('latency_ms', '?')} ms)")
+                answer = f"error: {body.get('error')}"
+            rec = await self.logged(str(body.get("id") or ""))
+            plan, leader_ms = (rec.plan, rec.latency_ms) if rec is not None else ("?", "?")
+            note = f" ({rec.error})" if rec is not None and rec.error else ""
+            self.say(f"  {text!r}\n      -> {answer}{note}\n      plan {plan}, "
+                     f"{ms:.0f} ms end to end (leader {leader_ms} ms)")
 
-    async def embedding(self, client: aiomqtt.Client) -> None:
+    async def wyoming_query(self, dev: DemoDevice) -> None:
+        from wyoming.asr import Transcript
+        from wyoming.client import AsyncTcpClient
+        from wyoming.intent import Intent
+
+        text = QUERIES[0]
+        self.say(f"\nHome Assistant Assist -> wyoming tcp://127.0.0.1:{dev.wyoming_port} (transcript)")
+        t0 = time.perf_counter()
+        async with asyncio.timeout(120), AsyncTcpClient("127.0.0.1", dev.wyoming_port) as client:
+            await client.write_event(Transcript(text, language="en").event())
+            event = await client.read_event()
+        ms = (time.perf_counter() - t0) * 1e3
+        if event is not None and Intent.is_type(event.type):
+            intent = Intent.from_event(event)
+            slots = ", ".join(f"{e.name}={e.value!r}" for e in intent.entities)
+            self.say(f"  {text!r}\n      -> {intent.name} {slots} ({intent.text!r}), {ms:.0f} ms end to end")
+        else:
+            self.say(f"  {text!r}\n      -> {event.type if event else 'no answer'}, {ms:.0f} ms end to end")
+
+    async def embedding(self, home: HomeClient) -> None:
         self.say(f"\nembedding -> {self.prefix}/request: a {len(DOCUMENT.split())}-word note")
-        body = {"id": "demo-e1", "reply_to": f"{self.prefix}/replies/demo", "op": "embed", "input": DOCUMENT}
-        _, reply, ms = await self.request(client, f"{self.prefix}/request", body)
-        if "error" in reply:
-            self.say(f"  error: {reply['error']}")
+        t0 = time.perf_counter()
+        reply = await home.request("embed", DOCUMENT, timeout=120)
+        ms = (time.perf_counter() - t0) * 1e3
+        if reply.error is not None:
+            self.say(f"  error: {reply.error.code}: {reply.error.message}")
             return
-        r = reply["result"]
+        r = reply.result or {}
         self.say(f"  {r['dim']}-dim vector; plan {r['plan']}, {ms:.0f} ms end to end (leader {r['latency_ms']} ms)")
 
-    async def generation(self, client: aiomqtt.Client) -> None:
+    async def generation(self, home: HomeClient) -> None:
         self.say(f"\ngeneration -> {self.prefix}/request: {PROMPT!r}\n  ", )
-        body = {"id": "demo-g1", "reply_to": f"{self.prefix}/replies/demo", "op": "generate", "input": PROMPT,
-                "params": {"max_new_tokens": self.opts.max_new_tokens}}
-        _, reply, ms = await self.request(client, f"{self.prefix}/request", body, timeout=300)
-        if "error" in reply:
-            self.say(f"\n  error: {reply['error']}")
+
+        def show(piece: str) -> None:
+            self.out.write(piece)
+            self.out.flush()
+
+        t0 = time.perf_counter()
+        reply = await home.request("generate", PROMPT, {"max_new_tokens": self.opts.max_new_tokens}, timeout=300,
+                                   on_token=show)
+        ms = (time.perf_counter() - t0) * 1e3
+        if reply.error is not None:
+            self.say(f"\n  error: {reply.error.code}: {reply.error.message}")
             return
-        r = reply["result"]
+        r = reply.result or {}
         self.say(f"\n  plan {r['plan']}; {r['tokens']} tokens, {r['tokens_per_s']} tokens/s, "
                  f"first token {r['ttft_ms']:.0f} ms, {ms:.0f} ms end to end")
 

@@ -26,6 +26,7 @@ from detransformer_edge.parallel.executor import Executor, Job, JobKind, JobResu
 from detransformer_edge.parallel.plan import DeviceWeights
 from detransformer_edge.parallel.shards import DeviceShard, build_shard
 from detransformer_edge.parallel.trace import Span, Timeline
+from detransformer_edge.progress import progress
 from detransformer_edge.protocol.runs import RunControl
 from detransformer_edge.service.catalog import Catalog
 from detransformer_edge.service.weights import (
@@ -103,16 +104,21 @@ class ModelHost:
         async with self._assign_lock:
             self.ready = False
             held: dict[str, HeldModel] = {}
+            to_load = {}
             for model, weights in models.items():
                 current = self.held.get(model)
                 if current is not None and current.weights == weights:
                     held[model] = current
-                    continue
-                if weights == DeviceWeights():
-                    continue
-                shard = await self._load(model, weights, version)
-                held[model] = HeldModel(weights, shard, Executor(self.transport, shard, self.compute_pool))
-                log.info("%s holds %s of %s: %.1f MB", self.device_id, weights, model, shard.nbytes() / 1e6)
+                elif weights != DeviceWeights():
+                    to_load[model] = weights
+            with progress(f"{self.device_id}: loading placement v{version}", total=len(to_load), unit="model",
+                          quiet=not to_load) as bar:
+                for model, weights in to_load.items():
+                    bar.set_postfix_str(model)
+                    shard = await self._load(model, weights, version)
+                    held[model] = HeldModel(weights, shard, Executor(self.transport, shard, self.compute_pool))
+                    log.info("%s holds %s of %s: %.1f MB", self.device_id, weights, model, shard.nbytes() / 1e6)
+                    bar.update(1)
             self.held = held
             self.version = version
             self.ready = True

@@ -34,7 +34,16 @@ class Home(Protocol):
 
     def add_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> None: ...
 
-    async def recognize(self, text: str, client_id: str | None = None) -> IntentResult: ...
+    async def recognize(self, text: str, client_id: str | None = None,
+                        allowed: frozenset[str] | None = None) -> IntentResult:
+        """The intent of ``text``; ``allowed``: only these intents may be recognised (masked before
+        the decision). Forwarded to the leader when this device does not lead."""
+        ...
+
+    def answer_failed(self, client_id: str, error: str) -> None:
+        """A front-end could not deliver the answer to ``client_id``'s request: the request log
+        shows that request as failed."""
+        ...
 
     async def generate(self, prompt: str, max_new_tokens: int = 32,
                        on_text: Callable[[str], Awaitable[None]] | None = None) -> str: ...

@@ -91,6 +91,14 @@ class Tasks:
             self._waiting -= 1
             raise
 
+    async def _admit_logged(self, rec: RequestRecord, t0: float) -> None:
+        """``_admit``; a request refused as ``busy`` is finished in the log as that error."""
+        try:
+            await self._admit()
+        except ServiceError as exc:
+            self.finish(rec, t0, error=str(exc))
+            raise
+
     def _leave(self) -> None:
         self._slots.release()
         self._waiting -= 1
@@ -135,7 +143,7 @@ class Tasks:
         tools = self.catalog.tools(model)
         rec = self.record("embed", " | ".join(texts), client_id, trace)
         t0 = time.perf_counter()
-        await self._admit()
+        await self._admit_logged(rec, t0)
         try:
             rows = [tools.tokenizer.encode(t) for t in texts]
             too_long = max(len(r) for r in rows)
@@ -160,7 +168,7 @@ class Tasks:
         head = self.catalog.tools(model).intent_head
         rec = self.record("intent", text, client_id, trace)
         t0 = time.perf_counter()
-        await self._admit()
+        await self._admit_logged(rec, t0)
         try:
             served = self.catalog.get(model)
             prepared = head.prepare(text)
@@ -190,7 +198,7 @@ class Tasks:
         t0 = time.perf_counter()
         if not 1 <= max_new_tokens <= 512:
             raise ServiceError("bad_request", "max_new_tokens must be between 1 and 512")
-        await self._admit()
+        await self._admit_logged(rec, t0)
         try:
             ids = build_prompt(tok, prompt, tools.chat_template if chat else None)
             if len(ids) + max_new_tokens > served.max_tokens:

@@ -33,6 +33,7 @@ import aiomqtt
 import torch
 
 from detransformer_edge.errors import ConfigError, DetransformerError
+from detransformer_edge.progress import progress
 from detransformer_edge.protocol.codec import ProtocolError
 from detransformer_edge.protocol.signing import CommandSigner, CommandVerifier
 from detransformer_edge.protocol.topics import ClusterTopics
@@ -333,10 +334,13 @@ class WeightFetcher:
         cfg = self.catalog.get(model).config()
         sem = asyncio.Semaphore(self.max_concurrent)
 
+        bar = progress(f"{self.device_id}: weights of {model} from the leader", total=len(units), unit="shard")
+
         async def one(unit: str) -> dict[str, torch.Tensor]:
             async with sem:
                 blob = await self._fetch_unit(model, placement_version, unit)
                 self._units_done += 1
+                bar.update(1)
                 return await asyncio.to_thread(unit_tensors, cfg, unit, blob)
 
         self._units, self._units_done = len(units), 0
@@ -350,6 +354,7 @@ class WeightFetcher:
             raise
         finally:
             self._units = self._units_done = 0
+            bar.close()
         out: dict[str, torch.Tensor] = {}
         for part in parts:
             out.update(part)

@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -201,31 +200,23 @@ def distillation_loss(student: Encoder, states: list[torch.Tensor], input_ids: t
 
 
 class Progress:
-    """A one-line progress bar on stderr (no dependency; quiet when stderr is not a terminal)."""
+    """Training progress (``detransformer_edge.progress``: tqdm on a terminal, log lines elsewhere):
+    ``update(step, loss=...)`` with the absolute step."""
 
     def __init__(self, total: int, start: int = 0, label: str = "", stream: Any = None) -> None:
-        self.total, self.done, self.label = total, start, label
-        self.stream = stream or sys.stderr
-        self.t0 = time.monotonic()
-        self.start = start
-        self.tty = self.stream.isatty()
+        from detransformer_edge.progress import progress
+
+        self.done = start
+        self.bar = progress(label, total=total, unit="step", initial=start, stream=stream)
 
     def update(self, done: int, **info: float) -> None:
+        if info:
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in info.items()}, refresh=False)
+        self.bar.update(done - self.done)
         self.done = done
-        if not self.tty and done % max(1, self.total // 20) and done != self.total:
-            return
-        rate = (done - self.start) / max(1e-9, time.monotonic() - self.t0)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        width = 30
-        fill = int(width * done / max(1, self.total))
-        extra = " ".join(f"{k}={v:.4f}" for k, v in info.items())
-        line = f"{self.label} [{'#' * fill}{'.' * (width - fill)}] {done}/{self.total} eta {eta:5.0f}s {extra}"
-        self.stream.write(("\r" if self.tty else "") + line + ("" if self.tty else "\n"))
-        self.stream.flush()
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
+        self.bar.close()
 
 
 def _batches(sentences: Sequence[str], batch_size: int, seed: int) -> Iterator[list[str]]:

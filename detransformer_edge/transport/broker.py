@@ -110,8 +110,9 @@ def run_amqtt(host: str = "127.0.0.1", port: int | None = None) -> Iterator[Loca
     """The embedded amqtt broker in its own thread and event loop (serves any caller's loop)."""
     try:
         from amqtt.broker import Broker
-    except ImportError as exc:  # pragma: no cover - amqtt is a dependency
-        raise BrokerError(f"amqtt is not installed: {exc}") from None
+    except ImportError:  # amqtt is in the `demo` extra only
+        raise BrokerError("no MQTT broker to start here: install Mosquitto (apt-get install mosquitto) or "
+                          "the embedded one (pip install 'detransformer-edge[demo]', amqtt)") from None
     port = port or free_port(host)
     config = {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
