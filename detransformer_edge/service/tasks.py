@@ -194,10 +194,10 @@ class Tasks:
         served = self.catalog.get(model)
         tools = self.catalog.tools(model)
         tok = tools.tokenizer
-        rec = self.record("generate", prompt, client_id, trace)
-        t0 = time.perf_counter()
         if not 1 <= max_new_tokens <= 512:
             raise ServiceError("bad_request", "max_new_tokens must be between 1 and 512")
+        rec = self.record("generate", prompt, client_id, trace)
+        t0 = time.perf_counter()
         await self._admit_logged(rec, t0)
         try:
             ids = build_prompt(tok, prompt, tools.chat_template if chat else None)
