@@ -96,7 +96,8 @@ class HomeAgent:
                                           term=lambda: self.cluster.lease.term if self.cluster.lease is not None else 1)
         self.weight_fetcher = WeightFetcher(config.id, catalog, self._publish, prefix, weights_cache / config.cluster / config.id,
                                             verifier=self.cluster.verifier)
-        self.host = ModelHost(self.transport, catalog, self.weight_fetcher, config.weights)  # type: ignore[arg-type]
+        self.host = ModelHost(self.transport, catalog, self.weight_fetcher, config.weights,  # type: ignore[arg-type]
+                              quant=profile.quant)
         self._assign_task: asyncio.Task | None = None
         self.leader = Leader(config.id, self.host, catalog, self._publish, f"{prefix}/run", replicate_all=replicate_all)
         self.leader.signer = self.cluster.signer

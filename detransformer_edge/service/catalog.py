@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from detransformer_edge.errors import ConfigError
+from detransformer_edge.weights.quant import check_scheme
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,13 @@ class ServedModel:
     # the tokenizer / intent head / chat template without the model's weights (model left on
     # ``meta``): what a leader needs to prepare requests and finish results; None: ``loader``
     tools_loader: Callable[[], LoadedServedModel] | None = None
+    # weight format devices run this model in unless their profile says otherwise (weights/quant)
+    quant: str = "float32"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ConfigError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        check_scheme(self.quant, f"the catalog's quant for a {self.task} model")
 
     def config(self) -> Any:
         return self.config_factory()

@@ -11,6 +11,7 @@ generation is a prefill pass followed by decode passes until the leader says ``e
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from detransformer_edge.service.weights import (
 from detransformer_edge.transport.base import Transport
 from detransformer_edge.transport.errors import RequestCancelled
 from detransformer_edge.weights.manifest import WeightIntegrityError
+from detransformer_edge.weights.quant import AUTO, DEVICE_CHOICES, check_scheme, resolve_scheme
+from detransformer_edge.weights.quant.linear import quantize_shard
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +70,12 @@ WEIGHTS_MODES: tuple[str, ...] = ("auto", "local", "stream")
 
 class ModelHost:
     def __init__(self, transport: Transport, catalog: Catalog, fetcher: object | None = None,
-                 weights: WeightsMode = "auto") -> None:
+                 weights: WeightsMode = "auto", quant: str = AUTO) -> None:
         """``weights``: ``local`` reads the device's files; ``stream`` asks the leader (``fetcher``,
-        a :class:`WeightFetcher`); ``auto`` reads local files and streams only when they are missing."""
+        a :class:`WeightFetcher`); ``auto`` reads local files and streams only when they are missing.
+        ``quant``: the weight format of every model held here (the profile's ``quant``), or
+        ``auto`` for each model's catalog format; shards are quantized after they are built."""
+        check_scheme(quant, "quant", DEVICE_CHOICES)
         if weights not in WEIGHTS_MODES:
             raise ConfigError(f"weights must be one of {', '.join(WEIGHTS_MODES)}, got {weights!r}")
         if weights == "stream" and fetcher is None:
@@ -78,6 +84,7 @@ class ModelHost:
         self.catalog = catalog
         self.fetcher = fetcher
         self.weights_mode = weights
+        self.quant = quant
         self.device_id = transport.device_id
         self.held: dict[str, HeldModel] = {}
         self.version = 0
@@ -100,11 +107,18 @@ class ModelHost:
                 if weights == DeviceWeights():
                     continue
                 shard = await self._load(model, weights, version)
+                scheme = self.scheme(model)
+                if scheme != "float32":
+                    await asyncio.to_thread(quantize_shard, shard, scheme)
                 held[model] = HeldModel(weights, shard, Executor(self.transport, shard))
-                log.info("%s holds %s of %s: %.1f MB", self.device_id, weights, model, shard.nbytes() / 1e6)
+                log.info("%s holds %s of %s: %.1f MB %s", self.device_id, weights, model, shard.nbytes() / 1e6, scheme)
             self.held = held
             self.version = version
             self.ready = True
+
+    def scheme(self, model: str) -> str:
+        """The weight format this device runs ``model`` in."""
+        return resolve_scheme(self.catalog.get(model).quant, self.quant)
 
     async def _load(self, model: str, weights: DeviceWeights, version: int) -> DeviceShard:
         if self.weights_mode != "stream":
@@ -125,8 +139,10 @@ class ModelHost:
         if served.tensors is not None:
             return load_selective_shard(served.config(), weights, served.tensors)
         loaded = self.catalog.load(model)
+        # quantization replaces modules in place: never in the catalog's shared copy
+        full = loaded.model if self.scheme(model) == "float32" else copy.deepcopy(loaded.model)
         with torch.no_grad():
-            return build_shard(loaded.model, weights)
+            return build_shard(full, weights)
 
     def loading(self) -> dict[str, float]:
         """Percent received of each weight shard streaming in now (empty when none)."""
