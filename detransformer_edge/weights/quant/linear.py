@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from detransformer_edge.errors import ConfigError
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 GROUP_SIZE = 32  # inputs per int4 group: llama.cpp's Q4_0/Q4_1 block, so Q4_1 maps block for block
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+INT8_K_MULTIPLE = 16  # the AVX-512 int8 kernel reads 16 inputs per step with aligned loads: pad K
 HEAD_NAMES = ("lm_head",)  # output heads: int8 even in the int4 scheme
 
 
@@ -61,14 +63,20 @@ def _apply_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 class Int8Linear(nn.Module):
-    """``nn.Linear`` with int8 weights and one scale per output channel."""
+    """``nn.Linear`` with int8 weights and one scale per output channel.
+
+    torch's x86 kernel steps through the inputs 16 at a time with aligned loads and no tail loop
+    (an in-features count like 253 reads past the row and crashes), so the codes are stored
+    zero-padded to a multiple of 16 columns and the input padded likewise when needed.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  activation_dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.padded_in = -(-in_features // INT8_K_MULTIPLE) * INT8_K_MULTIPLE
         dtype = _check_activation_dtype(activation_dtype or default_activation_dtype())
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_int8", torch.zeros(out_features, self.padded_in, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))  # (N,)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
@@ -85,7 +93,7 @@ class Int8Linear(nn.Module):
         amax = w.abs().amax(dim=1).clamp_min(1e-12)  # (N,); an all-zero row gets codes 0
         scale = _round_up_to_bfloat16(amax / 127.0)
         with torch.no_grad():
-            out.weight_int8.copy_(torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+            out.weight_int8[:, : w.shape[1]] = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
             out.scales.copy_(scale.to(out.scales.dtype))
             if bias is not None:
                 out.bias.copy_(bias.detach().to(torch.float32))
@@ -94,12 +102,15 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         a = x.reshape(-1, self.in_features).to(self.scales.dtype).contiguous()  # (M, K)
+        if self.padded_in != self.in_features:
+            a = F.pad(a, (0, self.padded_in - self.in_features))  # (M, K padded)
         y = torch.ops.aten._weight_int8pack_mm(a, self.weight_int8, self.scales)  # (M, N)
         return _apply_bias(y.to(x.dtype).view(*lead, self.out_features), self.bias)
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight (N, K) this layer computes with."""
-        return self.weight_int8.to(torch.float32) * self.scales.to(torch.float32)[:, None]
+        q = self.weight_int8[:, : self.in_features]
+        return q.to(torch.float32) * self.scales.to(torch.float32)[:, None]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
