@@ -211,8 +211,10 @@ def default_catalog() -> Catalog:
         **models,
         "minilm-l6": ServedModel("embed", lambda: get_config("minilm-l6"), embed_loader, 512, "all-MiniLM-L6-v2",
                                  lazy_source("minilm-l6"), embed_tools),
+        # int4: the GGUF's own Q4_1 codes (held-out perplexity -0.07 % vs float32, docs/MODELS.md)
         "smollm2-135m": ServedModel("generate", lambda: get_config("smollm2-135m"), generate_loader, 2048,
-                                    "SmolLM2-135M-Instruct", lazy_source("smollm2-135m"), generate_tools),
+                                    "SmolLM2-135M-Instruct", lazy_source("smollm2-135m"), generate_tools,
+                                    quant="int4"),
     })
 
 
