@@ -400,8 +400,9 @@ def smollm2_variants():
 
 @pytest.mark.slow
 def test_smollm2_int8_and_int4_against_float32(smollm2_variants):
-    """Greedy continuations of the 10 parity prompts (32 tokens) and held-out perplexity (8192
-    tokens). The claim is perplexity within 2 % for both (measured +0.22 % int8, -0.07 % int4).
+    """Greedy continuations of the 10 parity prompts (32 tokens) and held-out perplexity (4096
+    tokens here, 8192 in bench/quant.py). The claim is perplexity within 2 % for both (measured on
+    8192 tokens: +0.22 % int8, -0.07 % int4).
     Greedy continuations are NOT all identical (measured 2/10 int8, 3/10 int4; the rest diverge
     after 1-31 tokens, as int8 weights with exact float32 arithmetic also do): they are reported."""
     from detransformer_edge.weights.quant import parity as P
@@ -409,7 +410,7 @@ def test_smollm2_int8_and_int4_against_float32(smollm2_variants):
     fl, variants = smollm2_variants
     prompts = [P.prompt_ids(fl, p) for p in P.PARITY_PROMPTS]
     conts = {k: [P.greedy_continuation(m, x, 32) for x in prompts] for k, m in variants.items()}
-    seqs = P.held_out_sequences(fl.tokenizer, tokens=8192, seq_len=256)
+    seqs = P.held_out_sequences(fl.tokenizer, tokens=4096, seq_len=256)
     ppl = {k: P.perplexity(m, seqs) for k, m in variants.items()}
     same = {k: sum(d.identical for d in P.compare_continuations(conts["float32"], conts[k])) for k in ("int8", "int4")}
     change = {k: ppl[k] / ppl["float32"] - 1 for k in ("int8", "int4")}
