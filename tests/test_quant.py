@@ -399,8 +399,9 @@ def smollm2_variants():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~4 min on a quiet 2-core machine; 10+ min at load average 9
 def test_smollm2_int8_and_int4_against_float32(smollm2_variants):
-    """Greedy continuations of the 10 parity prompts (32 tokens) and held-out perplexity (4096
+    """Greedy continuations of the 10 parity prompts (32 tokens) and held-out perplexity (2048
     tokens here, 8192 in bench/quant.py). The claim is perplexity within 2 % for both (measured on
     8192 tokens: +0.22 % int8, -0.07 % int4).
     Greedy continuations are NOT all identical (measured 2/10 int8, 3/10 int4; the rest diverge
@@ -410,7 +411,7 @@ def test_smollm2_int8_and_int4_against_float32(smollm2_variants):
     fl, variants = smollm2_variants
     prompts = [P.prompt_ids(fl, p) for p in P.PARITY_PROMPTS]
     conts = {k: [P.greedy_continuation(m, x, 32) for x in prompts] for k, m in variants.items()}
-    seqs = P.held_out_sequences(fl.tokenizer, tokens=4096, seq_len=256)
+    seqs = P.held_out_sequences(fl.tokenizer, tokens=2048, seq_len=256)
     ppl = {k: P.perplexity(m, seqs) for k, m in variants.items()}
     same = {k: sum(d.identical for d in P.compare_continuations(conts["float32"], conts[k])) for k in ("int8", "int4")}
     change = {k: ppl[k] / ppl["float32"] - 1 for k in ("int8", "int4")}
@@ -428,7 +429,7 @@ def test_smollm2_int4_is_read_from_the_q4_1_blocks(smollm2_variants):
     fl, variants = smollm2_variants
     layer = variants["int4"].layers[7].attn.k_proj
     assert isinstance(layer, Int4Linear)
-    ref = fl.model.layers[7].attn.k_proj.weight
+    ref = fl.model.layers[7].attn.k_proj.weight.detach()
     err = float((layer.dequantized() - ref).abs().max())
     step = float(ref.abs().max()) / 7  # about one Q4_1 step at the widest block
     if layer.activation_dtype == torch.float32:
