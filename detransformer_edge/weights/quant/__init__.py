@@ -19,7 +19,8 @@ for lookups, so the tie is broken and the head costs ``vocab * d`` more bytes (+
 
 Which format runs: each catalog model names one (``ServedModel.quant``); a device's profile may
 override it for every model it holds (``quant`` in the profile TOML; ``auto`` = the catalog's).
-Code: ``linear.py`` (the layers and the pass), ``gguf.py`` (GGUF Q4_1 / Q8_0 blocks).
+Code: ``linear.py`` (the layers and the pass), ``gguf.py`` (GGUF Q4_1 / Q8_0 blocks), ``parity.py``
+(the float32 comparisons the tests and ``bench/quant.py`` report).
 """
 
 from __future__ import annotations
