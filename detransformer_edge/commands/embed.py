@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from detransformer_edge.weights.quant import SCHEMES
+
 HELP = "embed text with a pretrained sentence encoder (all-MiniLM-L6-v2) and summarise the vector"
 
 
@@ -14,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="minilm-l6", help="pretrained encoder preset (default minilm-l6)")
     parser.add_argument("--first", type=int, default=6, help="how many leading values to print (default 6)")
     parser.add_argument("--json", action="store_true", help="print each full vector as a JSON list instead")
+    parser.add_argument("--quant", choices=SCHEMES, default="float32",
+                        help="weight format: float32, int8 (per-channel) or int4 (groups of 32); default float32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no loading status on stderr")
 
@@ -35,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     if pretrained_kind(args.model) != "encoder":
         raise ConfigError(f"model {args.model!r} is a decoder; `embed` needs an encoder (try `generate`)")
     status = StatusLine(quiet=args.quiet)
-    loaded = load_model(args.model, progress=status)
+    loaded = load_model(args.model, progress=status, quant=args.quant)
     status.done()
     started = time.perf_counter()
     batch = loaded.tokenizer.encode_batch(args.texts)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from detransformer_edge.weights.quant import SCHEMES
+
 HELP = "generate text with a pretrained decoder (SmolLM2), streaming it as it is produced"
 
 
@@ -19,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-chat", action="store_true",
                         help="feed the prompt as raw text instead of through the model's chat template")
     parser.add_argument("--system", default=None, help="system message for the chat template (default: the model's)")
+    parser.add_argument("--quant", choices=SCHEMES, default="float32",
+                        help="weight format: float32, int8 (per-channel) or int4 (groups of 32); default float32")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the dequantised-weight cache")
     parser.add_argument("--quiet", action="store_true", help="no loading status or speed line on stderr")
@@ -41,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if pretrained_kind(args.model) != "decoder":
         raise ConfigError(f"model {args.model!r} is an encoder; `generate` needs a decoder (try `embed`)")
     status = StatusLine(quiet=args.quiet)
-    loaded = load_model(args.model, progress=status, cache=not args.no_cache)
+    loaded = load_model(args.model, progress=status, cache=not args.no_cache, quant=args.quant)
     status.done()
     template = None if args.no_chat else loaded.chat_template
     if args.system is not None and template is None:

@@ -40,6 +40,9 @@ def even_ranges(total: int, parts: int) -> list[tuple[int, int]]:
 
 
 def _linear(src: nn.Linear, rows: slice | None = None, cols: slice | None = None, bias: bool = True) -> nn.Linear:
+    if not isinstance(src, nn.Linear):  # e.g. weights/quant's Int8Linear: no float weight to slice
+        raise PlanError(f"tensor-parallel shards are cut from float weights, not {type(src).__name__}: "
+                        "quantize the shard after build_shard (weights.quant.linear.quantize_shard)")
     w = src.weight
     w = w[rows] if rows is not None else w
     w = w[:, cols] if cols is not None else w
@@ -111,10 +114,11 @@ class TPShard(nn.Module):
 
 
 def _param_bytes(modules: list[nn.Module]) -> int:
+    """Parameters and persistent buffers (quantized weights are buffers), each tensor once."""
     seen: set[int] = set()
     total = 0
     for m in modules:
-        for p in m.parameters():
+        for p in m.state_dict(keep_vars=True).values():
             if id(p) not in seen:
                 seen.add(id(p))
                 total += p.numel() * p.element_size()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from detransformer_edge.errors import ConfigError
+from detransformer_edge.weights.quant import AUTO, DEVICE_CHOICES
 
 SCHEMA_VERSION = 1
 LINK_KINDS = ("ethernet", "wifi6", "wifi5", "wifi4", "loopback", "other")
@@ -32,7 +33,9 @@ class DeviceProfile:
     for attention (batched small GEMMs + softmax, usually well below GEMM); ``mem_bw_gbs`` a large
     tensor copy; ``ram_mb`` what this service may use; ``link_mbit`` the device's own link to the
     broker (one direction); ``rtt_ms`` a measured MQTT publish->receive round trip through the
-    broker, when known.
+    broker, when known. ``quant`` is the weight format this device runs every model in
+    (``float32``, ``int8``, ``int4``), or ``auto`` for each model's own format in the catalog
+    (``weights/quant``).
     """
 
     name: str
@@ -45,6 +48,7 @@ class DeviceProfile:
     cores: int = 1
     rtt_ms: float | None = None
     description: str = ""
+    quant: str = AUTO
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "/#+ \t"):
@@ -63,6 +67,10 @@ class DeviceProfile:
             raise ProfileError(f"profile {self.name}: cores must be a positive integer, got {self.cores!r}")
         if self.link not in LINK_KINDS:
             raise ProfileError(f"profile {self.name}: link must be one of {', '.join(LINK_KINDS)}, got {self.link!r}")
+        if self.quant not in DEVICE_CHOICES:
+            raise ProfileError(
+                f"profile {self.name}: quant must be one of {', '.join(DEVICE_CHOICES)}, got {self.quant!r}"
+            )
 
     # -- derived quantities the cost model uses ------------------------------------------------
     @property

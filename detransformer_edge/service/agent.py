@@ -90,7 +90,7 @@ class HomeAgent:
         self.weight_fetcher = WeightFetcher(config.id, catalog, self._publish, topics,
                                             weights_cache / config.cluster / config.id, verifier=self.cluster.verifier,
                                             max_cache_bytes=config.weights_cache_mb * 1e6)
-        self.host = ModelHost(self.transport, catalog, self.weight_fetcher, config.weights)
+        self.host = ModelHost(self.transport, catalog, self.weight_fetcher, config.weights, quant=profile.quant)
         self.placements = Placements(config.id, catalog, replicate_all=replicate_all, emit=self._emit)
         self.runs = RunCoordinator(config.id, self.host, self.placements, self._publish, topics.run,
                                    sign=self.cluster.sign, term=term)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import logging
 import os
 import threading
@@ -38,6 +39,8 @@ from detransformer_edge.service.weights import (
 from detransformer_edge.transport.base import Transport
 from detransformer_edge.transport.errors import RequestCancelled
 from detransformer_edge.weights.manifest import WeightIntegrityError
+from detransformer_edge.weights.quant import AUTO, DEVICE_CHOICES, check_scheme, resolve_scheme
+from detransformer_edge.weights.quant.linear import quantize_shard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,9 +75,12 @@ WEIGHTS_MODES: tuple[str, ...] = ("auto", "local", "stream")
 
 class ModelHost:
     def __init__(self, transport: Transport, catalog: Catalog, fetcher: object | None = None,
-                 weights: WeightsMode = "auto") -> None:
+                 weights: WeightsMode = "auto", quant: str = AUTO) -> None:
         """``weights``: ``local`` reads the device's files; ``stream`` asks the leader (``fetcher``,
-        a :class:`WeightFetcher`); ``auto`` reads local files and streams only when they are missing."""
+        a :class:`WeightFetcher`); ``auto`` reads local files and streams only when they are missing.
+        ``quant``: the weight format of every model held here (the profile's ``quant``), or
+        ``auto`` for each model's catalog format; shards are quantized after they are built."""
+        check_scheme(quant, "quant", DEVICE_CHOICES)
         if weights not in WEIGHTS_MODES:
             raise ConfigError(f"weights must be one of {', '.join(WEIGHTS_MODES)}, got {weights!r}")
         if weights == "stream" and fetcher is None:
@@ -83,6 +89,7 @@ class ModelHost:
         self.catalog = catalog
         self.fetcher = fetcher
         self.weights_mode = weights
+        self.quant = quant
         self.device_id = transport.device_id
         self.held: dict[str, HeldModel] = {}
         self.version = 0
@@ -116,12 +123,20 @@ class ModelHost:
                 for model, weights in to_load.items():
                     bar.set_postfix_str(model)
                     shard = await self._load(model, weights, version)
+                    scheme = self.scheme(model)
+                    if scheme != "float32":
+                        await self._in_loader(quantize_shard, shard, scheme)
                     held[model] = HeldModel(weights, shard, Executor(self.transport, shard, self.compute_pool))
-                    log.info("%s holds %s of %s: %.1f MB", self.device_id, weights, model, shard.nbytes() / 1e6)
+                    log.info("%s holds %s of %s: %.1f MB %s", self.device_id, weights, model, shard.nbytes() / 1e6,
+                             scheme)
                     bar.update(1)
             self.held = held
             self.version = version
             self.ready = True
+
+    def scheme(self, model: str) -> str:
+        """The weight format this device runs ``model`` in."""
+        return resolve_scheme(self.catalog.get(model).quant, self.quant)
 
     async def _load(self, model: str, weights: DeviceWeights, version: int) -> DeviceShard:
         if self.weights_mode != "stream":
@@ -145,8 +160,10 @@ class ModelHost:
         if served.tensors is not None:
             return load_selective_shard(served.config(), weights, served.tensors)
         loaded = self.catalog.load(model)
+        # quantization replaces modules in place: never in the catalog's shared copy
+        full = loaded.model if self.scheme(model) == "float32" else copy.deepcopy(loaded.model)
         with torch.no_grad():
-            return build_shard(loaded.model, weights)
+            return build_shard(full, weights)
 
     def loading(self) -> dict[str, float]:
         """Percent received of each weight shard streaming in now (empty when none)."""

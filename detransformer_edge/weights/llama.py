@@ -218,7 +218,9 @@ def read_llama_gguf(
     return metadata, sd
 
 
-def load_smollm2(name: str, nd: int, say: Progress, cache: bool) -> LoadedModel:
+def load_smollm2(name: str, nd: int, say: Progress, cache: bool, quant: str = "float32") -> LoadedModel:
+    """SmolLM2 in weight format ``quant``: float32 and int8 from the float32 state dict (cached);
+    int4 straight from the GGUF's Q4_1 blocks (``_int4_model``: no float32 copy of those)."""
     import torch
 
     from detransformer_edge.model.chat import ChatTemplate
@@ -226,25 +228,90 @@ def load_smollm2(name: str, nd: int, say: Progress, cache: bool) -> LoadedModel:
     from detransformer_edge.model.decoder import Decoder
     from detransformer_edge.model.layers import RotaryEmbedding
     from detransformer_edge.model.tokenizer import TextTokenizer
+    from detransformer_edge.weights.quant import check_scheme
+    from detransformer_edge.weights.quant.linear import quantize_model
 
+    check_scheme(quant)
     path = weights_path(name)
     verify_file(path, cache_dir())  # WeightIntegrityError if the file changed under us
-    metadata, sd = read_llama_gguf(path, progress=say, cache=cache_dir() if cache else None)
     base = get_config(name, nd=nd)
     assert isinstance(base, DecoderConfig)
-    cfg = decoder_config_from_gguf(metadata, base, tied="lm_head.weight" not in sd)
-    with torch.device("meta"):
-        model = Decoder(cfg)
-    if cfg.tie_embeddings:
-        sd["lm_head.weight"] = sd["tok_emb.weight"]
-    assign_state_dict(model, sd, path)
-    model.tie_weights()
-    # inv_freq is a non-persistent buffer, so assign-loading left it on the meta device.
-    model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+    if quant == "int4":
+        metadata, model = _int4_model(path, base, say)
+        cfg = model.cfg
+    else:
+        metadata, sd = read_llama_gguf(path, progress=say, cache=cache_dir() if cache else None)
+        cfg = decoder_config_from_gguf(metadata, base, tied="lm_head.weight" not in sd)
+        with torch.device("meta"):
+            model = Decoder(cfg)
+        if cfg.tie_embeddings:
+            sd["lm_head.weight"] = sd["tok_emb.weight"]
+        assign_state_dict(model, sd, path)
+        model.tie_weights()
+        # inv_freq is a non-persistent buffer, so assign-loading left it on the meta device.
+        model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        if quant == "int8":
+            say("quantizing to int8")
+            quantize_model(model, "int8")
     tokenizer = TextTokenizer.from_gguf_metadata(metadata)
     template = ChatTemplate.from_metadata(metadata)
     meta = {k: metadata[k] for k in ("general.name", "general.file_type") if k in metadata}
+    meta["quant"] = quant
     return LoadedModel(
         name=name, model=model.eval(), tokenizer=tokenizer, config=cfg, weights_path=path,
         chat_template=template, metadata=meta,
     )
+
+
+def _int4_model(path: Path, base: DecoderConfig, say: Progress) -> tuple[dict[str, Any], Any]:
+    """A Decoder whose Q4_1 linear layers are Int4Linear built from the file's blocks (codes
+    exact; Q/K block rows un-permuted like the float rows), norms and the Q8_0 token embedding
+    dequantised to float32, the tied LM head int8 (requantised from the Q8_0 values), and any
+    linear stored in another type dequantised and quantized like ``quantize_model`` would."""
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import dequantize
+
+    from detransformer_edge.model.decoder import Decoder
+    from detransformer_edge.model.layers import RotaryEmbedding
+    from detransformer_edge.weights.quant.gguf import int4_from_q4_1, q4_1_codes
+    from detransformer_edge.weights.quant.linear import quantize_model, replace_module
+
+    say(f"reading {path.name} ({path.stat().st_size / 1e6:.0f} MB) as int4")
+    reader = GGUFReader(str(path))
+    metadata = read_gguf_metadata(reader)
+    n_heads = int(_arch_value(metadata, "attention.head_count"))
+    n_kv_heads = int(_arch_value(metadata, "attention.head_count_kv", n_heads))
+    names = {gguf_name(t.name) for t in reader.tensors}
+    cfg = decoder_config_from_gguf(metadata, base, tied="lm_head.weight" not in names)
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    floats: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = gguf_name(t.name)
+        if name is None:
+            continue
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        raw = t.data
+        rope_heads = n_heads if t.name.endswith("attn_q.weight") else n_kv_heads if t.name.endswith("attn_k.weight") else 0
+        if name in linears and t.tensor_type == GGMLQuantizationType.Q4_1:
+            if rope_heads:  # whole block rows move with their weight rows
+                raw = unpermute_rope_rows(raw.reshape(shape[0], -1), rope_heads)
+            replace_module(model, name.removesuffix(".weight"), int4_from_q4_1(q4_1_codes(raw, shape)))
+            continue
+        w = np.asarray(dequantize(raw, t.tensor_type), dtype=np.float32).reshape(shape)
+        if rope_heads:
+            w = unpermute_rope_rows(w, rope_heads)
+        floats[name] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
+    if cfg.tie_embeddings:
+        floats["lm_head.weight"] = floats["tok_emb.weight"]
+    model.load_state_dict(floats, assign=True, strict=False)
+    model.tie_weights()
+    model.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+    quantize_model(model, "int4")  # the head (int8) and any linear that was not Q4_1
+    left = [n for n, p in model.state_dict().items() if p.device.type == "meta"]
+    if left:
+        raise ConfigError(f"{path.name} does not fill the model: missing {left[:5]}")
+    return metadata, model
