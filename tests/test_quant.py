@@ -399,27 +399,23 @@ def smollm2_variants():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # ~4 min on a quiet 2-core machine; 10+ min at load average 9
 def test_smollm2_int8_and_int4_against_float32(smollm2_variants):
-    """Greedy continuations of the 10 parity prompts (32 tokens) and held-out perplexity (2048
-    tokens here, 8192 in bench/quant.py). The claim is perplexity within 2 % for both (measured on
-    8192 tokens: +0.22 % int8, -0.07 % int4).
-    Greedy continuations are NOT all identical (measured 2/10 int8, 3/10 int4; the rest diverge
-    after 1-31 tokens, as int8 weights with exact float32 arithmetic also do): they are reported."""
+    """Held-out perplexity (1024 tokens here; 8192 in bench/quant.py, where the claim is measured:
+    +0.22 % int8, -0.07 % int4) within 2 % for both, and the documented first answer in every
+    format. Greedy continuations are NOT all identical to float32 (bench/quant.py reports 2/10
+    int8, 3/10 int4; int8 weights with exact float32 arithmetic also diverge): not asserted."""
     from detransformer_edge.weights.quant import parity as P
 
     fl, variants = smollm2_variants
-    prompts = [P.prompt_ids(fl, p) for p in P.PARITY_PROMPTS]
-    conts = {k: [P.greedy_continuation(m, x, 32) for x in prompts] for k, m in variants.items()}
-    seqs = P.held_out_sequences(fl.tokenizer, tokens=2048, seq_len=256)
+    first = P.prompt_ids(fl, P.PARITY_PROMPTS[0])
+    seqs = P.held_out_sequences(fl.tokenizer, tokens=1024, seq_len=256)
     ppl = {k: P.perplexity(m, seqs) for k, m in variants.items()}
-    same = {k: sum(d.identical for d in P.compare_continuations(conts["float32"], conts[k])) for k in ("int8", "int4")}
     change = {k: ppl[k] / ppl["float32"] - 1 for k in ("int8", "int4")}
-    print(f"identical continuations {same}; perplexity {ppl}; change {change}")
+    print(f"perplexity {ppl}; change {change}")
     assert abs(change["int8"]) <= 0.02
     assert abs(change["int4"]) <= 0.02
-    # the first answer is the documented one in every format
-    assert all(fl.tokenizer.decode(c[0]).startswith("The capital of France is Paris.") for c in conts.values())
+    for model in variants.values():  # the first answer is the documented one in every format
+        assert fl.tokenizer.decode(P.greedy_continuation(model, first, 12)).startswith("The capital of France is Paris.")
 
 
 @pytest.mark.slow
