@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-LOADER_NICENESS = 10  # how much lower the weight loader runs than the agent's event loop
+LOADER_NICENESS = 5  # how much lower the weight loader runs than the agent's event loop (nice 5: about a third of its CPU share)
 
 
 def _lower_priority() -> None:
