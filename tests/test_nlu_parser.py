@@ -51,7 +51,7 @@ def test_held_out_phrasings(parser: IntentParser) -> None:
     from detransformer_edge.nlu.train import evaluate, predict
 
     test = [e for e in build_dataset(seed=0).test if e.intent is not None][::2]
-    metrics = evaluate(predict(parser.model, parser.tokenizer, test), test, parser.threshold)
+    metrics = evaluate(predict(parser.model, parser.tokenizer, test), test, parser.thresholds)
     assert metrics["intent_accuracy"] >= 0.9, metrics
     assert metrics["slot_f1"] >= 0.85, metrics
 
