@@ -16,6 +16,7 @@ from detransformer_edge.nlu.decision import (
     clean_slots,
     clean_spans,
     decide,
+    is_question,
     names_door_or_lock,
 )
 from detransformer_edge.nlu.values import SlotValueError, normalise, parse_duration, parse_level
@@ -37,11 +38,20 @@ def test_door_or_lock_words(text: str, names: bool) -> None:
     assert names_door_or_lock(text) is names
 
 
-def test_decide_rejects_below_threshold_without_a_door_and_on_not_recognised() -> None:
+@pytest.mark.parametrize(("text", "question"), [
+    ("is the back door locked", True), ("hey, who unlocked the front door", True), ("did I lock the door", True),
+    ("lock the back door", False), ("can you unlock the front door", False), ("okay lock up", False),
+])
+def test_questions_about_locks(text: str, question: bool) -> None:
+    assert is_question(text) is question
+
+
+def test_decide_rejects_below_threshold_without_a_door_and_on_questions() -> None:
     th = Thresholds({**{i: 0.5 for i in INTENTS}, "UnlockDoor": 0.95})
     assert decide(_probs("TurnOnLight", 0.9), "lights on", th) == ("TurnOnLight", pytest.approx(0.9))
     assert decide(_probs("TurnOnLight", 0.4), "lights on", th)[0] is None
-    assert decide(_probs(NOT_RECOGNISED, 0.9), "tell me a joke", th)[0] is None
+    assert decide(_probs(NOT_RECOGNISED, 0.9), "tell me a joke", th)[0] is None  # the best intent has 0.007
+    assert decide(_probs("LockDoor", 0.99), "is the back door locked", th)[0] is None
     assert decide(_probs("UnlockDoor", 0.99), "unlock the front door", th)[0] == "UnlockDoor"
     assert decide(_probs("UnlockDoor", 0.99), "return the vacuum cleaner to base", th)[0] is None  # no door named
     assert decide(_probs("UnlockDoor", 0.9), "unlock the front door", th)[0] is None  # stricter threshold
@@ -155,6 +165,7 @@ def test_calibration_meets_its_target_and_keeps_locks_strict() -> None:
         (None, "TurnOnLight", 0.6, "open the blinds"), (None, "TurnOnLight", 0.7, "make the lights blue"),
         ("UnlockDoor", "UnlockDoor", 0.97, "unlock the front door"), (None, "UnlockDoor", 0.93, "who is at the door"),
         (None, "UnlockDoor", 0.99, "unlock my phone"),  # no door named: rejected before any threshold
+        (None, "LockDoor", 0.99, "is the back door locked"),  # a question: rejected before any threshold
     ] + [(None, NOT_RECOGNISED, 0.9, "tell me a joke")] * 100
     probs = [_probs(label, conf) for _, label, conf, _ in rows]
     th, summary = choose_thresholds(probs, [r[3] for r in rows], [r[0] for r in rows], CalibrationTarget(0.01, 0.9))
@@ -163,3 +174,14 @@ def test_calibration_meets_its_target_and_keeps_locks_strict() -> None:
     assert summary["met"] and summary["validation_false_acceptance"] == 0.0
     with pytest.raises(ConfigError):
         CalibrationTarget(max_false_acceptance=1.5)
+
+
+def test_rare_intents_weigh_more() -> None:
+    from detransformer_edge.nlu.dataset import Example
+    from detransformer_edge.nlu.train import class_weights
+
+    examples = [Example("x", None, (), "x")] * 90 + [Example("y", "GetTime", (), "y")] * 10
+    w = class_weights(examples)
+    assert w[INTENT_LABELS.index("GetTime")] == pytest.approx(3 * w[INTENT_LABELS.index(NOT_RECOGNISED)])
+    assert (90 * w[INTENT_LABELS.index(NOT_RECOGNISED)] + 10 * w[INTENT_LABELS.index("GetTime")]) / 100 == \
+        pytest.approx(1.0)

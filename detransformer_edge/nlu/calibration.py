@@ -1,8 +1,8 @@
 """Per-intent rejection thresholds, chosen on the validation split for a false-acceptance target.
 
 The target (``CalibrationTarget``): at most ``max_false_acceptance`` of the validation split's
-out-of-domain utterances may be accepted as any intent, and none as ``LockDoor``/``UnlockDoor``,
-whose thresholds are also at least ``lock_floor``.
+out-of-domain utterances may be accepted as any intent, and none as ``UnlockDoor``; the lock
+intents' thresholds are also at least ``lock_floor``.
 
 For each intent and a candidate threshold t the validation split gives three counts: its
 correct answers lost (in-domain utterances of that intent, predicted it, below t), its wrong
@@ -10,8 +10,8 @@ answers kept (utterances of another intent predicted as it, at or above t) and i
 acceptances (out-of-domain utterances predicted as it, at or above t). Each intent minimises
 ``lost + wrong + lam * false_acceptances``; ``lam`` grows (1, 1.5, 2, 3, ...) until the total false
 acceptance meets the target. Among equally good thresholds the middle one is kept: the margin on
-both sides is what carries over to utterances unlike the validation ones. Lock utterances that do
-not name a door or lock are rejected before any threshold (``decision.names_door_or_lock``), so
+both sides is what carries over to utterances unlike the validation ones. Lock utterances that the
+deterministic rule refuses (``decision.lock_allowed``) are rejected whatever the threshold, so
 they count neither way.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from detransformer_edge.errors import ConfigError
-from detransformer_edge.nlu.decision import INTENT_LABELS, NOT_RECOGNISED, Thresholds, names_door_or_lock
+from detransformer_edge.nlu.decision import Thresholds, best_intent, lock_allowed
 from detransformer_edge.nlu.vocabulary import INTENTS, LOCK_INTENTS
 
 GRID: tuple[float, ...] = tuple(round(x / 100, 2) for x in range(100)) + (0.995, 0.999)
@@ -40,21 +40,23 @@ class CalibrationTarget:
             raise ConfigError(f"calibration target out of range: {self}")
 
 
+_REFUSED = ""  # the label of a row the lock rule refuses: no threshold can accept it
+
+
 @dataclass(frozen=True)
 class _Scored:
     gold: str | None
-    label: str  # argmax label (an intent or NOT_RECOGNISED)
+    label: str  # the most probable intent, or _REFUSED
     conf: float
 
 
 def _scored(probs: Sequence[torch.Tensor], texts: Sequence[str], gold: Sequence[str | None]) -> list[_Scored]:
     out = []
     for p, text, g in zip(probs, texts, gold, strict=True):
-        idx = int(p.argmax())
-        label = INTENT_LABELS[idx]
-        if label in LOCK_INTENTS and not names_door_or_lock(text):
-            label = NOT_RECOGNISED  # rejected whatever the threshold
-        out.append(_Scored(g, label, float(p[idx])))
+        label, conf = best_intent(p)
+        if label in LOCK_INTENTS and not lock_allowed(text):
+            label = _REFUSED
+        out.append(_Scored(g, label, conf))
     return out
 
 
@@ -70,10 +72,10 @@ def _best(rows: Sequence[_Scored], intent: str, lam: float, target: CalibrationT
     scored = []
     for t in GRID:
         lost, wrong, fa = _counts(rows, intent, t)
-        if lock and (fa > 0 or t < target.lock_floor):
+        if (lock and t < target.lock_floor) or (intent == "UnlockDoor" and fa > 0):
             continue
         scored.append((lost + wrong + lam * fa, t))
-    if not scored:  # a lock intent whose false acceptances survive every threshold: never accept
+    if not scored:  # false unlocks survive every threshold: never unlock
         return 1.0
     best = min(c for c, _ in scored)
     ties = [t for c, t in scored if c == best]

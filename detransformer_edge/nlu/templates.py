@@ -172,7 +172,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "LockDoor": (
         "lock the {room} door", "lock the door", "lock up the {room} door", "please lock the {room} door",
         "make sure the {room} door is locked", "secure the {room} door", "lock all the doors",
-        "can you lock the {room} door", "is the {room} door locked? lock it", "bolt the {room} door",
+        "can you lock the {room} door", "bolt the {room} door",
         "lock the {room} entrance door", "lock up", "engage the {room} lock", "lock the doors",
         "lock the {room} door please", "lock the {room} lock", "turn on the {room} door lock",
         "deadbolt the {room} door", "secure the {room} lock", "put the lock on the {room} door",
@@ -309,6 +309,11 @@ OUT_OF_DOMAIN: dict[str, tuple[str, tuple[str, ...]]] = {
         "show the {room} camera", "is anyone at the door", "who unlocked the {room} door", "open the dog door",
         "answer the door", "check the {room} door", "the {room} door is stuck", "open the {room} door camera",
         "is the {room} lock working", "open the garage", "open the garage app", "unlock the next level",
+        "are the doors locked", "are all the doors locked", "is the {room} door unlocked", "was the {room} door locked",
+        "did someone unlock the {room} door", "check if the {room} door is locked", "is the {room} lock on",
+        "has the {room} door been locked", "why is the {room} door unlocked", "tell me if the {room} door is locked",
+        "how long has the {room} door been unlocked", "is the {room} door lock engaged", "the {room} door won't lock",
+        "show the lock history", "did i leave the {room} door unlocked", "when was the {room} door locked",
     )),
     "appliance": ("near", (
         "turn on the coffee machine", "switch off the kettle", "start the dishwasher", "turn on the tv in the {room}",
