@@ -54,7 +54,7 @@ def _scored(probs: Sequence[torch.Tensor], texts: Sequence[str], gold: Sequence[
     out = []
     for p, text, g in zip(probs, texts, gold, strict=True):
         label, conf = best_intent(p)
-        if label in LOCK_INTENTS and not lock_allowed(text):
+        if label in LOCK_INTENTS and not lock_allowed(text, label):
             label = _REFUSED
         out.append(_Scored(g, label, conf))
     return out

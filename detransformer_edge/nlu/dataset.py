@@ -62,7 +62,7 @@ class Dataset:
 
 
 def _check_vocabulary() -> None:
-    from detransformer_edge.nlu.decision import names_door_or_lock
+    from detransformer_edge.nlu.decision import asks_to_unlock, names_door_or_lock
 
     if set(TEMPLATES) != set(INTENTS):
         raise ConfigError(f"templates and vocabulary.INTENTS disagree: {set(TEMPLATES) ^ set(INTENTS)}")
@@ -73,6 +73,8 @@ def _check_vocabulary() -> None:
                     raise ConfigError(f"template {t!r} uses slot {slot!r} that {intent} does not carry")
             if intent in LOCK_INTENTS and not names_door_or_lock(t.replace("{room}", "")):
                 raise ConfigError(f"{intent} template {t!r} names no door or lock; the decision would reject it")
+            if intent == "UnlockDoor" and not asks_to_unlock(t):
+                raise ConfigError(f"UnlockDoor template {t!r} has no unlocking word; the decision would reject it")
     for domain, (nearness, templates) in OUT_OF_DOMAIN.items():
         if nearness not in ("near", "far"):
             raise ConfigError(f"out-of-domain group {domain!r} must be 'near' or 'far', not {nearness!r}")

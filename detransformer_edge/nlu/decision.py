@@ -11,8 +11,10 @@ gets the same answer and only checks ``intent is None``:
    commands (docs/ACCURACY.md).
 3. ``LockDoor`` / ``UnlockDoor`` also need the utterance to name a door or a lock
    (``names_door_or_lock``, a fixed word list) and not to be a question (``is_question``: "is the
-   front door locked" asks, it does not command): "unlock my phone", "return the vacuum to base",
-   "who unlocked the back door" can never move a lock, whatever the model says.
+   front door locked" asks, it does not command); ``UnlockDoor`` also needs an unlocking word
+   (``asks_to_unlock``): "unlock my phone", "return the vacuum to base", "who unlocked the back
+   door", "open the garage door", "the front door needs to be locked" can never unlock a door,
+   whatever the model says.
 
 Slots (``clean_slots``): tagged spans are widened to whole words (a tag never cuts "avocados"
 into "av" + "dos"), neighbouring spans of one slot are joined ("peanut" + "butter"; "2 hours"
@@ -71,9 +73,28 @@ def is_question(text: str) -> bool:
     return bool(words) and words[0] in QUESTION_WORDS
 
 
-def lock_allowed(text: str) -> bool:
-    """The deterministic part of the lock rule: a door or lock is named and it is not a question."""
-    return names_door_or_lock(text) and not is_question(text)
+# An unlock request says how: an un- verb, "let ... in", or a releasing verb with a lock noun
+# ("open the lock", "release the deadbolt", "take the lock off"). Every UnlockDoor template has
+# one (dataset._check_vocabulary); "open the garage door" (a cover) and "the front door needs to
+# be locked" have none.
+_UNLOCK_VERB = re.compile(r"\bun(?:lock|bolt|latch)\w*|\blet (?:me|us|them|him|her|\w+) in\b")
+_RELEASE_VERB = re.compile(r"\b(?:open|release|disengage|undo|deactivate|off)\b")
+_LOCK_NOUN = re.compile(r"\b(?:lock|locks|deadbolt|deadbolts|doorlock|doorlocks)\b")
+
+
+def asks_to_unlock(text: str) -> bool:
+    """True when ``text`` has an unlocking word: "unlock", "unbolt", "let me in", or "open",
+    "release", "disengage", "undo", "deactivate", "off" together with "lock"/"deadbolt"."""
+    t = text.lower()
+    return bool(_UNLOCK_VERB.search(t) or (_RELEASE_VERB.search(t) and _LOCK_NOUN.search(t)))
+
+
+def lock_allowed(text: str, intent: str = "LockDoor") -> bool:
+    """The deterministic part of the lock rule: a door or lock is named, it is not a question,
+    and for UnlockDoor an unlocking word is said."""
+    if not names_door_or_lock(text) or is_question(text):
+        return False
+    return intent != "UnlockDoor" or asks_to_unlock(text)
 
 
 @dataclass(frozen=True)
@@ -121,7 +142,7 @@ def decide(probs: torch.Tensor, text: str, thresholds: Thresholds) -> tuple[str 
     label, conf = best_intent(probs)
     if conf < thresholds.of(label):
         return None, conf
-    if label in LOCK_INTENTS and not lock_allowed(text):
+    if label in LOCK_INTENTS and not lock_allowed(text, label):
         return None, conf
     return label, conf
 
