@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from detransformer_edge.nlu.vocabulary import INTENTS, KIND_NUMBER, KIND_PERCENTAGE
 from detransformer_edge.nlu.dataset import BIO_TAGS, IGNORE, SlotSpan, bio_labels, build_dataset, spans_from_bio
 from detransformer_edge.nlu.values import SlotValueError, normalise, number_to_words, parse_duration, parse_level
+from detransformer_edge.nlu.vocabulary import INTENTS, KIND_NUMBER, KIND_PERCENTAGE
 
 
 @pytest.fixture(scope="module")
