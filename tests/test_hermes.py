@@ -29,7 +29,7 @@ QUERY = b'{"input": "set the kitchen lights to 40 percent", "siteId": "kitchen",
 
 def test_vocabulary() -> None:
     assert len(INTENTS) == 15 and set(INTENTS) == set(INTENT_SLOTS)
-    assert set(SLOTS) == {"room", "level", "duration", "item"}
+    assert set(SLOTS) == {"room", "level", "duration", "item", "media"}
     assert all(set(s) <= set(SLOTS) for s in INTENT_SLOTS.values())
 
 

@@ -56,16 +56,19 @@ def run(args: argparse.Namespace) -> int:
         encoder, base = load_student(args.converted), "minilm-l6 decoupled nd=4 nb=2"
     else:
         encoder, base = original, "minilm-l6 original"
-    model, report = train_and_evaluate(encoder, tokenizer, dataset, settings, args.base)
+    model, thresholds, report = train_and_evaluate(encoder, tokenizer, dataset, settings, args.base)
     results = {args.base: report}
-    save_intent_model(model, out, report["validation"]["threshold"],
+    save_intent_model(model, out, thresholds,
                       {"base": base, "converted_from": str(args.converted) if args.base == "decoupled" else None,
                        "tokenizer_from": "minilm-l6", "dataset_seed": args.seed})
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     for name, r in results.items():
         t = r["test"]
-        print(f"{name}: test intent accuracy {t['intent_accuracy']:.4f} (closed set {t['intent_accuracy_closed_set']:.4f}), "
-              f"slot F1 {t['slot_f1']:.4f}, out-of-domain rejection {t['ood_rejection']:.4f} "
-              f"at threshold {t['threshold']:.2f}; trained in {r['train_seconds']:.0f} s")
-    print(f"wrote {out}")
+        c = r["calibration"]
+        print(f"{name}: template test split: intent accuracy {t['intent_accuracy']:.4f} (closed set "
+              f"{t['intent_accuracy_closed_set']:.4f}), slot F1 {t['slot_f1']:.4f}, out-of-domain rejection "
+              f"{t['ood_rejection']:.4f}, false rejection {t['false_rejection']:.4f}; thresholds chosen on validation "
+              f"for <= {c['target']['max_false_acceptance']:.0%} false acceptance (there: "
+              f"{c['validation_false_acceptance']:.4f}); trained in {r['train_seconds']:.0f} s")
+    print(f"wrote {out}; independent sets: python -m detransformer_edge.nlu.evaluate --model {args.base}={out}")
     return 0

@@ -25,15 +25,15 @@ from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.config import EncoderConfig
 from detransformer_edge.model.encoder import Encoder
 from detransformer_edge.nlu.dataset import BIO_TAGS, IGNORE, spans_from_bio
-from detransformer_edge.nlu.model import IntentSlotHeads, IntentSlotModel
-from detransformer_edge.nlu.train import (
+from detransformer_edge.nlu.decision import (
     INTENT_LABELS,
     NOT_RECOGNISED,
-    EncodedText,
+    Thresholds,
+    clean_slots,
     decide,
-    encode_text,
 )
-from detransformer_edge.nlu.values import SlotValueError, normalise
+from detransformer_edge.nlu.model import IntentSlotHeads, IntentSlotModel
+from detransformer_edge.nlu.train import EncodedText, encode_text
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +55,16 @@ class Slot:
 
 @dataclass(frozen=True)
 class ParsedIntent:
-    intent_name: str | None  # None: not recognised
+    intent_name: str | None  # None: not recognised (nlu/decision.py decided it)
     confidence: float
-    slots: list[Slot] = field(default_factory=list)
+    slots: list[Slot] = field(default_factory=list)  # only slots the intent takes
 
 
 class IntentParser:
-    def __init__(self, model: IntentSlotModel, tokenizer: Any, threshold: float, max_len: int = 48) -> None:
+    def __init__(self, model: IntentSlotModel, tokenizer: Any, thresholds: Thresholds, max_len: int = 48) -> None:
         self.model = model.eval().requires_grad_(False)  # inference only
         self.tokenizer = tokenizer
-        self.threshold = threshold
+        self.thresholds = thresholds
         self.max_len = max_len
 
     @classmethod
@@ -92,7 +92,7 @@ class IntentParser:
             state = {k: f.get_tensor(k).float() for k in f.keys() if encoder or not k.startswith("encoder.")}
         model.load_state_dict(state, assign=True, strict=encoder)
         tokenizer = TextTokenizer.from_file(weights_path(config.get("tokenizer_from", "minilm-l6")).parent / "tokenizer.json")
-        return cls(model, tokenizer, float(config["threshold"]), int(config.get("max_len", 48)))
+        return cls(model, tokenizer, Thresholds.from_config(config), int(config.get("max_len", 48)))
 
     @classmethod
     def load_default(cls) -> IntentParser:
@@ -138,17 +138,10 @@ class IntentParser:
         if allowed is not None:
             keep = torch.tensor([label in allowed or label == NOT_RECOGNISED for label in INTENT_LABELS])
             probs = torch.where(keep, probs, torch.zeros_like(probs))
-        name, conf = decide(probs, self.threshold)
+        name, conf = decide(probs, text, self.thresholds)
         if name is None:
             return ParsedIntent(None, conf, [])
         tags = [IGNORE if s else int(t) for t, s in zip(tag_logits[0].argmax(-1).tolist(), encoded.special)]
-        slots: list[Slot] = []
-        for span in spans_from_bio(tags, encoded.offsets):
-            raw = text[span.start : span.end]
-            try:
-                value = normalise(span.slot_name, raw)
-            except SlotValueError as exc:
-                log.info("dropping slot %s=%r: %s", span.slot_name, raw, exc)
-                continue
-            slots.append(Slot(span.slot_name, span.slot_name, value.value, raw, span.start, span.end, value.kind))
+        slots = [Slot(v.slot_name, v.slot_name, v.value, v.raw_value, v.start, v.end, v.kind)
+                 for v in clean_slots(text, name, spans_from_bio(tags, encoded.offsets))]
         return ParsedIntent(name, conf, slots)

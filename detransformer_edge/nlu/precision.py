@@ -104,7 +104,7 @@ def measure(weights_dir: str | None = None, converted_dir: str | None = None, se
     for dt in WIRE_DTYPES:
         with wire_rounding(enc, dt):
             preds = predict(parser.model, parser.tokenizer, ds.test)
-        report["intent"][dt] = evaluate(preds, ds.test, parser.threshold)
+        report["intent"][dt] = evaluate(preds, ds.test, parser.thresholds)
     original, tokenizer = load_pretrained("minilm-l6")
     tokenize = make_tokenize(tokenizer)
     held = list(load_corpus().held_out[:sentences])
