@@ -18,7 +18,7 @@ buffers; llama.cpp's ``llama_model_size``), and the weights each device of a 4-d
 (``DeviceShard.nbytes``) for the pretrained model's pipeline and tensor-parallel plans and for
 the block-parallel layout (N_d = 4, N_b = 6, random weights of the same shapes: pretrained
 decoupled weights come from distillation). Parity (unless ``--quick``): greedy continuations of
-the 10 prompts of ``weights/quant/parity.py`` against float32 and held-out perplexity.
+the 10 prompts of ``training/quant_parity.py`` against float32 and held-out perplexity.
 
 Writes ``bench/results/quant.json`` and ``bench/results/quant.md``.
 """
@@ -41,10 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from detransformer_edge.model.generation import SamplingConfig, generate_ids  # noqa: E402
+from detransformer_edge.parallel.shards import quantize_shard  # noqa: E402
+from detransformer_edge.training import quant_parity as P  # noqa: E402
 from detransformer_edge.weights.loaders import load_model  # noqa: E402
 from detransformer_edge.weights.quant import SCHEMES  # noqa: E402
-from detransformer_edge.weights.quant import parity as P  # noqa: E402
-from detransformer_edge.weights.quant.linear import module_nbytes, quantize_model, quantize_shard  # noqa: E402
+from detransformer_edge.weights.quant.linear import module_nbytes, quantize_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = "Give me three tips for saving energy at home."

@@ -60,7 +60,7 @@ def test_spans_cover_the_slot_text(dataset) -> None:
 
 
 def test_bio_round_trips_on_wordpieces(dataset, tokenizer) -> None:
-    from detransformer_edge.nlu.train import encode_text
+    from detransformer_edge.nlu.dataset import encode_text
 
     for e in dataset.train[:400] + dataset.test:
         enc = encode_text(tokenizer, e.text)
@@ -70,7 +70,7 @@ def test_bio_round_trips_on_wordpieces(dataset, tokenizer) -> None:
 
 
 def test_bio_tags_on_a_split_word(tokenizer) -> None:
-    from detransformer_edge.nlu.train import encode_text
+    from detransformer_edge.nlu.dataset import encode_text
 
     text = "add sparkling water to the list"
     enc = encode_text(tokenizer, text)

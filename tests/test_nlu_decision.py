@@ -16,9 +16,8 @@ from detransformer_edge.nlu.decision import (
     clean_slots,
     clean_spans,
     decide,
-    is_question,
-    names_door_or_lock,
 )
+from detransformer_edge.nlu.locks import is_question, names_door_or_lock
 from detransformer_edge.nlu.values import SlotValueError, normalise, parse_duration, parse_level
 from detransformer_edge.nlu.vocabulary import INTENTS, KIND_NUMBER, KIND_PERCENTAGE
 
@@ -178,7 +177,7 @@ def test_calibration_meets_its_target_and_keeps_locks_strict() -> None:
 
 def test_rare_intents_weigh_more() -> None:
     from detransformer_edge.nlu.dataset import Example
-    from detransformer_edge.nlu.train import class_weights
+    from detransformer_edge.training.intent import class_weights
 
     examples = [Example("x", None, (), "x")] * 90 + [Example("y", "GetTime", (), "y")] * 10
     w = class_weights(examples)

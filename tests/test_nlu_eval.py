@@ -9,13 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from detransformer_edge.nlu.dataset import build_dataset, could_be_generated, normalised_text
-from detransformer_edge.nlu.evaluate import (
-    EVAL_SETS,
-    EvalSetError,
-    load_eval_set,
-    parse_lines,
-    score,
-)
+from detransformer_edge.nlu.evalsets import EVAL_SETS, EvalSetError, load_eval_set
+from detransformer_edge.nlu.evaluate import parse_lines, score
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def test_exact_values_and_only_the_intents_slots(parser: IntentParser, text: str
 def test_held_out_phrasings(parser: IntentParser) -> None:
     """Accuracy on test templates the model never saw (a sample, to keep the test fast)."""
     from detransformer_edge.nlu.dataset import build_dataset
-    from detransformer_edge.nlu.train import evaluate, predict
+    from detransformer_edge.training.intent import evaluate, predict
 
     test = [e for e in build_dataset(seed=0).test if e.intent is not None][::2]
     metrics = evaluate(predict(parser.model, parser.tokenizer, test), test, parser.thresholds)
@@ -98,15 +98,14 @@ def test_parse_from_hidden_matches_parse(parser: IntentParser) -> None:
         parser.parse_from_hidden(text, hidden[:-1], encoded)
 
 
-def test_wire_rounding_int8() -> None:
-    from detransformer_edge.nlu.precision import dequantise_int8, quantise_int8, round_trip
+def test_wire_rounding_is_the_wires_own() -> None:
+    from detransformer_edge.training.precision import round_trip
 
     x = torch.randn(4, 7, 32)
-    q, scale = quantise_int8(x)
-    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (4, 7, 1)
-    err = (dequantise_int8(q, scale) - x).abs()
-    assert torch.all(err <= scale / 2 + 1e-6)
-    assert torch.equal(round_trip(x, "<f2"), x.half().float())
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127  # per-row int8 (transport/wire.py)
+    assert torch.all((round_trip(x, "int8") - x).abs() <= scale / 2 + 1e-6)
+    assert torch.equal(round_trip(x, "float16"), x.half().float())
+    assert round_trip(x, "float32") is x
 
 
 def test_tiny_training_step_reduces_loss() -> None:
@@ -114,7 +113,7 @@ def test_tiny_training_step_reduces_loss() -> None:
     from detransformer_edge.model.encoder import Encoder
     from detransformer_edge.nlu.dataset import BIO_TAGS
     from detransformer_edge.nlu.model import IntentSlotModel
-    from detransformer_edge.nlu.train import INTENT_LABELS, train_step_loss
+    from detransformer_edge.training.intent import INTENT_LABELS, train_step_loss
 
     torch.manual_seed(0)
     model = IntentSlotModel(Encoder(get_config("tiny-encoder", nd=2, nb=2)), len(INTENT_LABELS), len(BIO_TAGS))
@@ -152,7 +151,7 @@ def test_intent_filter_masks_before_the_decision():
 
 def test_no_false_unlock_on_any_out_of_domain_set(parser: IntentParser) -> None:
     """Every out-of-domain line of the independent sets is parsed; none may unlock a door."""
-    from detransformer_edge.nlu.evaluate import EVAL_SETS, load_eval_set
+    from detransformer_edge.nlu.evalsets import EVAL_SETS, load_eval_set
 
     ood = [x.text for name in EVAL_SETS for x in load_eval_set(name) if x.intent is None]
     assert len(ood) >= 350

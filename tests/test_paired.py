@@ -156,9 +156,9 @@ def test_wire_precision(tiny):
     assert paired.wire_layers(model) == [1, 3]
     x, y = paired.validation_set(data, 32, 1024)
     plain = paired.evaluate(model, x, y)["ppl"]
-    f4 = paired.evaluate(model, x, y, wire="<f4")["ppl"]
-    f2 = paired.evaluate(model, x, y, wire="<f2")["ppl"]
-    i8 = paired.evaluate(model, x, y, wire="|i1")["ppl"]
+    f4 = paired.evaluate(model, x, y, wire="float32")["ppl"]
+    f2 = paired.evaluate(model, x, y, wire="float16")["ppl"]
+    i8 = paired.evaluate(model, x, y, wire="int8")["ppl"]
     assert f4 == plain
     assert i8 != plain and abs(i8 / plain - 1) < 0.02
     assert abs(f2 / plain - 1) < 1e-3
@@ -214,7 +214,7 @@ def test_run_paired_writes_and_merges_reports(tiny, tmp_path, monkeypatch, capsy
     rows = {r["model"]: r for r in report["rows"]}
     assert set(rows) == {"std", "nd2nb2"}
     assert rows["nd2nb2"]["ppl_ratio"] == pytest.approx(rows["nd2nb2"]["val_ppl"] / rows["std"]["val_ppl"])
-    assert set(rows["nd2nb2"]["wire_ppl"]) == {"<f4", "<f2", "|i1"} and rows["std"]["wire_ppl"] == {}
+    assert set(rows["nd2nb2"]["wire_ppl"]) == {"float32", "float16", "int8"} and rows["std"]["wire_ppl"] == {}
     assert (tmp_path / "std" / "model.safetensors").exists()
     assert not (tmp_path / "nd2nb2" / "model.safetensors").exists()
     assert not (tmp_path / "std" / "checkpoint.pt").exists()

@@ -17,7 +17,7 @@ from detransformer_edge.model.decoder import Decoder
 from detransformer_edge.model.encoder import Encoder
 from detransformer_edge.parallel.local import LocalCluster, shards_for_plans
 from detransformer_edge.parallel.plan import DeviceWeights, Plan
-from detransformer_edge.parallel.shards import build_shard
+from detransformer_edge.parallel.shards import build_shard, quantize_shard, shard_modules
 from detransformer_edge.weights.quant import SCHEMES, check_scheme, resolve_scheme
 from detransformer_edge.weights.quant.gguf import dequantize_q8_0, int4_from_q4_1, q4_1_codes
 from detransformer_edge.weights.quant.linear import (
@@ -26,8 +26,6 @@ from detransformer_edge.weights.quant.linear import (
     default_activation_dtype,
     module_nbytes,
     quantize_model,
-    quantize_shard,
-    shard_modules,
     weight_formats,
 )
 
@@ -404,7 +402,7 @@ def test_smollm2_int8_and_int4_against_float32(smollm2_variants):
     +0.22 % int8, -0.07 % int4) within 2 % for both, and the documented first answer in every
     format. Greedy continuations are NOT all identical to float32 (bench/quant.py reports 2/10
     int8, 3/10 int4; int8 weights with exact float32 arithmetic also diverge): not asserted."""
-    from detransformer_edge.weights.quant import parity as P
+    from detransformer_edge.training import quant_parity as P
 
     fl, variants = smollm2_variants
     first = P.prompt_ids(fl, P.PARITY_PROMPTS[0])
@@ -438,8 +436,8 @@ def test_smollm2_int4_is_read_from_the_q4_1_blocks(smollm2_variants):
 
 @pytest.mark.slow
 def test_minilm_int8_and_int4_embeddings_stay_close():
+    from detransformer_edge.training.quant_parity import embedding_cosines
     from detransformer_edge.weights.loaders import load_model
-    from detransformer_edge.weights.quant.parity import embedding_cosines
 
     texts = ["Turn on the kitchen lights", "What's the weather like tomorrow in Paris?",
              "Set a timer for ten minutes", "Play some jazz in the living room", "Is the front door locked?",

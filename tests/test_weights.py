@@ -199,8 +199,8 @@ def test_intent_parser_heads_only(tmp_path):
     from detransformer_edge.nlu.dataset import BIO_TAGS
     from detransformer_edge.nlu.model import IntentSlotModel
     from detransformer_edge.nlu.parser import IntentParser
-    from detransformer_edge.nlu.train import INTENT_LABELS, save_intent_model
     from detransformer_edge.service.weights import intent_source
+    from detransformer_edge.training.intent import INTENT_LABELS, save_intent_model
 
     torch.manual_seed(0)
     cfg = get_config("tiny-encoder", nd=4, nb=2, vocab_size=30522)

@@ -294,3 +294,14 @@ def test_float16_torch_fast_path_matches_numpy(monkeypatch: pytest.MonkeyPatch) 
     assert fast == slow
     np.testing.assert_array_equal(fast_back, decode_tensor(slow).array)
     assert fast_back.flags.writeable  # a fresh array, not a view of the message
+
+
+def test_the_studies_name_the_wires_dtypes() -> None:
+    from typing import get_args
+
+    from detransformer_edge.planner.accuracy import ALLOWED_WIRE_DTYPES
+    from detransformer_edge.training.precision import WIRE_DTYPES
+    from detransformer_edge.transport.wire import WireDtype
+
+    assert WIRE_DTYPES == get_args(WireDtype)  # one vocabulary
+    assert all(set(v) <= set(WIRE_DTYPES) for v in ALLOWED_WIRE_DTYPES.values())

@@ -32,12 +32,16 @@ def run(args: argparse.Namespace) -> int:
     from detransformer_edge.errors import ConfigError
     from detransformer_edge.nlu.dataset import build_dataset
     from detransformer_edge.nlu.parser import default_weights_dir
-    from detransformer_edge.nlu.train import TrainSettings, save_intent_model, train_and_evaluate
     from detransformer_edge.training.convert import (
         DistilSettings,
         convert_and_distil,
         load_pretrained,
         load_student,
+    )
+    from detransformer_edge.training.intent import (
+        TrainSettings,
+        save_intent_model,
+        train_and_evaluate,
     )
 
     if args.threads:

@@ -11,7 +11,7 @@ acceptances (out-of-domain utterances predicted as it, at or above t). Each inte
 ``lost + wrong + lam * false_acceptances``; ``lam`` grows (1, 1.5, 2, 3, ...) until the total false
 acceptance meets the target. Among equally good thresholds the middle one is kept: the margin on
 both sides is what carries over to utterances unlike the validation ones. Lock utterances that the
-deterministic rule refuses (``decision.lock_allowed``) are rejected whatever the threshold, so
+deterministic rule refuses (``locks.lock_allowed``) are rejected whatever the threshold, so
 they count neither way.
 """
 
@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from detransformer_edge.errors import ConfigError
-from detransformer_edge.nlu.decision import Thresholds, best_intent, lock_allowed
+from detransformer_edge.nlu.decision import Thresholds, best_intent
+from detransformer_edge.nlu.locks import lock_allowed
 from detransformer_edge.nlu.vocabulary import INTENTS, LOCK_INTENTS
 
 GRID: tuple[float, ...] = tuple(round(x / 100, 2) for x in range(100)) + (0.995, 0.999)

@@ -19,9 +19,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from detransformer_edge.errors import ConfigError
+from detransformer_edge.nlu.evalsets import EVAL_SETS, load_eval_set
+from detransformer_edge.nlu.locks import asks_to_unlock, names_door_or_lock
 from detransformer_edge.nlu.templates import (
     DOORS,
     ITEMS,
@@ -70,7 +72,6 @@ class Dataset:
 
 
 def _check_vocabulary() -> None:
-    from detransformer_edge.nlu.decision import asks_to_unlock, names_door_or_lock
 
     if set(TEMPLATES) != set(INTENTS):
         raise ConfigError(f"templates and vocabulary.INTENTS disagree: {set(TEMPLATES) ^ set(INTENTS)}")
@@ -225,8 +226,6 @@ def normalised_text(text: str) -> str:
 
 @lru_cache(maxsize=1)
 def _independent_texts() -> frozenset[str]:
-    from detransformer_edge.nlu.evaluate import EVAL_SETS, load_eval_set
-
     return frozenset(normalised_text(line.text) for name in EVAL_SETS for line in load_eval_set(name))
 
 
@@ -355,3 +354,24 @@ def spans_from_bio(tags: Sequence[int], offsets: Sequence[tuple[int, int]]) -> l
     if current is not None:
         spans.append(SlotSpan(cur_name, current[0], current[1]))
     return spans
+
+
+MAX_LEN = 48  # spoken commands are short; longer input is cut
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """Tokens of one text: ids, character offsets, which are special ([CLS]/[SEP])."""
+
+    ids: tuple[int, ...]
+    offsets: tuple[tuple[int, int], ...]
+    special: tuple[bool, ...]
+
+
+def encode_text(tokenizer: Any, text: str, max_len: int = MAX_LEN) -> EncodedText:
+    """Wordpieces of ``text`` with offsets, cut to ``max_len`` tokens keeping the final [SEP]."""
+    enc = tokenizer.backend.encode(text)
+    ids, offs, spec = list(enc.ids), list(enc.offsets), [bool(m) for m in enc.special_tokens_mask]
+    if len(ids) > max_len:
+        ids, offs, spec = ids[: max_len - 1] + ids[-1:], offs[: max_len - 1] + offs[-1:], spec[: max_len - 1] + spec[-1:]
+    return EncodedText(tuple(ids), tuple((int(a), int(b)) for a, b in offs), tuple(spec))

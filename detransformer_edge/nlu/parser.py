@@ -24,7 +24,13 @@ import torch
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.config import EncoderConfig
 from detransformer_edge.model.encoder import Encoder
-from detransformer_edge.nlu.dataset import BIO_TAGS, IGNORE, spans_from_bio
+from detransformer_edge.nlu.dataset import (
+    BIO_TAGS,
+    IGNORE,
+    EncodedText,
+    encode_text,
+    spans_from_bio,
+)
 from detransformer_edge.nlu.decision import (
     INTENT_LABELS,
     NOT_RECOGNISED,
@@ -33,7 +39,6 @@ from detransformer_edge.nlu.decision import (
     decide,
 )
 from detransformer_edge.nlu.model import IntentSlotHeads, IntentSlotModel
-from detransformer_edge.nlu.train import EncodedText, encode_text
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ Their placeholders are filled from the same value lists as the intents' (a room 
 alone must not decide an intent), and they carry no slots.
 
 The lock intents' templates all name a door or a lock: without one the decision rejects them
-anyway (``decision.names_door_or_lock``), and the dataset checks it.
+anyway (``locks.names_door_or_lock``), and the dataset checks it.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ model code stays unchanged; parallelism is applied to it in a separate pass).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +22,7 @@ from detransformer_edge.model.decoder import Decoder
 from detransformer_edge.model.encoder import Encoder
 from detransformer_edge.model.layers import Attention, DecoupledLayer, KVCache
 from detransformer_edge.parallel.plan import DeviceWeights, PlanError
+from detransformer_edge.weights.quant.linear import GROUP_SIZE, quantize_model
 
 Reduce = Callable[[torch.Tensor, str], Awaitable[torch.Tensor]]
 
@@ -42,7 +43,7 @@ def even_ranges(total: int, parts: int) -> list[tuple[int, int]]:
 def _linear(src: nn.Linear, rows: slice | None = None, cols: slice | None = None, bias: bool = True) -> nn.Linear:
     if not isinstance(src, nn.Linear):  # e.g. weights/quant's Int8Linear: no float weight to slice
         raise PlanError(f"tensor-parallel shards are cut from float weights, not {type(src).__name__}: "
-                        "quantize the shard after build_shard (weights.quant.linear.quantize_shard)")
+                        "quantize the shard after build_shard (parallel.shards.quantize_shard)")
     w = src.weight
     w = w[rows] if rows is not None else w
     w = w[:, cols] if cols is not None else w
@@ -178,3 +179,24 @@ def build_shard(model: Encoder | Decoder, weights: DeviceWeights) -> DeviceShard
             for rank, k in weights.tp_shards:
                 shard.tp[(i, rank, k)] = TPShard(layer, cfg, rank, k).eval()
     return shard
+
+
+def shard_modules(shard: DeviceShard) -> Iterable[nn.Module]:
+    """Every module a device shard runs (the embeddings/head, sub-blocks, layers, TP shards)."""
+    for m in (shard.embed, shard.head):
+        if m is not None:
+            yield m
+    yield from shard.sub_blocks.values()
+    yield from shard.coupled.values()
+    yield from shard.tp.values()
+
+
+def quantize_shard(shard: DeviceShard, scheme: str, *, group_size: int = GROUP_SIZE,
+                   activation_dtype: torch.dtype | None = None) -> dict[str, str]:
+    """``quantize_model`` over the modules of a device shard (in place). The shard's executor
+    runs them unchanged: a quantized linear is called like ``nn.Linear``."""
+    done: dict[str, str] = {}
+    for i, m in enumerate(shard_modules(shard)):
+        for name, fmt in quantize_model(m, scheme, group_size=group_size, activation_dtype=activation_dtype).items():
+            done[f"{i}:{name}"] = fmt
+    return done

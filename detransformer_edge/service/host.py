@@ -25,7 +25,7 @@ import torch
 from detransformer_edge.errors import ConfigError, DetransformerError, ModelNotInstalledError
 from detransformer_edge.parallel.executor import Executor, Job, JobKind, JobResult
 from detransformer_edge.parallel.plan import DeviceWeights
-from detransformer_edge.parallel.shards import DeviceShard, build_shard
+from detransformer_edge.parallel.shards import DeviceShard, build_shard, quantize_shard
 from detransformer_edge.parallel.trace import Span, Timeline
 from detransformer_edge.progress import progress
 from detransformer_edge.protocol.runs import RunControl
@@ -40,7 +40,6 @@ from detransformer_edge.transport.base import Transport
 from detransformer_edge.transport.errors import RequestCancelled
 from detransformer_edge.weights.manifest import WeightIntegrityError
 from detransformer_edge.weights.quant import AUTO, DEVICE_CHOICES, check_scheme, resolve_scheme
-from detransformer_edge.weights.quant.linear import quantize_shard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

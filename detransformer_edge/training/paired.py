@@ -20,8 +20,8 @@ scratch on the same text, same steps, same hyper-parameters; validation perplexi
   every ``checkpoint_every`` steps to ``DIR/<model>/checkpoint.pt`` and resume from it; a model
   whose ``DIR/<model>/result.json`` exists with the same settings is not trained again.
 * Wire precision: after training, each decoupled model's validation perplexity with the hidden
-  state rounded (``nlu.precision.round_trip``) at the input of every coupled layer (where the
-  sub-block outputs are all-gathered over the network), for ``<f2`` and ``|i1``.
+  state rounded (``training.precision.round_trip``) at the input of every coupled layer (where the
+  sub-block outputs are all-gathered over the network), for ``float16`` and ``int8``.
 
 CPU budget: measured on the development machine with nothing else running (2 cores,
 ``--threads 2``, torch 2.13 CPU), batch 16 x seq_len 128 = 2048 tokens/step, ``train_lm`` for 8
@@ -61,9 +61,9 @@ import torch.nn.functional as F
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.config import DecoderConfig
 from detransformer_edge.model.decoder import Decoder
-from detransformer_edge.nlu.precision import WIRE_DTYPES, wire_rounding
 from detransformer_edge.training.convert import Progress, warmup_cosine
 from detransformer_edge.training.corpus import Corpus, load_corpus
+from detransformer_edge.training.precision import WIRE_DTYPES, wire_rounding
 
 log = logging.getLogger(__name__)
 
@@ -507,7 +507,7 @@ def train_one(name: str, cfg: DecoderConfig, data: TokenData, settings: LMSettin
     final = evaluate(model, vx, vy, settings.eval_batch_size, device)
     wire: dict[str, float] = {}
     if cfg.is_decoupled:
-        wire["<f4"] = final["ppl"]  # float32 on the wire is the model itself
+        wire["float32"] = final["ppl"]  # float32 on the wire is the model itself
         for dt in WIRE_DTYPES[1:]:
             wire[dt] = evaluate(model, vx, vy, settings.eval_batch_size, device, wire=dt)["ppl"]
     result = {
@@ -573,7 +573,7 @@ def write_report(out: Path) -> dict[str, Any]:
         "experiment": "paired standard vs decoupled decoder, trained from scratch (issue 7, 3a + 4)",
         "target": f"decoupled val ppl <= {TARGET_RATIO} x standard",
         "wire_precision": "hidden state rounded at the input of every coupled layer (sub-block outputs "
-                          "all-gathered there); '<f4' = no rounding",
+                          "all-gathered there); float32 = no rounding",
         "rows": rows, "results": results,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -584,14 +584,14 @@ def write_report(out: Path) -> dict[str, Any]:
 
 def markdown_table(report: dict[str, Any]) -> str:
     rows = report["rows"]
-    lines = ["| model | nd | nb | params | val ppl | ratio vs std | <= 1.05 | ppl <f2 wire | ppl i8 wire "
+    lines = ["| model | nd | nb | params | val ppl | ratio vs std | <= 1.05 | ppl float16 wire | ppl int8 wire "
              "| s/step | train s | device |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio, ok, w = r.get("ppl_ratio"), r.get("within_target"), r["wire_ppl"]
         cells = [r["model"], str(r["nd"]), str(r["nb"] or "-"), f"{r['params']:,}", f"{r['val_ppl']:.3f}",
                  "-" if ratio is None else f"{ratio:.4f}", "-" if ok is None else ("yes" if ok else "no"),
-                 f"{w['<f2']:.3f}" if w else "-", f"{w['|i1']:.3f}" if w else "-",
+                 f"{w['float16']:.3f}" if w else "-", f"{w['int8']:.3f}" if w else "-",
                  f"{r['seconds_per_step']:.3f}", f"{r['train_seconds']:.0f}", f"{r['device']} x{r['threads']}"]
         lines.append("| " + " | ".join(cells) + " |")
     if rows:

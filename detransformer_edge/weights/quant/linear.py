@@ -18,8 +18,6 @@ that scale, so the stored weights mean the same in both modes.
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +25,6 @@ from torch import nn
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.weights.quant import SCHEMES, check_scheme
-
-if TYPE_CHECKING:
-    from detransformer_edge.parallel.shards import DeviceShard
 
 GROUP_SIZE = 32  # inputs per int4 group: llama.cpp's Q4_0/Q4_1 block, so Q4_1 maps block for block
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
@@ -254,27 +249,6 @@ def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, leaf, new)
-
-
-def shard_modules(shard: DeviceShard) -> Iterable[nn.Module]:
-    """Every module a device shard runs (the embeddings/head, sub-blocks, layers, TP shards)."""
-    for m in (shard.embed, shard.head):
-        if m is not None:
-            yield m
-    yield from shard.sub_blocks.values()
-    yield from shard.coupled.values()
-    yield from shard.tp.values()
-
-
-def quantize_shard(shard: DeviceShard, scheme: str, *, group_size: int = GROUP_SIZE,
-                   activation_dtype: torch.dtype | None = None) -> dict[str, str]:
-    """``quantize_model`` over the modules of a device shard (in place). The shard's executor
-    runs them unchanged: a quantized linear is called like ``nn.Linear``."""
-    done: dict[str, str] = {}
-    for i, m in enumerate(shard_modules(shard)):
-        for name, fmt in quantize_model(m, scheme, group_size=group_size, activation_dtype=activation_dtype).items():
-            done[f"{i}:{name}"] = fmt
-    return done
 
 
 def module_nbytes(module: nn.Module) -> int:

@@ -24,10 +24,12 @@ from detransformer_edge.nlu.calibration import CalibrationTarget, choose_thresho
 from detransformer_edge.nlu.dataset import (
     BIO_TAGS,
     IGNORE,
+    MAX_LEN,
     Dataset,
     Example,
     SlotSpan,
     bio_labels,
+    encode_text,
     spans_from_bio,
 )
 from detransformer_edge.nlu.decision import (
@@ -43,9 +45,6 @@ from detransformer_edge.training.convert import Progress
 
 log = logging.getLogger(__name__)
 
-MAX_LEN = 48  # spoken commands are short; longer input is cut
-
-
 @dataclass
 class TrainSettings:
     epochs: int = 4
@@ -56,24 +55,6 @@ class TrainSettings:
     weight_decay: float = 0.01
     balance_intents: bool = True  # class_weights(): rare intents are not drowned by "not recognised"
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class EncodedText:
-    """Tokens of one text: ids, character offsets, which are special ([CLS]/[SEP])."""
-
-    ids: tuple[int, ...]
-    offsets: tuple[tuple[int, int], ...]
-    special: tuple[bool, ...]
-
-
-def encode_text(tokenizer: Any, text: str, max_len: int = MAX_LEN) -> EncodedText:
-    """Wordpieces of ``text`` with offsets, cut to ``max_len`` tokens keeping the final [SEP]."""
-    enc = tokenizer.backend.encode(text)
-    ids, offs, spec = list(enc.ids), list(enc.offsets), [bool(m) for m in enc.special_tokens_mask]
-    if len(ids) > max_len:
-        ids, offs, spec = ids[: max_len - 1] + ids[-1:], offs[: max_len - 1] + offs[-1:], spec[: max_len - 1] + spec[-1:]
-    return EncodedText(tuple(ids), tuple((int(a), int(b)) for a, b in offs), tuple(spec))
 
 
 def _batch(tokenizer: Any, examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

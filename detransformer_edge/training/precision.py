@@ -2,58 +2,38 @@
 
 Activations cross the network at every synchronisation point of a decoupled model: the input of
 each coupled layer (sub-block outputs all-gathered) and the final hidden states (sent to the
-leader). ``wire_rounding(encoder, dtype)`` simulates a wire dtype by quantise -> dequantise at
-exactly those points, with forward hooks, so the model code stays untouched.
-
-``ALLOWED_WIRE_DTYPES`` is the recommendation the runtime planner reads (measured in
-docs/ACCURACY.md): per task, the wire dtypes whose accuracy loss is negligible, cheapest last.
-Dtype names are the wire envelope's (``<f4``, ``<f2``, ``|i1`` with per-row float32 scales).
+leader). ``wire_rounding(encoder, dtype)`` simulates a wire dtype at exactly those points, with
+forward hooks, so the model code stays untouched; the rounding is the wire's own
+(``transport.wire.round_trip``: the quantiser the collectives use), and the dtype names are the
+one vocabulary of ``transport.wire.WireDtype`` (``float32``, ``float16``, ``int8`` with per-row
+float32 scales). What the measurements allow each task is read by the planner from
+``planner/accuracy.py``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
 
 import torch
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.encoder import Encoder
 
-WireDtype = Literal["<f4", "<f2", "|i1"]
-WIRE_DTYPES: tuple[WireDtype, ...] = ("<f4", "<f2", "|i1")
-
-# Measured on the shipped decoupled MiniLM (docs/ACCURACY.md, "Wire precision"): with float16 or
-# int8 (per-row scales) at both sync points and the output, no intent or slot decision on the 372
-# test utterances changed; sentence-embedding cosine to float32 stayed >= 0.9999 (decoupled) and
-# >= 0.9994 (original). Both are allowed; the planner picks the cheapest its link needs.
-ALLOWED_WIRE_DTYPES: dict[str, tuple[WireDtype, ...]] = {
-    "intent": ("<f4", "<f2", "|i1"),
-    "embedding": ("<f4", "<f2", "|i1"),
-}
+WIRE_DTYPES = ("float32", "float16", "int8")  # transport.wire.WireDtype, cheapest last
 
 
-def quantise_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: x (..., d) -> q int8 (..., d), scale float32 (..., 1)."""
-    scale = (x.abs().amax(dim=-1, keepdim=True).float() / 127.0).clamp(min=1e-12)
-    q = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
-    return q, scale
+def round_trip(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """What arrives after sending ``x`` as ``dtype`` (returned in x's dtype and shape)."""
+    if dtype not in WIRE_DTYPES:
+        raise ConfigError(f"unknown wire dtype {dtype!r}; known: {', '.join(WIRE_DTYPES)}")
+    if dtype == "float32":
+        return x
+    # imported here: the paired experiment also runs where only torch is installed (bench/gpu)
+    from detransformer_edge.transport.wire import round_trip as wire_round_trip
 
-
-def dequantise_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale
-
-
-def round_trip(x: torch.Tensor, dtype: WireDtype) -> torch.Tensor:
-    """What arrives after sending ``x`` as ``dtype`` (returned in x's dtype)."""
-    if dtype == "<f4":
-        return x.float().to(x.dtype)
-    if dtype == "<f2":
-        return x.to(torch.float16).to(x.dtype)
-    if dtype == "|i1":
-        return dequantise_int8(*quantise_int8(x)).to(x.dtype)
-    raise ConfigError(f"unknown wire dtype {dtype!r}; known: {', '.join(WIRE_DTYPES)}")
+    out = torch.from_numpy(wire_round_trip(x.detach(), dtype))  # type: ignore[arg-type]
+    return out.to(device=x.device, dtype=x.dtype)
 
 
 def wire_points(encoder: Encoder) -> list[int]:
@@ -65,7 +45,7 @@ def wire_points(encoder: Encoder) -> list[int]:
 
 
 @contextmanager
-def wire_rounding(encoder: Encoder, dtype: WireDtype, layers: list[int] | None = None) -> Iterator[None]:
+def wire_rounding(encoder: Encoder, dtype: str, layers: list[int] | None = None) -> Iterator[None]:
     """Round hidden states to ``dtype`` at the inputs of ``layers`` (default ``wire_points``;
     -1 = the encoder's final output) while the context is open."""
     points = wire_points(encoder) if layers is None else layers
@@ -88,7 +68,6 @@ def measure(weights_dir: str | None = None, converted_dir: str | None = None, se
     same model in float32) of the converted decoupled MiniLM and the original, per wire dtype."""
     from detransformer_edge.nlu.dataset import build_dataset
     from detransformer_edge.nlu.parser import IntentParser
-    from detransformer_edge.nlu.train import evaluate, predict
     from detransformer_edge.training.convert import (
         embedding_cosine_between,
         load_pretrained,
@@ -96,6 +75,7 @@ def measure(weights_dir: str | None = None, converted_dir: str | None = None, se
         make_tokenize,
     )
     from detransformer_edge.training.corpus import load_corpus
+    from detransformer_edge.training.intent import evaluate, predict
 
     parser = IntentParser.load(weights_dir) if weights_dir else IntentParser.load_default()
     ds = build_dataset(seed=0)
@@ -133,7 +113,7 @@ def embeddings(model: Encoder, sentences: list[str], tokenize, batch_size: int =
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m detransformer_edge.nlu.precision [--weights DIR] [--converted DIR] [--out FILE]``."""
+    """``python -m detransformer_edge.training.precision [--weights DIR] [--converted DIR] [--out FILE]``."""
     import argparse
     import json
 
