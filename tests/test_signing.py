@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -215,6 +216,63 @@ async def test_forged_and_replayed_commands_are_ignored_signed_ones_applied(mosq
                                      "params": {"model": "tiny-encoder", "plan": "pipeline"}}, [reply_to])
                 assert "result" in r, r
                 assert KEY not in caplog.text  # the key never reaches a log line
+        finally:
+            pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump_task
+
+
+@pytest.mark.mosquitto
+async def test_forged_and_replayed_leases_and_run_ends_are_ignored(mosquitto_broker, caplog):
+    caplog.set_level(logging.DEBUG, logger="detransformer_edge")
+    host, port = mosquitto_broker
+    cluster = f"s{uuid.uuid4().hex[:8]}"
+    prefix = f"detransformer/{cluster}"
+    leases: list[bytes] = []
+    async with aiomqtt.Client(host, port, protocol=aiomqtt.ProtocolVersion.V311) as spy:
+        await spy.subscribe(f"{prefix}/leader", qos=1)
+
+        async def pump():
+            async for m in spy.messages:
+                leases.append(bytes(m.payload))
+
+        pump_task = asyncio.create_task(pump())
+        try:
+            async with signed_home(mosquitto_broker, cluster) as agents:
+                leader = await wait_for_placement(agents)
+                lease = leader.cluster.lease
+                await settle(lambda: len(leases) >= 2)  # a claim and a renewal, both signed
+                assert all("sig" in json.loads(p) for p in leases)
+                first = leases[0]
+
+                # a usurper's record: a higher term, unsigned / signed with another key / replayed
+                usurper = {"id": "dev2", "term": lease.term + 1, "expires_at": time.time() + 60,
+                           "lease_s": 60.0, "session": "x"}
+                topic = f"{prefix}/leader"
+                bad_key = CommandSigner("not the cluster key!!", "dev2").sign(topic, lease.term + 1, json.dumps(usurper))
+                by_other = CommandSigner(KEY, "dev1").sign(topic, lease.term + 1, json.dumps(usurper))  # signer != holder
+                for payload in (json.dumps(usurper), bad_key, by_other, first):
+                    await spy.publish(topic, payload, qos=1)
+                await asyncio.sleep(1.5)
+                assert all(a.cluster.lease is not None and a.cluster.lease.id == leader.id
+                           and a.cluster.lease.term == lease.term for a in agents)
+                assert leader.cluster.is_leader
+                warnings = " ".join(r.getMessage() for r in caplog.records)
+                assert "unsigned" in warnings and "bad signature" in warnings and "replayed" in warnings
+
+                # run ends: only the leader's signed end frees a run on a device
+                dev1 = next(a for a in agents if a is not leader)
+                ended: list[str] = []
+                real_end = dev1.host.end
+                dev1.host.end = lambda req: (ended.append(req), real_end(req))
+                end_topic = f"{prefix}/run/r9/end"
+                body = json.dumps({"req": "r9", "term": lease.term})
+                for payload in (body, CommandSigner("not the cluster key!!", leader.id).sign(end_topic, lease.term, body)):
+                    await spy.publish(end_topic, payload, qos=1)
+                await asyncio.sleep(1.0)
+                assert ended == []
+                await spy.publish(end_topic, CommandSigner(KEY, leader.id).sign(end_topic, lease.term, body), qos=1)
+                await settle(lambda: ended == ["r9"])
         finally:
             pump_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
