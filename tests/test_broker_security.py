@@ -303,3 +303,23 @@ async def test_two_home_agents_serve_over_tls_with_acl_and_cluster_key(secure_br
                 reply = json.loads((await anext(aiter(voice.messages))).payload)
         assert reply["id"] == "tls1" and "result" in reply, reply
         assert reply["result"]["plan"].startswith("pipeline") and "living-room-minipc" in reply["result"]["plan"]
+
+
+def test_the_acl_is_generated_from_the_device_list(tmp_path):
+    """deploy/acl is make-acl.sh's output for the example home (so it cannot drift by hand), and
+    the Home Assistant node it grants is the one the agent publishes under."""
+    from detransformer_edge.integrations.homeassistant import node_id
+
+    def make(*args: str) -> str:
+        done = subprocess.run(["sh", str(DEPLOY / "make-acl.sh"), *args], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    example = make("kitchen-pi", "living-room-minipc", "--voice", "voice", "--rhasspy", "--homeassistant")
+    assert example == (DEPLOY / "acl").read_text()
+    flat = make("--cluster", "flat", "pi.kitchen", "pi-2")
+    assert "user pi.kitchen\ntopic write detransformer/flat/devices/pi.kitchen/#\n" in flat
+    assert f"topic write homeassistant/sensor/{node_id('flat', 'pi.kitchen')}/#" in flat
+    assert "user rhasspy" not in flat and "user homeassistant" not in flat
+    bad = subprocess.run(["sh", str(DEPLOY / "make-acl.sh"), "a/b"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a valid id" in bad.stderr
