@@ -233,10 +233,13 @@ def default_catalog() -> Catalog:
         **models,
         "minilm-l6": ServedModel("embed", lambda: get_config("minilm-l6"), embed_loader, 512, "all-MiniLM-L6-v2",
                                  lazy_source("minilm-l6"), embed_tools, installed("minilm-l6")),
-        # int4: the GGUF's own Q4_1 codes (held-out perplexity -0.07 % vs float32, docs/MODELS.md)
+        # int8: about twice float32's decode speed at +0.2 % held-out perplexity (docs/MODELS.md). The
+        # int4 codes are the GGUF's own, but on x86 they run on bfloat16 activations, and the demo's
+        # first question then starts with another token (a near tie at the first position): int4
+        # is for devices whose profile asks for it (memory), not the default
         "smollm2-135m": ServedModel("generate", lambda: get_config("smollm2-135m"), generate_loader, 2048,
                                     "SmolLM2-135M-Instruct", lazy_source("smollm2-135m"), generate_tools,
-                                    installed("smollm2-135m"), quant="int4"),
+                                    installed("smollm2-135m"), quant="int8"),
     })
 
 
