@@ -20,9 +20,9 @@ from detransformer_edge.transport.memory import MemoryHub
 DEVS = ("d0", "d1", "d2", "d3")
 
 
-def _model(name, nd=1, nb=None):
+def _model(name, nd=1, nb=None, sub_attn="full"):
     torch.manual_seed(1)
-    cfg = get_config(name, nd=nd, nb=nb)
+    cfg = get_config(name, nd=nd, nb=nb, sub_attn=sub_attn)
     m = (Encoder if cfg.family == "encoder" else Decoder)(cfg).eval()
     # Larger-than-init weights so errors would show; keep activations well inside float16.
     with torch.no_grad():
@@ -50,6 +50,8 @@ def block_plans(nd):
     }
     plans = []
     for n, own in owners.items():
+        if n > nd:  # every device of a plan must own a sub-block
+            continue
         devs = DEVS[:n]
         plans.append(Plan("block", devs, sub_block_owner=own))
         if n > 1:
@@ -78,13 +80,17 @@ def _encoder_inputs(cfg):
     return ids, mask
 
 
-ENCODER_CASES = [("tiny-encoder", 1, None, p) for p in standard_plans(4)] + [
-    ("tiny-encoder", 8, 2, p) for p in block_plans(8)] + [("tiny-encoder", 4, 4 // 2, p) for p in block_plans(4)]
+# sliced sub-blocks (each owns its heads) run through the same shards and executor unchanged
+ENCODER_CASES = [("tiny-encoder", 1, None, "full", p) for p in standard_plans(4)] + [
+    ("tiny-encoder", 8, 2, "full", p) for p in block_plans(8)] + [
+    ("tiny-encoder", 4, 2, "full", p) for p in block_plans(4)] + [
+    ("tiny-encoder", 4, 2, "slice", p) for p in block_plans(4)]
 
 
-@pytest.mark.parametrize("name,nd,nb,plan", ENCODER_CASES, ids=lambda x: x.describe() if isinstance(x, Plan) else str(x))
-async def test_encoder_plan_matches_single_device(name, nd, nb, plan):
-    model = _model(name, nd, nb)
+@pytest.mark.parametrize("name,nd,nb,sub_attn,plan", ENCODER_CASES,
+                         ids=lambda x: x.describe() if isinstance(x, Plan) else str(x))
+async def test_encoder_plan_matches_single_device(name, nd, nb, sub_attn, plan):
+    model = _model(name, nd, nb, sub_attn)
     ids, mask = _encoder_inputs(model.cfg)
     with torch.inference_mode():
         ref = model(ids, mask)
@@ -95,13 +101,15 @@ async def test_encoder_plan_matches_single_device(name, nd, nb, plan):
     assert (res.output - ref).abs().max().item() <= 1e-4
 
 
-DECODER_CASES = [("tiny-decoder", 1, None, p) for p in standard_plans(4)] + [
-    ("tiny-decoder", 8, 2, p) for p in block_plans(8)]
+DECODER_CASES = [("tiny-decoder", 1, None, "full", p) for p in standard_plans(4)] + [
+    ("tiny-decoder", 8, 2, "full", p) for p in block_plans(8)] + [
+    ("tiny-decoder", 2, 2, "slice", p) for p in block_plans(2)]
 
 
-@pytest.mark.parametrize("name,nd,nb,plan", DECODER_CASES, ids=lambda x: x.describe() if isinstance(x, Plan) else str(x))
-async def test_decoder_plan_matches_single_device(name, nd, nb, plan):
-    model = _model(name, nd, nb)
+@pytest.mark.parametrize("name,nd,nb,sub_attn,plan", DECODER_CASES,
+                         ids=lambda x: x.describe() if isinstance(x, Plan) else str(x))
+async def test_decoder_plan_matches_single_device(name, nd, nb, sub_attn, plan):
+    model = _model(name, nd, nb, sub_attn)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
     # reference: greedy decode with full recomputation on one device
     ids = prompt
