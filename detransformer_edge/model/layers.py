@@ -138,32 +138,45 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        past = 0
-        if cache is not None:
-            past = cache.length
-            k, v = cache.append(k, v)
-        gqa = self.n_heads != self.n_kv_heads
-        if self.kv_map is not None:
-            k, v = k.index_select(1, self.kv_map), v.index_select(1, self.kv_map)  # (B, H, S, hd)
-            gqa = False
-        attn_mask, is_causal = mask, False
-        if self.causal:
-            if past == 0 and mask is None:
-                is_causal = T > 1
-            elif T > 1:
-                # Queries sit at positions past..past+T-1 and may see keys 0..their own position.
-                q_pos = torch.arange(past, past + T, device=x.device)[:, None]
-                k_pos = torch.arange(past + T, device=x.device)[None, :]
-                causal = k_pos <= q_pos  # (T, past+T)
-                attn_mask = causal if mask is None else (mask & causal)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            enable_gqa=gqa,
-        )  # (B, H, T, hd)
+        out = attend_heads(q, k, v, self.causal, mask, rope, cache, self.kv_map)  # (B, H, T, hd)
         return out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+
+
+def attend_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    mask: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cache: KVCache | None = None,
+    kv_map: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention of projected heads: q (B, H, T, hd), k/v (B, Hkv, T, hd)
+    -> (B, H, T, hd). Query head i uses K/V head ``kv_map[i]``, or ``i // (H / Hkv)``."""
+    T = q.shape[2]
+    if rope is not None:
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    past = 0
+    if cache is not None:
+        past = cache.length
+        k, v = cache.append(k, v)
+    gqa = q.shape[1] != k.shape[1]
+    if kv_map is not None:
+        k, v = k.index_select(1, kv_map), v.index_select(1, kv_map)  # (B, H, S, hd)
+        gqa = False
+    attn_mask, is_causal = mask, False
+    if causal:
+        if past == 0 and mask is None:
+            is_causal = T > 1
+        elif T > 1:
+            # Queries sit at positions past..past+T-1 and may see keys 0..their own position.
+            q_pos = torch.arange(past, past + T, device=q.device)[:, None]
+            k_pos = torch.arange(past + T, device=q.device)[None, :]
+            allowed = k_pos <= q_pos  # (T, past+T)
+            attn_mask = allowed if mask is None else (mask & allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
 
 
 class GeluMLP(nn.Module):
@@ -191,18 +204,124 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
+class SubBlockGroup:
+    """Several equally shaped sub-blocks on one device, run as one batched computation.
+
+    Run one by one, n sub-blocks of width w cost n times the dispatch of a layer and their
+    projections are n small GEMMs (w = 192 for BERT-base nd = 4) that use a core less well than
+    one large one. A group stacks each parameter of its sub-blocks into one tensor (n, ...) and
+    re-points every sub-block's parameter at its view ``stack[j]`` — the storage is shared, no
+    copy is kept, each sub-block still runs alone — so the group can run each projection of all n
+    sub-blocks as one ``torch.bmm`` over n, all their heads in one attention call and the norms
+    over (n, rows, w). The maths is the sub-blocks' (each stacked matmul is its own sub-block's
+    matmul; heads stay independent; GQA groups keep their K/V head, since sub-block j's query
+    head a is head j*H + a of the group and uses K/V head (j*H + a) // (H / Hkv) = j*Hkv + a //
+    (H / Hkv)); results agree with the one-by-one path to float32 rounding.
+
+    The family's layer class supplies the forward (``EncoderLayer.group_forward``,
+    ``DecoderLayer.group_forward``). Inference only: the stacks do not carry gradients. Group
+    after loading weights: if a parameter is replaced later (``load_state_dict(assign=True)``,
+    ``.to()``), the next call notices and stacks again.
+    """
+
+    def __init__(self, blocks: list[nn.Module] | nn.ModuleList) -> None:
+        self.blocks = list(blocks)
+        if not self.blocks:
+            raise ValueError("a sub-block group needs at least one sub-block")
+        kinds = {type(b) for b in self.blocks}
+        if len(kinds) != 1 or not hasattr(self.blocks[0], "group_forward"):
+            raise ValueError(f"sub-blocks of one layer class with a group_forward are needed, got {kinds}")
+        self.n = len(self.blocks)
+        self.stacks: dict[str, torch.Tensor] = {}
+        self._views: list[tuple[nn.Module, str, int]] = []
+        self._stack()
+
+    def _stack(self) -> None:
+        self.stacks.clear()
+        self._views.clear()
+        names = [name for name, _ in self.blocks[0].named_parameters()]
+        for name in names:
+            path, _, attr = name.rpartition(".")
+            owners = [b.get_submodule(path) if path else b for b in self.blocks]
+            params = [getattr(m, attr) for m in owners]
+            if len({tuple(p.shape) for p in params}) != 1:
+                raise ValueError(f"sub-blocks differ in the shape of {name}")
+            stack = torch.stack([p.detach() for p in params])  # (n, ...)
+            for m, p, view in zip(owners, params, stack.unbind(0)):
+                setattr(m, attr, nn.Parameter(view, requires_grad=p.requires_grad))
+                self._views.append((m, attr, view.data_ptr()))
+            self.stacks[name] = stack
+
+    def _fresh(self) -> None:
+        if any(getattr(m, attr).data_ptr() != ptr for m, attr, ptr in self._views):
+            self._stack()
+
+    def __call__(self, x: torch.Tensor, *args: object, cache: KVCache | None = None) -> torch.Tensor:
+        """x: the group's slices side by side (B, T, n * w) -> the same shape."""
+        self._fresh()
+        return type(self.blocks[0]).group_forward(self, x, *args, cache=cache)
+
+    # -- helpers for the families' group_forward ---------------------------------------------
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, n * w) -> (n, B * T, w)."""
+        B, T, D = x.shape
+        return x.reshape(B * T, self.n, D // self.n).transpose(0, 1)
+
+    def merge(self, xs: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """(n, B * T, w) -> (B, T, n * w)."""
+        return xs.transpose(0, 1).reshape(B, T, -1)
+
+    def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Every sub-block's ``name`` Linear on its own rows: (n, R, in) -> (n, R, out)."""
+        w = self.stacks[f"{name}.weight"]  # (n, out, in): nn.Linear's layout, used transposed
+        b = self.stacks.get(f"{name}.bias")
+        return torch.bmm(x, w.mT) if b is None else torch.baddbmm(b.unsqueeze(1), x, w.mT)
+
+    def layer_norm(self, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:
+        y = F.layer_norm(x, x.shape[-1:], eps=eps)
+        return y * self.stacks[f"{name}.weight"].unsqueeze(1) + self.stacks[f"{name}.bias"].unsqueeze(1)
+
+    def rms_norm(self, name: str, x: torch.Tensor, eps: float | None) -> torch.Tensor:
+        return F.rms_norm(x, x.shape[-1:], eps=eps) * self.stacks[f"{name}.weight"].unsqueeze(1)
+
+    def heads(self, t: torch.Tensor, B: int, T: int, n_heads: int) -> torch.Tensor:
+        """(n, B * T, n_heads * hd) -> (B, n * n_heads, T, hd): sub-block j's heads j*H.. j*H+H-1."""
+        hd = t.shape[-1] // n_heads
+        return t.view(self.n, B, T, n_heads, hd).permute(1, 0, 3, 2, 4).reshape(B, self.n * n_heads, T, hd)
+
+    def unheads(self, o: torch.Tensor) -> torch.Tensor:
+        """(B, n * H, T, hd) -> (n, B * T, H * hd)."""
+        B, nH, T, hd = o.shape
+        H = nH // self.n
+        return o.view(B, self.n, H, T, hd).permute(1, 0, 3, 2, 4).reshape(self.n, B * T, H * hd)
+
+
 class DecoupledLayer(nn.Module):
     """``nd`` independent sub-blocks, each owning one contiguous slice of the hidden state.
 
     Running the sub-blocks one by one and concatenating is exactly this layer; no data
     crosses sub-blocks, which is what lets devices compute them without communicating.
+    ``fuse()`` makes a device that runs the whole layer run it as one :class:`SubBlockGroup`.
     """
 
     def __init__(self, sub_blocks: list[nn.Module]) -> None:
         super().__init__()
         self.sub_blocks = nn.ModuleList(sub_blocks)
+        self.group: SubBlockGroup | None = None
 
-    def forward(self, h: torch.Tensor, *args: object, cache: list[KVCache] | None = None) -> torch.Tensor:
+    def fuse(self) -> None:
+        """Run all sub-blocks as one batched computation when no gradient is wanted (inference);
+        the caches of ``new_cache`` become one KV cache for the whole group."""
+        self.group = SubBlockGroup(self.sub_blocks)
+
+    def forward(
+        self, h: torch.Tensor, *args: object, cache: list[KVCache] | KVCache | None = None
+    ) -> torch.Tensor:
+        if self.group is not None and (isinstance(cache, KVCache) or (cache is None and not torch.is_grad_enabled())):
+            return self.group(h, *args, cache=cache)
+        if isinstance(cache, KVCache):
+            raise ValueError("a fused layer's KV cache is one for the whole group; pass a list of per-sub-block caches")
         width = h.shape[-1] // len(self.sub_blocks)
         slices = h.split(width, dim=-1)
         outs = [
@@ -211,5 +330,7 @@ class DecoupledLayer(nn.Module):
         ]
         return torch.cat(outs, dim=-1)
 
-    def new_cache(self) -> list[KVCache]:
+    def new_cache(self) -> list[KVCache] | KVCache:
+        if self.group is not None:
+            return KVCache()  # (B, nd * n_kv_heads, T, hd): every sub-block's K/V heads in order
         return [KVCache() for _ in self.sub_blocks]
