@@ -194,3 +194,33 @@ def test_shards_hold_only_what_the_plan_needs():
     assert sizes["d3"] > sizes["d1"]  # d3 holds the coupled layers
     assert all(v < total for v in sizes.values())
     assert shards["d1"].embed is None and shards["d0"].embed is not None
+
+
+async def test_a_device_holding_several_sub_blocks_runs_them_as_one_group(monkeypatch):
+    """Sliced GQA decoder, nd 4 (8 query / 4 K/V heads): d0 holds sub-blocks 0 and 2, d1 holds 1
+    and 3, and each runs its pair as one SubBlockGroup (one KV cache per layer); tokens and
+    logits equal one device running the sub-blocks one by one."""
+    from detransformer_edge.model.layers import SubBlockGroup
+
+    torch.manual_seed(1)
+    cfg = get_config("tiny-decoder", nd=4, nb=2, sub_attn="slice", n_heads=8, n_kv_heads=4)
+    model = Decoder(cfg).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    ids, ref = prompt, []
+    with torch.inference_mode():
+        for _ in range(5):
+            logits = model(ids)[:, -1, :]
+            ref.append(logits)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    calls = []
+    call = SubBlockGroup.__call__
+    monkeypatch.setattr(SubBlockGroup, "__call__", lambda self, *a, **k: calls.append(self.n) or call(self, *a, **k))
+    plan = Plan("block", ("d0", "d1"), sub_block_owner=("d0", "d1", "d0", "d1"))
+    async with memory_cluster(model, [plan]) as (cluster, _):
+        shards = {d: ex.shard for d, ex in cluster.executors.items()}
+        assert {i: js for i, (js, _) in shards["d0"].groups.items()} == {0: (0, 2), 2: (0, 2)}
+        gen, steps = await cluster.generate(plan, prompt, 5)
+    assert calls and set(calls) == {2}
+    assert torch.equal(gen, ids[:, prompt.shape[1]:])
+    for a, b in zip(steps, ref):
+        assert (a - b).abs().max().item() <= 1e-4
