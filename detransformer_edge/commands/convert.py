@@ -13,7 +13,7 @@ HELP = "convert a pretrained encoder or decoder into a decoupled (block-parallel
 
 ENCODER_DEFAULTS = {"nd": 4, "nb": 2}
 # Decoders: two devices (nd=2) is what a household runs. nb=5 (6-layer blocks, 5 synchronisation
-# points per token, 24 of 30 layers decoupled) had the lowest held-out perplexity of the sliced,
+# points per token, 25 of 30 layers decoupled) had the lowest held-out perplexity of the sliced,
 # untrained SmolLM2-135M student among the nb values tried (8192 held-out tokens; teacher 124.6):
 # nb=3 3.0e6, nb=5 3.5e5, nb=6 1.1e6. All three are far from the teacher before distillation.
 DECODER_DEFAULTS = {"nd": 2, "nb": 5}
