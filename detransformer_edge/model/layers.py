@@ -233,11 +233,13 @@ class SubBlockGroup:
             raise ValueError(f"sub-blocks of one layer class with a group_forward are needed, got {kinds}")
         self.n = len(self.blocks)
         self.stacks: dict[str, torch.Tensor] = {}
+        self._used: dict[str, torch.Tensor] = {}  # the stacks as the forward uses them (views)
         self._views: list[tuple[nn.Module, str, int]] = []
         self._stack()
 
     def _stack(self) -> None:
         self.stacks.clear()
+        self._used.clear()
         self._views.clear()
         names = [name for name, _ in self.blocks[0].named_parameters()]
         for name in names:
@@ -251,6 +253,8 @@ class SubBlockGroup:
                 setattr(m, attr, nn.Parameter(view, requires_grad=p.requires_grad))
                 self._views.append((m, attr, view.data_ptr()))
             self.stacks[name] = stack
+            # (n, out, in) weights are used transposed, vectors broadcast over rows: (n, 1, out)
+            self._used[name] = stack.mT if stack.dim() == 3 else stack.unsqueeze(1)
 
     def _fresh(self) -> None:
         if any(getattr(m, attr).data_ptr() != ptr for m, attr, ptr in self._views):
@@ -274,16 +278,16 @@ class SubBlockGroup:
 
     def linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """Every sub-block's ``name`` Linear on its own rows: (n, R, in) -> (n, R, out)."""
-        w = self.stacks[f"{name}.weight"]  # (n, out, in): nn.Linear's layout, used transposed
-        b = self.stacks.get(f"{name}.bias")
-        return torch.bmm(x, w.mT) if b is None else torch.baddbmm(b.unsqueeze(1), x, w.mT)
+        w = self._used[f"{name}.weight"]  # (n, in, out): nn.Linear's (n, out, in) transposed
+        b = self._used.get(f"{name}.bias")
+        return torch.bmm(x, w) if b is None else torch.baddbmm(b, x, w)
 
     def layer_norm(self, name: str, x: torch.Tensor, eps: float) -> torch.Tensor:
         y = F.layer_norm(x, x.shape[-1:], eps=eps)
-        return y * self.stacks[f"{name}.weight"].unsqueeze(1) + self.stacks[f"{name}.bias"].unsqueeze(1)
+        return torch.addcmul(self._used[f"{name}.bias"], y, self._used[f"{name}.weight"])
 
     def rms_norm(self, name: str, x: torch.Tensor, eps: float | None) -> torch.Tensor:
-        return F.rms_norm(x, x.shape[-1:], eps=eps) * self.stacks[f"{name}.weight"].unsqueeze(1)
+        return F.rms_norm(x, x.shape[-1:], eps=eps) * self._used[f"{name}.weight"]
 
     def heads(self, t: torch.Tensor, B: int, T: int, n_heads: int) -> torch.Tensor:
         """(n, B * T, n_heads * hd) -> (B, n * n_heads, T, hd): sub-block j's heads j*H.. j*H+H-1."""
