@@ -1,9 +1,10 @@
 """The weights one device holds, cut from a full model by a placement (gpt-fast style: the
 model code stays unchanged; parallelism is applied to it in a separate pass).
 
-* a sub-block of a decoupled layer is used as it is (it is an ordinary module); when a device
-  holds several sub-blocks of one layer they also form a :class:`SubBlockGroup` that runs them
-  as one batched computation (same storage, see ``model/layers.py``);
+* a sub-block of a decoupled layer is an ordinary module; the sub-blocks a device holds of one
+  layer (one or several) also form a :class:`SubBlockGroup` that runs them as one batched
+  computation on the same storage, with the FFN's up/gate weights laid out for short-K
+  products (see ``model/layers.py``);
 * a coupled layer is either a whole replica or a Megatron tensor-parallel shard
   (:class:`TPShard`): a contiguous range of heads (column-parallel Q/K/V, row-parallel output)
   and of FFN units (column-parallel up/gate, row-parallel down). Ranges may be uneven, so any
@@ -134,7 +135,7 @@ class DeviceShard:
     sub_blocks: dict[tuple[int, int], nn.Module] = field(default_factory=dict)  # (layer, j)
     coupled: dict[int, nn.Module] = field(default_factory=dict)  # layer -> whole layer
     tp: dict[tuple[int, int, int], TPShard] = field(default_factory=dict)  # (layer, rank, k)
-    # layer -> (sub-block indices, their group) where this device holds two or more of them
+    # layer -> (indices of the sub-blocks this device holds, their group)
     groups: dict[int, tuple[tuple[int, ...], SubBlockGroup]] = field(default_factory=dict)
     rope: nn.Module | None = None  # decoder rotary table (no parameters)
 
@@ -173,7 +174,7 @@ def build_shard(model: Encoder | Decoder, weights: DeviceWeights) -> DeviceShard
             for j in held:
                 shard.sub_blocks[(i, j)] = layer.sub_blocks[j]
             js = tuple(sorted(held))
-            if len(js) > 1:
+            if js:
                 shard.groups[i] = (js, SubBlockGroup([layer.sub_blocks[j] for j in js]))
         else:
             if i in weights.whole_layers:
