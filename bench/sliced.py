@@ -4,8 +4,10 @@ What does a forward pass cost on one core when the model is block-parallel, befo
 network is involved? For BERT-base, MiniLM and SmolLM2-135M (random weights: the time does not
 depend on the values) this times the standard model, the full-width decoupled layouts shipped
 today and the paper's sliced layout, with the sub-blocks run one by one (what a device holding
-one sub-block does) and fused (``Decoder/Encoder.fuse_sub_blocks``: a device holding a whole
-decoupled layer runs its sub-blocks as one batched computation).
+one sub-block would with nn.Linear's weight layout), per device (each sub-block in a group of its
+own, as ``parallel/shards.py`` builds it for a device holding one sub-block) and fused
+(``Decoder/Encoder.fuse_sub_blocks``: a device holding a whole decoupled layer runs its
+sub-blocks as one batched computation).
 
 Protocol: one thread (``torch.set_num_threads(1)``), every variant in the same process, warm-up
 passes first, then ``--reps`` rounds in which every variant runs once, in an order rotated each
@@ -21,6 +23,12 @@ before and after: compare ratios from one run only.
 
     python bench/sliced.py                          # all families, writes bench/results/sliced.{json,md}
     python bench/sliced.py --families bert --reps 5 --out /tmp/quick   # a quick look
+    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=1073741824 \
+        python bench/sliced.py --name sliced-malloc   # freed memory kept for reuse (no page faults)
+
+The second form matters on this project's machine: every large activation freshly mapped from the
+kernel is paid again in page faults (counted in the CPU time), and layouts with larger
+intermediates (a fused group's FFN is n times a sub-block's) pay more.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import torch
 from detransformer_edge.model.config import get_config
 from detransformer_edge.model.decoder import Decoder
 from detransformer_edge.model.encoder import Encoder
+from detransformer_edge.model.layers import DecoupledLayer, SubBlockGroup
 
 
 @dataclass(frozen=True)
@@ -50,13 +59,12 @@ class Variant:
     nd: int = 1
     nb: int | None = None
     sub_attn: str = "full"
-    fused: bool = False
+    run: str = "one by one"  # "one by one" (nn.Linear layouts), "per device" (groups of one), "fused"
 
     def describe(self) -> str:
         if self.nb is None:
             return "standard"
-        how = "fused" if self.fused else "one by one"
-        return f"nd {self.nd} nb {self.nb} {self.sub_attn}, {how}"
+        return f"nd {self.nd} nb {self.nb} {self.sub_attn}, {self.run}"
 
 
 FAMILIES: dict[str, tuple[Variant, ...]] = {
@@ -64,33 +72,44 @@ FAMILIES: dict[str, tuple[Variant, ...]] = {
         Variant("standard", "bert-base"),
         Variant("full nd4 nb4 (bert-base-bp)", "bert-base", 4, 4, "full"),
         Variant("full nd4 nb2", "bert-base", 4, 2, "full"),
-        Variant("full nd4 nb2 fused", "bert-base", 4, 2, "full", True),
+        Variant("full nd4 nb2 fused", "bert-base", 4, 2, "full", "fused"),
         Variant("slice nd4 nb2", "bert-base", 4, 2, "slice"),
-        Variant("slice nd4 nb2 fused (bert-base-bp2)", "bert-base", 4, 2, "slice", True),
-        Variant("slice nd4 nb4 fused", "bert-base", 4, 4, "slice", True),
+        Variant("slice nd4 nb2 per device", "bert-base", 4, 2, "slice", "per device"),
+        Variant("slice nd4 nb2 fused (bert-base-bp2)", "bert-base", 4, 2, "slice", "fused"),
+        Variant("slice nd4 nb4 fused", "bert-base", 4, 4, "slice", "fused"),
     ),
     "minilm": (
         Variant("standard", "minilm-l6"),
         Variant("full nd4 nb2 (shipped)", "minilm-l6", 4, 2, "full"),
         Variant("slice nd4 nb2", "minilm-l6", 4, 2, "slice"),
-        Variant("slice nd4 nb2 fused (minilm-bp2)", "minilm-l6", 4, 2, "slice", True),
+        Variant("slice nd4 nb2 per device", "minilm-l6", 4, 2, "slice", "per device"),
+        Variant("slice nd4 nb2 fused (minilm-bp2)", "minilm-l6", 4, 2, "slice", "fused"),
     ),
     "smollm2": (
         Variant("standard", "smollm2-135m"),
         Variant("full nd2 nb5 (converted)", "smollm2-135m", 2, 5, "full"),
         Variant("full nd4 nb6 (smollm2-bp)", "smollm2-135m", 4, 6, "full"),
         Variant("slice nd3 nb5", "smollm2-135m", 3, 5, "slice"),
-        Variant("slice nd3 nb5 fused", "smollm2-135m", 3, 5, "slice", True),
+        Variant("slice nd3 nb5 per device", "smollm2-135m", 3, 5, "slice", "per device"),
+        Variant("slice nd3 nb5 fused", "smollm2-135m", 3, 5, "slice", "fused"),
     ),
 }
 
 
 def build(v: Variant, seed: int = 0) -> torch.nn.Module:
+    """``run``: "one by one" leaves the sub-blocks as built; "per device" gives each sub-block a
+    group of its own (what a device holding one sub-block runs: only the FFN layout changes)
+    and runs them one by one; "fused" runs each layer's sub-blocks as one group."""
     cfg = get_config(v.preset, nd=v.nd, nb=v.nb, sub_attn=v.sub_attn)
     torch.manual_seed(seed)
     model = (Encoder if cfg.family == "encoder" else Decoder)(cfg).eval()
-    if v.fused:
+    if v.run == "fused":
         model.fuse_sub_blocks()
+    elif v.run == "per device":
+        for layer in model.layers:
+            if isinstance(layer, DecoupledLayer):
+                for block in layer.sub_blocks:
+                    SubBlockGroup([block])  # re-lays its weights out; the views keep the storage
     return model
 
 
@@ -171,7 +190,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         "command": " ".join(["python", "bench/sliced.py", *sys.argv[1:]]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_before": load_average(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-        "cpu": _cpu_name(), "reps": args.reps, "warmup": args.warmup, "results": [],
+        "cpu": _cpu_name(), "reps": args.reps, "warmup": args.warmup,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "results": [],
     }
     results: list[dict[str, object]] = report["results"]  # type: ignore[assignment]
     for family in args.families:
@@ -224,8 +244,8 @@ def markdown(report: dict[str, object]) -> str:
         f"`{report['command']}` — {report['started']} to {report['finished']}; {report['cpu']}, torch "
         f"{report['torch']}, {report['threads']} thread; {report['reps']} interleaved rounds after "
         f"{report['warmup']} warm-up; load average (1/5/15 min) {report['load_before']} before, "
-        f"{report['load_after']} after. Ratios are to the standard model in the same rounds: "
-        "ratio of medians / median of per-round ratios.",
+        f"{report['load_after']} after; GLIBC_TUNABLES={report['glibc_tunables'] or '(unset: glibc defaults)'}. "
+        "Ratios are to the standard model in the same rounds: ratio of medians / median of per-round ratios.",
         "",
     ]
     for res in report["results"]:  # type: ignore[union-attr]

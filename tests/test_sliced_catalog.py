@@ -106,7 +106,7 @@ def test_fused_sub_blocks_equal_one_by_one(name, nd, sub_attn) -> None:
             layer = cfg.layer_kinds.index("decoupled")
             assert isinstance(caches[layer], KVCache)  # one cache holds every sub-block's K/V heads
             pieces = [model(ids[:, :5], 0, caches)] + [model(ids[:, t : t + 1], t, caches) for t in range(5, 11)]
-            assert caches[layer].k.shape[1] == nd * cfg.sub_kv_heads
+            assert caches[layer].k.shape[:2] == (nd * 2, cfg.sub_kv_heads)  # (nd * B, Hkv, S, hd)
             torch.testing.assert_close(torch.cat(pieces, 1), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     # the stacks share storage with the sub-blocks: no second copy of the weights

@@ -41,14 +41,14 @@ class DecoderLayer(nn.Module):
     @staticmethod
     def group_forward(g: SubBlockGroup, x: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
         """``forward`` of every sub-block of group ``g`` at once: x (B, T, n * w); ``cache``
-        holds all n sub-blocks' K/V heads (B, n * Hkv, S, hd)."""
+        holds all n sub-blocks' K/V heads (n * B, Hkv, S, hd)."""
         B, T, _ = x.shape
         first = g.blocks[0]
         H, Hkv = first.attn.n_heads, first.attn.n_kv_heads
         xs = g.split(x)  # (n, B*T, w)
         a = g.rms_norm("attn_norm", xs, first.attn_norm.eps)
-        q = g.heads(g.linear("attn.q_proj", a), B, T, H)  # (B, n*H, T, hd)
-        k = g.heads(g.linear("attn.k_proj", a), B, T, Hkv)  # (B, n*Hkv, T, hd)
+        q = g.heads(g.linear("attn.q_proj", a), B, T, H)  # (n*B, H, T, hd)
+        k = g.heads(g.linear("attn.k_proj", a), B, T, Hkv)  # (n*B, Hkv, T, hd)
         v = g.heads(g.linear("attn.v_proj", a), B, T, Hkv)
         o = g.unheads(attend_heads(q, k, v, causal=True, rope=rope, cache=cache))  # (n, B*T, H*hd)
         xs = xs + g.linear("attn.o_proj", o)

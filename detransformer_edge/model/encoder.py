@@ -42,10 +42,10 @@ class EncoderLayer(nn.Module):
         first = g.blocks[0]
         H, eps = first.attn.n_heads, first.attn_norm.eps
         xs = g.split(x)  # (n, B*T, w)
-        q = g.heads(g.linear("attn.q_proj", xs), B, T, H)  # (B, n*H, T, hd)
+        q = g.heads(g.linear("attn.q_proj", xs), B, T, H)  # (n*B, H, T, hd)
         k = g.heads(g.linear("attn.k_proj", xs), B, T, H)
         v = g.heads(g.linear("attn.v_proj", xs), B, T, H)
-        a = g.unheads(attend_heads(q, k, v, causal=False, mask=mask))  # (n, B*T, H*hd)
+        a = g.unheads(attend_heads(q, k, v, causal=False, mask=g.batch_mask(mask)))  # (n, B*T, H*hd)
         xs = g.layer_norm("attn_norm", xs + g.linear("attn.o_proj", a), eps)
         f = g.linear("ffn.down", F.gelu(g.linear("ffn.up", xs)))
         return g.merge(g.layer_norm("ffn_norm", xs + f, first.ffn_norm.eps), B, T)

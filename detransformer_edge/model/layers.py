@@ -214,9 +214,8 @@ class SubBlockGroup:
     copy is kept, each sub-block still runs alone — so the group can run each projection of all n
     sub-blocks as one ``torch.bmm`` over n, all their heads in one attention call and the norms
     over (n, rows, w). The maths is the sub-blocks' (each stacked matmul is its own sub-block's
-    matmul; heads stay independent; GQA groups keep their K/V head, since sub-block j's query
-    head a is head j*H + a of the group and uses K/V head (j*H + a) // (H / Hkv) = j*Hkv + a //
-    (H / Hkv)); results agree with the one-by-one path to float32 rounding.
+    matmul; for attention sub-block j's batch row b becomes row j*B + b, so heads, GQA groups and
+    the KV cache stay per sub-block); results agree with the one-by-one path to float32 rounding.
 
     A group of one sub-block is useful too: it only re-lays out the FFN's up/gate weights (below).
     The family's layer class supplies the forward (``EncoderLayer.group_forward``,
@@ -283,9 +282,9 @@ class SubBlockGroup:
     # -- helpers for the families' group_forward ---------------------------------------------
 
     def split(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, n * w) -> (n, B * T, w)."""
+        """(B, T, n * w) -> (n, B * T, w), contiguous: every projection then reads plain rows."""
         B, T, D = x.shape
-        return x.reshape(B * T, self.n, D // self.n).transpose(0, 1)
+        return x.reshape(B * T, self.n, D // self.n).transpose(0, 1).contiguous()
 
     def merge(self, xs: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """(n, B * T, w) -> (B, T, n * w)."""
@@ -305,15 +304,18 @@ class SubBlockGroup:
         return F.rms_norm(x, x.shape[-1:], eps=eps) * self._used[f"{name}.weight"]
 
     def heads(self, t: torch.Tensor, B: int, T: int, n_heads: int) -> torch.Tensor:
-        """(n, B * T, n_heads * hd) -> (B, n * n_heads, T, hd): sub-block j's heads j*H.. j*H+H-1."""
-        hd = t.shape[-1] // n_heads
-        return t.view(self.n, B, T, n_heads, hd).permute(1, 0, 3, 2, 4).reshape(B, self.n * n_heads, T, hd)
+        """(n, B * T, n_heads * hd) -> (n * B, n_heads, T, hd), a view: sub-block j's heads are
+        those of batch rows j*B .. j*B + B - 1 (attention never mixes batch rows, like heads)."""
+        return t.view(self.n * B, T, n_heads, t.shape[-1] // n_heads).transpose(1, 2)
 
     def unheads(self, o: torch.Tensor) -> torch.Tensor:
-        """(B, n * H, T, hd) -> (n, B * T, H * hd)."""
-        B, nH, T, hd = o.shape
-        H = nH // self.n
-        return o.view(B, self.n, H, T, hd).permute(1, 0, 3, 2, 4).reshape(self.n, B * T, H * hd)
+        """(n * B, H, T, hd) -> (n, B * T, H * hd)."""
+        nB, H, T, hd = o.shape
+        return o.transpose(1, 2).reshape(self.n, nB // self.n * T, H * hd)
+
+    def batch_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """A (B, 1, 1, T) padding mask for the (n * B) rows of ``heads``."""
+        return None if mask is None else mask.repeat(self.n, *([1] * (mask.dim() - 1)))
 
 
 class DecoupledLayer(nn.Module):
@@ -351,5 +353,5 @@ class DecoupledLayer(nn.Module):
 
     def new_cache(self) -> list[KVCache] | KVCache:
         if self.group is not None:
-            return KVCache()  # (B, nd * n_kv_heads, T, hd): every sub-block's K/V heads in order
+            return KVCache()  # (nd * B, n_kv_heads / nd, T, hd): sub-block j's in rows j*B..
         return [KVCache() for _ in self.sub_blocks]
