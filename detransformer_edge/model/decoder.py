@@ -53,7 +53,8 @@ class DecoderLayer(nn.Module):
         o = g.unheads(attend_heads(q, k, v, causal=True, rope=rope, cache=cache))  # (n, B*T, H*hd)
         xs = xs + g.linear("attn.o_proj", o)
         f = g.rms_norm("ffn_norm", xs, first.ffn_norm.eps)
-        xs = xs + g.linear("ffn.down", F.silu(g.linear("ffn.gate", f)) * g.linear("ffn.up", f))
+        up = F.silu(g.linear("ffn.gate", f), inplace=True).mul_(g.linear("ffn.up", f))  # in place: see encoder
+        xs = xs + g.linear("ffn.down", up)
         return g.merge(xs, B, T)
 
     def new_cache(self) -> KVCache:

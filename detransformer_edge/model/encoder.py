@@ -47,7 +47,9 @@ class EncoderLayer(nn.Module):
         v = g.heads(g.linear("attn.v_proj", xs), B, T, H)
         a = g.unheads(attend_heads(q, k, v, causal=False, mask=g.batch_mask(mask)))  # (n, B*T, H*hd)
         xs = g.layer_norm("attn_norm", xs + g.linear("attn.o_proj", a), eps)
-        f = g.linear("ffn.down", F.gelu(g.linear("ffn.up", xs)))
+        # in place: the (n, rows, I') intermediate is the group's largest tensor; one fewer
+        # fresh allocation of it (same values as F.gelu)
+        f = g.linear("ffn.down", torch.ops.aten.gelu_(g.linear("ffn.up", xs)))
         return g.merge(g.layer_norm("ffn_norm", xs + f, first.ffn_norm.eps), B, T)
 
 
