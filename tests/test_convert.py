@@ -263,3 +263,29 @@ def test_corpus_file_round_trip_and_override(tmp_path, monkeypatch) -> None:
         fh.write('{"train": ["x"], "held_out": [], "fingerprint": "0000"}')
     with pytest.raises(ConfigError, match="fingerprint"):
         read_corpus_file(bad)
+
+
+def test_convert_command_passes_the_sub_block_layout(monkeypatch, tmp_path) -> None:
+    import argparse
+
+    from detransformer_edge.commands import convert as cmd
+    from detransformer_edge.training import convert as enc
+    from detransformer_edge.training import convert_decoder as dec
+
+    seen: dict[str, object] = {}
+
+    def fake(source, nd, nb, out, settings, device="cpu", sub_attn="full", **_):
+        seen.update(source=source, nd=nd, nb=nb, sub_attn=sub_attn)
+        return {"cosine_after": 0.5, "cosine_init": 0.3, "seconds": 1.0, "ppl_after": 2.0, "ppl_teacher": 1.0,
+                "ppl_init": 9.0, "agreement_after": 0.5, "steps": 1, "stopped_by": "steps"}
+
+    monkeypatch.setattr(enc, "convert_and_distil", fake)
+    monkeypatch.setattr(dec, "convert_decoder_and_distil", fake)
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    assert cmd.run(p.parse_args(["--out", str(tmp_path), "--sub-attn", "slice", "--device", "cpu"])) == 0
+    assert seen == {"source": "minilm-l6", "nd": 4, "nb": 2, "sub_attn": "slice"}
+    args = p.parse_args(["--from", "smollm2-135m", "--nd", "3", "--nb", "5", "--sub-attn", "slice", "--out",
+                         str(tmp_path), "--device", "cpu"])
+    assert cmd.run(args) == 0 and seen == {"source": "smollm2-135m", "nd": 3, "nb": 5, "sub_attn": "slice"}
+    assert p.parse_args(["--out", str(tmp_path)]).sub_attn == "full"
