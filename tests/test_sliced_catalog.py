@@ -14,7 +14,7 @@ from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.config import get_config
 from detransformer_edge.model.decoder import Decoder
 from detransformer_edge.model.encoder import Encoder
-from detransformer_edge.model.layers import DecoupledLayer, KVCache
+from detransformer_edge.model.layers import DecoupledLayer, KVCache, SubBlockGroup
 
 ROOT = Path(__file__).resolve().parents[1]
 PI5 = str(ROOT / "firmware_profiles" / "raspberry-pi-5.toml")
@@ -113,6 +113,17 @@ def test_fused_sub_blocks_equal_one_by_one(name, nd, sub_attn) -> None:
     group = next(layer for layer in model.layers if isinstance(layer, DecoupledLayer)).group
     assert group is not None
     stack = group.stacks["attn.q_proj.weight"]
+    assert group.blocks[1].attn.q_proj.weight.data_ptr() == stack[1].data_ptr()
+    # a second, overlapping group (another simulated device in this process) keeps a copy and
+    # leaves the first group's storage alone
+    other = SubBlockGroup(group.blocks[1:])
+    assert group.shares_storage and not other.shares_storage
+    x = torch.randn(2, 5, cfg.d_sub * (nd - 1))
+    extra = (None,) if cfg.family == "encoder" else (model.rope(0, 5),)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x, *extra), torch.cat(
+            [b(x[..., k * cfg.d_sub:(k + 1) * cfg.d_sub], *extra) for k, b in enumerate(group.blocks[1:])], -1),
+            rtol=1e-5, atol=1e-5)
     assert group.blocks[1].attn.q_proj.weight.data_ptr() == stack[1].data_ptr()
 
 

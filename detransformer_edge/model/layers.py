@@ -8,6 +8,7 @@ device computes is an ordinary ``nn.Module`` that runs on its own.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -221,7 +222,9 @@ class SubBlockGroup:
     The family's layer class supplies the forward (``EncoderLayer.group_forward``,
     ``DecoderLayer.group_forward``). Inference only: the stacks do not carry gradients. Group
     after loading weights: if a parameter is replaced later (``load_state_dict(assign=True)``,
-    ``.to()``), the next call notices and stacks again.
+    ``.to()``), the next call notices and stacks again. A sub-block already in another live group
+    (several simulated devices in one process, ``parallel/local.py``) is not re-pointed: the new
+    group keeps its own copy of the stacks, so the two never take the storage from each other.
     """
 
     def __init__(self, blocks: list[nn.Module] | nn.ModuleList) -> None:
@@ -234,7 +237,12 @@ class SubBlockGroup:
         self.n = len(self.blocks)
         self.stacks: dict[str, torch.Tensor] = {}
         self._used: dict[str, torch.Tensor] = {}  # the stacks as the forward uses them (views)
-        self._views: list[tuple[nn.Module, str, int]] = []
+        self._views: list[tuple[nn.Module, str, int]] = []  # (module, parameter, data_ptr it must keep)
+        owners = [_GROUP_OF.get(b) for b in self.blocks]
+        self.shares_storage = not any(o is not None and o() is not None for o in owners)
+        if self.shares_storage:
+            for b in self.blocks:
+                _GROUP_OF[b] = weakref.ref(self)
         self._stack()
 
     def _stack(self) -> None:
@@ -261,8 +269,9 @@ class SubBlockGroup:
                 stack = torch.stack([p.detach() for p in params])  # (n, ...)
                 views = list(stack.unbind(0))
             for m, p, view in zip(owners, params, views):
-                setattr(m, attr, nn.Parameter(view, requires_grad=p.requires_grad))
-                self._views.append((m, attr, view.data_ptr()))
+                if self.shares_storage:
+                    setattr(m, attr, nn.Parameter(view, requires_grad=p.requires_grad))
+                self._views.append((m, attr, getattr(m, attr).data_ptr()))
             self.stacks[name] = stack
             # weights as (n, in, out) for x @ W; vectors broadcast over rows: (n, 1, out)
             if stack.dim() == 3:
@@ -318,6 +327,10 @@ class SubBlockGroup:
         return None if mask is None else mask.repeat(self.n, *([1] * (mask.dim() - 1)))
 
 
+# sub-block -> the group whose stacks its parameters are views of
+_GROUP_OF: weakref.WeakKeyDictionary[nn.Module, weakref.ref[SubBlockGroup]] = weakref.WeakKeyDictionary()
+
+
 class DecoupledLayer(nn.Module):
     """``nd`` independent sub-blocks, each owning one contiguous slice of the hidden state.
 
@@ -334,7 +347,8 @@ class DecoupledLayer(nn.Module):
     def fuse(self) -> None:
         """Run all sub-blocks as one batched computation when no gradient is wanted (inference);
         the caches of ``new_cache`` become one KV cache for the whole group."""
-        self.group = SubBlockGroup(self.sub_blocks)
+        if self.group is None:
+            self.group = SubBlockGroup(self.sub_blocks)
 
     def forward(
         self, h: torch.Tensor, *args: object, cache: list[KVCache] | KVCache | None = None
