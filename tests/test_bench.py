@@ -56,6 +56,41 @@ def test_workload_text_is_exactly_seq_tokens_and_models_match_plans():
         Workload("x", "dance", 16)
 
 
+def test_n_b_2_variants_run_their_own_models_and_scenarios_load_every_model_once():
+    from detransformer_edge.service.catalog import shape_catalog, shape_config
+
+    w = WORKLOADS["enc128-bp2"]
+    assert (w.model_for("single"), w.model_for("tp"), w.model_for("adaptive")) == ("bert-base", "bert-base", "bert-base-bp2")
+    bp2 = shape_config("bert-base-bp2")
+    assert (bp2.nd, bp2.nb, bp2.sub_attn, bp2.d_ff_sub, bp2.sub_heads) == (4, 2, "slice", 4224, 3)
+    mini = WORKLOADS["mini128-bp2"]
+    assert mini.model_for("single") == "minilm-shape" and shape_config(mini.model_for("bp-fixed")).d_model == 384
+    sc = Scenario("homo", (0.4,) * 4, 100, None, (WORKLOADS["enc128"], w, WORKLOADS["enc64-bp2"], mini), ("single",))
+    assert sc.models == ("bert-base", "bert-base-bp", "bert-base-bp2", "minilm-shape", "minilm-bp2")
+    catalog = shape_catalog()
+    assert set(sc.models) <= set(catalog.names)
+    # defaults unchanged: the first decoupled model of each task, and the issue-6 matrix
+    assert catalog.default_for("embed") == "bert-base-bp" and catalog.default_for("generate") == "smollm2-bp"
+    assert BenchConfig().workloads == ("enc16", "enc64", "enc128", "dec")
+    with pytest.raises(ConfigError, match="unknown benchmark shape"):
+        Workload("x", "embed", 16, models=("bert-base", "bert-base-bp3"))
+    with pytest.raises(ConfigError, match="standard, decoupled"):
+        Workload("x", "embed", 16, models=("bert-base-bp2", "bert-base"))
+    with pytest.raises(ConfigError, match="not both"):
+        Workload("x", "embed", 16, models=("bert-base", "smollm2-bp"))
+
+
+def test_predictions_for_the_sliced_variant():
+    sc = Scenario("homo", (0.4,) * 4, 100, None, (WORKLOADS["enc128-bp2"],), ())
+    profs = device_profiles(sc, HostRates(50.0, 40.0, 10.0), ram_mb=2500)
+    bp2 = predict(sc, WORKLOADS["enc128-bp2"], "bp-fixed", "dev0", profs)
+    bp4 = predict(sc, WORKLOADS["enc128"], "bp-fixed", "dev0", profs)
+    single = predict(sc, WORKLOADS["enc128-bp2"], "single", "dev0", profs)
+    assert bp2["desc"].startswith("block dev0:1, dev1:1, dev2:1, dev3:1")
+    # half the synchronisations and a quarter of the full-width sub-blocks' attention FLOPs
+    assert bp2["total_s"] < bp4["total_s"] < single["total_s"]
+
+
 def test_homes_and_their_specs():
     assert cpu_quotas("homo", 3) == (0.4, 0.4, 0.4)
     assert cpu_quotas("hetero", 4) == HETERO_CPU == (0.8, 0.4, 0.2, 0.2)

@@ -98,6 +98,77 @@ def test_distillation_reduces_the_loss_and_resumes(tmp_path) -> None:
     torch.testing.assert_close(again(ids, mask), student(ids, mask))
 
 
+def _block_diagonal_attention(layer: torch.nn.Module, cfg) -> None:
+    """Zero every Q/K/V/O entry linking one sub-block's heads to another sub-block's slice, so
+    the teacher's attention is exactly what sliced sub-blocks can compute."""
+    keep_q = torch.zeros(cfg.n_heads * cfg.head_dim, cfg.d_model, dtype=torch.bool)
+    n_kv = getattr(cfg, "n_kv_heads", cfg.n_heads)
+    keep_kv = torch.zeros(n_kv * cfg.head_dim, cfg.d_model, dtype=torch.bool)
+    for j in range(cfg.nd):
+        keep_q[cfg.sub_head_rows(j), cfg.sub_slice(j)] = True
+        keep_kv[cfg.sub_kv_rows(j), cfg.sub_slice(j)] = True
+    with torch.no_grad():
+        layer.attn.q_proj.weight.mul_(keep_q)
+        layer.attn.k_proj.weight.mul_(keep_kv)
+        layer.attn.v_proj.weight.mul_(keep_kv)
+        layer.attn.o_proj.weight.mul_(keep_q.T)
+
+
+@pytest.mark.parametrize("nd", [2, 4])
+def test_sliced_sub_blocks_take_their_own_heads(nd: int) -> None:
+    teacher = _teacher()
+    cfg = get_config("tiny-encoder", nd=nd, nb=2, sub_attn="slice")
+    i = cfg.layer_kinds.index("decoupled")
+    _block_diagonal_attention(teacher.layers[i], cfg)
+    student = init_student(teacher, cfg)
+    T, S = teacher.state_dict(), student.state_dict()
+    r1, s1 = cfg.sub_head_rows(1), cfg.sub_slice(1)
+    assert r1 != s1 or cfg.sub_heads * cfg.head_dim == cfg.d_sub
+    assert torch.equal(S[f"layers.{i}.sub_blocks.1.attn.q_proj.weight"], T[f"layers.{i}.attn.q_proj.weight"][r1, s1])
+    assert torch.equal(S[f"layers.{i}.sub_blocks.1.attn.k_proj.bias"], T[f"layers.{i}.attn.k_proj.bias"][r1])
+    assert torch.equal(S[f"layers.{i}.sub_blocks.1.attn.o_proj.weight"], T[f"layers.{i}.attn.o_proj.weight"][s1, r1])
+    # all teacher FFN units kept (I' > d_ff when sliced), the extra ones silent
+    assert cfg.d_ff_sub > teacher.cfg.d_ff
+    assert not S[f"layers.{i}.sub_blocks.1.ffn.down.weight"][:, teacher.cfg.d_ff:].any()
+    # with block-diagonal attention, each sub-block's attention is exactly the teacher's on its slice
+    x = torch.randn(2, 9, cfg.d_model, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., 6:] = False
+    with torch.no_grad():
+        ref = teacher.layers[i].attn(x, mask)
+        for j, block in enumerate(student.layers[i].sub_blocks):
+            torch.testing.assert_close(block.attn(x[..., cfg.sub_slice(j)], mask), ref[..., cfg.sub_slice(j)],
+                                       rtol=1e-5, atol=1e-6)
+
+
+def test_sliced_nd1_student_is_the_teacher() -> None:
+    teacher = _teacher()
+    cfg = get_config("tiny-encoder", nd=1, nb=2, sub_attn="slice")
+    assert cfg.d_ff_sub == teacher.cfg.d_ff  # I' = I + 2d(1 - 1/nd) = I
+    ids, mask = _ids()
+    torch.testing.assert_close(init_student(teacher, cfg)(ids, mask), teacher(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_resuming_another_layout_is_a_config_error(tmp_path) -> None:
+    from detransformer_edge.errors import ConfigError
+
+    teacher = _teacher()
+    settings = DistilSettings(steps=2, batch_size=8, max_len=16, warmup=1, checkpoint_every=1)
+    full = init_student(teacher, get_config("tiny-encoder", nd=2, nb=2))
+    distil(full, teacher, SENTENCES, _fake_tokenize, settings, tmp_path, progress=False)
+    sliced = init_student(teacher, get_config("tiny-encoder", nd=2, nb=2, sub_attn="slice"))
+    with pytest.raises(ConfigError, match="sub_attn.*use another --out"):
+        distil(sliced, teacher, SENTENCES, _fake_tokenize, dataclasses.replace(settings, steps=4), tmp_path,
+               progress=False)
+    # a checkpoint without the layout record (written before it existed) still fails typed
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["layout"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="does not fit"):
+        distil(sliced, teacher, SENTENCES, _fake_tokenize, dataclasses.replace(settings, steps=4), tmp_path,
+               progress=False)
+
+
 def test_init_rejects_a_mismatched_student() -> None:
     from detransformer_edge.errors import ConfigError
 
@@ -192,3 +263,29 @@ def test_corpus_file_round_trip_and_override(tmp_path, monkeypatch) -> None:
         fh.write('{"train": ["x"], "held_out": [], "fingerprint": "0000"}')
     with pytest.raises(ConfigError, match="fingerprint"):
         read_corpus_file(bad)
+
+
+def test_convert_command_passes_the_sub_block_layout(monkeypatch, tmp_path) -> None:
+    import argparse
+
+    from detransformer_edge.commands import convert as cmd
+    from detransformer_edge.training import convert as enc
+    from detransformer_edge.training import convert_decoder as dec
+
+    seen: dict[str, object] = {}
+
+    def fake(source, nd, nb, out, settings, device="cpu", sub_attn="full", **_):
+        seen.update(source=source, nd=nd, nb=nb, sub_attn=sub_attn)
+        return {"cosine_after": 0.5, "cosine_init": 0.3, "seconds": 1.0, "ppl_after": 2.0, "ppl_teacher": 1.0,
+                "ppl_init": 9.0, "agreement_after": 0.5, "steps": 1, "stopped_by": "steps"}
+
+    monkeypatch.setattr(enc, "convert_and_distil", fake)
+    monkeypatch.setattr(dec, "convert_decoder_and_distil", fake)
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    assert cmd.run(p.parse_args(["--out", str(tmp_path), "--sub-attn", "slice", "--device", "cpu"])) == 0
+    assert seen == {"source": "minilm-l6", "nd": 4, "nb": 2, "sub_attn": "slice"}
+    args = p.parse_args(["--from", "smollm2-135m", "--nd", "3", "--nb", "5", "--sub-attn", "slice", "--out",
+                         str(tmp_path), "--device", "cpu"])
+    assert cmd.run(args) == 0 and seen == {"source": "smollm2-135m", "nd": 3, "nb": 5, "sub_attn": "slice"}
+    assert p.parse_args(["--out", str(tmp_path)]).sub_attn == "full"

@@ -81,6 +81,40 @@ def test_nd2_slices_shapes_and_parameter_parity() -> None:
     assert student(_ids()).shape == teacher(_ids()).shape
 
 
+def test_sliced_gqa_sub_blocks_take_their_heads_and_kv_group() -> None:
+    """tiny-decoder: 4 query heads over 2 K/V heads (query h uses K/V h // 2). Sliced nd = 2:
+    sub-block j owns query heads 2j, 2j+1 and K/V head j. With the teacher's attention made
+    block-diagonal, each sub-block's attention (RoPE, causal mask, GQA) equals the teacher's on
+    its slice, which fails if a sub-block took another group's K/V rows."""
+    from tests.test_convert import _block_diagonal_attention
+
+    teacher = _teacher()
+    cfg = student_config(teacher.cfg, nd=2, nb=2, sub_attn="slice")
+    assert (cfg.sub_heads, cfg.sub_kv_heads) == (2, 1)
+    i = cfg.layer_kinds.index("decoupled")
+    _block_diagonal_attention(teacher.layers[i], cfg)
+    student = init_decoder_student(teacher, cfg)
+    S, T = student.state_dict(), teacher.state_dict()
+    assert torch.equal(S[f"layers.{i}.sub_blocks.1.attn.k_proj.weight"],
+                       T[f"layers.{i}.attn.k_proj.weight"][cfg.head_dim : 2 * cfg.head_dim, cfg.sub_slice(1)])
+    x = torch.randn(2, 10, cfg.d_model, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for start in (0, 5):  # RoPE at later positions too
+            rope = teacher.rope(start, 10)
+            ref = teacher.layers[i].attn(x, rope=rope)
+            for j, block in enumerate(student.layers[i].sub_blocks):
+                torch.testing.assert_close(block.attn(x[..., cfg.sub_slice(j)], rope=rope),
+                                           ref[..., cfg.sub_slice(j)], rtol=1e-5, atol=1e-6)
+    assert abs(student.num_params() - teacher.num_params()) / teacher.num_params() < 0.01
+
+
+def test_sliced_nd1_decoder_student_is_the_teacher() -> None:
+    teacher = _teacher()
+    student = init_decoder_student(teacher, student_config(teacher.cfg, nd=1, nb=2, sub_attn="slice"))
+    with torch.no_grad():
+        assert torch.equal(student(_ids()), teacher(_ids()))
+
+
 def test_bad_inputs_raise_config_error() -> None:
     teacher = _teacher()
     with pytest.raises(ConfigError):

@@ -20,9 +20,9 @@ from detransformer_edge.transport.memory import MemoryHub
 DEVS = ("d0", "d1", "d2", "d3")
 
 
-def _model(name, nd=1, nb=None):
+def _model(name, nd=1, nb=None, sub_attn="full"):
     torch.manual_seed(1)
-    cfg = get_config(name, nd=nd, nb=nb)
+    cfg = get_config(name, nd=nd, nb=nb, sub_attn=sub_attn)
     m = (Encoder if cfg.family == "encoder" else Decoder)(cfg).eval()
     # Larger-than-init weights so errors would show; keep activations well inside float16.
     with torch.no_grad():
@@ -50,6 +50,8 @@ def block_plans(nd):
     }
     plans = []
     for n, own in owners.items():
+        if n > nd:  # every device of a plan must own a sub-block
+            continue
         devs = DEVS[:n]
         plans.append(Plan("block", devs, sub_block_owner=own))
         if n > 1:
@@ -79,13 +81,17 @@ def _encoder_inputs(cfg):
     return ids, mask
 
 
-ENCODER_CASES = [("tiny-encoder", 1, None, p) for p in standard_plans(4)] + [
-    ("tiny-encoder", 8, 2, p) for p in block_plans(8)] + [("tiny-encoder", 4, 4 // 2, p) for p in block_plans(4)]
+# sliced sub-blocks (each owns its heads) run through the same shards and executor unchanged
+ENCODER_CASES = [("tiny-encoder", 1, None, "full", p) for p in standard_plans(4)] + [
+    ("tiny-encoder", 8, 2, "full", p) for p in block_plans(8)] + [
+    ("tiny-encoder", 4, 2, "full", p) for p in block_plans(4)] + [
+    ("tiny-encoder", 4, 2, "slice", p) for p in block_plans(4)]
 
 
-@pytest.mark.parametrize("name,nd,nb,plan", ENCODER_CASES, ids=lambda x: x.describe() if isinstance(x, Plan) else str(x))
-async def test_encoder_plan_matches_single_device(name, nd, nb, plan):
-    model = _model(name, nd, nb)
+@pytest.mark.parametrize("name,nd,nb,sub_attn,plan", ENCODER_CASES,
+                         ids=lambda x: x.describe() if isinstance(x, Plan) else str(x))
+async def test_encoder_plan_matches_single_device(name, nd, nb, sub_attn, plan):
+    model = _model(name, nd, nb, sub_attn)
     ids, mask = _encoder_inputs(model.cfg)
     with torch.inference_mode():
         ref = model(ids, mask)
@@ -96,13 +102,15 @@ async def test_encoder_plan_matches_single_device(name, nd, nb, plan):
     assert (res.output - ref).abs().max().item() <= 1e-4
 
 
-DECODER_CASES = [("tiny-decoder", 1, None, p) for p in standard_plans(4)] + [
-    ("tiny-decoder", 8, 2, p) for p in block_plans(8)]
+DECODER_CASES = [("tiny-decoder", 1, None, "full", p) for p in standard_plans(4)] + [
+    ("tiny-decoder", 8, 2, "full", p) for p in block_plans(8)] + [
+    ("tiny-decoder", 2, 2, "slice", p) for p in block_plans(2)]
 
 
-@pytest.mark.parametrize("name,nd,nb,plan", DECODER_CASES, ids=lambda x: x.describe() if isinstance(x, Plan) else str(x))
-async def test_decoder_plan_matches_single_device(name, nd, nb, plan):
-    model = _model(name, nd, nb)
+@pytest.mark.parametrize("name,nd,nb,sub_attn,plan", DECODER_CASES,
+                         ids=lambda x: x.describe() if isinstance(x, Plan) else str(x))
+async def test_decoder_plan_matches_single_device(name, nd, nb, sub_attn, plan):
+    model = _model(name, nd, nb, sub_attn)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
     # reference: greedy decode with full recomputation on one device
     ids = prompt
@@ -187,3 +195,33 @@ def test_shards_hold_only_what_the_plan_needs():
     assert sizes["d3"] > sizes["d1"]  # d3 holds the coupled layers
     assert all(v < total for v in sizes.values())
     assert shards["d1"].embed is None and shards["d0"].embed is not None
+
+
+async def test_a_device_holding_several_sub_blocks_runs_them_as_one_group(monkeypatch):
+    """Sliced GQA decoder, nd 4 (8 query / 4 K/V heads): d0 holds sub-blocks 0 and 2, d1 holds 1
+    and 3, and each runs its pair as one SubBlockGroup (one KV cache per layer); tokens and
+    logits equal one device running the sub-blocks one by one."""
+    from detransformer_edge.model.layers import SubBlockGroup
+
+    torch.manual_seed(1)
+    cfg = get_config("tiny-decoder", nd=4, nb=2, sub_attn="slice", n_heads=8, n_kv_heads=4)
+    model = Decoder(cfg).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    ids, ref = prompt, []
+    with torch.inference_mode():
+        for _ in range(5):
+            logits = model(ids)[:, -1, :]
+            ref.append(logits)
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    calls = []
+    call = SubBlockGroup.__call__
+    monkeypatch.setattr(SubBlockGroup, "__call__", lambda self, *a, **k: calls.append(self.n) or call(self, *a, **k))
+    plan = Plan("block", ("d0", "d1"), sub_block_owner=("d0", "d1", "d0", "d1"))
+    async with memory_cluster(model, [plan]) as (cluster, _):
+        shards = {d: ex.shard for d, ex in cluster.executors.items()}
+        assert {i: js for i, (js, _) in shards["d0"].groups.items()} == {0: (0, 2), 2: (0, 2)}
+        gen, steps = await cluster.generate(plan, prompt, 5)
+    assert calls and set(calls) == {2}
+    assert torch.equal(gen, ids[:, prompt.shape[1]:])
+    for a, b in zip(steps, ref):
+        assert (a - b).abs().max().item() <= 1e-4

@@ -60,6 +60,73 @@ def test_subblock_flops_and_params_match_config() -> None:
     assert abs(analysis.model_params(cfg) - std) / std < 0.01
 
 
+def _counted(module, *args):
+    """FLOPs torch itself counts for one forward (math SDPA, so attention is counted too)."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        module(*args)
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+    attn = counts.pop("aten.bmm", 0)
+    return sum(counts.values()), attn
+
+
+@pytest.mark.parametrize("name,nd,nb,sub_attn", [
+    ("tiny-encoder", 4, 2, "slice"), ("tiny-encoder", 4, 2, "full"), ("tiny-decoder", 2, 2, "slice"),
+    ("tiny-decoder", 2, 2, "full"), ("minilm-l6", 4, 2, "slice"), ("smollm2-135m", 3, 6, "slice"),
+])
+def test_analysis_matches_torch_for_sub_blocks_and_coupled_layers(name, nd, nb, sub_attn) -> None:
+    """FLOPs, parameters and KV bytes of a sub-block and a coupled layer against the real modules:
+    torch's FLOP counter, numel() and the bytes a KV cache holds after a prefill."""
+    import torch
+
+    from detransformer_edge.model.decoder import Decoder
+    from detransformer_edge.model.encoder import Encoder
+
+    cfg = get_config(name, nd=nd, nb=nb, sub_attn=sub_attn)
+    decoder = cfg.family == "decoder"
+    torch.manual_seed(0)
+    model = (Decoder if decoder else Encoder)(cfg).eval()
+    T = 24
+    work = Workload.for_request("prefill" if decoder else "encode", T)
+    i_dec, i_cpl = cfg.layer_kinds.index("decoupled"), cfg.layer_kinds.index("coupled")
+    block, layer = model.layers[i_dec].sub_blocks[1], model.layers[i_cpl]
+    extra = (model.rope(0, T),) if decoder else (None,)
+    for module, width, cost, params in (
+        (block, cfg.d_sub, analysis.subblock_cost(cfg, work), analysis.subblock_params(cfg)),
+        (layer, cfg.d_model, analysis.coupled_layer_cost(cfg, work), analysis.coupled_layer_params(cfg)),
+    ):
+        gemm, attn = _counted(module, torch.randn(1, T, width), *extra)
+        assert cost.gemm_flops == gemm
+        # the math kernel also multiplies the masked upper triangle: the analysis counts the
+        # causal half (mean context (T + 1) / 2), torch all T keys
+        assert cost.attn_flops == pytest.approx(attn * work.mean_context / work.context)
+        assert params == sum(p.numel() for p in module.parameters())
+    assert analysis.model_params(cfg) == model.num_params()
+    if decoder:
+        caches = model.new_caches()
+        with torch.no_grad():
+            model(torch.randint(0, cfg.vocab_size, (1, T)), 0, caches)
+        sub_cache = caches[i_dec][1]
+        used = 2 * sub_cache.k[:, :, :T].numel() * 4
+        assert analysis.subblock_kv_bytes(cfg, T) == used
+        assert sub_cache.k.shape[1] == cfg.sub_kv_heads
+        assert analysis.coupled_kv_bytes(cfg, T) == 2 * caches[i_cpl].k[:, :, :T].numel() * 4
+
+
+def test_sliced_sub_blocks_cost_a_quarter_of_full_width_attention() -> None:
+    """BERT-base nd 4: a sliced decoupled layer does the standard layer's GEMM FLOPs (parity of
+    I') and its attention FLOPs; full-width sub-blocks do 4x the attention."""
+    w = Workload(128, 128)
+    std = analysis.coupled_layer_cost(get_config("bert-base"), w)
+    sliced = analysis.subblock_cost(get_config("bert-base", nd=4, nb=2, sub_attn="slice"), w) * 4
+    full = analysis.subblock_cost(get_config("bert-base", nd=4, nb=2), w) * 4
+    assert sliced.gemm_flops == pytest.approx(std.gemm_flops, rel=1e-9)
+    assert sliced.attn_flops == std.attn_flops and full.attn_flops == 4 * std.attn_flops
+
+
 def test_bert_base_flops_anchor() -> None:
     """The testbed profile derives 48 GFLOPS from 'BERT-base seq 128 takes 0.46 s': 22.3 GFLOP."""
     flops = analysis.model_flops(get_config("bert-base"), Workload(128, 128))

@@ -141,15 +141,12 @@ def device_profiles(scenario: Scenario, rates: HostRates, ram_mb: int):  # -> li
 def predict(scenario: Scenario, workload: Workload, plan: str, leader: str, profiles: Sequence[Any]) -> dict[str, Any]:
     """The cost model's view of ``plan`` as the leader runs it: {desc, total_s, ttft_s,
     ms_per_token}. Decoders: prefill then ``new_tokens - 1`` decode steps on the same plan."""
-    from detransformer_edge.model.config import get_config
     from detransformer_edge.parallel.plan import Placement, baseline_plan, full_replica_weights
     from detransformer_edge.planner.cost import Broker, CostModel, Request
     from detransformer_edge.planner.runtime import RuntimePlanner
+    from detransformer_edge.service.catalog import shape_config
 
-    model = workload.model_for(plan)
-    preset, nd, nb = {"bert-base-bp": ("bert-base", 4, 4), "bert-base": ("bert-base", 1, None),
-                      "smollm2-bp": ("smollm2-135m", 4, 6), "smollm2-shape": ("smollm2-135m", 1, None)}[model]
-    cfg = get_config(preset, nd=nd, nb=nb) if nb else get_config(preset)
+    cfg = shape_config(workload.model_for(plan))
     order = (leader, *sorted(d for d in scenario.device_names() if d != leader))
     broker = Broker(link_mbit=scenario.broker_mbit)
     first = Request("prefill" if workload.family == "decoder" else "encode", workload.seq)

@@ -25,12 +25,15 @@ DEVICE_MEM_MB = 2500  # two full replicas of BERT-base (2 x 440 MB) or SmolLM2 (
 @dataclass(frozen=True)
 class Workload:
     """One request shape. ``op`` is the client API op; ``seq`` the input tokens (encoder) or
-    the prompt tokens (decoder prefill); ``new_tokens`` the greedy decode steps (decoder)."""
+    the prompt tokens (decoder prefill); ``new_tokens`` the greedy decode steps (decoder);
+    ``models`` the (standard, decoupled) pair of the shapes catalog it runs (None: the
+    family's pair, ``FAMILY_MODELS``)."""
 
     name: str
     op: str  # "embed" | "generate"
     seq: int
     new_tokens: int = 0
+    models: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.op not in ("embed", "generate"):
@@ -39,17 +42,27 @@ class Workload:
             raise ConfigError(f"workload {self.name}: seq must be at least 3 (BOS + text + EOS)")
         if (self.op == "generate") != (self.new_tokens > 0):
             raise ConfigError(f"workload {self.name}: new_tokens > 0 exactly for generate")
+        if self.models is not None:
+            from detransformer_edge.service.catalog import shape_config
+
+            std, bp = (shape_config(m) for m in self.models)  # ConfigError for an unknown name
+            if std.family != self.family or bp.family != self.family:
+                raise ConfigError(f"workload {self.name}: models {self.models} are not both {self.family}s")
+            if std.is_decoupled or not bp.is_decoupled:
+                raise ConfigError(f"workload {self.name}: models must be (standard, decoupled), got {self.models}")
 
     @property
     def family(self) -> str:
         return "decoder" if self.op == "generate" else "encoder"
 
+    @property
+    def model_pair(self) -> tuple[str, str]:
+        return self.models if self.models is not None else FAMILY_MODELS[self.family]
+
     def model_for(self, plan: str) -> str:
         """Block plans run the decoupled model, the others the standard one (shape catalog)."""
-        decoupled = plan in ("bp-fixed", "adaptive")
-        if self.family == "encoder":
-            return "bert-base-bp" if decoupled else "bert-base"
-        return "smollm2-bp" if decoupled else "smollm2-shape"
+        std, bp = self.model_pair
+        return bp if plan in ("bp-fixed", "adaptive") else std
 
     def text(self) -> str:
         """Input whose byte tokenization (BOS + bytes + EOS) is exactly ``seq`` tokens."""
@@ -57,16 +70,23 @@ class Workload:
         return (base * (self.seq // len(base) + 1))[: self.seq - 2]
 
 
+FAMILY_MODELS: dict[str, tuple[str, str]] = {
+    "encoder": ("bert-base", "bert-base-bp"),
+    "decoder": ("smollm2-shape", "smollm2-bp"),
+}
 WORKLOADS: dict[str, Workload] = {
     "enc16": Workload("enc16", "embed", 16),
     "enc64": Workload("enc64", "embed", 64),
     "enc128": Workload("enc128", "embed", 128),
     "dec": Workload("dec", "generate", 128, 32),
+    # the N_b = 2 variants (sliced sub-blocks, the paper's heads and I'): block plans run them
+    "enc16-bp2": Workload("enc16-bp2", "embed", 16, models=("bert-base", "bert-base-bp2")),
+    "enc64-bp2": Workload("enc64-bp2", "embed", 64, models=("bert-base", "bert-base-bp2")),
+    "enc128-bp2": Workload("enc128-bp2", "embed", 128, models=("bert-base", "bert-base-bp2")),
+    "enc128-bp-slice": Workload("enc128-bp-slice", "embed", 128, models=("bert-base", "bert-base-bp-slice")),
+    "mini128-bp2": Workload("mini128-bp2", "embed", 128, models=("minilm-shape", "minilm-bp2")),
 }
-FAMILY_MODELS: dict[str, tuple[str, ...]] = {
-    "encoder": ("bert-base", "bert-base-bp"),
-    "decoder": ("smollm2-shape", "smollm2-bp"),
-}
+DEFAULT_WORKLOADS: tuple[str, ...] = ("enc16", "enc64", "enc128", "dec")  # the issue-6 matrix
 
 
 def cpu_quotas(home: str, devices: int) -> tuple[float, ...]:
@@ -105,7 +125,8 @@ class Scenario:
 
     @property
     def models(self) -> tuple[str, ...]:
-        return FAMILY_MODELS[self.family]
+        """Every shapes-catalog model the scenario's workloads run, each once, in order."""
+        return tuple(dict.fromkeys(m for w in self.workloads for m in w.model_pair))
 
     def device_names(self) -> tuple[str, ...]:
         return tuple(f"dev{i}" for i in range(self.devices))
@@ -129,7 +150,7 @@ class BenchConfig:
     bandwidths: tuple[int, ...] = BANDWIDTHS
     devices: tuple[int, ...] = DEVICE_COUNTS
     homes: tuple[str, ...] = HOMES
-    workloads: tuple[str, ...] = tuple(WORKLOADS)
+    workloads: tuple[str, ...] = DEFAULT_WORKLOADS
     plans: tuple[str, ...] = PLANS
     runs: int = 10
     warmup: int = 2

@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bandwidths", default="20,50,100,300,1000", help="device link rates, Mbit/s")
     p.add_argument("--devices", default="2,3,4", help="device counts")
     p.add_argument("--homes", default="homo,hetero", help="homo (0.4 CPU each) and/or hetero (0.8/0.4/0.2/0.2)")
-    p.add_argument("--workloads", default="enc16,enc64,enc128,dec", help="enc16, enc64, enc128, dec")
+    p.add_argument("--workloads", default="enc16,enc64,enc128,dec",
+                   help="enc16, enc64, enc128, dec; N_b = 2 sliced variants: enc16-bp2, enc64-bp2, enc128-bp2, "
+                        "mini128-bp2 (MiniLM); enc128-bp-slice (N_b = 4 sliced)")
     p.add_argument("--plans", default="single,pipeline,tp,bp-fixed,adaptive", help="plans to time")
     p.add_argument("--broker-mbit", type=int, default=None,
                    help="shape the broker's link too (default: unshaped, a wired hub)")

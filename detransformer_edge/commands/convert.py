@@ -13,7 +13,7 @@ HELP = "convert a pretrained encoder or decoder into a decoupled (block-parallel
 
 ENCODER_DEFAULTS = {"nd": 4, "nb": 2}
 # Decoders: two devices (nd=2) is what a household runs. nb=5 (6-layer blocks, 5 synchronisation
-# points per token, 24 of 30 layers decoupled) had the lowest held-out perplexity of the sliced,
+# points per token, 25 of 30 layers decoupled) had the lowest held-out perplexity of the sliced,
 # untrained SmolLM2-135M student among the nb values tried (8192 held-out tokens; teacher 124.6):
 # nb=3 3.0e6, nb=5 3.5e5, nb=6 1.1e6. All three are far from the teacher before distillation.
 DECODER_DEFAULTS = {"nd": 2, "nb": 5}
@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nd", type=int, default=None,
                         help="sub-blocks per decoupled layer (default 4 for encoders, 2 for decoders)")
     parser.add_argument("--nb", type=int, default=None, help="blocks (default 2 for encoders, 5 for decoders)")
+    parser.add_argument("--sub-attn", choices=("full", "slice"), default="full",
+                        help="sub-block attention: full (Q/K/V over all heads, default) or slice (the paper's: "
+                             "each sub-block owns n_heads/nd heads; nd must divide the head counts)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (resumes if it has a checkpoint)")
     parser.add_argument("--steps", type=int, default=None, help="distillation steps (default from the settings)")
     parser.add_argument("--batch-size", type=int, default=None)
@@ -75,7 +78,7 @@ def _run_encoder(args: argparse.Namespace, device: str) -> int:
         settings = dataclasses.replace(settings, steps=args.steps)
     if args.batch_size is not None:
         settings = dataclasses.replace(settings, batch_size=args.batch_size)
-    quality = convert_and_distil(args.source, nd, nb, args.out, settings, device=device)
+    quality = convert_and_distil(args.source, nd, nb, args.out, settings, device=device, sub_attn=args.sub_attn)
     print(f"wrote {args.out}/model.safetensors; held-out embedding cosine {quality['cosine_after']:.4f} "
           f"(initialised: {quality['cosine_init']:.4f}) in {quality['seconds']:.0f} s")
     return 0
@@ -97,7 +100,7 @@ def _run_decoder(args: argparse.Namespace, device: str) -> int:
         if getattr(args, arg) is not None:
             changes[field] = getattr(args, arg)
     settings = dataclasses.replace(DecoderDistilSettings(), **changes)
-    q = convert_decoder_and_distil(args.source, nd, nb, args.out, settings, device=device)
+    q = convert_decoder_and_distil(args.source, nd, nb, args.out, settings, device=device, sub_attn=args.sub_attn)
     print(f"wrote {args.out}/model.safetensors; held-out perplexity {q['ppl_after']:.2f} "
           f"(teacher {q['ppl_teacher']:.2f}, sliced init {q['ppl_init']:.2f}); top-1 agreement with the "
           f"teacher {q['agreement_after']:.3f}; {q['steps']} steps ({q['stopped_by']}) in {q['seconds']:.0f} s")

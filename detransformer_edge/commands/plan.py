@@ -14,9 +14,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profiles", nargs="+", required=True, metavar="FILE[*N]",
                         help="device profile TOML files (see firmware_profiles/); FILE*N adds N copies "
                              "named <name>-1..<name>-N")
-    parser.add_argument("--model", default="bert-base", help="model preset (default bert-base)")
-    parser.add_argument("--nd", type=int, default=4, help="sub-blocks per decoupled layer (default 4)")
-    parser.add_argument("--nb", type=int, default=2, help="blocks; 0 = the standard model (default 2)")
+    parser.add_argument("--model", default="bert-base",
+                        help="model preset (default bert-base) with --nd/--nb/--sub-attn, or a benchmark shape "
+                             "of the shapes catalog, which fixes them (bert-base-bp, bert-base-bp2, "
+                             "bert-base-bp-slice, minilm-bp2, smollm2-bp, ...)")
+    parser.add_argument("--nd", type=int, default=None, help="sub-blocks per decoupled layer (default 4)")
+    parser.add_argument("--nb", type=int, default=None, help="blocks; 0 = the standard model (default 2)")
+    parser.add_argument("--sub-attn", choices=("full", "slice"), default=None,
+                        help="sub-block heads: full (all heads, default) or slice (the paper's: n_heads/nd each)")
     parser.add_argument("--seq", type=int, required=True, help="sequence length (decode: context length)")
     parser.add_argument("--mode", choices=("encode", "prefill", "decode"), default=None,
                         help="request kind (default: encode for encoders, prefill for decoders)")
@@ -66,7 +71,6 @@ def _ms(seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from detransformer_edge.model.config import get_config
     from detransformer_edge.planner.cost import Broker, Request
     from detransformer_edge.planner.runtime import (
         DEFAULT_ACCURACY,
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     profiles = expand_profiles(args.profiles)
     if args.mbit is not None:
         profiles = [dataclasses.replace(p, link_mbit=args.mbit) for p in profiles]
-    cfg = get_config(args.model, nd=args.nd if args.nb else 1, nb=args.nb or None)
+    cfg = model_config(args)
     mode = args.mode or ("prefill" if getattr(cfg, "family") == "decoder" else "encode")
     request = Request(mode, args.seq, args.batch)
     broker = Broker(args.broker_mbit, args.per_message_ms)
@@ -89,7 +93,11 @@ def run(args: argparse.Namespace) -> int:
     ranked = planner.ranked(request, 6)
     best = ranked[0]
 
-    model_desc = f"{cfg.name} (nd={cfg.nd}, nb={cfg.nb})" if cfg.nb else f"{cfg.name} (standard)"
+    if cfg.nb:
+        heads = f"{cfg.sub_heads} heads" + (" (sliced)" if cfg.sub_attn == "slice" else " (full-width)")
+        model_desc = f"{args.model}: {cfg.name} (nd={cfg.nd}, nb={cfg.nb}, sub-blocks {cfg.d_sub} wide, {heads}, I'={cfg.d_ff_sub})"
+    else:
+        model_desc = f"{args.model}: {cfg.name} (standard)"
     print(f"model      {model_desc}; request {mode} seq {args.seq} batch {args.batch}")
     print(f"placement  {holdings_summary(static.placement.holdings)}")
     print(f"plan       {best.plan.describe()}")
@@ -111,6 +119,25 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {alt.total_s * 1e3:9.2f} ms (+{(alt.total_s - best.total_s) * 1e3:.2f})  "
                   f"{alt.plan.describe()}: {why_lost(alt, best)}")
     return 0
+
+
+def model_config(args: argparse.Namespace):  # -> ModelConfig
+    """A preset with the DeTransformer knobs, or a shapes-catalog name (which fixes them)."""
+    from detransformer_edge.errors import ConfigError
+    from detransformer_edge.model.config import PRESETS, get_config
+    from detransformer_edge.service.catalog import SHAPES, shape_config
+
+    if args.model in SHAPES and args.model not in PRESETS:
+        given = [f"--{n.replace('_', '-')}" for n in ("nd", "nb", "sub_attn") if getattr(args, n) is not None]
+        if given:
+            preset = SHAPES[args.model][0]
+            raise ConfigError(f"--model {args.model} fixes the layout; drop {', '.join(given)} "
+                              f"or use --model {preset} with them")
+        return shape_config(args.model)
+    nb = 2 if args.nb is None else args.nb
+    if not nb:
+        return get_config(args.model)
+    return get_config(args.model, nd=4 if args.nd is None else args.nd, nb=nb, sub_attn=args.sub_attn or "full")
 
 
 def why_lost(alt: object, best: object) -> str:

@@ -6,14 +6,25 @@ unset the model is the standard one: every layer is an ordinary (coupled) layer.
 the ``n_layers`` layers form ``nb`` blocks of ``n_layers / nb`` layers; in each block every layer
 but the last is decoupled and the last is coupled (the block's only synchronisation point).
 
+Two sub-block attention layouts (``sub_attn``):
+
+* ``"slice"`` — the paper's: sub-block j owns the ``n_heads / nd`` query heads (and
+  ``n_kv_heads / nd`` K/V heads) whose rows of Q/K/V lie in its own feature slice, so Q/K/V map
+  d/nd -> d/nd and a sub-block is exactly an ordinary layer of width d/nd: nd sub-blocks cost
+  what one layer costs. Needs nd to divide the head counts (SmolLM2's 9 query / 3 K/V heads:
+  nd in {1, 3}; see ``_check_sliced_heads``).
+* ``"full"`` — Q/K/V map d/nd -> d over all heads: nd times the attention of a layer
+  (up to 1.23x a standard layer on one device), sometimes easier to distil.
+
 The FFN width inside a sub-block, ``d_ff_sub`` (the paper's I'), is derived so that a decoupled
-layer has the same parameter count as an ordinary one, which keeps the decoupled model the
-same size as the original.
+layer holds as many parameters as an ordinary one, which keeps the decoupled model the same size
+as the original (``_matching_sub_ffn`` has the maths for both layouts).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -56,28 +67,83 @@ class _BlockParallelMixin:
         self.d_sub = self.d_model // self.nd
         if self.sub_attn not in ("full", "slice"):
             raise ConfigError(f"sub_attn must be 'full' or 'slice', got {self.sub_attn!r}")
+        n_kv: int = getattr(self, "n_kv_heads", self.n_heads)
         if self.sub_attn == "slice":
-            for heads_name in ("n_heads", "n_kv_heads"):
-                heads = getattr(self, heads_name, self.n_heads)
-                if heads % self.nd:
-                    raise ConfigError(f"sub_attn='slice' needs nd={self.nd} to divide {heads_name}={heads}")
+            self._check_sliced_heads(n_kv)
         self.sub_heads = self.n_heads if self.sub_attn == "full" else self.n_heads // self.nd
+        self.sub_kv_heads = n_kv if self.sub_attn == "full" else n_kv // self.nd
         if self.sub_ffn is not None:
             _check_positive(self, "sub_ffn")
             self.d_ff_sub = self.sub_ffn
         else:
             self.d_ff_sub = self._matching_sub_ffn()
 
+    def _check_sliced_heads(self, n_kv: int) -> None:
+        """Sliced attention cuts the heads, never a head: nd must divide both head counts.
+
+        A head is the unit of attention (one softmax over a head_dim-wide dot product; RoPE rotates
+        pairs (i, i + head_dim/2) inside it) and a GQA K/V head serves a fixed group of query
+        heads, so sub-block j can own heads only whole, with their K/V head. Any other split (e.g.
+        SmolLM2, 9/3 heads of 64, over nd = 2 or 4: 4.5 or 2.25 heads per 288- or 144-wide slice)
+        would have to re-cut heads into narrower ones (64 -> 32 dims, 18/6 heads), which computes
+        a different function: softmax(q.k) over 64 dims is not a combination of two softmaxes over
+        32, so no copy of the teacher's weights reproduces its attention. Such a layout would be a
+        new architecture distilled from an approximate start; it is not offered.
+        """
+        if self.n_heads % self.nd or n_kv % self.nd:
+            ok = [k for k in range(1, math.gcd(self.n_heads, n_kv) + 1)
+                  if self.n_heads % k == 0 and n_kv % k == 0 and self.d_model % k == 0]
+            kv = "" if n_kv == self.n_heads else f" and n_kv_heads={n_kv}"
+            raise ConfigError(
+                f"sub_attn='slice' needs nd={self.nd} to divide n_heads={self.n_heads}{kv} (each sub-block owns "
+                f"whole heads); use nd in {ok} or sub_attn='full'"
+            )
+
     def _matching_sub_ffn(self) -> int:
         """I' such that nd sub-blocks hold as many parameters as one ordinary layer.
 
-        Parameters of a layer are affine in the FFN width: p(I) = a + b*I. Solve
-        nd * p_sub(I') = p_full(d_ff) for I' and round to the nearest integer.
+        A layer's parameter count is affine in its FFN width: p(I) = a + b*I. We solve
+        nd * p_sub(I') = p(d_ff) for I' and round to the nearest integer.
+
+        ``sub_attn="slice"`` counts weight matrices, as the paper does. A sub-block of width
+        w = d/nd with its own heads has attention matrices 1/nd^2 the size of a layer's, so
+        (encoder, 4 d x d attention + 2 d x I FFN)::
+
+            nd * (4 w^2 + 2 w I') = 4 d^2 + 2 d I   =>   I' = I + 2 d (1 - 1/nd)
+
+        (BERT-base, nd = 4: 3072 + 1152 = 4224, the paper's I'; MiniLM, nd = 4: 2112), and
+        (decoder, Q and O d x d, K and V d x d_kv, SwiGLU 3 d x I)::
+
+            nd * (2 w^2 + 2 w d_kv/nd + 3 w I') = 2 d^2 + 2 d d_kv + 3 d I
+                =>   I' = I + 2/3 (d + d_kv) (1 - 1/nd)
+
+        (SmolLM2, d_kv = 192, nd = 3: 1536 + 341.3 -> 1877). Norm weights and attention biases
+        are d/nd per sub-block, so they match either way; the one vector that does not is the
+        FFN up-projection bias (nd * I' entries instead of I): BERT-base nd = 4 nb = 2 has
+        0.13 % more parameters than BERT-base.
+
+        ``sub_attn="full"`` counts every parameter, biases and norms included (MiniLM nd = 4:
+        I' = 1526). That derivation predates the sliced layout and is kept because the shipped
+        full-width checkpoints were distilled at these widths.
         """
-        full = self.layer_params(self.d_model, self.n_heads, self.d_ff)
-        a = self.layer_params(self.d_sub, self.sub_heads, 0)
-        b = self.layer_params(self.d_sub, self.sub_heads, 1) - a
+        count = self.layer_matrix_params if self.sub_attn == "slice" else self.layer_params
+        full = count(self.d_model, self.n_heads, self.d_ff)
+        a = count(self.d_sub, self.sub_heads, 0)
+        b = count(self.d_sub, self.sub_heads, 1) - a
         return max(1, round((full / self.nd - a) / b))
+
+    def sub_head_rows(self, j: int) -> slice:
+        """Rows of a layer's Q (columns of its O) that sub-block ``j``'s heads use: all of them
+        with ``sub_attn="full"``, its own ``sub_heads`` heads with ``"slice"``."""
+        return self._rows(j, self.sub_heads * self.head_dim)
+
+    def sub_kv_rows(self, j: int) -> slice:
+        """Rows of a layer's K and V that sub-block ``j`` uses (its GQA K/V heads when sliced)."""
+        return self._rows(j, self.sub_kv_heads * self.head_dim)
+
+    def _rows(self, j: int, n: int) -> slice:
+        self.sub_slice(j)  # checks j
+        return slice(0, n) if self.sub_attn == "full" else slice(j * n, (j + 1) * n)
 
     @property
     def is_decoupled(self) -> bool:
@@ -135,6 +201,10 @@ class EncoderConfig(_BlockParallelMixin):
         mlp = width * ffn + ffn + ffn * width + width
         return attn + mlp + 4 * width  # two LayerNorms (weight + bias)
 
+    def layer_matrix_params(self, width: int, heads: int, ffn: int) -> int:
+        """Weight-matrix entries of one encoder layer (no biases, no norms): the paper's count."""
+        return 4 * width * heads * self.head_dim + 2 * width * ffn
+
     @classmethod
     def from_name(cls, name: str, **overrides: object) -> EncoderConfig:
         return _from_name(name, cls, overrides)
@@ -168,7 +238,6 @@ class DecoderConfig(_BlockParallelMixin):
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"n_kv_heads {self.n_kv_heads} must divide n_heads {self.n_heads}")
         self._derive_layout()
-        self.sub_kv_heads = self.n_kv_heads if self.sub_attn == "full" else self.n_kv_heads // self.nd
 
     def layer_params(self, width: int, heads: int, ffn: int) -> int:
         """Parameters of one decoder layer of residual width ``width`` (no biases)."""
@@ -176,6 +245,10 @@ class DecoderConfig(_BlockParallelMixin):
         d_q, d_kv = heads * self.head_dim, kv_heads * self.head_dim
         attn = width * d_q + 2 * width * d_kv + d_q * width
         return attn + 3 * width * ffn + 2 * width  # SwiGLU + two RMSNorm weights
+
+    def layer_matrix_params(self, width: int, heads: int, ffn: int) -> int:
+        """Weight-matrix entries of one decoder layer (no norms): the paper's count."""
+        return self.layer_params(width, heads, ffn) - 2 * width
 
     @classmethod
     def from_name(cls, name: str, **overrides: object) -> DecoderConfig:

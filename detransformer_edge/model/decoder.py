@@ -6,6 +6,7 @@ Decoupled sub-blocks are causal like any decoder layer and keep their own KV cac
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from detransformer_edge.model.config import DecoderConfig
@@ -14,7 +15,9 @@ from detransformer_edge.model.layers import (
     DecoupledLayer,
     KVCache,
     RotaryEmbedding,
+    SubBlockGroup,
     SwiGLU,
+    attend_heads,
 )
 
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -34,6 +37,25 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope=rope, cache=cache)
         return x + self.ffn(self.ffn_norm(x))
+
+    @staticmethod
+    def group_forward(g: SubBlockGroup, x: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
+        """``forward`` of every sub-block of group ``g`` at once: x (B, T, n * w); ``cache``
+        holds all n sub-blocks' K/V heads (n * B, Hkv, S, hd)."""
+        B, T, _ = x.shape
+        first = g.blocks[0]
+        H, Hkv = first.attn.n_heads, first.attn.n_kv_heads
+        xs = g.split(x)  # (n, B*T, w)
+        a = g.rms_norm("attn_norm", xs, first.attn_norm.eps)
+        q = g.heads(g.linear("attn.q_proj", a), B, T, H)  # (n*B, H, T, hd)
+        k = g.heads(g.linear("attn.k_proj", a), B, T, Hkv)  # (n*B, Hkv, T, hd)
+        v = g.heads(g.linear("attn.v_proj", a), B, T, Hkv)
+        o = g.unheads(attend_heads(q, k, v, causal=True, rope=rope, cache=cache))  # (n, B*T, H*hd)
+        xs = xs + g.linear("attn.o_proj", o)
+        f = g.rms_norm("ffn_norm", xs, first.ffn_norm.eps)
+        up = F.silu(g.linear("ffn.gate", f), inplace=True).mul_(g.linear("ffn.up", f))  # in place: see encoder
+        xs = xs + g.linear("ffn.down", up)
+        return g.merge(xs, B, T)
 
     def new_cache(self) -> KVCache:
         return KVCache()
@@ -85,6 +107,14 @@ class Decoder(nn.Module):
 
     def new_caches(self) -> list[LayerCache]:
         return [layer.new_cache() for layer in self.layers]
+
+    def fuse_sub_blocks(self) -> None:
+        """Run each decoupled layer's sub-blocks as one batched computation when no gradient is
+        wanted (``DecoupledLayer.fuse``): what a device holding a whole decoupled layer does.
+        Call after loading weights (and before ``new_caches``)."""
+        for layer in self.layers:
+            if isinstance(layer, DecoupledLayer):
+                layer.fuse()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # parameters() counts a tied matrix once

@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from detransformer_edge.model.config import EncoderConfig
-from detransformer_edge.model.layers import Attention, DecoupledLayer, GeluMLP, KVCache
+from detransformer_edge.model.layers import (
+    Attention,
+    DecoupledLayer,
+    GeluMLP,
+    KVCache,
+    SubBlockGroup,
+    attend_heads,
+)
 
 
 class EncoderLayer(nn.Module):
@@ -25,6 +32,25 @@ class EncoderLayer(nn.Module):
     ) -> torch.Tensor:
         x = self.attn_norm(x + self.attn(x, mask))
         return self.ffn_norm(x + self.ffn(x))
+
+    @staticmethod
+    def group_forward(
+        g: SubBlockGroup, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """``forward`` of every sub-block of group ``g`` at once: x (B, T, n * w)."""
+        B, T, _ = x.shape
+        first = g.blocks[0]
+        H, eps = first.attn.n_heads, first.attn_norm.eps
+        xs = g.split(x)  # (n, B*T, w)
+        q = g.heads(g.linear("attn.q_proj", xs), B, T, H)  # (n*B, H, T, hd)
+        k = g.heads(g.linear("attn.k_proj", xs), B, T, H)
+        v = g.heads(g.linear("attn.v_proj", xs), B, T, H)
+        a = g.unheads(attend_heads(q, k, v, causal=False, mask=g.batch_mask(mask)))  # (n, B*T, H*hd)
+        xs = g.layer_norm("attn_norm", xs + g.linear("attn.o_proj", a), eps)
+        # in place: the (n, rows, I') intermediate is the group's largest tensor; one fewer
+        # fresh allocation of it (same values as F.gelu)
+        f = g.linear("ffn.down", torch.ops.aten.gelu_(g.linear("ffn.up", xs)))
+        return g.merge(g.layer_norm("ffn_norm", xs + f, first.ffn_norm.eps), B, T)
 
 
 class EncoderEmbeddings(nn.Module):
@@ -94,6 +120,14 @@ class Encoder(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
     ) -> torch.Tensor:
         return mean_pool(self(input_ids, attention_mask), attention_mask, normalize)
+
+    def fuse_sub_blocks(self) -> None:
+        """Run each decoupled layer's sub-blocks as one batched computation when no gradient is
+        wanted (``DecoupledLayer.fuse``): what a device holding a whole decoupled layer does.
+        Call after loading weights (and before ``new_caches``)."""
+        for layer in self.layers:
+            if isinstance(layer, DecoupledLayer):
+                layer.fuse()
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

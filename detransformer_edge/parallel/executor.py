@@ -282,7 +282,7 @@ class _Pass:
     def _sub_blocks(self, layers: range, slices: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """This device's sub-blocks of consecutive decoupled layers: no communication between them."""
         for i in layers:
-            slices = {j: self._sub_block(i, j, x) for j, x in slices.items()}
+            slices = self._sub_layer(i, slices)
         return slices
 
     async def run(self) -> torch.Tensor | None:
@@ -343,6 +343,8 @@ class _Pass:
     def _layer_full(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Layer i on the full hidden state, with whole weights held here."""
         if self.cfg.layer_kinds[i] == "decoupled":
+            if self.shard.groups.get(i, ((),))[0] == tuple(range(self.cfg.nd)):
+                return self._sub_group(i, h)
             return torch.cat([self._sub_block(i, j, h[..., self.cfg.sub_slice(j)]) for j in range(self.cfg.nd)], -1)
         layer = self.shard.coupled.get(i)  # a coupled layer held whole
         if layer is None:
@@ -355,6 +357,21 @@ class _Pass:
         if block is None:
             raise self.shard.need(f"sub-block {j} of layer {i}")
         return block(x, *self._layer_args(x), cache=self._cache("s", i, j))
+
+    @torch.no_grad()
+    def _sub_group(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """This device's sub-blocks of layer i as one batched computation (``shard.groups``):
+        x holds their slices side by side, in index order."""
+        _, group = self.shard.groups[i]
+        return group(x, *self._layer_args(x), cache=self._cache("g", i))
+
+    def _sub_layer(self, i: int, slices: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Layer i on the slices this device owns: grouped when it holds exactly these."""
+        js = self.shard.groups.get(i, ((),))[0]
+        if js and set(js) == set(slices):
+            outs = self._sub_group(i, torch.cat([slices[j] for j in js], -1)).split(self.cfg.d_sub, dim=-1)
+            return dict(zip(js, outs))
+        return {j: self._sub_block(i, j, x) for j, x in slices.items()}
 
     async def _tp_layer(self, i: int, h: torch.Tensor, group: tuple[str, ...]) -> torch.Tensor:
         rank, k = group.index(self.me), len(group)

@@ -1,7 +1,10 @@
 """The weights one device holds, cut from a full model by a placement (gpt-fast style: the
 model code stays unchanged; parallelism is applied to it in a separate pass).
 
-* a sub-block of a decoupled layer is used as it is (it is an ordinary module);
+* a sub-block of a decoupled layer is an ordinary module; the sub-blocks a device holds of one
+  layer (one or several) also form a :class:`SubBlockGroup` that runs them as one batched
+  computation on the same storage, with the FFN's up/gate weights laid out for short-K
+  products (see ``model/layers.py``);
 * a coupled layer is either a whole replica or a Megatron tensor-parallel shard
   (:class:`TPShard`): a contiguous range of heads (column-parallel Q/K/V, row-parallel output)
   and of FFN units (column-parallel up/gate, row-parallel down). Ranges may be uneven, so any
@@ -20,7 +23,7 @@ from torch import nn
 from detransformer_edge.model.config import DecoderConfig, EncoderConfig
 from detransformer_edge.model.decoder import Decoder
 from detransformer_edge.model.encoder import Encoder
-from detransformer_edge.model.layers import Attention, DecoupledLayer, KVCache
+from detransformer_edge.model.layers import Attention, DecoupledLayer, KVCache, SubBlockGroup
 from detransformer_edge.parallel.plan import DeviceWeights, PlanError
 from detransformer_edge.weights.quant.linear import GROUP_SIZE, quantize_model
 
@@ -137,6 +140,8 @@ class DeviceShard:
     sub_blocks: dict[tuple[int, int], nn.Module] = field(default_factory=dict)  # (layer, j)
     coupled: dict[int, nn.Module] = field(default_factory=dict)  # layer -> whole layer
     tp: dict[tuple[int, int, int], TPShard] = field(default_factory=dict)  # (layer, rank, k)
+    # layer -> (indices of the sub-blocks this device holds, their group)
+    groups: dict[int, tuple[tuple[int, ...], SubBlockGroup]] = field(default_factory=dict)
     rope: nn.Module | None = None  # decoder rotary table (no parameters)
 
     def nbytes(self) -> int:
@@ -173,6 +178,9 @@ def build_shard(model: Encoder | Decoder, weights: DeviceWeights) -> DeviceShard
             held = range(cfg.nd) if i in weights.whole_layers else weights.sub_blocks
             for j in held:
                 shard.sub_blocks[(i, j)] = layer.sub_blocks[j]
+            js = tuple(sorted(held))
+            if js:
+                shard.groups[i] = (js, SubBlockGroup([layer.sub_blocks[j] for j in js]))
         else:
             if i in weights.whole_layers:
                 shard.coupled[i] = layer

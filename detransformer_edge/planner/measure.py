@@ -77,7 +77,10 @@ def measure_matmul_gflops(cfg: object, seq_len: int, budget_s: float = 3.0) -> f
     shapes = [(d, 3 * d), (d, d), (d, getattr(cfg, "d_ff")), (getattr(cfg, "d_ff"), d)]
     d_sub: int = getattr(cfg, "d_sub", d)
     if d_sub != d:
-        shapes += [(d_sub, 3 * d), (d, d_sub), (d_sub, getattr(cfg, "d_ff_sub")), (getattr(cfg, "d_ff_sub"), d_sub)]
+        # sub-block attention width: all heads (d) full-width, its own heads (d / nd) sliced
+        d_attn = getattr(cfg, "sub_heads") * getattr(cfg, "head_dim")
+        shapes += [(d_sub, 3 * d_attn), (d_attn, d_sub), (d_sub, getattr(cfg, "d_ff_sub")),
+                   (getattr(cfg, "d_ff_sub"), d_sub)]
     with torch.inference_mode():
         xs = {k: torch.randn(seq_len, k) for k, _ in shapes}
         ws = [torch.randn(n, k) for k, n in shapes]

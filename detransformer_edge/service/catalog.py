@@ -222,6 +222,12 @@ def default_catalog() -> Catalog:
 
         return check
 
+    converted: dict[str, ServedModel] = {}
+    for name, (dirname, description) in CONVERTED.items():
+        model_dir = converted_dir(dirname)
+        if (model_dir / "model.safetensors").is_file():
+            converted[name] = _converted_entry(model_dir, description, embed_tools)
+
     models: dict[str, ServedModel] = {}
     if (default_weights_dir() / "model.safetensors").exists():
         models["intent"] = ServedModel("intent", intent_config, intent_loader, 128, "decoupled MiniLM, intent + slot heads",
@@ -240,7 +246,49 @@ def default_catalog() -> Catalog:
         "smollm2-135m": ServedModel("generate", lambda: get_config("smollm2-135m"), generate_loader, 2048,
                                     "SmolLM2-135M-Instruct", lazy_source("smollm2-135m"), generate_tools,
                                     installed("smollm2-135m"), quant="int8"),
+        **converted,
     })
+
+
+# Distilled decoupled models served when `detransformer-edge convert` has written them:
+# catalog name -> (folder under converted_dir(), description). Commands in docs/ACCURACY.md.
+CONVERTED: dict[str, tuple[str, str]] = {
+    "minilm-bp2": ("minilm-l6-nd4-nb2-slice", "all-MiniLM-L6-v2 distilled to sliced sub-blocks, N_d=4 N_b=2"),
+}
+
+
+def converted_dir(name: str) -> Any:  # -> Path
+    """Where `convert --out` puts a converted model by default (``~/.cache/detransformer_edge/converted``)."""
+    from pathlib import Path
+
+    return Path.home() / ".cache" / "detransformer_edge" / "converted" / name
+
+
+def _converted_entry(model_dir: Any, description: str, tools: Callable[[], LoadedServedModel]) -> ServedModel:
+    """An embedding model distilled by `convert` (model.safetensors + config.json, our names);
+    tokenizer from the teacher's package."""
+    import json
+
+    def config() -> Any:
+        from detransformer_edge.model.config import EncoderConfig
+
+        return EncoderConfig(**json.loads((model_dir / "config.json").read_text())["encoder"])
+
+    def load() -> LoadedServedModel:
+        from detransformer_edge.training.convert import load_student
+
+        return LoadedServedModel(load_student(model_dir), tools().tokenizer)
+
+    opened: list[Any] = []
+
+    def tensors(names: Collection[str]) -> dict[str, Any]:
+        from detransformer_edge.service.weights import SafetensorsSource, _verified
+
+        if not opened:
+            opened.append(SafetensorsSource.mapped(_verified(model_dir / "model.safetensors"), lambda k: k))
+        return opened[0](names)
+
+    return ServedModel("embed", config, load, 512, description, tensors, tools)
 
 
 # --- random catalogs (tests, benchmarks) -----------------------------------------------------------
@@ -288,20 +336,49 @@ def tiny_catalog(seed: int = 0) -> Catalog:
     })
 
 
-def shape_catalog(seed: int = 0) -> Catalog:
-    """Random models of the benchmark shapes: BERT-base and SmolLM2-135M, standard and decoupled
-    (N_d = 4, N_b = 4 for BERT-base; N_d = 4, N_b = 6 for SmolLM2's 30 layers)."""
+SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    # name -> (preset, DeTransformer knobs): the benchmark shapes, random weights. The first model
+    # of each task is its default (Catalog.default_for): the decoupled ones, as before.
+    "bert-base-bp": ("bert-base", {"nd": 4, "nb": 4}),  # the paper's fixed plan model (full-width heads)
+    "bert-base": ("bert-base", {}),
+    "bert-base-bp-slice": ("bert-base", {"nd": 4, "nb": 4, "sub_attn": "slice"}),  # its sliced twin
+    "bert-base-bp2": ("bert-base", {"nd": 4, "nb": 2, "sub_attn": "slice"}),  # N_b = 2, the paper's heads, I' 4224
+    "minilm-shape": ("minilm-l6", {}),
+    "minilm-bp2": ("minilm-l6", {"nd": 4, "nb": 2, "sub_attn": "slice"}),
+    "smollm2-bp": ("smollm2-135m", {"nd": 4, "nb": 6}),
+    "smollm2-shape": ("smollm2-135m", {}),
+}
+
+
+def shape_config(name: str) -> Any:
+    """The config of a shapes-catalog model (what ``shape_catalog().get(name).config()`` returns)."""
     from detransformer_edge.model.config import get_config
 
-    return Catalog({
-        "bert-base-bp": _random_entry("embed", lambda: get_config("bert-base", nd=4, nb=4), seed,
-                                      "BERT-base shape, decoupled N_d=4 N_b=4 (random)", 512),
-        "bert-base": _random_entry("embed", lambda: get_config("bert-base"), seed, "BERT-base shape (random)", 512),
-        "smollm2-bp": _random_entry("generate", lambda: get_config("smollm2-135m", nd=4, nb=6), seed,
-                                    "SmolLM2-135M shape, decoupled N_d=4 N_b=6 (random)", 1024),
-        "smollm2-shape": _random_entry("generate", lambda: get_config("smollm2-135m"), seed,
-                                       "SmolLM2-135M shape (random)", 1024),
-    })
+    if name not in SHAPES:
+        raise ConfigError(f"unknown benchmark shape {name!r}; known: {', '.join(SHAPES)}")
+    preset, knobs = SHAPES[name]
+    return get_config(preset, **knobs)
+
+
+def shape_catalog(seed: int = 0) -> Catalog:
+    """Random models of the benchmark shapes (``SHAPES``): BERT-base, MiniLM and SmolLM2-135M,
+    standard and decoupled: N_d = 4 with N_b = 4 (full-width, the paper's fixed plan model, and
+    its sliced twin) or N_b = 2 (sliced) for the encoders; N_d = 4, N_b = 6 for SmolLM2's 30
+    layers (full-width: sliced SmolLM2 needs N_d = 3)."""
+    from detransformer_edge.model.config import get_config
+
+    def entry(name: str) -> ServedModel:
+        preset, knobs = SHAPES[name]
+        cfg = get_config(preset, **knobs)
+        task: Task = "generate" if cfg.family == "decoder" else "embed"
+        if knobs:
+            layout = f"decoupled N_d={cfg.nd} N_b={cfg.nb}, {'sliced' if cfg.sub_attn == 'slice' else 'full-width'} heads"
+        else:
+            layout = "standard"
+        return _random_entry(task, lambda: shape_config(name), seed, f"{preset} shape, {layout} (random)",
+                             1024 if task == "generate" else 512)
+
+    return Catalog({name: entry(name) for name in SHAPES})
 
 
 CATALOGS: dict[str, Callable[[], Catalog]] = {

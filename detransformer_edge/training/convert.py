@@ -3,14 +3,19 @@
 Initialisation (``init_student``) copies what carries over exactly and slices the rest:
 
 * embeddings and coupled layers: copied;
-* decoupled layer i, sub-block j owning features ``s = cfg.sub_slice(j)``:
-  Q/K/V take the teacher's input columns ``s`` (all heads, bias whole); the output projection takes
-  the teacher's rows ``s``; both LayerNorms take slice ``s``; the FFN takes input columns / output
+* decoupled layer i, sub-block j owning features ``s = cfg.sub_slice(j)`` and heads
+  ``r = cfg.sub_head_rows(j)``: Q/K/V take the teacher's rows ``r`` and input columns ``s``
+  (``W[r, s]``, bias ``b[r]``); the output projection takes rows ``s`` and columns ``r``
+  (``W_o[s, r]``, bias ``b_o[s]``). With ``sub_attn="full"`` ``r`` is every head; with
+  ``"slice"`` it is the sub-block's own ``n_heads / nd`` heads — the heads whose Q/K/V rows lie
+  in its slice, so each head keeps its own query, key, value and output weights and only loses
+  the input columns of the other slices. Both LayerNorms take slice ``s``; the FFN takes input columns / output
   rows ``s`` of the teacher's intermediate units, ordered with the sub-block's own group of
   ``d_ff / nd`` units first and the other groups after it, trimmed (or zero-padded) to I'.
-  With I' close to d_ff (the parameter-matched I' of MiniLM is 1526 of 1536) every sub-block keeps
-  almost all of the teacher's units instead of a quarter of them; the group order decides which
-  few units are trimmed.
+  With I' close to d_ff (the parameter-matched I' of MiniLM is 1526 of 1536 with full-width
+  attention) every sub-block keeps almost all of the teacher's units instead of a quarter of them;
+  the group order decides which few units are trimmed. Sliced sub-blocks have I' > d_ff (2112 for
+  MiniLM nd = 4): they keep all 1536 units and the rest start silent (random up, zero down).
 
 With ``nd == 1`` (and I' = d_ff) the student is the teacher exactly; ``tests/test_convert.py``
 checks that. Distillation (``distil``) then trains the student to match the teacher's hidden
@@ -59,8 +64,6 @@ def init_student(teacher: Encoder, student_cfg: EncoderConfig, seed: int = 0) ->
             raise ConfigError(f"student {name}={getattr(student_cfg, name)} differs from teacher's {getattr(tcfg, name)}")
     if teacher.cfg.is_decoupled:
         raise ConfigError("the teacher must be a standard (coupled) encoder")
-    if student_cfg.sub_attn != "full":
-        raise ConfigError("conversion supports sub_attn='full' (sub-block Q/K/V span all heads)")
     torch.manual_seed(seed)
     student = Encoder(student_cfg)
     T = teacher.state_dict()
@@ -82,11 +85,12 @@ def init_student(teacher: Encoder, student_cfg: EncoderConfig, seed: int = 0) ->
             def t(p: str, i: int = i) -> torch.Tensor:
                 return T[f"layers.{i}.{p}"]
 
+            r = student_cfg.sub_head_rows(j)
             pre = f"layers.{i}.sub_blocks.{j}."
             for p in ("q_proj", "k_proj", "v_proj"):
-                out[pre + f"attn.{p}.weight"] = t(f"attn.{p}.weight")[:, s].clone()  # (d_attn, d_sub)
-                out[pre + f"attn.{p}.bias"] = t(f"attn.{p}.bias").clone()
-            out[pre + "attn.o_proj.weight"] = t("attn.o_proj.weight")[s, :].clone()  # (d_sub, d_attn)
+                out[pre + f"attn.{p}.weight"] = t(f"attn.{p}.weight")[r, s].clone()  # (sub_heads*hd, d_sub)
+                out[pre + f"attn.{p}.bias"] = t(f"attn.{p}.bias")[r].clone()
+            out[pre + "attn.o_proj.weight"] = t("attn.o_proj.weight")[s, r].clone()  # (d_sub, sub_heads*hd)
             out[pre + "attn.o_proj.bias"] = t("attn.o_proj.bias")[s].clone()
             for norm in ("attn_norm", "ffn_norm"):
                 for w in ("weight", "bias"):
@@ -107,6 +111,28 @@ def init_student(teacher: Encoder, student_cfg: EncoderConfig, seed: int = 0) ->
         raise ConfigError(f"conversion left student parameters unset: {sorted(missing)[:5]}")
     student.load_state_dict(out)
     return student
+
+
+def layout_of(cfg: EncoderConfig | DecoderConfig) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed into a student of ``cfg``."""
+    return {"nd": cfg.nd, "nb": cfg.nb, "sub_attn": cfg.sub_attn, "d_ff_sub": cfg.d_ff_sub}
+
+
+def load_resumable(ckpt: Path, student: torch.nn.Module, device: str) -> dict[str, Any]:
+    """The checkpoint at ``ckpt``, its student weights loaded into ``student``; a ConfigError
+    (not a shape error deep in torch) when it was written for another layout."""
+    state = torch.load(ckpt, map_location=device, weights_only=True)
+    want = layout_of(student.cfg)
+    have = state.get("layout")
+    if have is not None and have != want:
+        raise ConfigError(f"{ckpt} is a checkpoint of layout {have}, not {want}: "
+                          f"use another --out or delete {ckpt.parent}")
+    try:
+        student.load_state_dict(state["student"])
+    except RuntimeError as exc:
+        raise ConfigError(f"{ckpt} does not fit a student of layout {want} ({str(exc).splitlines()[0]}): "
+                          f"use another --out or delete {ckpt.parent}") from None
+    return state
 
 
 def block_ends(cfg: EncoderConfig | DecoderConfig) -> list[int]:
@@ -271,8 +297,7 @@ def distil(student: Encoder, teacher: Encoder, train: Sequence[str], tokenize: T
     step = 0
     ckpt = out_dir / "checkpoint.pt" if out_dir is not None else None
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        student.load_state_dict(state["student"])
+        state = load_resumable(ckpt, student, device)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = int(state["step"])
@@ -304,7 +329,7 @@ def distil(student: Encoder, teacher: Encoder, train: Sequence[str], tokenize: T
         if ckpt is not None and (step % settings.checkpoint_every == 0 or step == settings.steps):
             tmp = ckpt.with_suffix(".tmp")
             torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "step": step}, tmp)
+                        "scheduler": sched.state_dict(), "step": step, "layout": layout_of(student.cfg)}, tmp)
             os.replace(tmp, ckpt)
     if bar is not None:
         bar.close()
@@ -373,7 +398,7 @@ def make_tokenize(tokenizer: Any) -> Tokenize:
 
 
 def convert_and_distil(source: str, nd: int, nb: int, out_dir: str | Path, settings: DistilSettings,
-                       device: str = "cpu") -> dict[str, Any]:
+                       device: str = "cpu", sub_attn: str = "full") -> dict[str, Any]:
     """The whole `convert` command: init from ``source``, distil, write model, config and quality."""
     from detransformer_edge.model.config import get_config
     from detransformer_edge.training.corpus import load_corpus
@@ -382,7 +407,7 @@ def convert_and_distil(source: str, nd: int, nb: int, out_dir: str | Path, setti
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher, tokenizer = load_pretrained(source)
-    cfg = get_config(source, nd=nd, nb=nb)
+    cfg = get_config(source, nd=nd, nb=nb, sub_attn=sub_attn)
     if not isinstance(cfg, EncoderConfig):
         raise ConfigError(f"{source!r} is not an encoder; conversion handles encoders only")
     cfg = dataclasses_replace(cfg, norm_eps=teacher.cfg.norm_eps)
@@ -402,7 +427,8 @@ def convert_and_distil(source: str, nd: int, nb: int, out_dir: str | Path, setti
     teacher.to("cpu")
     after = embedding_cosine(student, teacher, held, tokenize, settings.max_len)
     quality = {
-        "source": source, "nd": nd, "nb": nb, "d_ff_sub": cfg.d_ff_sub,
+        "source": source, "nd": nd, "nb": nb, "sub_attn": cfg.sub_attn, "d_ff_sub": cfg.d_ff_sub,
+        "params_teacher": teacher.num_params(), "params_student": student.num_params(),
         "cosine_init": init_cos, "cosine_after": after, "held_out_sentences": len(held),
         "train_sentences": len(corpus.train), "corpus_fingerprint": corpus.fingerprint,
         "settings": asdict(settings), "final_loss": losses[-1] if losses else None,

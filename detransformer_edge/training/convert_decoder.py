@@ -4,9 +4,14 @@ distil it; the decoder counterpart of ``training/convert.py`` (which handles enc
 Initialisation (``init_decoder_student``) copies what carries over exactly and slices the rest:
 
 * token embedding (tied with the output head), final RMSNorm and coupled layers: copied;
-* decoupled layer i, sub-block j owning features ``s = cfg.sub_slice(j)``:
-  Q/K/V take the teacher's input columns ``s`` (all query heads and all GQA K/V heads, so RoPE
-  applies unchanged); the output projection takes the teacher's rows ``s``; both RMSNorm weights
+* decoupled layer i, sub-block j owning features ``s = cfg.sub_slice(j)``, query-head rows
+  ``r = cfg.sub_head_rows(j)`` and K/V rows ``kv = cfg.sub_kv_rows(j)``: Q takes ``W_q[r, s]``,
+  K and V take ``W[kv, s]``, the output projection ``W_o[s, r]``. With ``sub_attn="full"`` ``r``
+  and ``kv`` are every head; with ``"slice"`` (nd must divide both head counts: SmolLM2's 9/3
+  heads, nd = 3) sub-block j owns query heads 3j..3j+2 and the one K/V head j they share in the
+  teacher, so the GQA grouping is the teacher's. Heads keep their 64 dimensions in the
+  rotate-half order (the GGUF permutation is undone on load), so RoPE applies unchanged in
+  either layout; both RMSNorm weights
   take slice ``s`` (the sub-block normalises by the RMS of its own slice: the one approximation at
   init besides the cut cross-slice terms); SwiGLU gate/up take input columns ``s`` and down takes
   output rows ``s`` of the teacher's intermediate units, ordered with the sub-block's own group of
@@ -65,6 +70,8 @@ from detransformer_edge.training.convert import (
     _batches,
     _ffn_unit_order,
     block_ends,
+    layout_of,
+    load_resumable,
     warmup_cosine,
 )
 
@@ -103,8 +110,6 @@ def init_decoder_student(teacher: Decoder, student_cfg: DecoderConfig, seed: int
             raise ConfigError(
                 f"student {name}={getattr(student_cfg, name)} differs from teacher's {getattr(tcfg, name)}"
             )
-    if student_cfg.sub_attn != "full":
-        raise ConfigError("conversion supports sub_attn='full' (sub-block Q/K/V span all heads)")
     if student_cfg.tie_embeddings != tcfg.tie_embeddings:
         raise ConfigError("student and teacher must agree on tied embeddings")
     T = teacher.state_dict()
@@ -132,10 +137,12 @@ def init_decoder_student(teacher: Decoder, student_cfg: DecoderConfig, seed: int
         I_sub = student_cfg.d_ff_sub
         for j in range(student_cfg.nd):
             s = student_cfg.sub_slice(j)
+            r, kv = student_cfg.sub_head_rows(j), student_cfg.sub_kv_rows(j)
             pre = f"layers.{i}.sub_blocks.{j}."
-            for p in ("q_proj", "k_proj", "v_proj"):
-                out[pre + f"attn.{p}.weight"] = t(i, f"attn.{p}")[:, s].clone()  # (heads*hd, d_sub)
-            out[pre + "attn.o_proj.weight"] = t(i, "attn.o_proj")[s, :].clone()  # (d_sub, heads*hd)
+            out[pre + "attn.q_proj.weight"] = t(i, "attn.q_proj")[r, s].clone()  # (sub_heads*hd, d_sub)
+            for p in ("k_proj", "v_proj"):
+                out[pre + f"attn.{p}.weight"] = t(i, f"attn.{p}")[kv, s].clone()  # (sub_kv_heads*hd, d_sub)
+            out[pre + "attn.o_proj.weight"] = t(i, "attn.o_proj")[s, r].clone()  # (d_sub, sub_heads*hd)
             for norm in ("attn_norm", "ffn_norm"):
                 out[pre + f"{norm}.weight"] = t(i, norm)[s].clone()
             units = _ffn_unit_order(tcfg.d_ff, student_cfg.nd, j)[:I_sub]
@@ -372,8 +379,7 @@ def distil_decoder(student: Decoder, teacher: Decoder, sequences: torch.Tensor, 
     step = 0
     ckpt = out_dir / "checkpoint.pt" if out_dir is not None else None
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        student.load_state_dict(state["student"])
+        state = load_resumable(ckpt, student, device)
         student.tie_weights()
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
@@ -435,7 +441,8 @@ def distil_decoder(student: Decoder, teacher: Decoder, sequences: torch.Tensor, 
 
 def _save_checkpoint(ckpt: Path, student: Decoder, opt: torch.optim.Optimizer, step: int) -> None:
     tmp = ckpt.with_suffix(".tmp")
-    torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+    torch.save({"student": student.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                "layout": layout_of(student.cfg)}, tmp)
     os.replace(tmp, ckpt)
 
 
@@ -489,7 +496,7 @@ def _cpu_seconds() -> float:
 
 def convert_decoder_and_distil(source: str, nd: int, nb: int, out_dir: str | Path,
                                settings: DecoderDistilSettings, device: str = "cpu",
-                               progress: bool = True) -> dict[str, Any]:
+                               progress: bool = True, sub_attn: str = "full") -> dict[str, Any]:
     """`detransformer-edge convert --from <decoder>`: init from ``source``, evaluate, distil,
     evaluate again, write model, config and quality.json. With ``settings.max_minutes`` the whole
     call (loading, evaluations, training, saving) aims to finish within that many minutes."""
@@ -507,7 +514,7 @@ def convert_decoder_and_distil(source: str, nd: int, nb: int, out_dir: str | Pat
     for p in teacher.parameters():
         p.requires_grad_(False)
     tokenizer = loaded.tokenizer
-    cfg = student_config(teacher.cfg, nd, nb)
+    cfg = student_config(teacher.cfg, nd, nb, sub_attn=sub_attn)
     corpus = load_corpus()
     train = pack_sentences(corpus.train, tokenizer, settings.seq_len, seed=settings.seed)
     held = pack_sentences(corpus.held_out, tokenizer, settings.seq_len, seed=12345, max_tokens=settings.eval_tokens)
@@ -553,7 +560,7 @@ def convert_decoder_and_distil(source: str, nd: int, nb: int, out_dir: str | Pat
     save_decoder_student(student, out_dir, {"source": source, "quality": "quality.json"})
     s_per_step = result.train_seconds / result.steps_this_call if result.steps_this_call else None
     quality = {
-        "source": source, "nd": nd, "nb": nb, "d_ff_sub": cfg.d_ff_sub,
+        "source": source, "nd": nd, "nb": nb, "sub_attn": cfg.sub_attn, "d_ff_sub": cfg.d_ff_sub,
         "ppl_teacher": ppl_teacher, "ppl_init": ppl_init, "ppl_after": r_a["perplexity"],
         "agreement_init": agree_init, "agreement_after": r_a["agreement"],
         "eval_tokens": r_a["tokens"], "eval_seconds": eval_seconds,
