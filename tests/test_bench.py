@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -206,6 +207,7 @@ def test_report_round_trips_and_merge_replaces_the_same_configuration():
 
 
 def test_agent_and_broker_configs(tmp_path):
+    (tmp_path / "dev2.toml").write_text((Path(__file__).resolve().parents[1] / "firmware_profiles" / "raspberry-pi-5.toml").read_text())
     cfg = AgentConfig.loads(agent_toml("dev2", tmp_path / "dev2.toml", "10.77.0.2"))
     assert cfg.id == "dev2" and cfg.broker.endpoint() == ("10.77.0.2", 1883, False)
     assert cfg.discovery and cfg.dashboard_port == 0 and cfg.profile == tmp_path / "dev2.toml"

@@ -203,6 +203,9 @@ def quantize_shard(shard: DeviceShard, scheme: str, *, group_size: int = GROUP_S
                    activation_dtype: torch.dtype | None = None) -> dict[str, str]:
     """``quantize_model`` over the modules of a device shard (in place). The shard's executor
     runs them unchanged: a quantized linear is called like ``nn.Linear``."""
+    # fused sub-block groups run float weights stacked for one batched matmul: a quantized shard
+    # runs its (quantized) sub-blocks one by one instead, and the stacked float copies go
+    shard.groups.clear()
     done: dict[str, str] = {}
     for i, m in enumerate(shard_modules(shard)):
         for name, fmt in quantize_model(m, scheme, group_size=group_size, activation_dtype=activation_dtype).items():
