@@ -57,7 +57,7 @@ class FakeHost:
 def make_runs(host: FakeHost, leader_holds_all: bool = True) -> RunCoordinator:
     published: list[tuple[str, object]] = []
 
-    async def publish(topic, payload, qos):
+    async def publish(topic, payload, qos, wait_ack=True):
         published.append((topic, payload))
 
     cat = tiny_catalog()

@@ -134,9 +134,9 @@ class HomeAgent:
         lease = self.cluster.lease
         return max(self.placements.term, lease.term if lease is not None else 0)
 
-    async def _publish(self, topic: str, payload: str | bytes, qos: int) -> None:
+    async def _publish(self, topic: str, payload: str | bytes, qos: int, *, wait_ack: bool = True) -> None:
         try:
-            await self.session.publish(topic, payload, qos=qos)
+            await self.session.publish(topic, payload, qos=qos, wait_ack=wait_ack)
         except NotConnectedError as exc:
             raise ServiceError("internal", f"broker unavailable: {exc}") from None
 

@@ -29,7 +29,7 @@ from detransformer_edge.service.placement import Placements, ServiceError
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes, int], Awaitable[None]]
+Publish = Callable[..., Awaitable[None]]  # (topic, payload, qos, *, wait_ack=True)
 Sign = Callable[[str, int, bytes], bytes]
 
 
@@ -83,7 +83,7 @@ class RunCoordinator:
         if len(ctl.plan.devices) > 1:
             family = self.run_topics.control
             topic = family.format(ctl.req)
-            await self.publish(topic, self.sign(topic, ctl.term, family.encode(ctl)), 1)
+            await self.publish(topic, self.sign(topic, ctl.term, family.encode(ctl)), 1, wait_ack=False)
 
     async def pass_(self, model: str, run: str, plan: Plan, kind: JobKind, x: torch.Tensor,
                     mask: torch.Tensor | None, timeout: float, spans: list[Span] | None = None,
@@ -111,7 +111,7 @@ class RunCoordinator:
             try:
                 family, term = self.run_topics.end, self.term()
                 topic = family.format(run)
-                await self.publish(topic, self.sign(topic, term, family.encode(RunEnd(run, term))), 1)
+                await self.publish(topic, self.sign(topic, term, family.encode(RunEnd(run, term))), 1, wait_ack=False)
             except DetransformerError:
                 log.warning("could not publish the end of %s", run)
         return gone

@@ -171,12 +171,23 @@ class MqttSession:
     # ------------------------------------------------------------------ publishing
 
     async def publish(self, topic: str, payload: str | bytes, *, qos: int = 0, retain: bool = False,
-                      properties: Properties | None = None, timeout: float | None = None) -> None:
+                      properties: Properties | None = None, timeout: float | None = None,
+                      wait_ack: bool = True) -> None:
         """Publish now; ``NotConnectedError`` while there is no connection (nothing is queued:
-        callers decide whether a message is worth sending again)."""
+        callers decide whether a message is worth sending again). ``wait_ack=False`` returns once
+        the message is handed to the connection, without waiting for the broker's PUBACK (QoS 1
+        still resends it after a reconnect): a run's control message must not cost the leader a
+        round trip before it starts computing."""
         client = self._client
         if client is None or self._session_id is None:
             raise NotConnectedError(f"{self.settings.client_id}: not connected to the broker")
+        if not wait_ack:
+            # aiomqtt has no fire-and-forget publish: hand it to its paho client, which writes it
+            # from the event loop (aiomqtt's writer callback) and takes the PUBACK on its own
+            info = client._client.publish(topic, payload, qos, retain, properties)
+            if info.rc != 0:
+                raise NotConnectedError(f"{self.settings.client_id}: publish to {topic} failed (rc {info.rc})")
+            return
         try:
             await client.publish(topic, payload, qos=qos, retain=retain, properties=properties, timeout=timeout)
         except aiomqtt.MqttError as exc:
