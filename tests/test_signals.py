@@ -136,3 +136,43 @@ async def test_without_a_url_the_agent_keeps_looking_for_a_broker(monkeypatch, t
     assert len(calls) == 3
     stop.set()
     assert await find_broker(cfg, stop) is None  # asked to stop: no broker, no error
+
+
+@pytest.mark.slow
+@pytest.mark.mosquitto
+def test_a_demo_killed_outright_leaves_no_broker_or_agent_behind() -> None:
+    """SIGKILL gives the demo no chance to stop anything: its agents notice they were orphaned and
+    leave (DETRANSFORMER_PARENT_PID), and the kernel stops its broker (PR_SET_PDEATHSIG)."""
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed (scripts/setup.sh test installs it)")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "detransformer_edge.cli", "demo", "--catalog", "tiny",
+                             "--devices", "2", "--broker", "mosquitto", "--wait"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                            start_new_session=True)
+    started: set[int] = set()
+    try:
+        lines = []
+        deadline = time.monotonic() + 240
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "press Ctrl-C to stop" in line or not line:
+                break
+        assert any("press Ctrl-C" in ln for ln in lines), "".join(lines[-30:])
+        started = _children(proc.pid)
+        assert len(started) >= 3  # mosquitto and two agents (at least)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        gone_by = time.monotonic() + 20
+        while any(_alive(p) for p in started) and time.monotonic() < gone_by:
+            time.sleep(0.2)
+        assert not [p for p in started if _alive(p)], "processes left running after the demo was killed"
+    finally:
+        for p in started:  # never leave them to the next test
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -46,12 +46,12 @@ def result(intent, *slots, confidence=0.9):
 
 HA_BUILT_IN = {"HassTurnOn", "HassTurnOff", "HassLightSet", "HassClimateSetTemperature", "HassClimateGetTemperature",
                "HassStartTimer", "HassCancelTimer", "HassGetCurrentTime", "HassGetWeather", "HassMediaUnpause",
-               "HassMediaPause", "HassSetVolume", "HassShoppingListAddItem"}
+               "HassMediaSearchAndPlay", "HassMediaPause", "HassSetVolume", "HassShoppingListAddItem"}
 
 
 def test_every_intent_has_a_home_assistant_intent_and_every_slot_a_home() -> None:
     assert set(ASSIST_INTENTS) == set(INTENTS)
-    assert {spec.name for spec in ASSIST_INTENTS.values()} == HA_BUILT_IN
+    assert set().union(*(spec.names() for spec in ASSIST_INTENTS.values())) == HA_BUILT_IN
     for name, spec in ASSIST_INTENTS.items():
         assert set(spec.slots) == set(INTENT_SLOTS[name]), name
 
@@ -69,6 +69,8 @@ def test_every_intent_has_a_home_assistant_intent_and_every_slot_a_home() -> Non
     (result("GetTime"), ("HassGetCurrentTime", {})),
     (result("GetWeather"), ("HassGetWeather", {})),
     (result("PlayMusic", ("room", "kitchen", "Custom")), ("HassMediaUnpause", {"area": "kitchen"})),
+    (result("PlayMusic", ("media", "miles davis", "Custom"), ("room", "den", "Custom")),
+     ("HassMediaSearchAndPlay", {"search_query": "miles davis", "area": "den"})),
     (result("StopMusic"), ("HassMediaPause", {})),
     (result("SetVolume", ("level", 130, "Number")), ("HassSetVolume", {"volume_level": 100})),
     (result("LockDoor", ("room", "front", "Custom")), ("HassTurnOn", {"name": "front door", "domain": "lock"})),

@@ -97,6 +97,11 @@ class AssistIntent:
     slots: Mapping[str, Callable[[Any], dict[str, Any]]] = field(default_factory=dict)  # ours -> HA slots
     fixed: Mapping[str, Any] = field(default_factory=dict)  # HA slots every answer carries
     reply: str = ""  # spoken reply; {in_area}, {name}, {brightness}, ... from the HA slots
+    # a more specific Home Assistant intent when one of its HA slots is filled: slot -> (intent, reply)
+    specific: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+    def names(self) -> set[str]:
+        return {self.name, *(intent for intent, _ in self.specific.values())}
 
 
 ASSIST_INTENTS: Mapping[str, AssistIntent] = {
@@ -115,7 +120,10 @@ ASSIST_INTENTS: Mapping[str, AssistIntent] = {
     "CancelTimer": AssistIntent("HassCancelTimer", {}, {}, "Timer cancelled."),
     "GetTime": AssistIntent("HassGetCurrentTime", {}, {}, "Checking the time."),
     "GetWeather": AssistIntent("HassGetWeather", {}, {}, "Checking the weather."),
-    "PlayMusic": AssistIntent("HassMediaUnpause", {"room": _text("area")}, {}, "Playing music{in_area}."),
+    # "play music" resumes the player (HassMediaUnpause); "play some jazz" searches and plays it
+    "PlayMusic": AssistIntent("HassMediaUnpause", {"room": _text("area"), "media": _text("search_query")}, {},
+                              "Playing music{in_area}.",
+                              {"search_query": ("HassMediaSearchAndPlay", "Playing {search_query}{in_area}.")}),
     "StopMusic": AssistIntent("HassMediaPause", {"room": _text("area")}, {}, "Pausing the music{in_area}."),
     "SetVolume": AssistIntent("HassSetVolume", {"room": _text("area"), "level": _percent("volume_level")}, {},
                               "Setting the volume{in_area} to {volume_level} percent."),
@@ -163,7 +171,8 @@ def to_assist(result: IntentResult) -> AssistAnswer | None:
             log.info("wyoming: slot %s=%r left out: %s", s.slot_name, s.value, exc)
     words = {"in_area": f" in the {slots['area']}" if "area" in slots else "",
              "duration": _spoken_duration(slots), "name": "door", **slots}
-    return AssistAnswer(spec.name, slots, spec.reply.format_map(_Blank(words)))
+    name, reply = next(((n, r) for slot, (n, r) in spec.specific.items() if slot in slots), (spec.name, spec.reply))
+    return AssistAnswer(name, slots, reply.format_map(_Blank(words)))
 
 
 class _Blank(dict):  # type: ignore[type-arg]
@@ -173,7 +182,7 @@ class _Blank(dict):  # type: ignore[type-arg]
 
 def describe() -> Info:
     """What the server offers: the intent program, and the handle program speaking replies."""
-    intents = sorted({spec.name for spec in ASSIST_INTENTS.values()})
+    intents = sorted(set().union(*(spec.names() for spec in ASSIST_INTENTS.values())))
     what = "Home Assistant intents: " + ", ".join(intents)
     return Info(
         intent=[IntentProgram(

@@ -145,7 +145,9 @@ class Demo:
     # --- processes ---------------------------------------------------------------------------------
 
     def start_agents(self, configs: list[DemoDevice], workdir: Path) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DETRANSFORMER_THREADS": "1"}
+        from detransformer_edge.service.runner import parent_watch_env
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DETRANSFORMER_THREADS": "1", **parent_watch_env()}
         for dev in configs:
             log = (workdir / f"{dev.id}.log").open("wb")
             argv = [sys.executable, "-m", "detransformer_edge.cli", "agent", "--config", str(dev.config),

@@ -44,6 +44,32 @@ def device_profile(config: AgentConfig, broker: tuple[str, int] | None) -> Devic
 
 PluginFactory = Callable[[AgentConfig], Sequence[Plugin]]
 
+# Set by a program that starts agents as its children (the demo, the fleet): the agent leaves
+# cleanly when that program is gone, even when it was killed without a chance to stop them.
+PARENT_PID_ENV = "DETRANSFORMER_PARENT_PID"
+
+
+def parent_watch_env() -> dict[str, str]:
+    """The environment entry that ties a child agent's life to this process."""
+    return {PARENT_PID_ENV: str(os.getpid())}
+
+
+async def leave_with_parent(stop: asyncio.Event, every_s: float = 1.0) -> None:
+    """Set ``stop`` once the process named by ``DETRANSFORMER_PARENT_PID`` is no longer our parent
+    (it exited: we were re-parented). Without the variable, wait for nothing."""
+    raw = os.environ.get(PARENT_PID_ENV, "")
+    if not raw.isdigit():
+        return
+    parent = int(raw)
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.warning("the program that started this agent (pid %d) is gone: stopping", parent)
+            stop.set()
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every_s):
+                await stop.wait()
+
 
 async def find_broker(config: AgentConfig, stop: asyncio.Event, attempt_s: float = 15.0) -> tuple[str, int] | None:
     """The broker's address: ``broker.url``, or mDNS, asked again with backoff (a log line per
@@ -69,18 +95,26 @@ async def find_broker(config: AgentConfig, stop: asyncio.Event, attempt_s: float
 
 async def run_agent(opts: AgentOptions, stop: asyncio.Event | None = None,
                     plugins_for: PluginFactory = lambda config: ()) -> int:
-    import torch
-
-    from detransformer_edge.cluster import discovery
-    from detransformer_edge.service.agent import HomeAgent
-    from detransformer_edge.service.catalog import CATALOGS
-
     config = AgentConfig.load(opts.config_path)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a clean leave: presence offline, plug-ins stopped
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    orphan_watch = asyncio.create_task(leave_with_parent(stop))
+    try:
+        return await _run(opts, config, stop, plugins_for)
+    finally:
+        orphan_watch.cancel()
+
+
+async def _run(opts: AgentOptions, config: AgentConfig, stop: asyncio.Event, plugins_for: PluginFactory) -> int:
+    import torch
+
+    from detransformer_edge.cluster import discovery
+    from detransformer_edge.service.agent import HomeAgent
+    from detransformer_edge.service.catalog import CATALOGS
+
     broker = await find_broker(config, stop)
     if broker is None:
         return 0

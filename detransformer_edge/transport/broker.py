@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import getpass
 import logging
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +72,9 @@ def find_mosquitto() -> str | None:
 def mosquitto_config(host: str, port: int) -> str:
     return (
         f"listener {port} {host}\n"
+        # stay the user who started it (as the embedded broker does): a change of user would
+        # clear the parent-death signal that stops it with its program
+        f"user {getpass.getuser()}\n"
         "allow_anonymous true\n"
         "persistence false\n"
         "set_tcp_nodelay true\n"  # without it small fan-out copies wait ~40 ms (Nagle)
@@ -76,6 +83,22 @@ def mosquitto_config(host: str, port: int) -> str:
         "log_type error\n"
         "log_type warning\n"
     )
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_this_thread() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when the thread that starts it
+    exits (the demo killed without a chance to stop its broker must not leave the broker running).
+    Resolved before the fork: the child only makes the one system call. None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM.value)
 
 
 @contextlib.contextmanager
@@ -91,7 +114,10 @@ def run_mosquitto(host: str = "127.0.0.1", port: int | None = None, binary: str 
         conf.write_text(mosquitto_config(host, port))
         log_path = wd / "mosquitto.log"
         log_file = stack.enter_context(log_path.open("wb"))
-        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT)
+        # started from the calling thread: it lives as long as that thread (callers hold it for the
+        # broker's life: the main thread of a program, a test session)
+        proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log_file, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_this_thread())
         try:
             if not wait_for_port(host, port):
                 raise BrokerError(f"mosquitto did not open {host}:{port}: {log_path.read_text(errors='replace')[-500:]}")
