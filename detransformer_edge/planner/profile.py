@@ -201,7 +201,7 @@ def _toml_value(value: Any) -> str:
 
 def dumps_profile(profile: DeviceProfile, comments: dict[str, str] | None = None) -> str:
     """TOML text for ``profile``; ``comments`` maps a field to a note written above it."""
-    lines = []
+    lines: list[str] = []
     for key, value in profile_to_dict(profile).items():
         note = (comments or {}).get(key)
         if note:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from detransformer_edge.model.config import ModelConfig
 from detransformer_edge.parallel.plan import DeviceWeights, Placement
 from detransformer_edge.planner import analysis
 from detransformer_edge.planner.analysis import Workload
@@ -47,7 +48,7 @@ class MixEntry:
     weight: float = 1.0
 
 
-def default_mix(model_cfg: object) -> tuple[MixEntry, ...]:
+def default_mix(model_cfg: ModelConfig) -> tuple[MixEntry, ...]:
     """The request mix of a home voice assistant.
 
     Encoders: intent/embedding queries of 16-128 tokens, short ones commonest. Decoders: one
@@ -102,7 +103,7 @@ class _Budget:
 
 def plan_static(
     profiles: Sequence[DeviceProfile],
-    model_cfg: object,
+    model_cfg: ModelConfig,
     mix: Sequence[MixEntry] | None = None,
     *,
     broker: Broker | None = None,
@@ -158,7 +159,7 @@ def plan_static(
 
 def plan_placement(
     profiles: Sequence[DeviceProfile],
-    model_cfg: object,
+    model_cfg: ModelConfig,
     mix: Sequence[MixEntry] | None = None,
     **kwargs: object,
 ) -> Placement:
