@@ -1,7 +1,8 @@
 """Cost model: predicted latency and memory of a :class:`Plan` on a cluster of device profiles.
 
 Compute: every piece of work is a roofline, ``max(flops / rate, bytes / mem_bw)``, evaluated
-separately for GEMMs (``gflops``) and attention (``attn_gflops``). Communication: phases of
+separately for GEMMs (``gflops``) and attention (``attn_gflops``); devices under a CPU quota or
+sharing a machine go through ``planner/compute.py``. Communication: phases of
 messages through the MQTT broker (``planner/network.py``). A plan is walked step by step
 (``planner/walk.py``); memory is what each device holds plus what the request needs there.
 """
@@ -15,6 +16,7 @@ from detransformer_edge.parallel.plan import DeviceWeights, Plan, required_weigh
 from detransformer_edge.planner import analysis
 from detransformer_edge.planner.analysis import OpCost, Workload
 from detransformer_edge.planner.breakdown import Breakdown, DeviceCost, PlanningError, Request, Step
+from detransformer_edge.planner.compute import CpuShares
 from detransformer_edge.planner.network import (
     DEFAULT_RTT_MS,
     ENVELOPE_BYTES,
@@ -26,6 +28,7 @@ from detransformer_edge.planner.network import (
     wire_bytes,
 )
 from detransformer_edge.planner.profile import DeviceProfile
+from detransformer_edge.planner.terms import FITTED, CostTerms
 from detransformer_edge.planner.walk import Accumulator, Total, walk
 from detransformer_edge.transport.wire import WireDtype
 
@@ -44,13 +47,16 @@ class CostModel:
     workload, so evaluating many candidate plans for one request is cheap.
     """
 
-    def __init__(self, cfg: ModelConfig, profiles: Sequence[DeviceProfile], broker: Broker | None = None):
+    def __init__(self, cfg: ModelConfig, profiles: Sequence[DeviceProfile], broker: Broker | None = None,
+                 terms: CostTerms | None = None):
         self.cfg = cfg
         self.profiles: dict[str, DeviceProfile] = {p.name: p for p in profiles}
         if len(self.profiles) != len(profiles):
             raise PlanningError("device profiles must have unique names")
         self.broker = broker or Broker()
-        self.network = Network(self.profiles, self.broker)
+        self.terms = FITTED if terms is None else terms
+        self.network = Network(self.profiles, self.broker, self.terms)
+        self.shares = CpuShares(self.profiles)
         self.layer_kinds: tuple[str, ...] = tuple(cfg.layer_kinds)
         self.n_dec, self.n_cpl = analysis.layer_counts(cfg)
         self.nb = max(1, self.n_cpl)
@@ -94,6 +100,10 @@ class CostModel:
             )
             self._times[key] = t
         return t
+
+    def request_s(self, device: str) -> float:
+        """The coordinator's own work on a request, outside the model (``CostTerms``)."""
+        return self.terms.request_cpu_s(self._profile(device).core_gflops)
 
     def _profile(self, device: str) -> DeviceProfile:
         try:
@@ -201,7 +211,7 @@ class CostModel:
     def latency(self, plan: Plan, request: Request) -> float:
         """Predicted seconds of ``plan``: the same walk as :meth:`predict`, totals only (fast,
         for searching many candidates; no memory check)."""
-        acc = Total(self)
+        acc = Total(self, plan.devices)
         walk(self, plan, request.workload, acc)
         return acc.total
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from detransformer_edge.planner.breakdown import PlanningError
 from detransformer_edge.planner.profile import DeviceProfile
+from detransformer_edge.planner.terms import CostTerms
 from detransformer_edge.transport.wire import WIRE_ITEMSIZE, WireDtype
 
 INT8_SCALE_BYTES = 4  # one float32 scale per row
@@ -69,9 +70,11 @@ def wire_bytes(rows: int, width: int, wire: WireDtype) -> float:
 class Network:
     """The devices' links and the broker: phase times of message sets."""
 
-    def __init__(self, profiles: Mapping[str, DeviceProfile], broker: Broker) -> None:
+    def __init__(self, profiles: Mapping[str, DeviceProfile], broker: Broker, terms: CostTerms) -> None:
         self.broker = broker
+        self.terms = terms
         self._link = {n: p.link_bytes_per_s for n, p in profiles.items()}
+        self._core = {n: p.core_gflops for n, p in profiles.items()}
         self._rtt = {
             n: (p.rtt_ms if p.rtt_ms is not None else DEFAULT_RTT_MS.get(p.link, 3.0)) / 1e3
             for n, p in profiles.items()
@@ -84,23 +87,40 @@ class Network:
         """Seconds for messages sent together; also bytes up/down per device and publishes."""
         up: dict[str, float] = {}
         down: dict[str, float] = {}
+        first_in: dict[str, float] = {}  # receiver -> the quickest upload of a message to it
+        last_out: dict[str, float] = {}  # sender -> the quickest download of one of its messages
+        cpu_out: dict[str, float] = {}
+        cpu_in: dict[str, float] = {}
+        smallest = float("inf")
+        link, terms, core = self._link, self.terms, self._core
         n_pub = 0
         for src, nbytes, receivers in messages:
             if not receivers:
                 continue
             n_pub += 1
+            smallest = min(smallest, nbytes)
             up[src] = up.get(src, 0.0) + nbytes
+            t_up = nbytes / link[src]
+            cpu_out[src] = cpu_out.get(src, 0.0) + terms.message_cpu_s(nbytes, core[src])
+            fastest_down = min(nbytes / link[r] for r in receivers)
+            last_out[src] = min(last_out.get(src, fastest_down), fastest_down)
             for r in receivers:
                 down[r] = down.get(r, 0.0) + nbytes
+                first_in[r] = min(first_in.get(r, t_up), t_up)
+                cpu_in[r] = cpu_in.get(r, 0.0) + terms.message_cpu_s(nbytes, core[r])
         if not n_pub:
             return Phase(0.0, up, down, 0)
-        link = self._link
-        t_up = max(b / link[d] for d, b in up.items())
-        t_down = max(b / link[d] for d, b in down.items())
+        # The broker forwards each message as soon as it has it whole: a sender's last upload
+        # still has to be downloaded, a receiver's first download waits for one upload.
+        t_wire = max(
+            max(b / link[d] + last_out[d] for d, b in up.items()),
+            max(first_in[d] + b / link[d] for d, b in down.items()),
+        )
         if self.broker.link_mbit is not None:
             rate = self.broker.link_mbit * 1e6 / 8
-            t_up = max(t_up, sum(up.values()) / rate)
-            t_down = max(t_down, sum(down.values()) / rate)
+            t_wire = max(t_wire, max(sum(up.values()), sum(down.values())) / rate + smallest / rate)
         rtt = self._rtt
         latency = 0.5 * (max(rtt[d] for d in up) + max(rtt[d] for d in down))
-        return Phase(t_up + n_pub * self.broker.per_message_ms / 1e3 + t_down + latency, up, down, n_pub)
+        cpu = max(cpu_out.values()) + max(cpu_in.values())
+        broker = n_pub * self.broker.per_message_ms / 1e3
+        return Phase(t_wire + broker + cpu + latency, up, down, n_pub)

@@ -7,17 +7,26 @@ step devices work in parallel and the slowest one sets the step's time.
 * ``block``: embed on the coordinator, scatter each owner its slices, then per block the
   decoupled layers (an owner's time is its sub-blocks x layers) and the coupled layer by
   strategy (all-gather, gather to a root, or tensor parallel over a group), then the head.
+
+Every request (not every decode step) starts with the coordinator's own work on it
+(``CostTerms.request_cpu_ms``)
+and a multi-device plan with the run-control message to its other devices. Repeated parts
+(blocks, layers) are walked once and multiplied, unless a device of the plan has a CPU quota or
+shares a host (``planner/compute.py``): then every repetition is walked, since what a device can
+burst depends on how long it idled before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal, Protocol
 
 from detransformer_edge.parallel.plan import Plan
 from detransformer_edge.planner.analysis import Workload
 from detransformer_edge.planner.breakdown import Step
+from detransformer_edge.planner.compute import CpuShares
 from detransformer_edge.planner.network import Message, Phase, wire_bytes
+from detransformer_edge.planner.terms import CostTerms
 
 
 class Costs(Protocol):
@@ -32,59 +41,97 @@ class Costs(Protocol):
     is_decoder: bool
     d_model: int
     d_sub: int
+    terms: CostTerms
+    shares: CpuShares
 
     def time(self, device: str, work: Workload, piece: str, shard: int = 1) -> float: ...
 
     def phase(self, messages: Sequence[Message]) -> Phase: ...
 
+    def request_s(self, device: str) -> float: ...
 
-class Accumulator:
-    """Collects steps and per-device totals while a plan is walked."""
+
+class Total:
+    """Sums the critical path (fast: for searching many candidates)."""
 
     def __init__(self, model: Costs, devices: Sequence[str]):
         self.model = model
-        self.steps: list[Step] = []
+        self.total = 0.0
+        self._mult = 1
+        self.buckets = model.shares.full_buckets(devices) if model.shares.involved(devices) else None
+
+    def repeat(self, count: int, body: Callable[[], None]) -> None:
+        """``body`` (steps in order) ``count`` times."""
+        if count <= 0:
+            return
+        if self.buckets is not None:
+            for _ in range(count):
+                body()
+            return
+        outer, self._mult = self._mult, self._mult * count
+        try:
+            body()
+        finally:
+            self._mult = outer
+
+    def compute_step(self, name: str, per_device: Mapping[str, float]) -> None:
+        if not per_device:
+            return
+        wall = per_device if self.buckets is None else self.model.shares.run(self.buckets, per_device)
+        self._record(name, "compute", max(wall.values()), wall, None, 0, 0.0)
+
+    def comm_step(self, name: str, messages: Sequence[Message]) -> None:
+        phase = self.model.phase(messages)
+        if not phase.publishes:
+            return
+        if self.buckets is not None:
+            self.model.shares.idle(self.buckets, phase.seconds)
+        self._record(name, "comm", phase.seconds, None, phase, phase.publishes, sum(phase.up.values()))
+
+    def _record(self, name: str, kind: Literal["compute", "comm"], seconds: float, wall: Mapping[str, float] | None,
+                phase: Phase | None, messages: int, nbytes: float) -> None:
+        self.total += seconds * self._mult
+
+
+class Accumulator(Total):
+    """Also collects the steps and per-device totals (the breakdown)."""
+
+    def __init__(self, model: Costs, devices: Sequence[str]):
+        super().__init__(model, devices)
+        self._steps: dict[str, list[float]] = {}  # name -> [seconds, count, messages, bytes]
+        self._kinds: dict[str, Literal["compute", "comm"]] = {}
         self.compute: dict[str, float] = {d: 0.0 for d in devices}
         self.up: dict[str, float] = {d: 0.0 for d in devices}
         self.down: dict[str, float] = {d: 0.0 for d in devices}
 
-    def compute_step(self, name: str, per_device: Mapping[str, float], count: int = 1) -> None:
-        if count <= 0 or not per_device:
-            return
-        for d, t in per_device.items():
-            self.compute[d] += t * count
-        self.steps.append(Step(name, "compute", max(per_device.values()), count))
+    def _record(self, name: str, kind: Literal["compute", "comm"], seconds: float, wall: Mapping[str, float] | None,
+                phase: Phase | None, messages: int, nbytes: float) -> None:
+        m = self._mult
+        self.total += seconds * m
+        row = self._steps.setdefault(name, [0.0, 0, messages, nbytes])
+        self._kinds[name] = kind
+        row[0] += seconds * m
+        row[1] += m
+        for d, t in (wall or {}).items():
+            self.compute[d] += t * m
+        if phase is not None:
+            for d, b in phase.up.items():
+                self.up[d] += b * m
+            for d, b in phase.down.items():
+                self.down[d] += b * m
 
-    def comm_step(self, name: str, messages: Sequence[Message], count: int = 1) -> None:
-        if count <= 0:
-            return
-        phase = self.model.phase(messages)
-        if not phase.publishes:
-            return
-        for d, b in phase.up.items():
-            self.up[d] += b * count
-        for d, b in phase.down.items():
-            self.down[d] += b * count
-        self.steps.append(Step(name, "comm", phase.seconds, count, phase.publishes, int(sum(phase.up.values()))))
-
-
-class Total(Accumulator):
-    """Sums the critical path only (fast: for searching many candidates)."""
-
-    def __init__(self, model: Costs):
-        super().__init__(model, ())
-        self.total = 0.0
-
-    def compute_step(self, name: str, per_device: Mapping[str, float], count: int = 1) -> None:
-        if count > 0 and per_device:
-            self.total += max(per_device.values()) * count
-
-    def comm_step(self, name: str, messages: Sequence[Message], count: int = 1) -> None:
-        if count > 0:
-            self.total += self.model.phase(messages).seconds * count
+    @property
+    def steps(self) -> list[Step]:
+        return [Step(name, self._kinds[name], row[0] / row[1], int(row[1]), int(row[2]), int(row[3]))
+                for name, row in self._steps.items()]
 
 
-def walk(m: Costs, plan: Plan, work: Workload, acc: Accumulator) -> None:
+def walk(m: Costs, plan: Plan, work: Workload, acc: Total) -> None:
+    coord = plan.coordinator
+    if work.tokens > 1 or not work.causal:  # a whole request; a decode step is one pass of it
+        acc.compute_step("request (parse, tokenise, plan, reply)", {coord: m.request_s(coord)})
+    if len(plan.devices) > 1:
+        acc.comm_step("start run (control message)", [(coord, m.terms.control_bytes, plan.devices[1:])])
     if plan.mode == "single":
         _single(m, plan, work, acc)
     elif plan.mode == "pipeline":
@@ -100,12 +147,12 @@ def _out_rows(m: Costs, work: Workload) -> int:
     return work.batch if m.is_decoder else work.rows
 
 
-def _ends(m: Costs, coord: str, work: Workload, acc: Accumulator, first: bool) -> None:
+def _ends(m: Costs, coord: str, work: Workload, acc: Total, first: bool) -> None:
     name = "embed" if first else "head"
     acc.compute_step(name, {coord: m.time(coord, work, name)})
 
 
-def _single(m: Costs, plan: Plan, work: Workload, acc: Accumulator) -> None:
+def _single(m: Costs, plan: Plan, work: Workload, acc: Total) -> None:
     d = plan.devices[0]
     _ends(m, d, work, acc, True)
     t = m.n_dec * m.nd * m.time(d, work, "sub") if m.decoupled else 0.0
@@ -114,7 +161,7 @@ def _single(m: Costs, plan: Plan, work: Workload, acc: Accumulator) -> None:
     _ends(m, d, work, acc, False)
 
 
-def _pipeline(m: Costs, plan: Plan, work: Workload, acc: Accumulator) -> None:
+def _pipeline(m: Costs, plan: Plan, work: Workload, acc: Total) -> None:
     coord = plan.coordinator
     full = wire_bytes(work.rows, m.d_model, plan.wire)
     _ends(m, coord, work, acc, True)
@@ -145,22 +192,32 @@ def allreduce(m: Costs, group: Sequence[str], rows: int, plan: Plan) -> tuple[li
     return rs, ag
 
 
-def _tp(m: Costs, plan: Plan, work: Workload, acc: Accumulator) -> None:
+def _tp_halves(m: Costs, group: Sequence[str], work: Workload, plan: Plan, acc: Total, prefix: str) -> None:
+    """One tensor-parallel layer: attention shards, all-reduce, FFN shards, all-reduce (the
+    two halves are charged half the layer's shard time each)."""
+    k = len(group)
+    half = {d: 0.5 * m.time(d, work, "layer", k) for d in group}
+    rs, ag = allreduce(m, group, work.rows, plan)
+
+    def one_half() -> None:
+        acc.compute_step(f"{prefix}layer shards, TP over {k}", half)
+        acc.comm_step(f"{prefix}all-reduce: reduce-scatter", rs)
+        acc.comm_step(f"{prefix}all-reduce: all-gather", ag)
+
+    acc.repeat(2, one_half)
+
+
+def _tp(m: Costs, plan: Plan, work: Workload, acc: Total) -> None:
     group = plan.devices
     coord = plan.coordinator
-    k = len(group)
     full = wire_bytes(work.rows, m.d_model, plan.wire)
     _ends(m, coord, work, acc, True)
     acc.comm_step("broadcast input", [(coord, full, group[1:])])
-    n_layers = len(m.layer_kinds)
-    acc.compute_step("layer shards", {d: m.time(d, work, "layer", k) for d in group}, n_layers)
-    rs, ag = allreduce(m, group, work.rows, plan)
-    acc.comm_step("all-reduce: reduce-scatter", rs, 2 * n_layers)
-    acc.comm_step("all-reduce: all-gather", ag, 2 * n_layers)
+    acc.repeat(len(m.layer_kinds), lambda: _tp_halves(m, group, work, plan, acc, ""))
     _ends(m, coord, work, acc, False)
 
 
-def _block(m: Costs, plan: Plan, work: Workload, acc: Accumulator) -> None:
+def _block(m: Costs, plan: Plan, work: Workload, acc: Total) -> None:
     coord = plan.coordinator
     owners = plan.owners
     nb = m.nb
@@ -168,34 +225,54 @@ def _block(m: Costs, plan: Plan, work: Workload, acc: Accumulator) -> None:
     counts = {d: len(plan.sub_blocks_of(d)) for d in owners}
     slices = {d: wire_bytes(work.rows, m.d_sub * counts[d], plan.wire) for d in owners}
     out = wire_bytes(_out_rows(m, work), m.d_model, plan.wire)
+    decoupled = {d: counts[d] * dec_per_block * m.time(d, work, "sub") for d in owners}
 
     _ends(m, coord, work, acc, True)
     acc.comm_step("scatter input", [(coord, slices[d], (d,)) for d in owners if d != coord])
-    acc.compute_step("decoupled layers", {d: counts[d] * dec_per_block * m.time(d, work, "sub") for d in owners}, nb)
     if plan.coupled == "allgather":
-        acc.comm_step("coupled: all-gather", [(d, slices[d], tuple(o for o in owners if o != d)) for d in owners], nb)
-        acc.compute_step("coupled layer (replicated)", {d: m.time(d, work, "layer") for d in owners}, nb)
+        def block() -> None:
+            acc.compute_step("decoupled layers", decoupled)
+            acc.comm_step("coupled: all-gather", [(d, slices[d], tuple(o for o in owners if o != d)) for d in owners])
+            acc.compute_step("coupled layer (replicated)", {d: m.time(d, work, "layer") for d in owners})
+
+        acc.repeat(nb, block)
     elif plan.coupled == "gather":
         root = plan.coupled_devices[0]
         others = [d for d in owners if d != root]
-        acc.comm_step(f"coupled: gather to {root}", [(d, slices[d], (root,)) for d in others], nb)
-        acc.compute_step(f"coupled layer on {root}", {root: m.time(root, work, "layer")}, nb)
-        acc.comm_step(f"coupled: scatter from {root}", [(root, slices[d], (d,)) for d in others], nb - 1)
+
+        def gathered() -> None:
+            acc.compute_step("decoupled layers", decoupled)
+            acc.comm_step(f"coupled: gather to {root}", [(d, slices[d], (root,)) for d in others])
+            acc.compute_step(f"coupled layer on {root}", {root: m.time(root, work, "layer")})
+
+        def block() -> None:
+            gathered()
+            acc.comm_step(f"coupled: scatter from {root}", [(root, slices[d], (d,)) for d in others])
+
+        acc.repeat(nb - 1, block)
+        gathered()
         if root != coord:
             acc.comm_step(f"send output {root}->{coord}", [(root, out, (coord,))])
     else:
         group = plan.coupled_devices
         k = len(group)
-        acc.comm_step(
-            "coupled: gather to TP group", [(d, slices[d], tuple(g for g in group if g != d)) for d in owners], nb
-        )
-        acc.compute_step(f"coupled layer, TP over {k}", {d: m.time(d, work, "layer", k) for d in group}, nb)
-        if k > 1:
-            rs, ag = allreduce(m, group, work.rows, plan)
-            acc.comm_step("coupled all-reduce: reduce-scatter", rs, 2 * nb)
-            acc.comm_step("coupled all-reduce: all-gather", ag, 2 * nb)
         outside = [d for d in owners if d not in group]
-        acc.comm_step(f"coupled: scatter from {group[0]}", [(group[0], slices[d], (d,)) for d in outside], nb - 1)
+
+        def coupled_tp() -> None:
+            acc.compute_step("decoupled layers", decoupled)
+            acc.comm_step("coupled: gather to TP group",
+                          [(d, slices[d], tuple(g for g in group if g != d)) for d in owners])
+            if k > 1:
+                _tp_halves(m, group, work, plan, acc, "coupled ")
+            else:
+                acc.compute_step(f"coupled layer on {group[0]}", {group[0]: m.time(group[0], work, "layer")})
+
+        def block() -> None:
+            coupled_tp()
+            acc.comm_step(f"coupled: scatter from {group[0]}", [(group[0], slices[d], (d,)) for d in outside])
+
+        acc.repeat(nb - 1, block)
+        coupled_tp()
         if coord not in group:
             acc.comm_step(f"send output {group[0]}->{coord}", [(group[0], out, (coord,))])
     _ends(m, coord, work, acc, False)
