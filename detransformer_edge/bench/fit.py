@@ -187,7 +187,8 @@ def load_cases(paths: Sequence[str | Path]) -> list[Case]:
             desc = r.plan_desc or r.predicted_plan
             if not desc or r.model == "" or r.workload not in WORKLOADS:
                 continue
-            cfg = shape_config(r.model)
+            variant = re.match(r"([\w.-]+): ", desc)  # the leader ran another variant of the family
+            cfg = shape_config(variant.group(1) if variant else r.model)
             if r.device_profiles:
                 profiles = tuple(profile_from_dict(dict(p), source=f"{path}") for p in r.device_profiles)
             else:
@@ -220,33 +221,39 @@ def _loss(preds: Sequence[Prediction]) -> tuple[int, float]:
 
 FIT_FIELDS = ("msg_cpu_ms", "msg_cpu_ms_per_mb", "request_cpu_ms")
 GRIDS: dict[str, tuple[float, ...]] = {
-    "msg_cpu_ms": (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0),
-    "msg_cpu_ms_per_mb": (0.0, 2.0, 5.0, 10.0, 20.0, 40.0),
-    "request_cpu_ms": (0.0, 20.0, 50.0, 100.0, 200.0),
+    "msg_cpu_ms": (0.0, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0),
+    "msg_cpu_ms_per_mb": (0.0, 2.0, 5.0, 10.0, 20.0),
+    "request_cpu_ms": (0.0, 50.0, 100.0, 125.0, 150.0, 175.0, 200.0, 250.0, 300.0),
 }
 
 
 def fit(cases: Sequence[Case], start: CostTerms = FITTED, rounds: int = 3,
         progress: Callable[[str], None] | None = None) -> CostTerms:
-    """Coordinate search over ``FIT_FIELDS`` on the grids, then refinement around the best
-    value of each (deterministic; a few hundred evaluations of the rows)."""
+    """Every point of ``GRIDS`` (a few hundred), then ``rounds - 1`` rounds of coordinate
+    refinement around the best (deterministic; misses first, then mean squared log error)."""
+    import itertools
+
     best = start
     best_loss = _loss(predictions(cases, best))
-    for r in range(rounds):
+    for values in itertools.product(*(GRIDS[name] for name in FIT_FIELDS)):
+        cand = dataclasses.replace(start, **dict(zip(FIT_FIELDS, values)))
+        loss = _loss(predictions(cases, cand))
+        if loss < best_loss:
+            best, best_loss = cand, loss
+    if progress:
+        progress(f"grid: {best} (misses {best_loss[0]}, msle {best_loss[1]:.4f})")
+    for r in range(1, rounds):
         for name in FIT_FIELDS:
             cur = getattr(best, name)
-            if r == 0:
-                values: Iterable[float] = GRIDS[name]
-            else:
-                step = max(abs(cur), 0.5) * 0.5 ** r
-                values = [max(0.0, cur + k * step / 2) for k in (-2, -1, 1, 2)]
-            for v in values:
+            step = max(abs(cur), 0.5) * 0.5 ** r
+            for k in (-2, -1, 1, 2):
+                v = max(0.0, cur + k * step / 2)
                 cand = dataclasses.replace(best, **{name: round(v, 3)})
                 loss = _loss(predictions(cases, cand))
                 if loss < best_loss:
                     best, best_loss = cand, loss
-            if progress:
-                progress(f"round {r + 1}, {name}: {getattr(best, name)} (misses {best_loss[0]}, msle {best_loss[1]:.4f})")
+        if progress:
+            progress(f"round {r + 1}: {best} (misses {best_loss[0]}, msle {best_loss[1]:.4f})")
     return best
 
 

@@ -157,26 +157,35 @@ def device_profiles(scenario: Scenario, rates: HostRates, ram_mb: int, period_ms
 
 
 def predict(scenario: Scenario, workload: Workload, plan: str, leader: str, profiles: Sequence[Any]) -> dict[str, Any]:
-    """The cost model's view of ``plan`` as the leader runs it: {desc, total_s, ttft_s,
-    ms_per_token}. Decoders: prefill then ``new_tokens - 1`` decode steps on the same plan."""
+    """The cost model's view of ``plan`` as the leader runs it: {desc, model, total_s, ttft_s,
+    ms_per_token}. ``adaptive``: the leader's own choice among the variants of the workload's
+    family the scenario loads (``Placements.choose``: full replicas, the task's budget, the
+    margin). Decoders: prefill then ``new_tokens - 1`` decode steps on the same plan."""
     from detransformer_edge.parallel.plan import Placement, baseline_plan, full_replica_weights
     from detransformer_edge.planner.cost import Broker, CostModel, Request
-    from detransformer_edge.planner.runtime import RuntimePlanner
-    from detransformer_edge.service.catalog import shape_config
+    from detransformer_edge.planner.variants import TaskBudget, Variant, VariantPlanner
+    from detransformer_edge.service.catalog import shape_catalog, shape_config
 
-    cfg = shape_config(workload.model_for(plan))
+    model = workload.model_for(plan)
     order = (leader, *sorted(d for d in scenario.device_names() if d != leader))
     broker = Broker(link_mbit=scenario.broker_mbit)
     first = Request("prefill" if workload.family == "decoder" else "encode", workload.seq)
     if plan == "adaptive":
-        placement = Placement(1, full_replica_weights(order, cfg.layer_kinds, cfg.nd))
-        planner = RuntimePlanner(placement, list(profiles), cfg, broker, available=order, coordinator=leader)
-        bd = planner.choose(first)
-        chosen = bd.plan
+        catalog = shape_catalog().subset(scenario.models)
+        variants = []
+        for name in catalog.variants(model):
+            vcfg = shape_config(name)
+            variants.append(Variant(name, vcfg, Placement(1, full_replica_weights(order, vcfg.layer_kinds, vcfg.nd))))
+        budget = TaskBudget.for_task(catalog.get(model).task, unvalidated=not catalog.quality_required)
+        choice = VariantPlanner(variants, list(profiles), budget, broker=broker, available=order,
+                                coordinator=leader).choose(first)
+        model, chosen = choice.variant, choice.breakdown.plan
     else:
+        cfg = shape_config(model)
         chosen = baseline_plan(plan, order, cfg.n_layers, cfg.nd)
-    cost = CostModel(cfg, list(profiles), broker)
-    out: dict[str, Any] = {"desc": chosen.describe(), "total_s": cost.latency(chosen, first)}
+    cost = CostModel(shape_config(model), list(profiles), broker)
+    desc = chosen.describe() if model == workload.model_for(plan) else f"{model}: {chosen.describe()}"
+    out: dict[str, Any] = {"desc": desc, "model": model, "total_s": cost.latency(chosen, first)}
     if workload.family == "decoder":
         steps = [cost.latency(chosen, Request("decode", workload.seq + k)) for k in range(workload.new_tokens - 1)]
         out["ttft_s"] = out["total_s"]

@@ -33,6 +33,7 @@ from detransformer_edge.planner.standard import (
     proportional_stages,
     standard_plans,
 )
+from detransformer_edge.planner.terms import CostTerms
 from detransformer_edge.transport.wire import WIRE_ITEMSIZE, WireDtype
 
 # Wire dtypes each accuracy budget allows, most compact first. "fp16" (the default) keeps
@@ -83,6 +84,8 @@ class RuntimePlanner:
         accuracy: str | Sequence[WireDtype] = DEFAULT_ACCURACY,
         available: Sequence[str] | None = None,
         coordinator: str | None = None,
+        *,
+        terms: CostTerms | None = None,
     ):
         """``accuracy``: a budget name (``exact``, ``fp16``, ``int8``) or the wire dtypes a task
         allows (``planner/accuracy.py``); ``available``: devices that may take part (default: all
@@ -97,10 +100,12 @@ class RuntimePlanner:
         else:
             self.wires = compact_first(accuracy)
         self.placement = placement
-        self.cost = CostModel(model_cfg, profiles, broker)
+        self.cost = CostModel(model_cfg, profiles, broker, terms)
         self.cfg = model_cfg
         self.space = SearchSpace.build(placement, self.cost, [p.name for p in profiles], available, coordinator)
         self.blocks = BlockSearch(self.space)
+        self._multi: bool | None = None  # the device-count filter of the search under way
+        self._ranked: dict[tuple[Request, int, bool | None], list[Breakdown]] = {}
 
     @property
     def devices(self) -> list[str]:
@@ -115,9 +120,17 @@ class RuntimePlanner:
         """The lowest predicted latency plan for ``request``."""
         return self.ranked(request, 1)[0]
 
-    def ranked(self, request: Request, top: int = 6) -> list[Breakdown]:
+    def ranked(self, request: Request, top: int = 6, multi: bool | None = None) -> list[Breakdown]:
         """The ``top`` best distinct feasible plans, best first (ties: fewer devices, then the
-        more precise wire dtype)."""
+        more precise wire dtype); ``multi``: only plans on several devices (True) or on one (False)."""
+        key = (request, top, multi)
+        cached = self._ranked.get(key)
+        if cached is None:
+            cached = self._ranked[key] = self._search(request, top, multi)
+        return list(cached)
+
+    def _search(self, request: Request, top: int, multi: bool | None) -> list[Breakdown]:
+        self._multi = multi
         specs = sorted(self._specs(request), key=lambda s: s[0])
         scored: dict[Plan, float] = {}
         keep = 2 * top  # a margin for plans that turn out equivalent or not to fit in memory
@@ -154,7 +167,7 @@ class RuntimePlanner:
     # -- search ----------------------------------------------------------------------------------
     def _score(self, spec: Spec, request: Request, scored: dict[Plan, float], best: list[float], keep: int) -> None:
         plan = spec[1]()
-        if plan in scored:
+        if plan in scored or (self._multi is not None and (len(plan.devices) > 1) != self._multi):
             return
         lat = self.cost.latency(plan, request)
         scored[plan] = lat
@@ -167,7 +180,7 @@ class RuntimePlanner:
         for plan in sorted(scored, key=lambda p: _rank_key(scored[p], p)):
             # plans differing only in which (equivalent) sub-block indices a device runs
             # cost the same; keep one of each
-            if plan.describe() in shown:
+            if plan.describe() in shown or (self._multi is not None and (len(plan.devices) > 1) != self._multi):
                 continue
             shown.add(plan.describe())
             bd = self.cost.predict(plan, request, self.holdings)
@@ -184,7 +197,7 @@ class RuntimePlanner:
         sp = self.space
         for coord in sp.coordinators:
             single = Plan("single", (coord,), wire="float32")
-            if sp.can_run(single):
+            if sp.can_run(single) and self._multi is not True:
                 yield 0.0, _const(single)
             if self.cost.decoupled:
                 yield from self.blocks.specs(coord, wire, request)

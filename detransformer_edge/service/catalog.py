@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.tokenizer import ByteTokenizer
+from detransformer_edge.planner.variants import Quality
 from detransformer_edge.weights.quant import check_scheme
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ class ServedModel:
     installed: Callable[[], bool] = lambda: True
     # weight format devices run this model in unless their profile says otherwise (weights/quant)
     quant: str = "float32"
+    # the model family it belongs to (the standard model and its decoupled variants share one);
+    # None: a family of its own. The runtime planner chooses among a family's placed variants.
+    family: str | None = None
+    # a decoupled variant's validated quality (conversion's quality.json); None: not measured
+    quality: Quality | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -69,6 +75,9 @@ class ServedModel:
 @dataclass
 class Catalog:
     models: Mapping[str, ServedModel]
+    # False for random-weight catalogs: their decoupled variants have no quality to validate, and
+    # the planner may use them all (they measure latency only)
+    quality_required: bool = True
     _cache: dict[str, LoadedServedModel] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -100,6 +109,14 @@ class Catalog:
             raise ConfigError(f"model {name!r} serves {self.get(name).task!r}, not {task!r}")
         return name
 
+    def family_of(self, name: str) -> str:
+        return self.get(name).family or name
+
+    def variants(self, name: str) -> tuple[str, ...]:
+        """Every model of ``name``'s family (``name`` included), in catalog order."""
+        family = self.family_of(name)
+        return tuple(n for n in self.models if self.family_of(n) == family)
+
     def load(self, name: str) -> LoadedServedModel:
         """Load once per process (thread-safe: agents load in worker threads)."""
         with self._lock:
@@ -127,7 +144,7 @@ class Catalog:
         return all(served.installed() for served in self.models.values())
 
     def subset(self, names: Sequence[str]) -> Catalog:
-        return Catalog({n: self.get(n) for n in names})
+        return Catalog({n: self.get(n) for n in names}, self.quality_required)
 
 
 # --- the pretrained catalog ----------------------------------------------------------------------
@@ -326,14 +343,16 @@ def tiny_catalog(seed: int = 0) -> Catalog:
     """Small random models for every task, the same on every device for a given seed."""
     from detransformer_edge.model.config import get_config
 
+    bp = _random_entry("embed", lambda: get_config("tiny-encoder", nd=4, nb=2), seed, "tiny decoupled encoder (random)",
+                       120)
+    bp.family = "tiny-encoder"
     return Catalog({
         "intent": _random_entry("intent", lambda: get_config("tiny-encoder", nd=4, nb=2), seed,
                                 "tiny decoupled encoder (random)", 120, head=True),
         "tiny-encoder": _random_entry("embed", lambda: get_config("tiny-encoder"), seed, "tiny encoder (random)", 120),
-        "tiny-encoder-bp": _random_entry("embed", lambda: get_config("tiny-encoder", nd=4, nb=2), seed,
-                                         "tiny decoupled encoder (random)", 120),
+        "tiny-encoder-bp": bp,
         "tiny-decoder": _random_entry("generate", lambda: get_config("tiny-decoder"), seed, "tiny decoder (random)", 200),
-    })
+    }, quality_required=False)
 
 
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -375,10 +394,12 @@ def shape_catalog(seed: int = 0) -> Catalog:
             layout = f"decoupled N_d={cfg.nd} N_b={cfg.nb}, {'sliced' if cfg.sub_attn == 'slice' else 'full-width'} heads"
         else:
             layout = "standard"
-        return _random_entry(task, lambda: shape_config(name), seed, f"{preset} shape, {layout} (random)",
-                             1024 if task == "generate" else 512)
+        served = _random_entry(task, lambda: shape_config(name), seed, f"{preset} shape, {layout} (random)",
+                               1024 if task == "generate" else 512)
+        served.family = preset  # bert-base, minilm-l6, smollm2-135m: the standard shape and its variants
+        return served
 
-    return Catalog({name: entry(name) for name in SHAPES})
+    return Catalog({name: entry(name) for name in SHAPES}, quality_required=False)
 
 
 CATALOGS: dict[str, Callable[[], Catalog]] = {
