@@ -243,7 +243,7 @@ def default_catalog() -> Catalog:
     for name, (dirname, description) in CONVERTED.items():
         model_dir = converted_dir(dirname)
         if (model_dir / "model.safetensors").is_file():
-            converted[name] = _converted_entry(model_dir, description, embed_tools)
+            converted[name] = _converted_entry(model_dir, description, embed_tools, generate_tools)
 
     models: dict[str, ServedModel] = {}
     if (default_weights_dir() / "model.safetensors").exists():
@@ -255,23 +255,48 @@ def default_catalog() -> Catalog:
     return Catalog({
         **models,
         "minilm-l6": ServedModel("embed", lambda: get_config("minilm-l6"), embed_loader, 512, "all-MiniLM-L6-v2",
-                                 lazy_source("minilm-l6"), embed_tools, installed("minilm-l6")),
+                                 lazy_source("minilm-l6"), embed_tools, installed("minilm-l6"), family="minilm-l6"),
         # int8: about twice float32's decode speed at +0.2 % held-out perplexity (docs/MODELS.md). The
         # int4 codes are the GGUF's own, but on x86 they run on bfloat16 activations, and the demo's
         # first question then starts with another token (a near tie at the first position): int4
         # is for devices whose profile asks for it (memory), not the default
         "smollm2-135m": ServedModel("generate", lambda: get_config("smollm2-135m"), generate_loader, 2048,
                                     "SmolLM2-135M-Instruct", lazy_source("smollm2-135m"), generate_tools,
-                                    installed("smollm2-135m"), quant="int8"),
+                                    installed("smollm2-135m"), quant="int8", family="smollm2-135m"),
         **converted,
     })
 
 
 # Distilled decoupled models served when `detransformer-edge convert` has written them:
-# catalog name -> (folder under converted_dir(), description). Commands in docs/ACCURACY.md.
+# catalog name -> (folder under converted_dir(), description). Commands in docs/ACCURACY.md. Each
+# joins its teacher's family; the planner uses it within the task's quality budget, read from the
+# quality.json conversion writes beside the weights (quality_of).
 CONVERTED: dict[str, tuple[str, str]] = {
     "minilm-bp2": ("minilm-l6-nd4-nb2-slice", "all-MiniLM-L6-v2 distilled to sliced sub-blocks, N_d=4 N_b=2"),
+    "smollm2-bp": ("smollm2-135m-nd2-nb5", "SmolLM2-135M-Instruct distilled to N_d=2 N_b=5 (full-width heads)"),
 }
+TEACHER_FAMILY = {"minilm-l6": "minilm-l6", "smollm2-135m": "smollm2-135m"}  # conversion source -> family
+
+
+def quality_of(model_dir: Any) -> Quality | None:
+    """The validated quality conversion wrote (``quality.json``): a decoder's held-out perplexity
+    ratio to the teacher, an encoder's embedding cosine; None if absent or unfinished."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "quality.json"
+    try:
+        q = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(q, dict):
+        return None
+    if "ppl_ratio" in q or ("ppl_after" in q and "ppl_teacher" in q):
+        ratio = q.get("ppl_ratio") or q["ppl_after"] / q["ppl_teacher"]
+        return Quality("ppl_ratio", float(ratio), str(path))
+    if "cosine_after" in q:
+        return Quality("cosine", float(q["cosine_after"]), str(path))
+    return None
 
 
 def converted_dir(name: str) -> Any:  # -> Path
@@ -281,17 +306,28 @@ def converted_dir(name: str) -> Any:  # -> Path
     return Path.home() / ".cache" / "detransformer_edge" / "converted" / name
 
 
-def _converted_entry(model_dir: Any, description: str, tools: Callable[[], LoadedServedModel]) -> ServedModel:
-    """An embedding model distilled by `convert` (model.safetensors + config.json, our names);
-    tokenizer from the teacher's package."""
+def _converted_entry(model_dir: Any, description: str, embed_tools: Callable[[], LoadedServedModel],
+                     generate_tools: Callable[[], LoadedServedModel]) -> ServedModel:
+    """A model distilled by `convert` (model.safetensors + config.json, our names): an embedding
+    encoder or a generating decoder; tokenizer (and chat template) from the teacher's package;
+    its family is the teacher's, its quality what conversion measured."""
     import json
 
-    def config() -> Any:
-        from detransformer_edge.model.config import EncoderConfig
+    meta = json.loads((model_dir / "config.json").read_text())
+    decoder = "decoder" in meta
+    tools = generate_tools if decoder else embed_tools
 
-        return EncoderConfig(**json.loads((model_dir / "config.json").read_text())["encoder"])
+    def config() -> Any:
+        from detransformer_edge.model.config import DecoderConfig, EncoderConfig
+
+        return DecoderConfig(**meta["decoder"]) if decoder else EncoderConfig(**meta["encoder"])
 
     def load() -> LoadedServedModel:
+        if decoder:
+            from detransformer_edge.training.convert_decoder import load_decoder_student
+
+            t = tools()
+            return LoadedServedModel(load_decoder_student(model_dir), t.tokenizer, chat_template=t.chat_template)
         from detransformer_edge.training.convert import load_student
 
         return LoadedServedModel(load_student(model_dir), tools().tokenizer)
@@ -305,7 +341,12 @@ def _converted_entry(model_dir: Any, description: str, tools: Callable[[], Loade
             opened.append(SafetensorsSource.mapped(_verified(model_dir / "model.safetensors"), lambda k: k))
         return opened[0](names)
 
-    return ServedModel("embed", config, load, 512, description, tensors, tools)
+    family = TEACHER_FAMILY.get(str(meta.get("source", "")))
+    if decoder:
+        return ServedModel("generate", config, load, 2048, description, tensors, tools, family=family,
+                           quality=quality_of(model_dir))
+    return ServedModel("embed", config, load, 512, description, tensors, tools, family=family,
+                       quality=quality_of(model_dir))
 
 
 # --- random catalogs (tests, benchmarks) -----------------------------------------------------------
