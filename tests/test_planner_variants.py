@@ -212,3 +212,44 @@ async def test_the_run_coordinator_runs_the_variant_the_planner_chose() -> None:
     from detransformer_edge.service.runs import plan_label
 
     assert plan_label("tiny-encoder-bp", *seen[0][:1], chosen.plan) == "tiny-encoder: single on dev0 (float32)"
+
+
+def _fake_converted_decoder(home: Path, ratio: float) -> None:
+    """What `convert --from smollm2-135m --nd 2 --nb 5` leaves (weights not needed to plan)."""
+    import dataclasses as dc
+
+    cfg = get_config("smollm2-135m", nd=2, nb=5)
+    out = home / ".cache" / "detransformer_edge" / "converted" / "smollm2-135m-nd2-nb5"
+    out.mkdir(parents=True)
+    fields = {f.name: getattr(cfg, f.name) for f in dc.fields(cfg) if f.init}
+    (out / "config.json").write_text(json.dumps({"decoder": fields, "source": "smollm2-135m", "quality": "quality.json"}))
+    (out / "model.safetensors").write_bytes(b"")
+    (out / "quality.json").write_text(json.dumps({"ppl_teacher": 124.6, "ppl_after": 124.6 * ratio,
+                                                  "ppl_ratio": ratio}))
+
+
+def _plan_explain(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    import argparse
+
+    from detransformer_edge.commands import plan as plan_command
+
+    parser = argparse.ArgumentParser()
+    plan_command.add_arguments(parser)
+    assert plan_command.run(parser.parse_args(argv)) == 0
+    return capsys.readouterr().out
+
+
+def test_plan_explain_shows_why_a_decoupled_decoder_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _fake_converted_decoder(tmp_path, 2.74)
+    root = Path(__file__).resolve().parents[1]
+    argv = ["--profiles", f"{root}/firmware_profiles/raspberry-pi-5.toml*2", "--catalog", "pretrained",
+            "--model", "smollm2-135m", "--seq", "64", "--explain"]
+    out = _plan_explain(argv, capsys)
+    assert "family smollm2-135m: smollm2-135m, smollm2-bp" in out
+    assert "smollm2-bp (decoupled N_d=2 N_b=5, full-width): not considered: held-out perplexity 2.74x" in out
+    assert "variant    smollm2-135m:" in out
+    # a looser budget lets it compete (the figure is what conversion wrote)
+    out = _plan_explain([*argv, "--max-ppl-ratio", "3"], capsys)
+    assert "not considered" not in out and "smollm2-bp (decoupled N_d=2 N_b=5, full-width): one device" in out
