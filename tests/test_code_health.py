@@ -35,7 +35,7 @@ def test_ruff() -> None:
 
 
 def test_mypy_strict_on_the_core_packages() -> None:
-    done = _run(_tool("mypy"), "detransformer_edge/transport", "detransformer_edge/protocol")
+    done = _run(_tool("mypy"), "detransformer_edge/transport", "detransformer_edge/protocol", "detransformer_edge/planner")
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -61,3 +61,21 @@ def test_the_run_topic_is_built_in_one_place() -> None:
     hits = {p.relative_to(ROOT).as_posix() for p in PACKAGE.rglob("*.py")
             if re.search(r'"P/run|/run/', p.read_text(encoding="utf-8"))}
     assert hits == {"detransformer_edge/protocol/topics.py"}, hits
+
+
+def test_planner_modules_and_classes_stay_small() -> None:
+    """The planner was split along its seams (network, walk, search space, block search,
+    standard plans, variants): no module over 500 lines, no class over 300."""
+    import ast
+
+    big = []
+    for path in sorted((PACKAGE / "planner").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 500:
+            big.append(f"{path.name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+                length = node.end_lineno - node.lineno + 1
+                if length > 300:
+                    big.append(f"{path.name}: class {node.name} {length} lines")
+    assert not big, big

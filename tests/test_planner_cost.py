@@ -17,6 +17,14 @@ from detransformer_edge.planner.cost import (
     Request,
 )
 from detransformer_edge.planner.profile import DeviceProfile
+from detransformer_edge.planner.terms import CostTerms
+
+
+def bare(cfg: object, profiles: list[DeviceProfile], broker: Broker | None = None) -> CostModel:
+    """The cost model without the fitted overheads (request path, per-message device CPU), so
+    every figure below is FLOPs, bytes and the broker by hand; those terms are tested apart."""
+    return CostModel(cfg, profiles, broker, CostTerms())  # type: ignore[arg-type]
+
 
 HUGE_BW = 1e6  # GB/s: makes every roofline compute-bound so FLOPs alone set the time
 
@@ -156,7 +164,7 @@ def test_request_validation() -> None:
 
 
 def test_one_message_store_and_forward() -> None:
-    m = CostModel(get_config("tiny-encoder"), [dev("a"), dev("b")], Broker(per_message_ms=1.0))
+    m = bare(get_config("tiny-encoder"), [dev("a"), dev("b")], Broker(per_message_ms=1.0))
     seconds, up, down, pubs = m.phase_time([("a", 1_000_000, ("b",))])
     # 1 MB up at 10 MB/s + 1 ms broker + 1 MB down at 10 MB/s
     assert seconds == pytest.approx(0.1 + 0.001 + 0.1)
@@ -166,7 +174,7 @@ def test_one_message_store_and_forward() -> None:
 def test_allgather_design_anchor() -> None:
     """DESIGN.md: 4-way all-gather of 98 KB chunks at 100 Mbit ~ 31.9 ms measured."""
     devs = [dev(f"d{i}", link_mbit=100.0) for i in range(4)]
-    m = CostModel(get_config("tiny-encoder"), devs, Broker(per_message_ms=0.0))
+    m = bare(get_config("tiny-encoder"), devs, Broker(per_message_ms=0.0))
     chunk = 98_304
     names = [d.name for d in devs]
     seconds, _, down, pubs = m.phase_time([(n, chunk, tuple(o for o in names if o != n)) for n in names])
@@ -176,26 +184,29 @@ def test_allgather_design_anchor() -> None:
 
 def test_broker_link_bottleneck_and_latency() -> None:
     devs = [dev(f"d{i}", link_mbit=1000.0, rtt_ms=2.0 * (i + 1)) for i in range(4)]
-    m = CostModel(get_config("tiny-encoder"), devs, Broker(link_mbit=100.0, per_message_ms=0.5))
+    m = bare(get_config("tiny-encoder"), devs, Broker(link_mbit=100.0, per_message_ms=0.5))
     names = [d.name for d in devs]
     chunk = 125_000
     seconds, *_ = m.phase_time([(n, chunk, tuple(o for o in names if o != n)) for n in names])
     broker_in = 4 * chunk / 12.5e6  # 40 ms: the broker's link takes every upload
     broker_out = 12 * chunk / 12.5e6  # 120 ms: and sends every copy
     latency = 0.5 * (8e-3 + 8e-3)  # half the slowest sender's + receiver's round trip
-    assert seconds == pytest.approx(broker_in + 4 * 0.5e-3 + broker_out + latency)
+    # the broker forwards each message once it has it whole: its link sends every copy
+    # (120 ms) after taking in the first upload (10 ms), not after all four (40 ms)
+    assert broker_in == pytest.approx(0.04)
+    assert seconds == pytest.approx(chunk / 12.5e6 + broker_out + 4 * 0.5e-3 + latency)
 
 
 def test_default_rtt_by_link_kind() -> None:
     a = dev("a", rtt_ms=None, link="wifi5")  # type: ignore[arg-type]
     b = dev("b", rtt_ms=None, link="ethernet")  # type: ignore[arg-type]
-    m = CostModel(get_config("tiny-encoder"), [a, b], Broker(per_message_ms=0.0))
+    m = bare(get_config("tiny-encoder"), [a, b], Broker(per_message_ms=0.0))
     seconds, *_ = m.phase_time([("a", 0, ("b",))])
     assert seconds == pytest.approx(0.5 * (3.0e-3 + 0.5e-3))
 
 
 def test_wire_bytes() -> None:
-    m = CostModel(get_config("tiny-encoder"), [dev("a")])
+    m = bare(get_config("tiny-encoder"), [dev("a")])
     assert m.wire_bytes(16, 32, "float32") == 16 * 32 * 4 + ENVELOPE_BYTES
     assert m.wire_bytes(16, 32, "float16") == 16 * 32 * 2 + ENVELOPE_BYTES
     assert m.wire_bytes(16, 32, "int8") == 16 * 32 + 16 * 4 + ENVELOPE_BYTES
@@ -206,7 +217,7 @@ def test_wire_bytes() -> None:
 
 def test_single_plan_by_hand() -> None:
     cfg = get_config("tiny-encoder")
-    m = CostModel(cfg, [dev("a", gflops=1.0)])
+    m = bare(cfg, [dev("a", gflops=1.0)])
     bd = m.predict(Plan("single", ("a",)), Request("encode", 16))
     per_layer = 1_572_864 / 1e9 + 65_536 / 0.5e9  # attention runs at half rate when unmeasured
     head = 16 * 64 / 1e9  # mean pooling
@@ -218,7 +229,7 @@ def test_single_plan_by_hand() -> None:
 def test_two_device_block_plan_by_hand() -> None:
     cfg = get_config("tiny-encoder", nd=2, nb=2)  # 2 blocks: 1 decoupled + 1 coupled layer each
     a, b = dev("a", gflops=1.0), dev("b", gflops=1.0)
-    m = CostModel(cfg, [a, b], Broker(per_message_ms=1.0))
+    m = bare(cfg, [a, b], Broker(per_message_ms=1.0))
     plan = Plan("block", ("a", "b"), wire="float32", sub_block_owner=("a", "b"), coupled="allgather")
     bd = m.predict(plan, Request("encode", 16))
 
@@ -228,18 +239,20 @@ def test_two_device_block_plan_by_hand() -> None:
     slice_bytes = 16 * 32 * 4 + ENVELOPE_BYTES  # one sub-block's slice, fp32
     scatter = slice_bytes / 1e7 + 1e-3 + slice_bytes / 1e7  # a -> b
     allgather = slice_bytes / 1e7 + 2 * 1e-3 + slice_bytes / 1e7  # each sends one, receives one
+    control = CostTerms().control_bytes
+    start = control / 1e7 + 1e-3 + control / 1e7  # the run-control message a -> b
     head = 16 * 64 / 1e9
-    expected = scatter + 2 * (t_sub + allgather + t_layer) + head
+    expected = start + scatter + 2 * (t_sub + allgather + t_layer) + head
     assert bd.total_s == pytest.approx(expected, rel=1e-6)
-    assert bd.comm_s == pytest.approx(scatter + 2 * allgather)
-    assert bd.messages() == 1 + 2 * 2
-    assert bd.device("b").download_bytes == slice_bytes * 3  # scatter + two all-gathers
-    assert bd.device("a").upload_bytes == slice_bytes * 3
+    assert bd.comm_s == pytest.approx(start + scatter + 2 * allgather)
+    assert bd.messages() == 1 + 1 + 2 * 2
+    assert bd.device("b").download_bytes == control + slice_bytes * 3  # control, scatter, two all-gathers
+    assert bd.device("a").upload_bytes == control + slice_bytes * 3
 
 
 def test_gather_to_non_coordinator_sends_output_back() -> None:
     cfg = get_config("tiny-encoder", nd=2, nb=2)
-    m = CostModel(cfg, [dev("a"), dev("b"), dev("c", gflops=10.0)], Broker(per_message_ms=0.0))
+    m = bare(cfg, [dev("a"), dev("b"), dev("c", gflops=10.0)], Broker(per_message_ms=0.0))
     plan = Plan("block", ("a", "b", "c"), sub_block_owner=("a", "b"), coupled="gather", coupled_devices=("c",))
     bd = m.predict(plan, Request("encode", 16))
     names = [s.name for s in bd.steps]
@@ -251,27 +264,29 @@ def test_gather_to_non_coordinator_sends_output_back() -> None:
 
 def test_tp_message_counts() -> None:
     cfg = get_config("tiny-encoder")  # 4 layers, 2 all-reduces each
-    m = CostModel(cfg, [dev("a"), dev("b")])
+    m = bare(cfg, [dev("a"), dev("b")])
     bd = m.predict(Plan("tp", ("a", "b")), Request("encode", 16))
-    # input broadcast + per all-reduce: reduce-scatter 2 + all-gather 2
-    assert bd.messages() == 1 + 8 * (2 + 2)
+    # run control + input broadcast + per all-reduce: reduce-scatter 2 + all-gather 2
+    assert bd.messages() == 2 + 8 * (2 + 2)
     one_way = 16 * 32 * 4 + ENVELOPE_BYTES
-    assert bd.device("b").download_bytes == (16 * 64 * 4 + ENVELOPE_BYTES) + 8 * 2 * one_way
+    control = CostTerms().control_bytes
+    assert bd.device("b").download_bytes == control + (16 * 64 * 4 + ENVELOPE_BYTES) + 8 * 2 * one_way
 
 
 def test_pipeline_steps() -> None:
     cfg = get_config("tiny-encoder")
-    m = CostModel(cfg, [dev("a"), dev("b")], Broker(per_message_ms=0.0))
+    m = bare(cfg, [dev("a"), dev("b")], Broker(per_message_ms=0.0))
     plan = Plan("pipeline", ("a", "b"), stages=({"device": "a", "start": 0, "end": 1}, {"device": "b", "start": 1, "end": 4}))
     bd = m.predict(plan, Request("encode", 16))
     full = 16 * 64 * 4 + ENVELOPE_BYTES
-    assert bd.comm_s == pytest.approx(2 * (2 * full / 1e7))  # a->b, then the output b->a
+    control = 2 * CostTerms().control_bytes / 1e7  # the run-control message a->b
+    assert bd.comm_s == pytest.approx(control + 2 * (2 * full / 1e7))  # a->b, then the output b->a
     assert bd.device("b").compute_s == pytest.approx(3 * bd.device("a").compute_s, rel=0.01)
 
 
 def test_memory_accounting() -> None:
     cfg = get_config("tiny-encoder", nd=2, nb=2)
-    m = CostModel(cfg, [dev("a", ram_mb=160), dev("b")])
+    m = bare(cfg, [dev("a", ram_mb=160), dev("b")])
     held = DeviceWeights(True, (0, 1), (1, 3))
     expect = (
         analysis.embedding_params(cfg) + 2 * 2 * analysis.subblock_params(cfg) + 2 * analysis.coupled_layer_params(cfg)
@@ -285,6 +300,102 @@ def test_memory_accounting() -> None:
 
 
 def test_unknown_device() -> None:
-    m = CostModel(get_config("tiny-encoder"), [dev("a")])
+    m = bare(get_config("tiny-encoder"), [dev("a")])
     with pytest.raises(PlanningError, match="no profile for device 'zz'"):
         m.predict(Plan("single", ("zz",)), Request("encode", 8))
+
+
+# -- the fitted terms and shared machines (planner/terms.py, planner/compute.py) ------------------
+
+
+def test_the_broker_forwards_while_senders_upload() -> None:
+    """A reduce-scatter over 3 devices: each uploads 2 chunks and downloads 2. The broker
+    forwards the first chunk while the second is uploaded: 3 chunk times, not 4."""
+    devs = [dev(n, link_mbit=80.0) for n in "abc"]
+    m = bare(get_config("tiny-encoder"), devs, Broker(per_message_ms=0.0))
+    chunk = 100_000  # 10 ms at 80 Mbit
+    seconds, *_ = m.phase_time([(a, chunk, (b,)) for a in "abc" for b in "abc" if a != b])
+    assert seconds == pytest.approx(3 * chunk / 1e7)
+
+
+def test_per_message_device_cpu_scales_with_the_core() -> None:
+    terms = CostTerms(msg_cpu_ms=2.0, msg_cpu_ms_per_mb=10.0)
+    fast, slow = dev("a", gflops=20.0), dev("b", gflops=5.0)  # one core each
+    m = CostModel(get_config("tiny-encoder"), [fast, slow], Broker(per_message_ms=0.0), terms)
+    nbytes = 500_000
+    seconds, *_ = m.phase_time([("a", nbytes, ("b",))])
+    wire = 2 * nbytes / 1e7
+    ms = 2.0 + 10.0 * 0.5  # per message + per MB, on the 10-GFLOPS reference core
+    assert seconds == pytest.approx(wire + ms / 1e3 * (10 / 20) + ms / 1e3 * (10 / 5))
+    # cores: message handling is single-threaded, a 4-core device runs it on one core
+    quad = DeviceProfile("q", gflops=20.0, mem_bw_gbs=HUGE_BW, ram_mb=4096, link_mbit=80.0, rtt_ms=0.0, cores=4)
+    assert quad.core_gflops == 5.0
+
+
+def test_request_overhead_once_per_request_not_per_decode_step() -> None:
+    cfg = get_config("tiny-decoder")
+    plain = bare(cfg, [dev("a")])
+    with_req = CostModel(cfg, [dev("a")], Broker(), CostTerms(request_cpu_ms=50.0))  # 1 GFLOPS: 10x slower
+    single = Plan("single", ("a",))
+    for mode in ("prefill", "encode"):
+        extra = with_req.latency(single, Request(mode, 16)) - plain.latency(single, Request(mode, 16))  # type: ignore[arg-type]
+        assert extra == pytest.approx(0.5)
+    assert with_req.latency(single, Request("decode", 16)) == pytest.approx(plain.latency(single, Request("decode", 16)))
+
+
+def _quota(name: str, q: float, **kw: object) -> DeviceProfile:
+    return dev(name, gflops=1.0, cpu_quota=q, **kw)
+
+
+def test_a_quota_device_bursts_after_idling() -> None:
+    """Sustained work t at quota q: after idling the device runs at full core speed until its
+    bucket is dry, which saves (1 - q) x period on a long burst (CFS's mean over start phases)
+    and runs a short one entirely at full speed."""
+    from detransformer_edge.planner.compute import CpuShares
+
+    shares = CpuShares({"a": _quota("a", 0.4)})
+    buckets = shares.full_buckets(["a"])
+    assert shares.run(buckets, {"a": 0.5})["a"] == pytest.approx(0.5 - 0.6 * 0.1)
+    assert shares.run(shares.full_buckets(["a"]), {"a": 0.05})["a"] == pytest.approx(0.05 * 0.4)
+    # right after a long burst the bucket is dry: the next step runs at the quota
+    dry = {"a": 0.0}
+    assert shares.run(dry, {"a": 0.5})["a"] == pytest.approx(0.5)
+    # idling refills it at q cores
+    shares.idle(dry, 0.03)
+    assert dry["a"] == pytest.approx(0.4 * 0.03)
+
+
+def test_devices_sharing_a_host_slow_down_beyond_its_cores() -> None:
+    from detransformer_edge.planner.compute import CpuShares
+
+    devs = {n: _quota(n, 0.4, host="vm", host_cores=1.2) for n in "abcd"}
+    shares = CpuShares(devs)
+    wall = shares.run(shares.full_buckets("abcd"), dict.fromkeys("abcd", 1.0))
+    # 4 x 0.4 cores wanted, 1.2 given: 0.3 each; the buckets never drain (0.3 < 0.4)
+    assert all(w == pytest.approx(0.4 / 0.3) for w in wall.values())
+    # one device alone on that host gets its quota and its burst
+    alone = shares.run(shares.full_buckets("a"), {"a": 1.0})
+    assert alone["a"] == pytest.approx(1.0 - 0.6 * 0.1)
+
+
+def test_quota_plans_walk_every_repetition() -> None:
+    """A pipeline stage starts with a burst (its device idled while the earlier stages ran);
+    the same plan on unthrottled devices is the sustained sum."""
+    cfg = get_config("tiny-encoder")
+    plan = Plan("pipeline", ("a", "b"), stages=({"device": "a", "start": 0, "end": 2}, {"device": "b", "start": 2, "end": 4}))
+    throttled = bare(cfg, [_quota("a", 0.4, ram_mb=4096), _quota("b", 0.4)], Broker(per_message_ms=0.0))
+    free = bare(cfg, [dev("a", gflops=1.0), dev("b", gflops=1.0)], Broker(per_message_ms=0.0))
+    t_free = free.predict(plan, Request("encode", 16)).compute_s
+    t_throttled = throttled.predict(plan, Request("encode", 16)).compute_s
+    assert t_throttled < t_free  # short stages: every stage bursts
+    assert throttled.latency(plan, Request("encode", 16)) == pytest.approx(
+        throttled.predict(plan, Request("encode", 16)).total_s)
+
+
+def test_profile_host_fields_are_checked() -> None:
+    from detransformer_edge.planner.profile import ProfileError
+
+    with pytest.raises(ProfileError, match="host and host_cores go together"):
+        dev("a", host="vm")
+    with pytest.raises(ProfileError, match="cpu_quota 2.0 exceeds its 1 cores"):
+        dev("a", cpu_quota=2.0)

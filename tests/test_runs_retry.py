@@ -125,8 +125,8 @@ async def test_no_fallback_when_the_leader_does_not_hold_the_whole_model():
     runs = make_runs(FakeHost())
     for d in ("dev1", "dev2"):
         runs.placements.state.ready.pop(d)
-    plan = runs.placements.retry_plan(MODEL, "encode", 4, "pipeline", failed, {"dev1", "dev2"})
-    assert plan.devices == ("dev0",)
+    chosen = runs.placements.retry_plan(MODEL, "encode", 4, "pipeline", failed, {"dev1", "dev2"})
+    assert chosen.plan.devices == ("dev0",) and chosen.model == MODEL
 
 
 def test_going_offline_cancels_the_runs_that_need_the_device():

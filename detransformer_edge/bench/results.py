@@ -48,6 +48,7 @@ class Samples:
     predicted: dict[str, Any] = field(default_factory=dict)  # runner.predict(): desc, ttft_s, ms_per_token
     device_gflops: tuple[float, ...] = ()  # the planner profiles' compute rates in this scenario
     cpu_share_concurrent: tuple[float, ...] = ()  # busy loops in every device at once: what the host gave
+    device_profiles: tuple[dict[str, Any], ...] = ()  # the planner profiles the agents had (bench.fit reads them)
     server_s: list[float] = field(default_factory=list)  # the leader's own latency_ms (request in -> reply out)
     cfs_period_ms: float | None = None  # None: the testbed's 100 ms
     where: list[dict[str, float]] = field(default_factory=list)  # traced runs: where the time went
@@ -143,6 +144,7 @@ class Result:
     device_gflops: tuple[float, ...] = ()
     cpu_share_concurrent: tuple[float, ...] = ()
     server_median_s: float | None = None
+    device_profiles: tuple[dict[str, Any], ...] = ()
     cfs_period_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,6 +162,8 @@ class Result:
         }
         if self.cpu_share_concurrent:
             d["cpu_share_concurrent"] = [round(c, 3) for c in self.cpu_share_concurrent]
+        if self.device_profiles:
+            d["device_profiles"] = [dict(p) for p in self.device_profiles]
         if self.server_median_s is not None:
             d["server_median_s"] = round(self.server_median_s, 5)
         if self.cfs_period_ms is not None:
@@ -199,6 +203,7 @@ class Result:
             predicted_plan=d.get("predicted_plan", ""), device_gflops=tuple(d.get("device_gflops", ())),
             cpu_share_concurrent=tuple(d.get("cpu_share_concurrent", ())), server_median_s=d.get("server_median_s"),
             cfs_period_ms=d.get("cfs_period_ms"),
+            device_profiles=tuple(dict(p) for p in d.get("device_profiles", ())),
         )
 
 
@@ -234,6 +239,7 @@ def aggregate(samples: Iterable[Samples]) -> list[Result]:
             predicted_plan=str(s.predicted.get("desc", "")), device_gflops=s.device_gflops,
             cpu_share_concurrent=s.cpu_share_concurrent,
             server_median_s=statistics.median(s.server_s) if s.server_s else None, cfs_period_ms=s.cfs_period_ms,
+            device_profiles=s.device_profiles,
         ))
     return out
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -121,7 +122,23 @@ def measure_host_rates(budget_s: float = 2.0) -> HostRates:
         torch.set_num_threads(threads)
 
 
-def device_profiles(scenario: Scenario, rates: HostRates, ram_mb: int):  # -> list[DeviceProfile]
+TESTBED_HOST = "testbed"  # the one machine every emulated device runs on
+
+
+def host_cores(cpu: Sequence[float], shares: Sequence[float], host_cpus: float) -> float:
+    """What the host gives its devices together: its cores when every device got its quota with
+    all busy, else what they measured together (other jobs took the rest)."""
+    if shares and min(s / c for s, c in zip(shares, cpu)) < 0.95:
+        return round(float(sum(shares)), 3)
+    return host_cpus
+
+
+def device_profiles(scenario: Scenario, rates: HostRates, ram_mb: int, period_ms: float | None = None,
+                    cores: float | None = None):  # -> list[DeviceProfile]
+    """One profile per device: the host's per-core rates times its quota, its shaped link, and
+    the quota and shared host the cost model needs (``planner/compute.py``)."""
+    import os
+
     from detransformer_edge.planner.profile import DeviceProfile
 
     out = []
@@ -129,7 +146,8 @@ def device_profiles(scenario: Scenario, rates: HostRates, ram_mb: int):  # -> li
         out.append(DeviceProfile(
             name=name, gflops=round(rates.gflops * cpu, 3), attn_gflops=round(rates.attn_gflops * cpu, 3),
             mem_bw_gbs=round(rates.mem_bw_gbs * cpu, 3), ram_mb=ram_mb, link_mbit=float(scenario.bandwidth_mbit),
-            link="ethernet", cores=1,
+            link="ethernet", cores=1, cpu_quota=cpu, quota_period_ms=period_ms or 100.0,
+            host=TESTBED_HOST, host_cores=cores if cores is not None else float(os.cpu_count() or 1),
             description=f"testbed device, cpu quota {cpu:g}, tbf {scenario.bandwidth_mbit} Mbit/s",
         ))
     return out
@@ -139,26 +157,35 @@ def device_profiles(scenario: Scenario, rates: HostRates, ram_mb: int):  # -> li
 
 
 def predict(scenario: Scenario, workload: Workload, plan: str, leader: str, profiles: Sequence[Any]) -> dict[str, Any]:
-    """The cost model's view of ``plan`` as the leader runs it: {desc, total_s, ttft_s,
-    ms_per_token}. Decoders: prefill then ``new_tokens - 1`` decode steps on the same plan."""
+    """The cost model's view of ``plan`` as the leader runs it: {desc, model, total_s, ttft_s,
+    ms_per_token}. ``adaptive``: the leader's own choice among the variants of the workload's
+    family the scenario loads (``Placements.choose``: full replicas, the task's budget, the
+    margin). Decoders: prefill then ``new_tokens - 1`` decode steps on the same plan."""
     from detransformer_edge.parallel.plan import Placement, baseline_plan, full_replica_weights
     from detransformer_edge.planner.cost import Broker, CostModel, Request
-    from detransformer_edge.planner.runtime import RuntimePlanner
-    from detransformer_edge.service.catalog import shape_config
+    from detransformer_edge.planner.variants import TaskBudget, Variant, VariantPlanner
+    from detransformer_edge.service.catalog import shape_catalog, shape_config
 
-    cfg = shape_config(workload.model_for(plan))
+    model = workload.model_for(plan)
     order = (leader, *sorted(d for d in scenario.device_names() if d != leader))
     broker = Broker(link_mbit=scenario.broker_mbit)
     first = Request("prefill" if workload.family == "decoder" else "encode", workload.seq)
     if plan == "adaptive":
-        placement = Placement(1, full_replica_weights(order, cfg.layer_kinds, cfg.nd))
-        planner = RuntimePlanner(placement, list(profiles), cfg, broker, available=order, coordinator=leader)
-        bd = planner.choose(first)
-        chosen = bd.plan
+        catalog = shape_catalog().subset(scenario.models)
+        variants = []
+        for name in catalog.variants(model):
+            vcfg = shape_config(name)
+            variants.append(Variant(name, vcfg, Placement(1, full_replica_weights(order, vcfg.layer_kinds, vcfg.nd))))
+        budget = TaskBudget.for_task(catalog.get(model).task, unvalidated=not catalog.quality_required)
+        choice = VariantPlanner(variants, list(profiles), budget, broker=broker, available=order,
+                                coordinator=leader).choose(first)
+        model, chosen = choice.variant, choice.breakdown.plan
     else:
+        cfg = shape_config(model)
         chosen = baseline_plan(plan, order, cfg.n_layers, cfg.nd)
-    cost = CostModel(cfg, list(profiles), broker)
-    out: dict[str, Any] = {"desc": chosen.describe(), "total_s": cost.latency(chosen, first)}
+    cost = CostModel(shape_config(model), list(profiles), broker)
+    desc = chosen.describe() if model == workload.model_for(plan) else f"{model}: {chosen.describe()}"
+    out: dict[str, Any] = {"desc": desc, "model": model, "total_s": cost.latency(chosen, first)}
     if workload.family == "decoder":
         steps = [cost.latency(chosen, Request("decode", workload.seq + k)) for k in range(workload.new_tokens - 1)]
         out["ttft_s"] = out["total_s"]
@@ -278,17 +305,19 @@ class BenchHome:
             self.progress(f"calibrated {name} (cpu {cpu:g}): BERT-base seq 128 forward "
                           f"{by_quota[cpu]['forward_s'] * 1e3:.0f} ms = {by_quota[cpu]['gflops']:.1f} GFLOPS")
         self.calibration = {f"cpu {c:g}": v["gflops"] for c, v in by_quota.items()}
-        profiles = []
-        for prof, cpu in zip(device_profiles(sc, HostRates(1.0, 1.0, 1.0), self.ram_mb), sc.cpu):
-            cal = by_quota[cpu]
-            profiles.append(DeviceProfile(**{**prof.__dict__, "gflops": round(cal["gflops"], 3),
-                                             "attn_gflops": round(cal["gflops"], 3),
-                                             "mem_bw_gbs": round(cal["mem_bw_gbs"] * cpu, 3)}))
         from detransformer_edge.testbed.measure import measure_cpu_shares
 
         # what the host gives when every device computes at once (a quota is only a ceiling)
         shares = measure_cpu_shares(self.home, list(sc.device_names()), seconds=2.0, concurrent=True)
         self.cpu_share_concurrent = tuple(shares[n] for n in sc.device_names())
+        cores = host_cores(sc.cpu, self.cpu_share_concurrent, float(os.cpu_count() or 1))
+        profiles = []
+        for prof, cpu in zip(device_profiles(sc, HostRates(1.0, 1.0, 1.0), self.ram_mb, self.cfs_period_ms, cores),
+                             sc.cpu):
+            cal = by_quota[cpu]
+            profiles.append(DeviceProfile(**{**prof.__dict__, "gflops": round(cal["gflops"], 3),
+                                             "attn_gflops": round(cal["gflops"], 3),
+                                             "mem_bw_gbs": round(cal["mem_bw_gbs"] * cpu, 3)}))
         self.progress("CPU share with every device busy at once: " + ", ".join(
             f"{n} {v:.2f}/{c:g}" for (n, v), c in zip(shares.items(), sc.cpu)))
         if min(v / c for v, c in zip(self.cpu_share_concurrent, sc.cpu)) < 0.85:
@@ -361,7 +390,9 @@ def run_plan_once(bh: BenchHome, workload: Workload, plan: str, timeout_s: float
 
 def run_scenario(scenario: Scenario, cfg: BenchConfig, rates: HostRates | None, progress: Progress,
                  workdir: Path, mem_mb: int) -> list[Samples]:
-    profiles = device_profiles(scenario, rates, mem_mb) if rates is not None else None
+    from detransformer_edge.planner.profile import profile_to_dict
+
+    profiles = device_profiles(scenario, rates, mem_mb, cfg.cfs_period_ms) if rates is not None else None
     out: list[Samples] = []
     t_start = time.monotonic()
     with BenchHome(scenario, profiles, workdir, progress, ram_mb=mem_mb, cfs_period_ms=cfg.cfs_period_ms) as bh:
@@ -374,6 +405,7 @@ def run_scenario(scenario: Scenario, cfg: BenchConfig, rates: HostRates | None, 
                                   scenario.broker_mbit, workload.model_for(p),
                                   device_gflops=tuple(pr.gflops for pr in profiles),
                                   cpu_share_concurrent=bh.cpu_share_concurrent,
+                                  device_profiles=tuple(profile_to_dict(pr) for pr in profiles),
                                   cfs_period_ms=cfg.cfs_period_ms) for p in scenario.plans}
             for p, s in samples.items():
                 try:

@@ -27,13 +27,15 @@ class Workload:
     """One request shape. ``op`` is the client API op; ``seq`` the input tokens (encoder) or
     the prompt tokens (decoder prefill); ``new_tokens`` the greedy decode steps (decoder);
     ``models`` the (standard, decoupled) pair of the shapes catalog it runs (None: the
-    family's pair, ``FAMILY_MODELS``)."""
+    family's pair, ``FAMILY_MODELS``); ``variants`` more decoupled shapes of the family the home
+    also loads, so that ``adaptive`` (the leader's choice across the family) may use them."""
 
     name: str
     op: str  # "embed" | "generate"
     seq: int
     new_tokens: int = 0
     models: tuple[str, str] | None = None
+    variants: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.op not in ("embed", "generate"):
@@ -50,6 +52,12 @@ class Workload:
                 raise ConfigError(f"workload {self.name}: models {self.models} are not both {self.family}s")
             if std.is_decoupled or not bp.is_decoupled:
                 raise ConfigError(f"workload {self.name}: models must be (standard, decoupled), got {self.models}")
+        for v in self.variants:
+            from detransformer_edge.service.catalog import SHAPES, shape_config
+
+            if v not in SHAPES or SHAPES[v][0] != SHAPES[self.model_pair[0]][0] or not shape_config(v).is_decoupled:
+                raise ConfigError(f"workload {self.name}: variant {v!r} is not a decoupled shape of "
+                                  f"{self.model_pair[0]}'s family")
 
     @property
     def family(self) -> str:
@@ -75,9 +83,11 @@ FAMILY_MODELS: dict[str, tuple[str, str]] = {
     "decoder": ("smollm2-shape", "smollm2-bp"),
 }
 WORKLOADS: dict[str, Workload] = {
-    "enc16": Workload("enc16", "embed", 16),
-    "enc64": Workload("enc64", "embed", 64),
-    "enc128": Workload("enc128", "embed", 128),
+    # adaptive may also run the N_b = 2 sliced variant (the paper's heads and I'; the planner's
+    # choice across the family: docs/PLANNER.md, "Variants")
+    "enc16": Workload("enc16", "embed", 16, variants=("bert-base-bp2",)),
+    "enc64": Workload("enc64", "embed", 64, variants=("bert-base-bp2",)),
+    "enc128": Workload("enc128", "embed", 128, variants=("bert-base-bp2",)),
     "dec": Workload("dec", "generate", 128, 32),
     # the N_b = 2 variants (sliced sub-blocks, the paper's heads and I'): block plans run them
     "enc16-bp2": Workload("enc16-bp2", "embed", 16, models=("bert-base", "bert-base-bp2")),
@@ -126,7 +136,7 @@ class Scenario:
     @property
     def models(self) -> tuple[str, ...]:
         """Every shapes-catalog model the scenario's workloads run, each once, in order."""
-        return tuple(dict.fromkeys(m for w in self.workloads for m in w.model_pair))
+        return tuple(dict.fromkeys(m for w in self.workloads for m in (*w.model_pair, *w.variants)))
 
     def device_names(self) -> tuple[str, ...]:
         return tuple(f"dev{i}" for i in range(self.devices))

@@ -101,7 +101,7 @@ def _run_decoder(args: argparse.Namespace, device: str) -> int:
             changes[field] = getattr(args, arg)
     settings = dataclasses.replace(DecoderDistilSettings(), **changes)
     q = convert_decoder_and_distil(args.source, nd, nb, args.out, settings, device=device, sub_attn=args.sub_attn)
-    print(f"wrote {args.out}/model.safetensors; held-out perplexity {q['ppl_after']:.2f} "
-          f"(teacher {q['ppl_teacher']:.2f}, sliced init {q['ppl_init']:.2f}); top-1 agreement with the "
+    print(f"wrote {args.out}/model.safetensors; held-out perplexity {q['ppl_after']:.2f} = {q['ppl_ratio']:.2f}x "
+          f"the teacher's {q['ppl_teacher']:.2f} (sliced init {q['ppl_init']:.2f}); top-1 agreement with the "
           f"teacher {q['agreement_after']:.3f}; {q['steps']} steps ({q['stopped_by']}) in {q['seconds']:.0f} s")
     return 0

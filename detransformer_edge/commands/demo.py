@@ -10,6 +10,9 @@ HELP = "run a 4-device home on this machine: broker, agents, voice queries and a
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", default="pretrained", choices=("pretrained", "tiny"),
                    help="pretrained models (default) or tiny random ones (a fast smoke run)")
+    p.add_argument("--home", default="default", choices=("default", "speakers"),
+                   help="default: two Pis, a Pi 4 and a speaker; speakers: four smart speakers, none of which can "
+                        "hold the language model, which the planner then splits across them")
     p.add_argument("--broker", default="auto", choices=("auto", "mosquitto", "amqtt"),
                    help="embedded broker: Mosquitto when installed, else amqtt (default: auto)")
     p.add_argument("--devices", type=int, default=4, choices=(2, 3, 4), help="agents to start (default: 4)")
@@ -23,5 +26,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from detransformer_edge.service.demo import DemoOptions, run_demo
 
-    return run_demo(DemoOptions(catalog=args.catalog, broker=args.broker, devices=args.devices,
+    return run_demo(DemoOptions(catalog=args.catalog, home=args.home, broker=args.broker, devices=args.devices,
                                 max_new_tokens=args.max_new_tokens, wait=args.wait))

@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from detransformer_edge.planner.cost import Breakdown
 
 HELP = "choose a parallel plan for a request on given device profiles and explain its predicted cost"
 
@@ -32,7 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-message-ms", type=float, default=0.3, help="broker cost per publish (default 0.3)")
     parser.add_argument("--accuracy", default=None, help="wire accuracy budget: exact, fp16 (default) or int8")
     parser.add_argument("--coordinator", default=None, help="device that embeds and answers (default: best score)")
-    parser.add_argument("--explain", action="store_true", help="also list the 5 best alternatives and why they lost")
+    parser.add_argument("--explain", action="store_true",
+                        help="also say why the placement looks as it does, which variants were considered (and why "
+                             "some were not), and list the 5 best alternatives and why they lost")
+    parser.add_argument("--catalog", choices=("pretrained", "shapes"), default=None,
+                        help="plan a served model of this catalog and every variant of its family the catalog holds "
+                             "(the leader's choice: task budgets, quality, margin); --model names the model")
+    parser.add_argument("--variants", default=None,
+                        help="with --catalog: only these models of the family (comma-separated; default: all)")
+    parser.add_argument("--max-ppl-ratio", type=float, default=None,
+                        help="decoders' quality budget: held-out perplexity at most this multiple of the teacher's "
+                             "(default 1.10)")
+    parser.add_argument("--min-cosine", type=float, default=None,
+                        help="encoders' quality budget: embedding cosine to the teacher (default 0.95)")
+    parser.add_argument("--margin", type=float, default=None,
+                        help="a multi-device plan must be predicted this much faster than one device (default 0.10)")
 
 
 def expand_profiles(specs: list[str]) -> list:  # list[DeviceProfile]
@@ -82,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     profiles = expand_profiles(args.profiles)
     if args.mbit is not None:
         profiles = [dataclasses.replace(p, link_mbit=args.mbit) for p in profiles]
+    if args.catalog is not None:
+        return run_family(args, profiles)
     cfg = model_config(args)
     mode = args.mode or ("prefill" if getattr(cfg, "family") == "decoder" else "encode")
     request = Request(mode, args.seq, args.batch)
@@ -100,7 +120,16 @@ def run(args: argparse.Namespace) -> int:
         model_desc = f"{args.model}: {cfg.name} (standard)"
     print(f"model      {model_desc}; request {mode} seq {args.seq} batch {args.batch}")
     print(f"placement  {holdings_summary(static.placement.holdings)}")
+    if args.explain:
+        print(f"           {static.why}")
     print(f"plan       {best.plan.describe()}")
+    show_breakdown(best)
+    if args.explain:
+        show_alternatives(ranked, best)
+    return 0
+
+
+def show_breakdown(best: Breakdown) -> None:
     print(f"predicted  {best.total_s * 1e3:.2f} ms = compute {best.compute_s * 1e3:.2f} ms + communication "
           f"{best.comm_s * 1e3:.2f} ms ({best.messages()} messages)")
     print("\nsteps (critical path):")
@@ -113,11 +142,76 @@ def run(args: argparse.Namespace) -> int:
     for d in best.devices:
         print(f"  {d.device:12s} {_ms(d.compute_s)} {d.upload_bytes / 1024:8.1f}KB {d.download_bytes / 1024:8.1f}KB "
               f"{d.memory_bytes / 2**20:7.0f}MB {d.budget_bytes / 2**20:7.0f}MB")
+
+
+def show_alternatives(ranked: list[Breakdown], best: Breakdown) -> None:
+    print("\nalternatives:")
+    for alt in [r for r in ranked if r.plan != best.plan][:5]:
+        print(f"  {alt.total_s * 1e3:9.2f} ms (+{(alt.total_s - best.total_s) * 1e3:.2f})  "
+              f"{alt.plan.describe()}: {why_lost(alt, best)}")
+
+
+def run_family(args: argparse.Namespace, profiles: list) -> int:  # list[DeviceProfile]
+    """Plan a catalog model the way the leader does: a static placement per variant of its
+    family, then the variant planner's choice for the request."""
+    from detransformer_edge.errors import ConfigError
+    from detransformer_edge.planner.cost import Broker, Request
+    from detransformer_edge.planner.runtime import holdings_summary
+    from detransformer_edge.planner.static import plan_static
+    from detransformer_edge.planner.variants import (
+        DEFAULT_MARGIN,
+        TaskBudget,
+        Variant,
+        VariantPlanner,
+        variants_summary,
+    )
+    from detransformer_edge.service.catalog import CATALOGS
+
+    catalog = CATALOGS[args.catalog]()
+    served = catalog.get(args.model)
+    names = catalog.variants(args.model)
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in wanted if v not in names]
+        if unknown:
+            raise ConfigError(f"--variants {', '.join(unknown)}: not in {args.model}'s family ({', '.join(names)})")
+        names = tuple(n for n in names if n in wanted or n == args.model)
+    overrides = {k: v for k, v in (("max_ppl_ratio", args.max_ppl_ratio), ("min_cosine", args.min_cosine))
+                 if v is not None}
+    budget = TaskBudget.for_task(served.task, unvalidated=not catalog.quality_required, **overrides)
+    if args.accuracy is not None:
+        from detransformer_edge.planner.runtime import WIRE_DTYPES_BY_ACCURACY
+
+        budget = dataclasses.replace(budget, wires=WIRE_DTYPES_BY_ACCURACY[args.accuracy])
+    broker = Broker(args.broker_mbit, args.per_message_ms)
+    first = catalog.get(names[0]).config()
+    mode = args.mode or ("prefill" if first.family == "decoder" else "encode")
+    request = Request(mode, args.seq, args.batch)
+    variants, statics = [], {}
+    for name in names:
+        cfg = catalog.get(name).config()
+        statics[name] = plan_static(profiles, cfg, broker=broker, coordinator=args.coordinator)
+        variants.append(Variant(name, cfg, statics[name].placement, catalog.get(name).quality))
+    vp = VariantPlanner(variants, profiles, budget, broker=broker, coordinator=args.coordinator,
+                        margin=DEFAULT_MARGIN if args.margin is None else args.margin)
+    choice = vp.choose(request)
+    best = choice.breakdown
+    print(f"model      {args.model} ({served.task}; family {catalog.family_of(args.model)}: {', '.join(names)}); "
+          f"request {mode} seq {args.seq} batch {args.batch}")
+    print(f"budget     wire {'/'.join(budget.wires)}; decoders <= {budget.max_ppl_ratio:.2f}x the teacher's perplexity, "
+          f"encoders >= {budget.min_cosine:.3f} cosine{'; unvalidated variants allowed' if budget.unvalidated else ''}")
+    for name in names:
+        print(f"placement  {name}: {statics[name].label}: {holdings_summary(statics[name].placement.holdings)}")
+        if args.explain:
+            print(f"           {statics[name].why}")
+    print(f"variant    {choice.variant}: {choice.reason}")
     if args.explain:
-        print("\nalternatives:")
-        for alt in ranked[1:6]:
-            print(f"  {alt.total_s * 1e3:9.2f} ms (+{(alt.total_s - best.total_s) * 1e3:.2f})  "
-                  f"{alt.plan.describe()}: {why_lost(alt, best)}")
+        for line in variants_summary(choice):
+            print(f"           {line}")
+    print(f"plan       {best.plan.describe()}")
+    show_breakdown(best)
+    if args.explain:
+        show_alternatives(vp.planners[choice.variant].ranked(request, 6), best)
     return 0
 
 

@@ -30,14 +30,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from detransformer_edge.errors import DetransformerError
+from detransformer_edge.transport.wire import WIRE_DTYPES as _WIRE_NUMPY_TYPES
+from detransformer_edge.transport.wire import WireDtype
 
 Mode = Literal["single", "pipeline", "tp", "block"]
 CoupledStrategy = Literal["allgather", "gather", "tp"]
-WireDtype = Literal["float32", "float16", "int8"]
 
 MODES: tuple[str, ...] = ("single", "pipeline", "tp", "block")
 COUPLED_STRATEGIES: tuple[str, ...] = ("allgather", "gather", "tp")
-WIRE_DTYPES: tuple[str, ...] = ("float32", "float16", "int8")
+WIRE_DTYPES: tuple[str, ...] = tuple(_WIRE_NUMPY_TYPES)  # transport.wire: the one vocabulary
 
 
 class PlanError(DetransformerError, ValueError):

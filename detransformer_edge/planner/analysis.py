@@ -107,7 +107,7 @@ def _kv_heads(cfg: object, heads: int) -> int:
 
 
 def _layer_cost(
-    cfg: object, width: int, heads: int, ffn: int, work: Workload, shard: int = 1
+    cfg: object, width: int, heads: int, ffn: int, work: Workload, shard: float = 1
 ) -> OpCost:
     """One layer of residual width ``width``; ``shard`` > 1 is one tensor-parallel shard of it
     (heads and FFN split ``shard`` ways, the residual stream and norms replicated)."""
@@ -194,7 +194,8 @@ def embedding_params(cfg: object) -> int:
     if _is_decoder(cfg):
         head = 0 if getattr(cfg, "tie_embeddings", True) else vocab * d
         return vocab * d + d + head
-    return (vocab + getattr(cfg, "max_position") + getattr(cfg, "type_vocab_size")) * d + 2 * d
+    positions: int = getattr(cfg, "max_position") + getattr(cfg, "type_vocab_size")
+    return (vocab + positions) * d + 2 * d
 
 
 def model_params(cfg: object) -> int:

@@ -1,153 +1,43 @@
 """Cost model: predicted latency and memory of a :class:`Plan` on a cluster of device profiles.
 
 Compute: every piece of work is a roofline, ``max(flops / rate, bytes / mem_bw)``, evaluated
-separately for GEMMs (``gflops``) and attention (``attn_gflops``).
-
-Communication goes through the MQTT broker: a message is uploaded by its sender, handled by the
-broker, and downloaded by each subscriber. A *phase* is a set of messages sent at the same time
-(one collective); it takes
-
-    max_sender(upload bytes / link)      (or the broker's link taking in every upload, if slower)
-  + publishes x broker per-message cost  (a single-threaded broker handles them one by one)
-  + max_receiver(download bytes / link)  (or the broker's link sending every copy, if slower)
-  + latency: half the slowest sender's plus half the slowest receiver's round trip to the broker
-
-The broker stores and forwards a message whole, so upload and download add up. Collectives are
-the ones in ``parallel/collectives.py``: an all-gather is one publish per device and n-1
-downloads each; an all-reduce is a reduce-scatter (n-1 point-to-point chunks of 1/n) followed by
-an all-gather of 1/n chunks. Steps run one after another; within a step devices work in
-parallel and the slowest one sets the step's time.
+separately for GEMMs (``gflops``) and attention (``attn_gflops``); devices under a CPU quota or
+sharing a machine go through ``planner/compute.py``. Communication: phases of
+messages through the MQTT broker (``planner/network.py``). A plan is walked step by step
+(``planner/walk.py``); memory is what each device holds plus what the request needs there.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Literal
+from collections.abc import Mapping, Sequence
 
-from detransformer_edge.errors import DetransformerError
+from detransformer_edge.model.config import ModelConfig
 from detransformer_edge.parallel.plan import DeviceWeights, Plan, required_weights
 from detransformer_edge.planner import analysis
-from detransformer_edge.planner.analysis import Mode, OpCost, Workload
+from detransformer_edge.planner.analysis import OpCost, Workload
+from detransformer_edge.planner.breakdown import Breakdown, DeviceCost, PlanningError, Request, Step
+from detransformer_edge.planner.compute import CpuShares
+from detransformer_edge.planner.network import (
+    DEFAULT_RTT_MS,
+    ENVELOPE_BYTES,
+    INT8_SCALE_BYTES,
+    Broker,
+    Message,
+    Network,
+    Phase,
+    wire_bytes,
+)
 from detransformer_edge.planner.profile import DeviceProfile
+from detransformer_edge.planner.terms import FITTED, CostTerms
+from detransformer_edge.planner.walk import Accumulator, Total, walk
+from detransformer_edge.transport.wire import WireDtype
 
-WIRE_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1}
-INT8_SCALE_BYTES = 4  # one float32 scale per row
-ENVELOPE_BYTES = 120  # msgpack envelope + MQTT fixed header + topic, per message
 PROCESS_OVERHEAD_MB = 150  # Python + torch CPU runtime resident before any weight is loaded
-# One-way-and-back device <-> broker latency when a profile has no measured rtt_ms.
-DEFAULT_RTT_MS = {"ethernet": 0.5, "loopback": 0.1, "wifi6": 2.0, "wifi5": 3.0, "wifi4": 5.0, "other": 3.0}
 
-
-class PlanningError(DetransformerError):
-    """The planner cannot produce what was asked (unknown device, plan outside the placement...)."""
-
-
-@dataclass(frozen=True)
-class Broker:
-    """The MQTT broker as the cost model sees it.
-
-    ``link_mbit``: the broker host's own link (one direction, full duplex); ``None`` when the
-    broker sits on a wired hub/router whose link is never the bottleneck. ``per_message_ms``:
-    broker CPU time per publish, fan-out included (Mosquitto on a small board: ~0.2-1 ms).
-    """
-
-    link_mbit: float | None = None
-    per_message_ms: float = 0.3
-
-    def __post_init__(self) -> None:
-        if self.link_mbit is not None and not self.link_mbit > 0:
-            raise PlanningError(f"broker link_mbit must be positive, got {self.link_mbit!r}")
-        if not self.per_message_ms >= 0:
-            raise PlanningError(f"broker per_message_ms must be >= 0, got {self.per_message_ms!r}")
-
-
-@dataclass(frozen=True)
-class Request:
-    """What the runtime planner plans for: ``encode``/``prefill`` ``seq_len`` tokens, or one
-    ``decode`` step after ``seq_len`` tokens of context."""
-
-    mode: Mode
-    seq_len: int
-    batch: int = 1
-
-    def __post_init__(self) -> None:
-        if self.mode not in analysis.MODES:
-            raise PlanningError(f"request mode must be one of {', '.join(analysis.MODES)}, got {self.mode!r}")
-        if self.seq_len <= 0 or self.batch <= 0:
-            raise PlanningError(f"request needs seq_len > 0 and batch > 0, got {self.seq_len}, {self.batch}")
-
-    @cached_property
-    def workload(self) -> Workload:
-        return Workload.for_request(self.mode, self.seq_len, self.batch)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step of a plan, repeated ``count`` times (e.g. once per block)."""
-
-    name: str
-    kind: Literal["compute", "comm"]
-    seconds: float  # one occurrence
-    count: int = 1
-    messages: int = 0  # publishes, one occurrence
-    bytes: int = 0  # bytes uploaded by all senders, one occurrence
-
-    @property
-    def total_s(self) -> float:
-        return self.seconds * self.count
-
-
-@dataclass(frozen=True)
-class DeviceCost:
-    device: str
-    compute_s: float  # busy computing, whole request
-    upload_bytes: int
-    download_bytes: int
-    memory_bytes: int  # weights this plan needs there + KV cache + activations + runtime
-    budget_bytes: int
-
-    @property
-    def fits(self) -> bool:
-        return self.memory_bytes <= self.budget_bytes
-
-
-@dataclass(frozen=True)
-class Breakdown:
-    """Predicted cost of one plan for one request."""
-
-    plan: Plan
-    request: Request
-    steps: tuple[Step, ...]
-    devices: tuple[DeviceCost, ...]
-    total_s: float = field(init=False)
-    compute_s: float = field(init=False)
-    comm_s: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        compute = math.fsum(s.total_s for s in self.steps if s.kind == "compute")
-        comm = math.fsum(s.total_s for s in self.steps if s.kind == "comm")
-        object.__setattr__(self, "compute_s", compute)
-        object.__setattr__(self, "comm_s", comm)
-        object.__setattr__(self, "total_s", compute + comm)
-
-    @property
-    def fits(self) -> bool:
-        return all(d.fits for d in self.devices)
-
-    def device(self, name: str) -> DeviceCost:
-        for d in self.devices:
-            if d.device == name:
-                return d
-        raise PlanningError(f"device {name!r} is not part of plan {self.plan.describe()}")
-
-    def messages(self) -> int:
-        return sum(s.messages * s.count for s in self.steps)
-
-
-Message = tuple[str, float, tuple[str, ...]]  # (sender, bytes, receivers)
+__all__ = [
+    "DEFAULT_RTT_MS", "ENVELOPE_BYTES", "INT8_SCALE_BYTES", "PROCESS_OVERHEAD_MB", "Breakdown", "Broker",
+    "CostModel", "DeviceCost", "Message", "PlanningError", "Request", "Step",
+]
 
 
 class CostModel:
@@ -157,25 +47,26 @@ class CostModel:
     workload, so evaluating many candidate plans for one request is cheap.
     """
 
-    def __init__(self, cfg: object, profiles: Sequence[DeviceProfile], broker: Broker | None = None):
+    def __init__(self, cfg: ModelConfig, profiles: Sequence[DeviceProfile], broker: Broker | None = None,
+                 terms: CostTerms | None = None):
         self.cfg = cfg
         self.profiles: dict[str, DeviceProfile] = {p.name: p for p in profiles}
         if len(self.profiles) != len(profiles):
             raise PlanningError("device profiles must have unique names")
         self.broker = broker or Broker()
-        self.layer_kinds: tuple[str, ...] = tuple(getattr(cfg, "layer_kinds"))
+        self.terms = FITTED if terms is None else terms
+        self.network = Network(self.profiles, self.broker, self.terms)
+        self.shares = CpuShares(self.profiles)
+        self.layer_kinds: tuple[str, ...] = tuple(cfg.layer_kinds)
         self.n_dec, self.n_cpl = analysis.layer_counts(cfg)
         self.nb = max(1, self.n_cpl)
-        self.nd: int = getattr(cfg, "nd")
+        self.nd: int = cfg.nd
         self.decoupled = self.n_dec > 0
-        self.is_decoder = getattr(cfg, "family", "") == "decoder"
+        self.is_decoder = cfg.family == "decoder"
+        self.d_model: int = cfg.d_model
+        self.d_sub: int = cfg.d_sub
         self._units: dict[tuple[Workload, str, int], OpCost] = {}
         self._times: dict[tuple[Workload, str, int, str], float] = {}
-        self._link = {n: p.link_bytes_per_s for n, p in self.profiles.items()}
-        self._rtt = {
-            n: (p.rtt_ms if p.rtt_ms is not None else DEFAULT_RTT_MS.get(p.link, 3.0)) / 1e3
-            for n, p in self.profiles.items()
-        }
 
     # -- compute ---------------------------------------------------------------------------------
     def unit(self, work: Workload, piece: str, shard: int = 1) -> OpCost:
@@ -210,6 +101,10 @@ class CostModel:
             self._times[key] = t
         return t
 
+    def request_s(self, device: str) -> float:
+        """The coordinator's own work on a request, outside the model (``CostTerms``)."""
+        return self.terms.request_cpu_s(self._profile(device).core_gflops)
+
     def _profile(self, device: str) -> DeviceProfile:
         try:
             return self.profiles[device]
@@ -217,40 +112,23 @@ class CostModel:
             raise PlanningError(f"no profile for device {device!r}; known: {', '.join(self.profiles)}") from None
 
     # -- communication ---------------------------------------------------------------------------
-    def phase_time(self, messages: Iterable[Message]) -> tuple[float, dict[str, float], dict[str, float], int]:
+    def phase(self, messages: Sequence[Message]) -> Phase:
+        return self.network.phase(messages)
+
+    def phase_time(self, messages: Sequence[Message]) -> tuple[float, dict[str, float], dict[str, float], int]:
         """Seconds for messages sent together; also bytes up/down per device and publishes."""
-        up: dict[str, float] = {}
-        down: dict[str, float] = {}
-        n_pub = 0
-        for src, nbytes, receivers in messages:
-            if not receivers:
-                continue
-            n_pub += 1
-            up[src] = up.get(src, 0.0) + nbytes
-            for r in receivers:
-                down[r] = down.get(r, 0.0) + nbytes
-        if not n_pub:
-            return 0.0, up, down, 0
-        link = self._link
-        t_up = max(b / link[d] for d, b in up.items())
-        t_down = max(b / link[d] for d, b in down.items())
-        if self.broker.link_mbit is not None:
-            rate = self.broker.link_mbit * 1e6 / 8
-            t_up = max(t_up, sum(up.values()) / rate)
-            t_down = max(t_down, sum(down.values()) / rate)
-        rtt = self._rtt
-        latency = 0.5 * (max(rtt[d] for d in up) + max(rtt[d] for d in down))
-        return t_up + n_pub * self.broker.per_message_ms / 1e3 + t_down + latency, up, down, n_pub
+        p = self.network.phase(messages)
+        return p.seconds, dict(p.up), dict(p.down), p.publishes
 
     def rtt_s(self, device: str) -> float:
         """Round trip device -> broker -> device, seconds (measured, or by link kind)."""
         self._profile(device)
-        return self._rtt[device]
+        return self.network.rtt_s(device)
 
-    def wire_bytes(self, rows: int, width: int, wire: str) -> float:
+    @staticmethod
+    def wire_bytes(rows: int, width: int, wire: WireDtype) -> float:
         """Payload of one message carrying a (rows, width) activation in ``wire`` precision."""
-        scales = rows * INT8_SCALE_BYTES if wire == "int8" else 0
-        return rows * width * WIRE_ITEMSIZE[wire] + scales + ENVELOPE_BYTES
+        return wire_bytes(rows, width, wire)
 
     # -- memory ----------------------------------------------------------------------------------
     def _pieces(self, held: DeviceWeights) -> tuple[int, int]:
@@ -315,8 +193,8 @@ class CostModel:
         for d in plan.devices:
             self._profile(d)
         work = request.workload
-        acc = _Accumulator(self, plan.devices)
-        self._walk(plan, work, acc)
+        acc = Accumulator(self, plan.devices)
+        walk(self, plan, work, acc)
         devices = tuple(
             DeviceCost(
                 d,
@@ -333,171 +211,7 @@ class CostModel:
     def latency(self, plan: Plan, request: Request) -> float:
         """Predicted seconds of ``plan``: the same walk as :meth:`predict`, totals only (fast,
         for searching many candidates; no memory check)."""
-        acc = _Total(self)
-        self._walk(plan, request.workload, acc)
+        acc = Total(self, plan.devices)
+        walk(self, plan, request.workload, acc)
         return acc.total
 
-    def _walk(self, plan: Plan, work: Workload, acc: _Accumulator) -> None:
-        if plan.mode == "single":
-            self._single(plan, work, acc)
-        elif plan.mode == "pipeline":
-            self._pipeline(plan, work, acc)
-        elif plan.mode == "tp":
-            self._tp(plan, work, acc)
-        else:
-            self._block(plan, work, acc)
-
-    def _out_rows(self, work: Workload) -> int:
-        # A decoder's head needs only the last position of each sequence; an encoder pools all.
-        return work.batch if self.is_decoder else work.rows
-
-    def _ends(self, coord: str, work: Workload, acc: _Accumulator, first: bool) -> None:
-        name = "embed" if first else "head"
-        acc.compute_step(name, {coord: self.time(coord, work, "embed" if first else "head")})
-
-    def _single(self, plan: Plan, work: Workload, acc: _Accumulator) -> None:
-        d = plan.devices[0]
-        self._ends(d, work, acc, True)
-        t = self.n_dec * self.nd * self.time(d, work, "sub") if self.decoupled else 0.0
-        t += self.n_cpl * self.time(d, work, "layer")
-        acc.compute_step("layers", {d: t})
-        self._ends(d, work, acc, False)
-
-    def _pipeline(self, plan: Plan, work: Workload, acc: _Accumulator) -> None:
-        coord = plan.coordinator
-        full = self.wire_bytes(work.rows, getattr(self.cfg, "d_model"), plan.wire)
-        self._ends(coord, work, acc, True)
-        kinds = self.layer_kinds
-        for i, stage in enumerate(plan.stages):
-            t = 0.0
-            for layer in range(stage.start, stage.end):
-                if kinds[layer] == "coupled":
-                    t += self.time(stage.device, work, "layer")
-                else:
-                    t += self.nd * self.time(stage.device, work, "sub")
-            acc.compute_step(f"stage {i} ({stage.device}, layers {stage.start}-{stage.end - 1})", {stage.device: t})
-            if i + 1 < len(plan.stages):
-                nxt = plan.stages[i + 1].device
-                acc.comm_step(f"send {stage.device}->{nxt}", [(stage.device, full, (nxt,))])
-        last = plan.stages[-1].device
-        if last != coord:
-            out = self.wire_bytes(self._out_rows(work), getattr(self.cfg, "d_model"), plan.wire)
-            acc.comm_step(f"send {last}->{coord}", [(last, out, (coord,))])
-        self._ends(coord, work, acc, False)
-
-    def _allreduce(self, group: Sequence[str], full_rows: int, wire: str) -> tuple[list[Message], list[Message]]:
-        k = len(group)
-        width = getattr(self.cfg, "d_model")
-        chunk = self.wire_bytes(full_rows, width // k, wire)
-        rs = [(a, chunk, (b,)) for a in group for b in group if a != b]
-        ag = [(a, chunk, tuple(b for b in group if b != a)) for a in group]
-        return rs, ag
-
-    def _tp(self, plan: Plan, work: Workload, acc: _Accumulator) -> None:
-        group = plan.devices
-        coord = plan.coordinator
-        k = len(group)
-        full = self.wire_bytes(work.rows, getattr(self.cfg, "d_model"), plan.wire)
-        self._ends(coord, work, acc, True)
-        acc.comm_step("broadcast input", [(coord, full, group[1:])])
-        n_layers = len(self.layer_kinds)
-        acc.compute_step("layer shards", {d: self.time(d, work, "layer", k) for d in group}, n_layers)
-        rs, ag = self._allreduce(group, work.rows, plan.wire)
-        acc.comm_step("all-reduce: reduce-scatter", rs, 2 * n_layers)
-        acc.comm_step("all-reduce: all-gather", ag, 2 * n_layers)
-        self._ends(coord, work, acc, False)
-
-    def _block(self, plan: Plan, work: Workload, acc: _Accumulator) -> None:
-        cfg = self.cfg
-        coord = plan.coordinator
-        owners = plan.owners
-        nb = self.nb
-        dec_per_block = self.n_dec // nb
-        counts = {d: len(plan.sub_blocks_of(d)) for d in owners}
-        d_sub: int = getattr(cfg, "d_sub")
-        d_model: int = getattr(cfg, "d_model")
-        slices = {d: self.wire_bytes(work.rows, d_sub * counts[d], plan.wire) for d in owners}
-        out = self.wire_bytes(self._out_rows(work), d_model, plan.wire)
-
-        self._ends(coord, work, acc, True)
-        acc.comm_step("scatter input", [(coord, slices[d], (d,)) for d in owners if d != coord])
-        acc.compute_step(
-            "decoupled layers", {d: counts[d] * dec_per_block * self.time(d, work, "sub") for d in owners}, nb
-        )
-        if plan.coupled == "allgather":
-            acc.comm_step(
-                "coupled: all-gather", [(d, slices[d], tuple(o for o in owners if o != d)) for d in owners], nb
-            )
-            acc.compute_step("coupled layer (replicated)", {d: self.time(d, work, "layer") for d in owners}, nb)
-        elif plan.coupled == "gather":
-            root = plan.coupled_devices[0]
-            others = [d for d in owners if d != root]
-            acc.comm_step(f"coupled: gather to {root}", [(d, slices[d], (root,)) for d in others], nb)
-            acc.compute_step(f"coupled layer on {root}", {root: self.time(root, work, "layer")}, nb)
-            acc.comm_step(f"coupled: scatter from {root}", [(root, slices[d], (d,)) for d in others], nb - 1)
-            if root != coord:
-                acc.comm_step(f"send output {root}->{coord}", [(root, out, (coord,))])
-        else:
-            group = plan.coupled_devices
-            k = len(group)
-            acc.comm_step(
-                "coupled: gather to TP group",
-                [(d, slices[d], tuple(g for g in group if g != d)) for d in owners],
-                nb,
-            )
-            acc.compute_step(f"coupled layer, TP over {k}", {d: self.time(d, work, "layer", k) for d in group}, nb)
-            if k > 1:
-                rs, ag = self._allreduce(group, work.rows, plan.wire)
-                acc.comm_step("coupled all-reduce: reduce-scatter", rs, 2 * nb)
-                acc.comm_step("coupled all-reduce: all-gather", ag, 2 * nb)
-            outside = [d for d in owners if d not in group]
-            acc.comm_step(f"coupled: scatter from {group[0]}", [(group[0], slices[d], (d,)) for d in outside], nb - 1)
-            if coord not in group:
-                acc.comm_step(f"send output {group[0]}->{coord}", [(group[0], out, (coord,))])
-        self._ends(coord, work, acc, False)
-
-
-class _Accumulator:
-    """Collects steps and per-device totals while a plan is walked."""
-
-    def __init__(self, model: CostModel, devices: Sequence[str]):
-        self.model = model
-        self.steps: list[Step] = []
-        self.compute: dict[str, float] = {d: 0.0 for d in devices}
-        self.up: dict[str, float] = {d: 0.0 for d in devices}
-        self.down: dict[str, float] = {d: 0.0 for d in devices}
-
-    def compute_step(self, name: str, per_device: Mapping[str, float], count: int = 1) -> None:
-        if count <= 0 or not per_device:
-            return
-        for d, t in per_device.items():
-            self.compute[d] += t * count
-        self.steps.append(Step(name, "compute", max(per_device.values()), count))
-
-    def comm_step(self, name: str, messages: list[Message], count: int = 1) -> None:
-        if count <= 0:
-            return
-        seconds, up, down, n_pub = self.model.phase_time(messages)
-        if not n_pub:
-            return
-        for d, b in up.items():
-            self.up[d] += b * count
-        for d, b in down.items():
-            self.down[d] += b * count
-        self.steps.append(Step(name, "comm", seconds, count, n_pub, int(sum(up.values()))))
-
-
-class _Total(_Accumulator):
-    """Sums the critical path only."""
-
-    def __init__(self, model: CostModel):
-        self.model = model
-        self.total = 0.0
-
-    def compute_step(self, name: str, per_device: Mapping[str, float], count: int = 1) -> None:
-        if count > 0 and per_device:
-            self.total += max(per_device.values()) * count
-
-    def comm_step(self, name: str, messages: list[Message], count: int = 1) -> None:
-        if count > 0:
-            self.total += self.model.phase_time(messages)[0] * count

@@ -91,7 +91,7 @@ def measure_matmul_gflops(cfg: object, seq_len: int, budget_s: float = 3.0) -> f
 
         seconds = _timed(run, budget_s)
     flops = sum(2.0 * seq_len * k * n for k, n in shapes)
-    return flops / seconds / 1e9
+    return float(flops / seconds / 1e9)
 
 
 def measure_attention_gflops(cfg: object, seq_len: int, budget_s: float = 2.0) -> float:

@@ -36,6 +36,13 @@ class DeviceProfile:
     broker, when known. ``quant`` is the weight format this device runs every model in
     (``float32``, ``int8``, ``int4``), or ``auto`` for each model's own format in the catalog
     (``weights/quant``).
+
+    Devices that share a machine (containers, the testbed's emulated devices): ``cpu_quota`` is
+    the cores a CFS quota gives the device (``gflops`` is its sustained rate *under* the quota;
+    after idling it runs at full core speed until the quota's ``quota_period_ms`` budget is
+    spent), ``host`` names the machine and ``host_cores`` what that machine gives all its
+    devices together (its cores, or a measured share when other work loads it). The cost model
+    slows devices of one host that compute at once beyond ``host_cores`` (``planner/compute.py``).
     """
 
     name: str
@@ -49,6 +56,10 @@ class DeviceProfile:
     rtt_ms: float | None = None
     description: str = ""
     quant: str = AUTO
+    cpu_quota: float | None = None
+    quota_period_ms: float = 100.0
+    host: str | None = None
+    host_cores: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or any(c in self.name for c in "/#+ \t"):
@@ -67,6 +78,17 @@ class DeviceProfile:
             raise ProfileError(f"profile {self.name}: cores must be a positive integer, got {self.cores!r}")
         if self.link not in LINK_KINDS:
             raise ProfileError(f"profile {self.name}: link must be one of {', '.join(LINK_KINDS)}, got {self.link!r}")
+        for key in ("cpu_quota", "host_cores"):
+            if getattr(self, key) is not None:
+                _check_positive_number(self.name, key, getattr(self, key))
+        _check_positive_number(self.name, "quota_period_ms", self.quota_period_ms)
+        if self.cpu_quota is not None and self.cpu_quota > self.cores:
+            raise ProfileError(f"profile {self.name}: cpu_quota {self.cpu_quota} exceeds its {self.cores} cores")
+        if (self.host is None) != (self.host_cores is None):
+            raise ProfileError(f"profile {self.name}: host and host_cores go together (the machine the device "
+                               "shares, and the cores it gives all its devices)")
+        if self.host is not None and (not isinstance(self.host, str) or not self.host):
+            raise ProfileError(f"profile {self.name}: host must be a non-empty name, got {self.host!r}")
         if self.quant not in DEVICE_CHOICES:
             raise ProfileError(
                 f"profile {self.name}: quant must be one of {', '.join(DEVICE_CHOICES)}, got {self.quant!r}"
@@ -89,6 +111,11 @@ class DeviceProfile:
     @property
     def link_bytes_per_s(self) -> float:
         return self.link_mbit * 1e6 / 8
+
+    @property
+    def core_gflops(self) -> float:
+        """One core's sustained rate: what single-threaded work (message handling) runs at."""
+        return self.gflops if self.cpu_quota is not None else self.gflops / self.cores
 
     @property
     def ram_bytes(self) -> int:
@@ -138,7 +165,8 @@ def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> DevicePro
     if missing:
         raise ProfileError(f"{source}: missing profile field(s) {', '.join(missing)}")
     values = {k: v for k, v in data.items() if k != "schema"}
-    for key in ("gflops", "mem_bw_gbs", "link_mbit", "attn_gflops", "rtt_ms"):
+    for key in ("gflops", "mem_bw_gbs", "link_mbit", "attn_gflops", "rtt_ms", "cpu_quota", "quota_period_ms",
+                "host_cores"):
         if isinstance(values.get(key), int) and not isinstance(values.get(key), bool):
             values[key] = float(values[key])
     try:
@@ -152,6 +180,8 @@ def profile_from_dict(data: dict[str, Any], source: str = "<dict>") -> DevicePro
 def profile_to_dict(profile: DeviceProfile) -> dict[str, Any]:
     out: dict[str, Any] = {"schema": SCHEMA_VERSION}
     out.update({k: v for k, v in asdict(profile).items() if v is not None and v != ""})
+    if profile.cpu_quota is None and profile.quota_period_ms == 100.0:
+        del out["quota_period_ms"]  # only meaningful with a quota
     return out
 
 
@@ -201,7 +231,7 @@ def _toml_value(value: Any) -> str:
 
 def dumps_profile(profile: DeviceProfile, comments: dict[str, str] | None = None) -> str:
     """TOML text for ``profile``; ``comments`` maps a field to a note written above it."""
-    lines = []
+    lines: list[str] = []
     for key, value in profile_to_dict(profile).items():
         note = (comments or {}).get(key)
         if note:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from detransformer_edge.model.config import ModelConfig
 from detransformer_edge.parallel.plan import DeviceWeights, Placement
 from detransformer_edge.planner import analysis
 from detransformer_edge.planner.analysis import Workload
@@ -47,7 +48,7 @@ class MixEntry:
     weight: float = 1.0
 
 
-def default_mix(model_cfg: object) -> tuple[MixEntry, ...]:
+def default_mix(model_cfg: ModelConfig) -> tuple[MixEntry, ...]:
     """The request mix of a home voice assistant.
 
     Encoders: intent/embedding queries of 16-128 tokens, short ones commonest. Decoders: one
@@ -78,7 +79,8 @@ class StaticPlan:
     expected_s: float  # mix-weighted mean predicted latency
     choices: tuple[tuple[Request, Breakdown], ...]  # best plan per request of the mix
     memory_bytes: dict[str, int] = field(default_factory=dict)  # resident, worst request of the mix
-    label: str = ""  # which candidate won (device set + coupled holding)
+    label: str = ""  # which candidate won (device set + coupled holding); "split: ..." when no device holds it all
+    why: str = ""  # one sentence: whether one device could hold the model, and what was placed instead
 
 
 class _Budget:
@@ -102,7 +104,7 @@ class _Budget:
 
 def plan_static(
     profiles: Sequence[DeviceProfile],
-    model_cfg: object,
+    model_cfg: ModelConfig,
     mix: Sequence[MixEntry] | None = None,
     *,
     broker: Broker | None = None,
@@ -153,12 +155,29 @@ def plan_static(
             best = StaticPlan(placement, expected, choices, memory, label)
     if best is None:
         raise InfeasiblePlacementError(_shortfall(names, speed, cost, budget, coord))
-    return best
+    return _explained(best, cost, budget, profiles)
+
+
+def _explained(sp: StaticPlan, cost: CostModel, budget: _Budget, profiles: Sequence[DeviceProfile]) -> StaticPlan:
+    """The placement's label and reason: a model no device can hold is split, and says so."""
+    whole = DeviceWeights(True, tuple(range(cost.nd)) if cost.decoupled else (), tuple(range(len(cost.layer_kinds))))
+    need = budget.need(whole)
+    roomiest = max(profiles, key=lambda p: p.ram_bytes)
+    held = sorted(d for d, w in sp.placement.holdings.items() if w != DeviceWeights())
+    if need > roomiest.ram_bytes:
+        why = (f"no device can hold the whole model ({need // MB} MB with its runtime and the largest request's "
+               f"caches; the largest budget is {roomiest.ram_bytes // MB} MB on {roomiest.name}): split over "
+               f"{', '.join(held)} ({sp.label}), each within its budget")
+        return replace(sp, label=f"split: {sp.label}", why=why)
+    fits = [p.name for p in profiles if p.ram_bytes >= need]
+    why = (f"the whole model ({need // MB} MB) fits on {', '.join(fits)}; {sp.label} has the lowest expected "
+           f"latency over the request mix ({sp.expected_s * 1e3:.0f} ms)")
+    return replace(sp, why=why)
 
 
 def plan_placement(
     profiles: Sequence[DeviceProfile],
-    model_cfg: object,
+    model_cfg: ModelConfig,
     mix: Sequence[MixEntry] | None = None,
     **kwargs: object,
 ) -> Placement:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.model.tokenizer import ByteTokenizer
+from detransformer_edge.planner.variants import Quality
 from detransformer_edge.weights.quant import check_scheme
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ class ServedModel:
     installed: Callable[[], bool] = lambda: True
     # weight format devices run this model in unless their profile says otherwise (weights/quant)
     quant: str = "float32"
+    # the model family it belongs to (the standard model and its decoupled variants share one);
+    # None: a family of its own. The runtime planner chooses among a family's placed variants.
+    family: str | None = None
+    # a decoupled variant's validated quality (conversion's quality.json); None: not measured
+    quality: Quality | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -69,6 +75,9 @@ class ServedModel:
 @dataclass
 class Catalog:
     models: Mapping[str, ServedModel]
+    # False for random-weight catalogs: their decoupled variants have no quality to validate, and
+    # the planner may use them all (they measure latency only)
+    quality_required: bool = True
     _cache: dict[str, LoadedServedModel] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -100,6 +109,14 @@ class Catalog:
             raise ConfigError(f"model {name!r} serves {self.get(name).task!r}, not {task!r}")
         return name
 
+    def family_of(self, name: str) -> str:
+        return self.get(name).family or name
+
+    def variants(self, name: str) -> tuple[str, ...]:
+        """Every model of ``name``'s family (``name`` included), in catalog order."""
+        family = self.family_of(name)
+        return tuple(n for n in self.models if self.family_of(n) == family)
+
     def load(self, name: str) -> LoadedServedModel:
         """Load once per process (thread-safe: agents load in worker threads)."""
         with self._lock:
@@ -127,7 +144,7 @@ class Catalog:
         return all(served.installed() for served in self.models.values())
 
     def subset(self, names: Sequence[str]) -> Catalog:
-        return Catalog({n: self.get(n) for n in names})
+        return Catalog({n: self.get(n) for n in names}, self.quality_required)
 
 
 # --- the pretrained catalog ----------------------------------------------------------------------
@@ -226,7 +243,7 @@ def default_catalog() -> Catalog:
     for name, (dirname, description) in CONVERTED.items():
         model_dir = converted_dir(dirname)
         if (model_dir / "model.safetensors").is_file():
-            converted[name] = _converted_entry(model_dir, description, embed_tools)
+            converted[name] = _converted_entry(model_dir, description, embed_tools, generate_tools)
 
     models: dict[str, ServedModel] = {}
     if (default_weights_dir() / "model.safetensors").exists():
@@ -238,23 +255,48 @@ def default_catalog() -> Catalog:
     return Catalog({
         **models,
         "minilm-l6": ServedModel("embed", lambda: get_config("minilm-l6"), embed_loader, 512, "all-MiniLM-L6-v2",
-                                 lazy_source("minilm-l6"), embed_tools, installed("minilm-l6")),
+                                 lazy_source("minilm-l6"), embed_tools, installed("minilm-l6"), family="minilm-l6"),
         # int8: about twice float32's decode speed at +0.2 % held-out perplexity (docs/MODELS.md). The
         # int4 codes are the GGUF's own, but on x86 they run on bfloat16 activations, and the demo's
         # first question then starts with another token (a near tie at the first position): int4
         # is for devices whose profile asks for it (memory), not the default
         "smollm2-135m": ServedModel("generate", lambda: get_config("smollm2-135m"), generate_loader, 2048,
                                     "SmolLM2-135M-Instruct", lazy_source("smollm2-135m"), generate_tools,
-                                    installed("smollm2-135m"), quant="int8"),
+                                    installed("smollm2-135m"), quant="int8", family="smollm2-135m"),
         **converted,
     })
 
 
 # Distilled decoupled models served when `detransformer-edge convert` has written them:
-# catalog name -> (folder under converted_dir(), description). Commands in docs/ACCURACY.md.
+# catalog name -> (folder under converted_dir(), description). Commands in docs/ACCURACY.md. Each
+# joins its teacher's family; the planner uses it within the task's quality budget, read from the
+# quality.json conversion writes beside the weights (quality_of).
 CONVERTED: dict[str, tuple[str, str]] = {
     "minilm-bp2": ("minilm-l6-nd4-nb2-slice", "all-MiniLM-L6-v2 distilled to sliced sub-blocks, N_d=4 N_b=2"),
+    "smollm2-bp": ("smollm2-135m-nd2-nb5", "SmolLM2-135M-Instruct distilled to N_d=2 N_b=5 (full-width heads)"),
 }
+TEACHER_FAMILY = {"minilm-l6": "minilm-l6", "smollm2-135m": "smollm2-135m"}  # conversion source -> family
+
+
+def quality_of(model_dir: Any) -> Quality | None:
+    """The validated quality conversion wrote (``quality.json``): a decoder's held-out perplexity
+    ratio to the teacher, an encoder's embedding cosine; None if absent or unfinished."""
+    import json
+    from pathlib import Path
+
+    path = Path(model_dir) / "quality.json"
+    try:
+        q = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(q, dict):
+        return None
+    if "ppl_ratio" in q or ("ppl_after" in q and "ppl_teacher" in q):
+        ratio = q.get("ppl_ratio") or q["ppl_after"] / q["ppl_teacher"]
+        return Quality("ppl_ratio", float(ratio), str(path))
+    if "cosine_after" in q:
+        return Quality("cosine", float(q["cosine_after"]), str(path))
+    return None
 
 
 def converted_dir(name: str) -> Any:  # -> Path
@@ -264,17 +306,28 @@ def converted_dir(name: str) -> Any:  # -> Path
     return Path.home() / ".cache" / "detransformer_edge" / "converted" / name
 
 
-def _converted_entry(model_dir: Any, description: str, tools: Callable[[], LoadedServedModel]) -> ServedModel:
-    """An embedding model distilled by `convert` (model.safetensors + config.json, our names);
-    tokenizer from the teacher's package."""
+def _converted_entry(model_dir: Any, description: str, embed_tools: Callable[[], LoadedServedModel],
+                     generate_tools: Callable[[], LoadedServedModel]) -> ServedModel:
+    """A model distilled by `convert` (model.safetensors + config.json, our names): an embedding
+    encoder or a generating decoder; tokenizer (and chat template) from the teacher's package;
+    its family is the teacher's, its quality what conversion measured."""
     import json
 
-    def config() -> Any:
-        from detransformer_edge.model.config import EncoderConfig
+    meta = json.loads((model_dir / "config.json").read_text())
+    decoder = "decoder" in meta
+    tools = generate_tools if decoder else embed_tools
 
-        return EncoderConfig(**json.loads((model_dir / "config.json").read_text())["encoder"])
+    def config() -> Any:
+        from detransformer_edge.model.config import DecoderConfig, EncoderConfig
+
+        return DecoderConfig(**meta["decoder"]) if decoder else EncoderConfig(**meta["encoder"])
 
     def load() -> LoadedServedModel:
+        if decoder:
+            from detransformer_edge.training.convert_decoder import load_decoder_student
+
+            t = tools()
+            return LoadedServedModel(load_decoder_student(model_dir), t.tokenizer, chat_template=t.chat_template)
         from detransformer_edge.training.convert import load_student
 
         return LoadedServedModel(load_student(model_dir), tools().tokenizer)
@@ -288,7 +341,12 @@ def _converted_entry(model_dir: Any, description: str, tools: Callable[[], Loade
             opened.append(SafetensorsSource.mapped(_verified(model_dir / "model.safetensors"), lambda k: k))
         return opened[0](names)
 
-    return ServedModel("embed", config, load, 512, description, tensors, tools)
+    family = TEACHER_FAMILY.get(str(meta.get("source", "")))
+    if decoder:
+        return ServedModel("generate", config, load, 2048, description, tensors, tools, family=family,
+                           quality=quality_of(model_dir))
+    return ServedModel("embed", config, load, 512, description, tensors, tools, family=family,
+                       quality=quality_of(model_dir))
 
 
 # --- random catalogs (tests, benchmarks) -----------------------------------------------------------
@@ -326,14 +384,16 @@ def tiny_catalog(seed: int = 0) -> Catalog:
     """Small random models for every task, the same on every device for a given seed."""
     from detransformer_edge.model.config import get_config
 
+    bp = _random_entry("embed", lambda: get_config("tiny-encoder", nd=4, nb=2), seed, "tiny decoupled encoder (random)",
+                       120)
+    bp.family = "tiny-encoder"
     return Catalog({
         "intent": _random_entry("intent", lambda: get_config("tiny-encoder", nd=4, nb=2), seed,
                                 "tiny decoupled encoder (random)", 120, head=True),
         "tiny-encoder": _random_entry("embed", lambda: get_config("tiny-encoder"), seed, "tiny encoder (random)", 120),
-        "tiny-encoder-bp": _random_entry("embed", lambda: get_config("tiny-encoder", nd=4, nb=2), seed,
-                                         "tiny decoupled encoder (random)", 120),
+        "tiny-encoder-bp": bp,
         "tiny-decoder": _random_entry("generate", lambda: get_config("tiny-decoder"), seed, "tiny decoder (random)", 200),
-    })
+    }, quality_required=False)
 
 
 SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -375,10 +435,12 @@ def shape_catalog(seed: int = 0) -> Catalog:
             layout = f"decoupled N_d={cfg.nd} N_b={cfg.nb}, {'sliced' if cfg.sub_attn == 'slice' else 'full-width'} heads"
         else:
             layout = "standard"
-        return _random_entry(task, lambda: shape_config(name), seed, f"{preset} shape, {layout} (random)",
-                             1024 if task == "generate" else 512)
+        served = _random_entry(task, lambda: shape_config(name), seed, f"{preset} shape, {layout} (random)",
+                               1024 if task == "generate" else 512)
+        served.family = preset  # bert-base, minilm-l6, smollm2-135m: the standard shape and its variants
+        return served
 
-    return Catalog({name: entry(name) for name in SHAPES})
+    return Catalog({name: entry(name) for name in SHAPES}, quality_required=False)
 
 
 CATALOGS: dict[str, Callable[[], Catalog]] = {

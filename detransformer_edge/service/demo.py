@@ -2,7 +2,8 @@
 then voice queries over the Hermes topics and one generation request, each with its plan and
 latency. Everything runs on this machine; the agents talk only through the broker.
 
-    detransformer-edge demo            # Ctrl-C to stop
+    detransformer-edge demo                  # Ctrl-C to stop
+    detransformer-edge demo --home speakers  # four smart speakers, none of which can hold SmolLM2
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ DEVICES: tuple[tuple[str, str, str], ...] = (
     ("hall-pi4", "Hall Raspberry Pi 4", "raspberry-pi-4b"),
     ("bedroom-speaker", "Bedroom smart speaker", "smart-speaker-a53"),
 )
+# Four smart speakers whose memory budgets (400 MB each) are below SmolLM2-135M's size: the leader's
+# static placement must split the language model across them (docs/PLANNER.md, "A model no single
+# device can hold").
+SPEAKERS: tuple[tuple[str, str, str], ...] = (
+    ("kitchen-speaker", "Kitchen smart speaker", "smart-speaker-1gb"),
+    ("living-speaker", "Living-room smart speaker", "smart-speaker-1gb"),
+    ("bedroom-speaker", "Bedroom smart speaker", "smart-speaker-1gb"),
+    ("hall-speaker", "Hall smart speaker", "smart-speaker-1gb"),
+)
+HOMES: dict[str, tuple[tuple[str, str, str], ...]] = {"default": DEVICES, "speakers": SPEAKERS}
 
 QUERIES: tuple[str, ...] = (
     "turn on the lights in the kitchen",
@@ -68,6 +79,7 @@ class DemoError(DetransformerError):
 @dataclass
 class DemoOptions:
     catalog: str = "pretrained"
+    home: str = "default"  # default | speakers (HOMES)
     broker: str = "auto"  # auto | mosquitto | amqtt
     devices: int = 4
     max_new_tokens: int = 24
@@ -106,9 +118,10 @@ class DemoDevice:
     wyoming_port: int
 
 
-def write_configs(workdir: Path, broker: LocalBroker, cluster: str, n: int) -> list[DemoDevice]:
+def write_configs(workdir: Path, broker: LocalBroker, cluster: str, n: int,
+                  devices: tuple[tuple[str, str, str], ...] = DEVICES) -> list[DemoDevice]:
     out = []
-    for dev_id, name, profile in DEVICES[:n]:
+    for dev_id, name, profile in devices[:n]:
         dashboard, wyoming = free_port(), free_port()
         path = workdir / f"{dev_id}.toml"
         path.write_text(
@@ -133,6 +146,9 @@ class Demo:
         self.watch = ClusterWatch()
         self.procs: list[subprocess.Popen[bytes]] = []
         self._logged = asyncio.Event()
+        if opts.home not in HOMES:
+            raise DemoError(f"unknown home {opts.home!r}; use one of {', '.join(HOMES)}")
+        self.devices = HOMES[opts.home]
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -168,7 +184,7 @@ class Demo:
                 p.wait()
 
     def check_agents(self, workdir: Path) -> None:
-        for (dev_id, _, _), p in zip(DEVICES, self.procs):
+        for (dev_id, _, _), p in zip(self.devices, self.procs):
             if p.poll() is not None:
                 tail = (workdir / f"{dev_id}.log").read_text(errors="replace")[-1500:]
                 raise DemoError(f"agent {dev_id} exited with code {p.returncode}:\n{tail}")
@@ -245,9 +261,12 @@ class Demo:
             broker = stack.enter_context(local_broker(opts.broker))
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dte-demo-")))
             self.say(f"DeTransformer Edge demo: broker {broker.kind} on {broker.host}:{broker.port}, cluster '{self.cluster}'")
-            configs = write_configs(workdir, broker, self.cluster, opts.devices)
-            for dev_id, name, profile in DEVICES[: opts.devices]:
+            configs = write_configs(workdir, broker, self.cluster, opts.devices, self.devices)
+            for dev_id, name, profile in self.devices[: opts.devices]:
                 self.say(f"  starting agent {dev_id:16s} {name} (profile {profile})")
+            if opts.home == "speakers":
+                self.say("  each speaker may use 400 MB: none can hold SmolLM2-135M (538 MB of weights), so the "
+                         "leader's placement splits it across them")
             stack.callback(self.stop_agents)
             self.start_agents(configs, workdir)
             async with HomeClient(broker.host, broker.port, cluster=self.cluster,

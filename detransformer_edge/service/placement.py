@@ -5,8 +5,10 @@ and which plan each request gets.
   served model with itself as coordinator, bumps the placement version and returns each
   device's assignment body. Devices report ``ready`` with that version in their status.
 * **Runtime planning** (``choose``): each request gets the lowest-predicted-latency plan among
-  the ready devices (the leader coordinates: it tokenised the input and decodes the result), or
-  a fixed baseline for benchmarks; ``retry_plan`` is the plan after a failed run.
+  the ready devices and every placed variant of the requested model's family within the task's
+  budget (``planner/variants.py``; the leader coordinates: it tokenised the input and decodes
+  the result), or a fixed baseline for benchmarks; ``retry_plan`` is the choice after a failed
+  run. Both return the model to run with the plan (``Chosen``).
 
 Pure apart from its own state: no I/O, tested without a broker.
 """
@@ -31,8 +33,8 @@ from detransformer_edge.parallel.plan import (
 from detransformer_edge.planner.cost import Broker, PlanningError
 from detransformer_edge.planner.cost import Request as PlanRequest
 from detransformer_edge.planner.profile import DeviceProfile, profile_from_dict
-from detransformer_edge.planner.runtime import RuntimePlanner
 from detransformer_edge.planner.static import plan_static
+from detransformer_edge.planner.variants import DEFAULT_MARGIN, TaskBudget, Variant, VariantPlanner
 from detransformer_edge.service.catalog import Catalog
 
 
@@ -59,6 +61,17 @@ def weights_from_dict(d: Mapping[str, Any]) -> DeviceWeights:
         )
     except (TypeError, ValueError, AttributeError) as exc:
         raise DetransformerError(f"bad weight assignment {d!r}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """What a request runs: the model (a variant of the one asked for), the plan, its predicted
+    seconds (0 for a fixed baseline) and why."""
+
+    model: str
+    plan: Plan
+    predicted_s: float = 0.0
+    reason: str = ""
 
 
 @dataclass
@@ -94,7 +107,11 @@ class Placements:
     """The leader's static plan and readiness, and the runtime planner over it."""
 
     def __init__(self, me: str, catalog: Catalog, *, broker: Broker | None = None, replicate_all: bool = False,
-                 emit: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 emit: Callable[[str, dict[str, Any]], None] | None = None,
+                 budgets: Mapping[str, TaskBudget] | None = None, margin: float = DEFAULT_MARGIN) -> None:
+        """``budgets``: per task, what it may give up for speed (default ``TaskBudget.for_task``;
+        random-weight catalogs admit unvalidated variants); ``margin``: how much faster than one
+        device a multi-device plan must be predicted to be."""
         self.me = me
         self.catalog = catalog
         self.broker = broker
@@ -103,7 +120,9 @@ class Placements:
         self.term = 0
         self._emit = emit or (lambda kind, data: None)
         self._ready_event = asyncio.Event()
-        self._planners: dict[tuple[str, tuple[str, ...]], RuntimePlanner] = {}
+        self.budgets = dict(budgets or {})
+        self.margin = margin
+        self._planners: dict[tuple[tuple[str, ...], tuple[str, ...]], VariantPlanner] = {}
 
     # --- static planning ---------------------------------------------------------------------------
 
@@ -170,46 +189,60 @@ class Placements:
 
     # --- runtime planning -------------------------------------------------------------------------
 
-    def choose(self, model: str, mode: str, seq_len: int, strategy: str = "adaptive") -> tuple[Plan, float]:
-        """The plan for a request: the adaptive planner's best among ready devices with the leader
-        as coordinator, or a fixed baseline (``single``, ``pipeline``, ``tp``, ``bp-fixed``)."""
+    def budget(self, task: str) -> TaskBudget:
+        budget = self.budgets.get(task)
+        if budget is None:
+            budget = self.budgets[task] = TaskBudget.for_task(task, unvalidated=not self.catalog.quality_required)
+        return budget
+
+    def choose(self, model: str, mode: str, seq_len: int, strategy: str = "adaptive") -> Chosen:
+        """The plan for a request: the adaptive planner's best among ready devices and the placed
+        variants of ``model``'s family with the leader as coordinator, or a fixed baseline
+        (``single``, ``pipeline``, ``tp``, ``bp-fixed``) of ``model`` itself."""
         mp = self.state.models.get(model)
         if mp is None:
             raise ServiceError("busy", "no placement yet: the cluster is still starting")
         ready = tuple(sorted(set(self.state.ready_devices()) | {self.me}))
-        cfg = self.catalog.get(model).config()
         if strategy != "adaptive":
-            if strategy not in BASELINES:
-                raise ServiceError("bad_request", f"unknown plan strategy {strategy!r}; use adaptive or one of {', '.join(BASELINES)}")
-            order = tuple(d for d in self.device_order() if d in ready)
-            try:
-                plan = baseline_plan(strategy, order, cfg.n_layers, cfg.nd)
-                plan.check(cfg.n_layers, cfg.nd, cfg.is_decoupled, cfg.n_heads)
-            except PlanError as exc:
-                raise ServiceError("bad_request", f"plan {strategy!r} does not fit model {model!r}: {exc}") from None
-            if not mp.placement.can_run(plan, cfg.layer_kinds):
-                raise ServiceError("unsupported", f"the placement cannot run {plan.describe()}; baselines need full replicas")
-            return plan, 0.0
-        key = (model, ready)
+            return Chosen(model, self._baseline(model, mp, strategy, ready))
+        names = tuple(n for n in self.catalog.variants(model) if n in self.state.models)
+        key = (names, ready)
         planner = self._planners.get(key)
         if planner is None:
             profiles = [self.state.profiles[d] for d in sorted(self.state.profiles)]
-            planner = self._planners[key] = RuntimePlanner(mp.placement, profiles, cfg, self.broker, available=ready,
-                                                           coordinator=self.me)
+            variants = [Variant(n, self.catalog.get(n).config(), self.state.models[n].placement,
+                                self.catalog.get(n).quality) for n in names]
+            planner = self._planners[key] = VariantPlanner(
+                variants, profiles, self.budget(self.catalog.get(model).task), broker=self.broker, available=ready,
+                coordinator=self.me, margin=self.margin)
         try:
-            bd = planner.choose(PlanRequest(mode, seq_len))  # type: ignore[arg-type]
+            choice = planner.choose(PlanRequest(mode, seq_len))  # type: ignore[arg-type]
         except PlanningError as exc:
             raise ServiceError("busy", f"no plan fits the ready devices: {exc}") from None
-        return bd.plan, bd.total_s
+        return Chosen(choice.variant, choice.breakdown.plan, choice.breakdown.total_s, choice.reason)
+
+    def _baseline(self, model: str, mp: ModelPlacement, strategy: str, ready: tuple[str, ...]) -> Plan:
+        cfg = self.catalog.get(model).config()
+        if strategy not in BASELINES:
+            raise ServiceError("bad_request", f"unknown plan strategy {strategy!r}; use adaptive or one of {', '.join(BASELINES)}")
+        order = tuple(d for d in self.device_order() if d in ready)
+        try:
+            plan = baseline_plan(strategy, order, cfg.n_layers, cfg.nd)
+            plan.check(cfg.n_layers, cfg.nd, cfg.is_decoupled, cfg.n_heads)
+        except PlanError as exc:
+            raise ServiceError("bad_request", f"plan {strategy!r} does not fit model {model!r}: {exc}") from None
+        if not mp.placement.can_run(plan, cfg.layer_kinds):
+            raise ServiceError("unsupported", f"the placement cannot run {plan.describe()}; baselines need full replicas")
+        return plan
 
     def retry_plan(self, model: str, mode: str, seq_len: int, strategy: str, failed: Plan,
-                   blamed: set[str]) -> Plan:
-        """A new plan for a failed run: the planner's choice over the devices still ready (no
-        blamed one), else the leader alone when its weights hold the whole model."""
+                   blamed: set[str]) -> Chosen:
+        """A new choice for a failed run: the planner's over the devices still ready (no blamed
+        one), else the leader alone when its weights hold the whole model."""
         try:
-            plan, _ = self.choose(model, mode, seq_len, strategy)
-            if not blamed & set(plan.devices) and (blamed or plan.devices != failed.devices):
-                return plan
+            chosen = self.choose(model, mode, seq_len, strategy)
+            if not blamed & set(chosen.plan.devices) and (blamed or chosen.plan.devices != failed.devices):
+                return chosen
         except ServiceError:
             pass
         cfg = self.catalog.get(model).config()
@@ -218,4 +251,4 @@ class Placements:
         if mp is None or not mp.placement.can_run(single, cfg.layer_kinds):
             raise ServiceError("busy", f"a device of the plan failed ({', '.join(sorted(blamed)) or 'no answer'}) "
                                        f"and the remaining ready devices cannot run {model!r}; try again shortly")
-        return single
+        return Chosen(model, single)

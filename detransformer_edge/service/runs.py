@@ -25,11 +25,20 @@ from detransformer_edge.parallel.plan import Plan
 from detransformer_edge.parallel.trace import Span
 from detransformer_edge.protocol.runs import RunControl, RunEnd, RunKind
 from detransformer_edge.protocol.topics import RunTopics
-from detransformer_edge.service.placement import Placements, ServiceError
+from detransformer_edge.service.placement import Chosen, Placements, ServiceError
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[..., Awaitable[None]]  # (topic, payload, qos, *, wait_ack=True)
+OnPlan = Callable[[str, Plan], None]  # (the model that runs, its plan)
+
+
+def plan_label(requested: str, model: str, plan: Plan) -> str:
+    """The request log's plan: the plan, prefixed by the variant when it is not the model asked
+    for (``bert-base: single on dev0 (float32)``)."""
+    return plan.describe() if model == requested else f"{model}: {plan.describe()}"
+
+
 Sign = Callable[[str, int, bytes], bytes]
 
 
@@ -132,35 +141,37 @@ class RunCoordinator:
         return RunControl(run, model, kind, plan, self.term(), timeout, mask, max_passes, trace)
 
     def choose(self, model: str, mode: str, seq_len: int, strategy: str,
-               spans: list[Span] | None) -> Plan:
+               spans: list[Span] | None) -> Chosen:
         t0 = time.time()
-        plan, _ = self.placements.choose(model, mode, seq_len, strategy)
+        chosen = self.placements.choose(model, mode, seq_len, strategy)
         if spans is not None:
-            spans.append(Span(self.me, "plan", plan.describe(), t0, time.time()))
-        return plan
+            spans.append(Span(self.me, "plan", plan_label(model, chosen.model, chosen.plan), t0, time.time()))
+        return chosen
 
     # --- whole requests ---------------------------------------------------------------------------
 
     async def encode(self, model: str, input_ids: torch.Tensor, mask: torch.Tensor, req: str,
-                     strategy: str = "adaptive", on_plan: Callable[[Plan], None] | None = None,
+                     strategy: str = "adaptive", on_plan: OnPlan | None = None,
                      spans: list[Span] | None = None) -> torch.Tensor:
-        """The model's encoder hidden states (B, T, d), computed across the chosen devices; a
-        failed distributed run is re-planned and retried once within ``request_timeout_s``.
-        With ``spans`` the request is traced (``parallel/trace.py``)."""
+        """The encoder hidden states (B, T, d) of ``model`` or the variant of its family the
+        planner chose, computed across the chosen devices; a failed distributed run is re-planned
+        and retried once within ``request_timeout_s``. With ``spans`` the request is traced
+        (``parallel/trace.py``)."""
         deadline = time.monotonic() + self.request_timeout_s
         seq_len = int(input_ids.shape[1])
-        plan = self.choose(model, "encode", seq_len, strategy, spans)
+        chosen = self.choose(model, "encode", seq_len, strategy, spans)
         run = req
         mask_rows = tuple(tuple(int(v) for v in row) for row in mask.tolist())
         for attempt in (0, 1):
+            variant, plan = chosen.model, chosen.plan
             if on_plan is not None:
-                on_plan(plan)
+                on_plan(variant, plan)
             left = deadline - time.monotonic()
             # a distributed first attempt gets half the budget so that a retry still fits
             timeout = max(0.05, left / 2 if attempt == 0 and len(plan.devices) > 1 else left)
             try:
-                await self.start(self.control(run, model, "encode", plan, timeout, mask_rows, trace=spans is not None))
-                res = await self.pass_(model, run, plan, "encode", input_ids, mask, timeout, spans)
+                await self.start(self.control(run, variant, "encode", plan, timeout, mask_rows, trace=spans is not None))
+                res = await self.pass_(variant, run, plan, "encode", input_ids, mask, timeout, spans)
             finally:
                 gone = await self.end(run, plan)
             if res.ok:
@@ -171,24 +182,27 @@ class RunCoordinator:
             blamed = self.blame(plan, res.failure, gone)
             log.warning("request %s: run on %s failed (%s); retrying without %s", req, plan.describe(), res.failure,
                         ", ".join(sorted(blamed)) or "changes")
-            plan = self.placements.retry_plan(model, "encode", seq_len, strategy, plan, blamed)
+            chosen = self.placements.retry_plan(model, "encode", seq_len, strategy, plan, blamed)
             run = f"{req}-r"
             self.retries += 1
         raise ServiceError("internal", f"distributed run failed: {res.failure}")
 
     def generation(self, model: str, req: str, strategy: str, loop: DecodeLoop,
-                   on_plan: Callable[[Plan], None] | None = None, spans: list[Span] | None = None) -> GenerationRun:
+                   on_plan: OnPlan | None = None, spans: list[Span] | None = None) -> GenerationRun:
         return GenerationRun(self, model, req, strategy, loop, on_plan, spans)
 
 
 class GenerationRun:
     """The passes of one generation on the devices of a plan: ``async with`` it, then ``step()``
-    per token. A failed pass is retried once on a new plan that re-reads everything so far."""
+    per token. A failed pass is retried once on a new plan that re-reads everything so far.
+    ``requested`` is the model asked for; ``model`` the variant the planner chose (every pass of
+    a run uses the same one: the KV caches are its)."""
 
     def __init__(self, coord: RunCoordinator, model: str, req: str, strategy: str, loop: DecodeLoop,
-                 on_plan: Callable[[Plan], None] | None, spans: list[Span] | None) -> None:
-        self.coord, self.model, self.req, self.strategy, self.loop = coord, model, req, strategy, loop
-        self.on_plan = on_plan or (lambda plan: None)
+                 on_plan: OnPlan | None, spans: list[Span] | None) -> None:
+        self.coord, self.requested, self.model, self.req, self.strategy, self.loop = (
+            coord, model, model, req, strategy, loop)
+        self.on_plan: OnPlan = on_plan or (lambda model, plan: None)
         self.spans = spans
         self.run = req
         self.plan: Plan | None = None
@@ -196,7 +210,7 @@ class GenerationRun:
         self.retried = False
 
     async def __aenter__(self) -> GenerationRun:
-        await self._begin(self.run, self.coord.choose(self.model, "prefill", self.loop.position, self.strategy,
+        await self._begin(self.run, self.coord.choose(self.requested, "prefill", self.loop.position, self.strategy,
                                                       self.spans))
         return self
 
@@ -204,9 +218,10 @@ class GenerationRun:
         if self.plan is not None:
             await self.coord.end(self.run, self.plan)
 
-    async def _begin(self, run: str, plan: Plan) -> None:
-        self.run, self.plan, self.passes = run, plan, 0
-        self.on_plan(plan)
+    async def _begin(self, run: str, chosen: Chosen) -> None:
+        plan = chosen.plan
+        self.run, self.model, self.plan, self.passes = run, chosen.model, plan, 0
+        self.on_plan(chosen.model, plan)
         passes = self.loop.cfg.max_new_tokens - len(self.loop.tokens)
         await self.coord.start(self.coord.control(run, self.model, "generate", plan, self.coord.request_timeout_s,
                                                   None, max(1, passes), trace=self.spans is not None))
@@ -230,10 +245,10 @@ class GenerationRun:
         log.warning("request %s: generation on %s failed (%s); retrying without %s", self.req,
                     self.plan.describe(), res.failure, ", ".join(sorted(blamed)) or "changes")
         self.loop.restart()  # a new plan has no caches: it re-reads the prompt and the tokens so far
-        plan = self.coord.placements.retry_plan(self.model, "prefill", self.loop.position, self.strategy,
-                                                self.plan, blamed)
+        chosen = self.coord.placements.retry_plan(self.requested, "prefill", self.loop.position, self.strategy,
+                                                  self.plan, blamed)
         self.coord.retries += 1
-        await self._begin(f"{self.req}-r", plan)
+        await self._begin(f"{self.req}-r", chosen)
         return await self.step()
 
 

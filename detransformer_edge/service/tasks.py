@@ -31,7 +31,7 @@ from detransformer_edge.parallel.trace import Span
 from detransformer_edge.protocol.messages import LogEntry
 from detransformer_edge.service.catalog import Catalog
 from detransformer_edge.service.placement import ServiceError
-from detransformer_edge.service.runs import RunCoordinator
+from detransformer_edge.service.runs import RunCoordinator, plan_label
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,8 @@ class Tasks:
     async def _encode(self, model: str, ids: torch.Tensor, mask: torch.Tensor, rec: RequestRecord,
                       strategy: str = "adaptive") -> torch.Tensor:
         return await self.runs.encode(model, ids, mask, rec.id, strategy,
-                                      on_plan=lambda plan: setattr(rec, "plan", plan.describe()), spans=rec.spans)
+                                      on_plan=lambda run, plan: setattr(rec, "plan", plan_label(model, run, plan)),
+                                      spans=rec.spans)
 
     # --- the tasks --------------------------------------------------------------------------------
 
@@ -215,8 +216,9 @@ class Tasks:
                     if on_text is not None:
                         await on_text(piece)
 
-            async with self.runs.generation(model, rec.id, strategy, loop, spans=rec.spans,
-                                            on_plan=lambda plan: setattr(rec, "plan", plan.describe())) as run:
+            async with self.runs.generation(
+                    model, rec.id, strategy, loop, spans=rec.spans,
+                    on_plan=lambda variant, plan: setattr(rec, "plan", plan_label(model, variant, plan))) as run:
                 while not loop.done:
                     token = loop.push(await run.step())
                     if first_token_s is None:

@@ -562,6 +562,9 @@ def convert_decoder_and_distil(source: str, nd: int, nb: int, out_dir: str | Pat
     quality = {
         "source": source, "nd": nd, "nb": nb, "sub_attn": cfg.sub_attn, "d_ff_sub": cfg.d_ff_sub,
         "ppl_teacher": ppl_teacher, "ppl_init": ppl_init, "ppl_after": r_a["perplexity"],
+        # what the planner reads (planner/variants.py): held-out perplexity as a multiple of the
+        # teacher's; a decoupled decoder serves generation only within the task's budget (1.10x)
+        "ppl_ratio": r_a["perplexity"] / ppl_teacher,
         "agreement_init": agree_init, "agreement_after": r_a["agreement"],
         "eval_tokens": r_a["tokens"], "eval_seconds": eval_seconds,
         "steps": result.step, "steps_this_run": result.steps_this_call, "stopped_by": result.stopped_by,
