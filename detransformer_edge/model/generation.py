@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from detransformer_edge.model.decoder import Decoder
     from detransformer_edge.model.tokenizer import TextTokenizer
 
-StopReason = Literal["eos", "max_new_tokens", "max_position"]
+# eos / max_new_tokens / max_position: the loop's own rules; "deadline" and "sentence": its driver
+# ended it (``DecodeLoop.stop``), e.g. a spoken answer's time bound or its first full sentence
+StopReason = Literal["eos", "max_new_tokens", "max_position", "deadline", "sentence"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,11 @@ class DecodeLoop:
 
     def restart(self) -> None:
         self._prefill = True
+
+    def stop(self, reason: StopReason) -> None:
+        """End the generation now (the driver's own rule); a loop already done keeps its reason."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
 
     def push(self, logits: torch.Tensor) -> int | None:
         """The logits of the last position (V,) or (..., V): choose the next token."""
