@@ -19,7 +19,7 @@ from detransformer_edge.cluster.config import AgentConfig
 from detransformer_edge.errors import ConfigError, DetransformerError
 from detransformer_edge.parallel.plan import Plan, PlanError
 from detransformer_edge.protocol.codec import ProtocolError, load_object
-from detransformer_edge.protocol.hermes import HermesError, NluQuery, parse_nlu_query
+from detransformer_edge.protocol.hermes import HermesError, NluQuery, TtsSay, parse_nlu_query
 from detransformer_edge.protocol.messages import (
     Assignment,
     DeviceStatus,
@@ -61,6 +61,7 @@ VALID = {
     "token": {"id": "r1", "event": "token", "seq": 1, "text": " Paris"},
     "log": {"id": "i1-ab", "client_id": "q1", "kind": "intent", "text": "lights on", "started": 1.7e9,
             "plan": "single on dev0", "latency_ms": 12.5, "result": "TurnOnLight (0.98)", "error": None},
+    "tts_say": {"text": "Homer wrote the Odyssey.", "siteId": "kitchen", "lang": "en", "id": "q1", "sessionId": "s1"},
     "weights_want": {"model": "minilm-l6", "placement_version": 3, "shards": ["block0.sub1", "embeddings"],
                      "have": {"embeddings": [0, 1, 2]}},
 }
@@ -105,6 +106,7 @@ PARSERS = {
     "run_end": (RunEnd.from_json, ProtocolError, _round_trip(RunEnd)),
     "token": (TokenEvent.from_json, ProtocolError, _round_trip(TokenEvent)),
     "log": (LogEntry.from_json, ProtocolError, _round_trip(LogEntry)),
+    "tts_say": (TtsSay.from_json, HermesError, _round_trip(TtsSay)),
 }
 
 

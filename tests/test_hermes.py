@@ -226,8 +226,11 @@ class _FakeSession:
 
 class _FakeHome:
     def __init__(self, fail: bool, result=None, exc=None) -> None:
+        from detransformer_edge.cluster.config import AgentConfig
+
         self.session, self.result, self.exc, self.failed = _FakeSession(fail), result, exc, []
         self.seen_allowed = "unset"
+        self.config = AgentConfig(id="fake")  # answer_questions off: no spoken answers here
 
     async def recognize(self, text, client_id=None, allowed=None):
         self.seen_allowed = allowed

@@ -101,6 +101,21 @@ class ElectionConfig:
 
 
 @dataclass(frozen=True)
+class AnswerConfig:
+    """How the home answers a question its intent model does not know (``answer_questions``)."""
+
+    max_tokens: int = 40  # the spoken answer's bound in tokens (it also ends at its first sentence)
+    timeout_s: float = 8.0  # ... and in seconds: what is said by then is the answer
+    model: str | None = None  # the language model; None: the catalog's first
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_tokens, int) and 1 <= self.max_tokens <= 256):
+            raise ConfigError(f"answers.max_tokens must be 1..256, got {self.max_tokens!r}")
+        if not 0 < self.timeout_s <= 120:
+            raise ConfigError(f"answers.timeout_s must be within 0..120 s, got {self.timeout_s!r}")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     id: str
     cluster: str = "home"
@@ -125,6 +140,10 @@ class AgentConfig:
     weights: str = "auto"
     weights_cache: Path | None = None  # streamed chunks kept here (default: the model cache dir)
     weights_cache_mb: float = 2048.0  # the cache's bound: least recently used shards beyond it are deleted
+    # a voice question the intent model rejects as out of its domain is answered by the home's
+    # language model in one short spoken sentence (Hermes hermes/tts/say, the Wyoming handle reply)
+    answer_questions: bool = False
+    answers: AnswerConfig = field(default_factory=AnswerConfig)
 
     def __post_init__(self) -> None:
         try:
@@ -214,6 +233,13 @@ class AgentConfig:
             settle_s=e.get("settle_s", float, None),
         )
         e.done()
+        a = top.table("answers")
+        answers = AnswerConfig(
+            max_tokens=a.get("max_tokens", int, 40),
+            timeout_s=a.get("timeout_s", float, 8.0),
+            model=a.get("model", str, None),
+        )
+        a.done()
         if "model" in data:  # read by nothing since the catalog serves every model it has
             top.get("model", str, None)
             log.warning("agent config: the key 'model' is ignored (the home serves every model of its "
@@ -238,6 +264,8 @@ class AgentConfig:
             weights=top.get("weights", str, "auto"),
             weights_cache=top.path("weights_cache", base_dir),
             weights_cache_mb=top.get("weights_cache_mb", float, 2048.0),
+            answer_questions=top.get("answer_questions", bool, False),
+            answers=answers,
         )
         top.done()
         return cfg

@@ -5,8 +5,11 @@ assistant would, and print the intent, its slots, the plan the leader chose and 
     detransformer-edge ask --config deploy/agent.toml --username voice --password-file voice.password "..."
     detransformer-edge ask --wyoming kitchen-pi.local:10600 "turn on the lights in the kitchen"
 
-Exit code: 0 recognised, 1 not recognised, 2 the home could not be asked (no broker, no answer,
-an error).
+A question the intent model does not know is answered by the home's language model when the
+agents have ``answer_questions = true``: ``ask`` prints that spoken answer too.
+
+Exit code: 0 recognised (or answered), 1 not recognised, 2 the home could not be asked (no broker,
+no answer, an error).
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import argparse
 import asyncio
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, TextIO
 
 HELP = "ask the home something from a shell (Hermes over MQTT, or Wyoming with --wyoming)"
 
 RECOGNISED, NOT_RECOGNISED, FAILED = 0, 1, 2
+ANSWERED = RECOGNISED
+SPEECH_WAIT_S = 12.0  # a spoken answer comes within the agents' [answers] timeout_s (8 s by default)
 LOG_WAIT_S = 3.0  # the leader's request-log line follows its answer
 
 
@@ -40,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--site-id", default="shell", help="Hermes siteId (default: %(default)s)")
     p.add_argument("--intent-filter", default=None,
                    help="only these intents, comma-separated (Hermes intentFilter)")
+    p.add_argument("--no-answer", action="store_true",
+                   help="do not wait for a spoken answer to a question the intent model does not know")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default: %(default)s)")
 
 
@@ -95,6 +103,7 @@ def _client_settings(args: argparse.Namespace) -> dict[str, Any]:
 async def ask_hermes(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from detransformer_edge.protocol.client import HomeClient
     from detransformer_edge.protocol.messages import LogEntry
+    from detransformer_edge.service.answers import asks_a_question
 
     out = out or sys.stdout
     settings = _client_settings(args)
@@ -111,15 +120,22 @@ async def ask_hermes(args: argparse.Namespace, out: TextIO | None = None) -> int
 
             home.follow_log(on_log)
             t0 = time.perf_counter()
+            qid = uuid.uuid4().hex
+            home.listen_for_speech(qid)
             try:
                 answer = await home.hermes_query(args.text, site_id=args.site_id, intent_filter=flt,
-                                                 timeout=args.timeout)
+                                                 timeout=args.timeout, query_id=qid)
             except TimeoutError:
                 raise AskError(f"no answer within {args.timeout:g} s: is an agent of cluster "
                                f"'{home.topics.cluster}' running on this broker, and may this account "
                                "write hermes/nlu/query and read hermes/intent/#?") from None
             ms = (time.perf_counter() - t0) * 1e3
-            qid = str(answer.payload.get("id") or "")
+            said = None
+            if (answer.topic == "hermes/nlu/intentNotRecognized" and flt is None and not args.no_answer
+                    and asks_a_question(args.text)):  # with answer_questions the home speaks an answer
+                said = await home.speech(qid, timeout=min(args.timeout, SPEECH_WAIT_S))
+            else:
+                home.forget_speech(qid)
             deadline = time.monotonic() + LOG_WAIT_S
             while qid not in entries and time.monotonic() < deadline:
                 logged.clear()
@@ -129,7 +145,11 @@ async def ask_hermes(args: argparse.Namespace, out: TextIO | None = None) -> int
                     break
     except ConnectionError as exc:
         raise AskError(str(exc)) from None
-    return print_hermes(answer, entries.get(qid), ms, out)
+    code = print_hermes(answer, entries.get(qid), ms, out)
+    if said is not None:
+        print(f"answer   {said!r} (hermes/tts/say)", file=out)
+        return ANSWERED
+    return code
 
 
 def _typed(value: dict[str, Any]) -> str:

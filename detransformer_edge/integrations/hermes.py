@@ -8,6 +8,10 @@ not listen to ``hermes/error/nlu``, so a home that is busy, still loading or fai
 "not recognised" (the reason goes to the agent's log and the request log); ``hermes/error/nlu``
 is sent only for a query that cannot be read at all. The messages are in ``protocol/hermes.py``.
 
+With ``answer_questions = true`` a query the intent model rejects as out of its domain is, after
+its ``intentNotRecognized``, answered by the home's language model on ``hermes/tts/say`` (the
+query's siteId, sessionId and lang; its id).
+
 Rhasspy's rules, kept here: ``intentFilter`` masks the intents before the decision (absent,
 null or ``[]``: no filter; nothing allowed: not recognised); slots the chosen intent does not take
 are dropped, never an error; ``siteId``, ``id``, ``sessionId``, ``lang`` and ``customData`` are
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.protocol import hermes
 from detransformer_edge.protocol.codec import Message, ProtocolError
+from detransformer_edge.service.answers import asks_a_question
 from detransformer_edge.service.intents import IntentResult
 from detransformer_edge.service.plugins import Home
 from detransformer_edge.transport.session import NotConnectedError
@@ -56,6 +61,16 @@ def answer(query: hermes.NluQuery, result: IntentResult | None) -> list[Message]
                  ", ".join(f"{s.slot_name}={s.raw_value!r}" for s in dropped))
     intent = hermes.recognized(query, result.intent, min(1.0, max(0.0, result.confidence)), kept)
     return [intent.parsed(), intent]
+
+
+def should_answer(home: Home, query: hermes.NluQuery, result: IntentResult | None) -> bool:
+    """Is ``query`` a question for the language model? Only with ``answer_questions``, only when
+    the intent model itself rejected it (not when the home could not run it), only a question
+    (``asks_a_question``: a command the home cannot carry out gets no reply that sounds done), and
+    never inside a dialogue that asked for particular intents (an ``intentFilter``: the user is
+    answering a question there, not asking one)."""
+    return (home.config.answer_questions and result is not None and result.intent is None
+            and query.allowed is None and asks_a_question(query.input))
 
 
 class HermesNlu:
@@ -108,6 +123,23 @@ class HermesNlu:
             home.answer_failed(client_id, f"hermes answer: {exc}")
         if not await self._publish(home, messages):
             home.answer_failed(client_id, "hermes answer lost: the broker connection is down")
+        elif should_answer(home, query, result):
+            await self._speak_answer(home, query, client_id)
+
+    async def _speak_answer(self, home: Home, query: hermes.NluQuery, client_id: str) -> None:
+        """A question out of the intent model's domain: the language model's short answer, spoken
+        at the query's site (``hermes/tts/say``). Rhasspy's dialogue manager already has its
+        intentNotRecognized and has ended the session; the speech synthesiser says any text."""
+        try:
+            text = await home.answer(query.input, client_id=f"{client_id}-answer")
+        except DetransformerError as exc:
+            log.warning("hermes: no spoken answer to %s: %s", client_id, exc)
+            return
+        except Exception:  # a bug in the answer path must not cost the session
+            log.exception("hermes: the spoken answer to %s failed", client_id)
+            return
+        if text:
+            await self._publish(home, [hermes.say(query, text, query.id or uuid.uuid4().hex)])
 
     async def _publish(self, home: Home, messages: Sequence[Message]) -> bool:
         for message in messages:

@@ -11,7 +11,9 @@ Wyoming integration finds it. One connection, any number of events:
   ``minutes`` ...) and a short reply in ``text``, or ``not-recognized``. Home Assistant then runs
   the intent on its own entities.
 * after ``select-program`` naming the handle program, ``transcript`` -> ``handled`` with a short
-  spoken reply, or ``not-handled``. The home recognises; it does not act.
+  spoken reply, or ``not-handled``. The home recognises; it does not act. With
+  ``answer_questions``, a question out of the intent domain is ``handled`` with the home language
+  model's one-sentence answer (``service/answers.py``).
 
 A device that does not lead asks the leader over MQTT (``Home.recognize`` forwards), so Home
 Assistant may point at any device. ``ASSIST_INTENTS`` is the one table from our intents and slots
@@ -47,6 +49,7 @@ from wyoming.server import AsyncEventHandler
 from detransformer_edge import __version__
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.nlu.vocabulary import INTENT_SLOTS
+from detransformer_edge.service.answers import asks_a_question
 from detransformer_edge.service.intents import IntentResult
 from detransformer_edge.service.plugins import Home
 
@@ -235,7 +238,10 @@ class AssistConnection(AsyncEventHandler):
             event = (NotHandled if handle else NotRecognized)(text=NOT_NOW, context=context).event()
         else:
             answer = to_assist(result)
-            if answer is None:
+            spoken = await self._spoken_answer(text, client_id) if answer is None and handle else ""
+            if spoken:
+                event = Handled(text=spoken, context=context).event()
+            elif answer is None:
                 event = (NotHandled if handle else NotRecognized)(text=NOT_UNDERSTOOD, context=context).event()
             elif handle:
                 event = Handled(text=answer.reply, context=context).event()
@@ -245,6 +251,18 @@ class AssistConnection(AsyncEventHandler):
             await self.write_event(event)
         except (ConnectionError, OSError) as exc:
             self.home.answer_failed(client_id, f"wyoming answer lost: {exc}")
+
+
+    async def _spoken_answer(self, text: str, client_id: str) -> str:
+        """With ``answer_questions``, a question out of the intent domain is handled by the
+        language model's short answer (the handle program's reply); "" when there is none."""
+        if not (self.home.config.answer_questions and asks_a_question(text)):
+            return ""
+        try:
+            return await self.home.answer(text, client_id=f"{client_id}-answer")
+        except DetransformerError as exc:
+            log.warning("wyoming: no spoken answer to %r: %s", text, exc)
+            return ""
 
 
 class WyomingServer:

@@ -111,6 +111,7 @@ class HomeClient:
         self._hermes_waiters: dict[str, asyncio.Future[HermesAnswer]] = {}
         self._hermes_sessions: dict[str, str] = {}  # sessionId -> query id (errors carry the session)
         self._log_listeners: list[Callable[[LogEntry], None]] = []
+        self._speech: dict[str, asyncio.Future[str]] = {}  # say id -> the text spoken
         self.session.subscribe(hermes.TOPIC_INTENT_FILTER, self._on_hermes, 1)
         self.session.subscribe(hermes.TOPIC_NOT_RECOGNIZED, self._on_hermes, 1)
         self.session.subscribe(hermes.TOPIC_NLU_ERROR, self._on_hermes, 1)
@@ -139,10 +140,11 @@ class HomeClient:
 
     async def hermes_query(self, text: str, *, site_id: str = "default", session_id: str | None = None,
                            intent_filter: list[str] | None = None, custom_data: str | None = None,
-                           timeout: float = 30.0) -> HermesAnswer:
+                           timeout: float = 30.0, query_id: str | None = None) -> HermesAnswer:
         """Publish ``hermes/nlu/query`` as a voice assistant does and wait for the answer to it
-        (matched by the query's id)."""
-        qid = uuid.uuid4().hex
+        (matched by the query's id; ``query_id``: ask again under the id of a query that got no
+        answer). ``TimeoutError`` after ``timeout``, ``NotConnectedError`` without a broker."""
+        qid = query_id or uuid.uuid4().hex
         body: dict[str, Any] = {"input": text, "siteId": site_id, "id": qid, "sessionId": session_id or qid,
                                 "intentFilter": intent_filter}
         if custom_data is not None:
@@ -156,6 +158,39 @@ class HomeClient:
         finally:
             self._hermes_waiters.pop(qid, None)
             self._hermes_sessions.pop(body["sessionId"], None)
+
+    def listen_for_speech(self, query_id: str) -> None:
+        """Catch what the home says in answer to the query ``query_id`` (``hermes/tts/say`` with that
+        id: a question its intent model does not know, with ``answer_questions``); call before the
+        query is sent, then ``await speech(query_id, timeout)``."""
+        if not self._speech:
+            self.session.subscribe(hermes.TOPIC_TTS_SAY, self._on_say, 1)
+        self._speech.setdefault(query_id, asyncio.get_running_loop().create_future())
+
+    async def speech(self, query_id: str, timeout: float) -> str | None:
+        """The text spoken in answer to ``query_id`` (None when nothing was said within ``timeout``)."""
+        fut = self._speech.get(query_id)
+        if fut is None:
+            raise RuntimeError(f"listen_for_speech({query_id!r}) was not called before the query")
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self._speech.pop(query_id, None)
+
+    def forget_speech(self, query_id: str) -> None:
+        """Stop listening for an answer to ``query_id`` (a recognised command gets none)."""
+        fut = self._speech.pop(query_id, None)
+        if fut is not None:
+            fut.cancel()
+
+    def _on_say(self, topic: str, payload: bytes, _props: object) -> None:
+        with contextlib.suppress(ProtocolError):
+            say = hermes.TtsSay.from_json(payload)
+            fut = self._speech.get(say.id or "")
+            if fut is not None and not fut.done():
+                fut.set_result(say.text)
 
     def _on_hermes(self, topic: str, payload: bytes, _props: object) -> None:
         with contextlib.suppress(ProtocolError):

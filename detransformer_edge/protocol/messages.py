@@ -26,7 +26,7 @@ from detransformer_edge.protocol.codec import (
 
 PRESENCE_ONLINE = "online"
 PRESENCE_OFFLINE = "offline"
-REQUEST_OPS = ("generate", "embed", "intent")
+REQUEST_OPS = ("generate", "embed", "intent", "answer")
 ROLES = ("leader", "follower", "starting")
 ERROR_CODES = ("bad_request", "not_leader", "busy", "timeout", "unsupported", "internal")
 
@@ -300,7 +300,9 @@ class Request(Message):
     `op` "generate": `input` is the prompt string; params e.g. max_new_tokens, temperature.
     `op` "embed": `input` is a string or a list of strings.
     `op` "intent": `input` is one utterance; the result is the intent with its slots (a follower
-    forwards a voice query this way). The reply goes to `reply_to` with
+    forwards a voice query this way).
+    `op` "answer": `input` is a question; the result is a short spoken answer from the language
+    model (tokens stream as for "generate"). The reply goes to `reply_to` with
     the same `id` (on MQTT v5 the ResponseTopic / CorrelationData properties are honoured too)."""
 
     SCHEMA: ClassVar[str] = "request"
@@ -316,7 +318,7 @@ class Request(Message):
         check_publish_topic(self.reply_to, "request: 'reply_to'")
         if self.op not in REQUEST_OPS:
             raise ProtocolError(f"request: 'op' must be one of {REQUEST_OPS}, got {self.op!r}")
-        if self.op in ("generate", "intent") and not isinstance(self.input, str):
+        if self.op in ("generate", "intent", "answer") and not isinstance(self.input, str):
             raise ProtocolError(f"request: '{self.op}' takes a single string as 'input'")
 
     def to_dict(self) -> dict[str, Any]:

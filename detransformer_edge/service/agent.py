@@ -246,6 +246,23 @@ class HomeAgent:
         self.device.note_latency(rec.latency_ms)
         return text
 
+    async def answer(self, question: str, client_id: str | None = None,
+                     on_text: Callable[[str], Awaitable[None]] | None = None) -> str:
+        """A spoken answer to a question (``service/answers.py``), by the leader's language model
+        within the leader's ``[answers]`` bounds; forwarded to the leader (op ``answer``) when this
+        device does not lead. ServiceError when the home cannot answer."""
+        if not self.leads:
+            reply = await self.requester.request("answer", question, {},
+                                                 timeout=FORWARD_TIMEOUT_S + self.config.answers.timeout_s)
+            if reply.error is not None:
+                raise ServiceError(reply.error.code, reply.error.message)
+            text = (reply.result or {}).get("text", "")
+            return text if isinstance(text, str) else ""
+        await self._await_ready()
+        text, rec, _ = await self.tasks.answer(question, self.config.answers, on_text, client_id)
+        self.device.note_latency(rec.latency_ms)
+        return text
+
     async def _on_request(self, request: Request) -> Reply | Mapping[str, Any]:
         try:
             params = dict(request.params)
@@ -276,12 +293,6 @@ class HomeAgent:
                 self.device.note_latency(rec.latency_ms)
                 return {"embeddings": vectors, "dim": len(vectors[0]), "plan": rec.plan, "latency_ms": rec.latency_ms,
                         **({"trace": rec.trace()} if trace else {})}
-            max_new = params.get("max_new_tokens", 32)
-            if not isinstance(max_new, int) or isinstance(max_new, bool):
-                raise ServiceError("bad_request", "params.max_new_tokens must be an integer")
-            chat = params.get("chat", True)
-            if not isinstance(chat, bool):
-                raise ServiceError("bad_request", "params.chat must be true or false")
             seq = 0
 
             async def stream(piece: str) -> None:
@@ -290,6 +301,17 @@ class HomeAgent:
                 with contextlib.suppress(ServiceError):
                     await self._publish(request.reply_to, TokenEvent(request.id, seq, piece).to_json(), 0)
 
+            if request.op == "answer":
+                assert isinstance(request.input, str)  # Request checks it
+                text, rec, stats = await self.tasks.answer(request.input, self.config.answers, stream, request.id)
+                self.device.note_latency(rec.latency_ms)
+                return {"text": text, "plan": rec.plan, "latency_ms": rec.latency_ms, **stats}
+            max_new = params.get("max_new_tokens", 32)
+            if not isinstance(max_new, int) or isinstance(max_new, bool):
+                raise ServiceError("bad_request", "params.max_new_tokens must be an integer")
+            chat = params.get("chat", True)
+            if not isinstance(chat, bool):
+                raise ServiceError("bad_request", "params.chat must be true or false")
             assert isinstance(request.input, str)
             text, rec, stats = await self.tasks.generate(request.input, max_new, stream, chat, model, strategy,
                                                          request.id, trace)

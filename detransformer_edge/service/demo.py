@@ -26,6 +26,7 @@ from detransformer_edge.planner.profile import bundled_profile
 from detransformer_edge.protocol.client import HomeClient
 from detransformer_edge.protocol.messages import LogEntry
 from detransformer_edge.protocol.topics import ClusterTopics
+from detransformer_edge.service.answers import asks_a_question
 from detransformer_edge.transport.broker import LocalBroker, free_port, local_broker
 
 # id, name, profile: a home's mix of devices (the planner sees their real capabilities)
@@ -60,6 +61,7 @@ QUERIES: tuple[str, ...] = (
     "lights in the living room all the way down to about twenty percent for me",
 )
 PROMPT = "What is the capital of France?"
+ANSWER_WAIT_S = 20.0  # a spoken answer is bounded by the agents' [answers] timeout_s (8 s)
 # A longer text: at this length the planner spreads the encoder over devices.
 DOCUMENT = (
     "House rules for the evening routine. At sunset the hall and kitchen lights turn on at forty "
@@ -128,7 +130,7 @@ def write_configs(workdir: Path, broker: LocalBroker, cluster: str, n: int,
             f'id = "{dev_id}"\nname = "{name}"\ncluster = "{cluster}"\n'
             f'profile = "{bundled_profile(profile).as_posix()}"\n'
             f"dashboard_port = {dashboard}\nwyoming_port = {wyoming}\nwyoming_host = \"127.0.0.1\"\n"
-            f"discovery = true\nhomeassistant = true\nstatus_interval_s = 2.0\n"
+            f"discovery = true\nhomeassistant = true\nstatus_interval_s = 2.0\nanswer_questions = true\n"
             f'\n[broker]\nurl = "{broker.url}"\nprotocol = "auto"\nkeepalive_s = 10\n'
             f"\n[election]\nlease_s = 6.0\n"
         )
@@ -298,7 +300,9 @@ class Demo:
         self.say("\nvoice assistant -> hermes/nlu/query")
         for text in QUERIES:
             t0 = time.perf_counter()
-            reply = await home.hermes_query(text, site_id="kitchen", timeout=120)
+            qid = uuid.uuid4().hex
+            home.listen_for_speech(qid)
+            reply = await home.hermes_query(text, site_id="kitchen", timeout=120, query_id=qid)
             ms = (time.perf_counter() - t0) * 1e3
             body = reply.payload
             if reply.recognized:
@@ -313,6 +317,15 @@ class Demo:
             note = f" ({rec.error})" if rec is not None and rec.error else ""
             self.say(f"  {text!r}\n      -> {answer}{note}\n      plan {plan}, "
                      f"{ms:.0f} ms end to end (leader {leader_ms} ms)")
+            if reply.topic != "hermes/nlu/intentNotRecognized" or not asks_a_question(text):
+                home.forget_speech(qid)
+            else:  # with answer_questions the language model answers a question
+                said = await home.speech(qid, timeout=ANSWER_WAIT_S)
+                if said is not None:
+                    spoken = await self.logged(f"{qid}-answer")
+                    how = f"plan {spoken.plan}, " if spoken is not None else ""
+                    self.say(f"      -> hermes/tts/say {said!r}\n      {how}"
+                             f"{(time.perf_counter() - t0):.1f} s from the question")
 
     async def wyoming_query(self, dev: DemoDevice) -> None:
         from wyoming.asr import Transcript

@@ -48,6 +48,12 @@ class Home(Protocol):
     async def generate(self, prompt: str, max_new_tokens: int = 32,
                        on_text: Callable[[str], Awaitable[None]] | None = None) -> str: ...
 
+    async def answer(self, question: str, client_id: str | None = None) -> str:
+        """A short spoken answer from the home's language model (``answer_questions``): one
+        sentence within the configured bounds; empty when the model said nothing. Forwarded to the
+        leader when this device does not lead; ServiceError when the home cannot answer."""
+        ...
+
 
 class Plugin(Protocol):
     name: str

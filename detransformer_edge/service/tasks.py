@@ -24,11 +24,13 @@ from typing import Any
 
 import torch
 
+from detransformer_edge.cluster.config import AnswerConfig
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.model.generation import DecodeLoop, SamplingConfig, build_prompt
 from detransformer_edge.model.tokenizer import IncrementalDecoder
 from detransformer_edge.parallel.trace import Span
 from detransformer_edge.protocol.messages import LogEntry
+from detransformer_edge.service.answers import SYSTEM_PROMPT, as_written, has_full_sentence, spoken
 from detransformer_edge.service.catalog import Catalog
 from detransformer_edge.service.placement import ServiceError
 from detransformer_edge.service.runs import RunCoordinator, plan_label
@@ -185,23 +187,38 @@ class Tasks:
         finally:
             self._leave()
 
+    async def answer(self, question: str, bounds: AnswerConfig,
+                     on_text: Callable[[str], Awaitable[None]] | None = None,
+                     client_id: str | None = None) -> tuple[str, RequestRecord, dict[str, Any]]:
+        """A short spoken answer to ``question`` from the language model (``service/answers.py``):
+        one sentence, within ``bounds`` (tokens and seconds); logged as kind "answer"."""
+        model = self.resolve("generate", bounds.model)
+        return await self.generate(as_written(question), bounds.max_tokens, on_text, True, model, "adaptive", client_id,
+                                   kind="answer", system=SYSTEM_PROMPT, deadline_s=bounds.timeout_s,
+                                   until=has_full_sentence, final=spoken)
+
     async def generate(
         self, prompt: str, max_new_tokens: int = 32, on_text: Callable[[str], Awaitable[None]] | None = None,
         chat: bool = True, model: str | None = None, strategy: str = "adaptive", client_id: str | None = None,
-        trace: bool = False,
-    ) -> tuple[str, RequestRecord, dict[str, float]]:
-        """Greedy generation; ``on_text`` receives decoded pieces as they arrive."""
+        trace: bool = False, *, kind: str = "generate", system: str | None = None, deadline_s: float | None = None,
+        until: Callable[[str], bool] | None = None, final: Callable[[str], str] | None = None,
+    ) -> tuple[str, RequestRecord, dict[str, Any]]:
+        """Greedy generation; ``on_text`` receives decoded pieces as they arrive. It ends at the end
+        of text or ``max_new_tokens``, and earlier when ``deadline_s`` seconds have passed (stop
+        "deadline") or ``until(text so far)`` says so (stop "sentence"). ``kind`` names it in the
+        request log; ``system`` is the chat template's system prompt; ``final`` turns the text
+        into the result the caller gets and the log shows."""
         model = self.resolve("generate", model)
         served = self.catalog.get(model)
         tools = self.catalog.tools(model)
         tok = tools.tokenizer
         if not 1 <= max_new_tokens <= 512:
             raise ServiceError("bad_request", "max_new_tokens must be between 1 and 512")
-        rec = self.record("generate", prompt, client_id, trace)
+        rec = self.record(kind, prompt, client_id, trace)
         t0 = time.perf_counter()
         await self._admit_logged(rec, t0)
         try:
-            ids = build_prompt(tok, prompt, tools.chat_template if chat else None)
+            ids = build_prompt(tok, prompt, tools.chat_template if chat else None, system=system)
             if len(ids) + max_new_tokens > served.max_tokens:
                 raise ServiceError("bad_request", f"prompt is {len(ids)} tokens; with {max_new_tokens} new tokens that exceeds {served.max_tokens}")
             eos = [tok.eos_id] if getattr(tok, "eos_id", None) is not None else []
@@ -225,13 +242,17 @@ class Tasks:
                         first_token_s = time.perf_counter() - t0
                     if token is not None:
                         await out(decoder.push(token))
+                    if until is not None and not loop.done and until("".join(pieces)):
+                        loop.stop("sentence")
+                    if deadline_s is not None and not loop.done and time.perf_counter() - t0 >= deadline_s:
+                        loop.stop("deadline")
             await out(decoder.flush())
-            text_out = "".join(pieces)
+            text_out = "".join(pieces) if final is None else final("".join(pieces))
             total = time.perf_counter() - t0
             n = len(loop.tokens)
             stats = {"tokens": n, "seconds": round(total, 3),
                      "ttft_ms": round((first_token_s or total) * 1e3, 1),
-                     "tokens_per_s": round(n / total, 2) if total > 0 else 0.0}
+                     "tokens_per_s": round(n / total, 2) if total > 0 else 0.0, "stop": loop.stop_reason}
             self.finish(rec, t0, text_out)
             return text_out, rec, stats
         except DetransformerError as exc:

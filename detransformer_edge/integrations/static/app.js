@@ -5,7 +5,7 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 const PALETTE = ["#3b6fd8", "#27a387", "#e07a2f", "#9b5de5", "#d1453b", "#c9a20f", "#2a9fd6", "#d15b9a"];
-const KIND_COLOR = { intent: "#3b6fd8", embed: "#27a387", generate: "#9b5de5" };
+const KIND_COLOR = { intent: "#3b6fd8", embed: "#27a387", generate: "#9b5de5", answer: "#d17a22" };
 const CHART_N = 50;
 let colors = new Map();
 
