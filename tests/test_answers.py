@@ -152,13 +152,6 @@ def test_only_a_rejection_by_the_model_is_a_question_for_the_language_model() ->
     assert not should_answer(home, q, IntentResult("GetTime", 0.9))  # type: ignore[arg-type]
 
 
-class Wire:
-    """An AssistConnection's writer side, kept in memory."""
-
-    def __init__(self) -> None:
-        self.events: list[Any] = []
-
-
 async def assist(home: FakeHome, *events: Any) -> list[Any]:
     conn = AssistConnection(home, asyncio.StreamReader(), SimpleNamespace())  # type: ignore[arg-type]
     out: list[Any] = []
