@@ -1,0 +1,212 @@
+"""The chaos soak's machinery (``bench/chaos.py``): how it counts answers per id, judges memory and
+file descriptors flat, and plans its phases; the client feature it relies on (every answer to an
+id is seen, a second one included); and a short run of the whole thing in the testbed (root): 30 s
+with one fault of each kind, every request answered exactly once within its bound."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from detransformer_edge.protocol import hermes
+from detransformer_edge.protocol.client import HomeClient
+from detransformer_edge.protocol.messages import Reply
+from detransformer_edge.protocol.topics import ClusterTopics
+from detransformer_edge.transport.session import MqttSession, SessionSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_chaos", ROOT / "bench" / "chaos.py")
+assert _spec is not None and _spec.loader is not None
+chaos = importlib.util.module_from_spec(_spec)
+sys.modules["bench_chaos"] = chaos  # dataclasses look their module up
+_spec.loader.exec_module(chaos)
+
+
+# --- counting -----------------------------------------------------------------------------------------
+
+
+def outcome(answers: list[float], bound: float = 30.0, sent: float = 10.0) -> object:
+    o = chaos.Outcome("q1", "voice", "steady", sent, bound)
+    o.answers = [(t, "intent") for t in answers]
+    return o
+
+
+def test_verdicts_count_answers_per_id():
+    assert outcome([]).verdict() == "lost"
+    assert outcome([12.0]).verdict() == "once"
+    assert outcome([40.0]).verdict() == "once"  # exactly at the bound (sent 10 + 30)
+    assert outcome([40.5]).verdict() == "late"
+    assert outcome([12.0, 13.0]).verdict() == "duplicated"
+    assert outcome([12.0, 99.0]).verdict() == "duplicated"  # a second answer after the bound still counts
+    assert outcome([12.5]).latency_s == 2.5
+
+
+def test_answer_labels_are_typed():
+    assert chaos.answer_label("hermes/intent/GetTime", {}) == "intent"
+    assert chaos.answer_label("hermes/nlu/intentNotRecognized", {}) == "not_recognized"
+    assert chaos.answer_label("hermes/error/nlu", {"error": "bad"}) == "nlu_error"
+    assert chaos.answer_label("P/replies/x", {"id": "1", "result": {"text": ""}}) == "result"
+    assert chaos.answer_label("P/replies/x", {"id": "1", "error": {"code": "busy", "message": ""}}) == "error:busy"
+
+
+def test_summary_per_phase_and_all():
+    plan = chaos.phases(150.0)
+    rows = []
+    for i, (phase, answers) in enumerate([("steady", [1.0]), ("steady", []), ("link cuts", [70.0, 71.0]),
+                                          ("link cuts", [200.0])]):
+        o = chaos.Outcome(f"q{i}", "voice" if i % 2 else "generate", phase, 0.0 if phase == "steady" else 60.0,
+                          30.0 if i % 2 else 60.0)
+        o.answers = [(t, "result") for t in answers]
+        o.sends = 2 if i == 3 else 1
+        rows.append(o)
+    table = {r["phase"]: r for r in chaos.summarize_requests(rows, plan)}
+    assert table["steady"]["sent"] == 2 and table["steady"]["once"] == 1 and table["steady"]["lost"] == 1
+    assert table["link cuts"]["duplicated"] == 1 and table["link cuts"]["late"] == 1
+    assert table["link cuts"]["resent"] == 1
+    assert table["agent kills"]["sent"] == 0 and table["agent kills"]["voice"]["p50_ms"] is None
+    assert table["all"]["sent"] == 4 and table["all"]["once"] + table["all"]["lost"] + table["all"]["late"] \
+        + table["all"]["duplicated"] == 4
+    assert table["steady"]["generate"]["p50_ms"] == 1000.0
+
+
+def test_phases_cover_the_soak_in_order():
+    plan = chaos.phases(900.0)
+    assert [p.name for p in plan] == ["steady", "agent kills", "link cuts", "broker restarts", "steady again"]
+    assert plan[0].start_s == 0 and abs(plan[-1].end_s - 900.0) < 1e-6
+    assert all(a.end_s == b.start_s for a, b in zip(plan, plan[1:]))
+    assert {p.fault for p in plan} == {None, *chaos.FAULT_KINDS}
+    assert chaos.phase_of(plan, 130.0) == "agent kills" and chaos.phase_of(plan, 2000.0) == "steady again"
+
+
+def test_fault_timing_is_seeded():
+    import random
+
+    timing = chaos.FaultTiming()
+    a = [timing.down("kill", random.Random(7), 10.0) for _ in range(3)]
+    b = [timing.down("kill", random.Random(7), 10.0) for _ in range(3)]
+    assert a == b and all(5.0 <= x <= 15.0 for x in a)
+
+
+# --- flat or not --------------------------------------------------------------------------------------
+
+
+def series(rss_kb_per_s: float, fds_per_min: float, seconds: int = 600, step: int = 5) -> list[tuple]:
+    return [(float(t), 300_000 + rss_kb_per_s * t, 20 + int(fds_per_min * t / 60)) for t in range(0, seconds, step)]
+
+
+def test_flat_series_is_flat():
+    got = chaos.judge_series(series(0.0, 0.0), warm_from_s=60.0, min_span_s=180.0)
+    assert got["flat"] is True and got["rss_mb_per_h"] == 0.0 and got["fds_per_h"] == 0.0
+
+
+def test_a_warm_up_jump_is_not_a_leak():
+    pts = [(t, 250_000.0 if t < 60 else 330_000.0, 7 if t < 60 else 9) for t, _, _ in series(0, 0)]
+    assert chaos.judge_series(pts, warm_from_s=60.0, min_span_s=180.0)["flat"] is True
+    assert chaos.judge_series(pts, warm_from_s=0.0, min_span_s=180.0)["flat"] is False
+
+
+def test_leaks_are_not_flat():
+    fd_leak = chaos.judge_series(series(0.0, 1.0), warm_from_s=60.0, min_span_s=180.0)  # one FD a minute
+    assert fd_leak["flat"] is False and 55 < fd_leak["fds_per_h"] < 65
+    rss_leak = chaos.judge_series(series(10.0, 0.0), warm_from_s=60.0, min_span_s=180.0)  # 10 kB/s = 35 MB/h
+    assert rss_leak["flat"] is False and 34 < rss_leak["rss_mb_per_h"] < 36
+
+
+def test_short_series_are_not_judged():
+    got = chaos.judge_series(series(10.0, 1.0, seconds=120), warm_from_s=60.0, min_span_s=180.0)
+    assert got["flat"] is None and got["samples"] == 24
+
+
+# --- the client sees every answer ---------------------------------------------------------------------
+
+
+@pytest.mark.mosquitto
+async def test_follow_answers_sees_a_second_answer_to_one_id(mosquitto_broker):
+    """A leader that answers one request (or query) twice: ``request`` returns the first reply, and
+    ``follow_answers`` reports both, which is how the soak counts duplicates."""
+    host, port = mosquitto_broker
+    cluster = f"c{uuid.uuid4().hex[:8]}"
+    topics = ClusterTopics(cluster)
+    leader = MqttSession(SessionSettings(host, port, f"twice-{cluster}", protocol="3.1.1"))
+
+    async def answer_twice(topic: str, payload: bytes, _props: object) -> None:
+        d = json.loads(payload)
+        if topic == hermes.TOPIC_NLU_QUERY:
+            if d.get("siteId") != cluster:
+                return  # another test's query
+            body = json.dumps({"input": d["input"], "siteId": cluster, "id": d["id"], "sessionId": d["sessionId"]})
+            for _ in range(2):
+                await leader.publish(hermes.TOPIC_NOT_RECOGNIZED, body, qos=1)
+            return
+        for n in range(2):
+            await leader.publish(d["reply_to"], Reply(d["id"], result={"n": n}).to_json(), qos=1)
+
+    leader.subscribe(topics.request.format(), answer_twice, 1)
+    leader.subscribe(hermes.TOPIC_NLU_QUERY, answer_twice, 1)
+    seen: list[tuple[str, str]] = []
+    async with asyncio.timeout(20), leader:
+        await leader.wait_connected(10)
+        async with HomeClient(host, port, cluster) as client:
+            client.follow_answers(lambda rid, topic, body: seen.append((rid, topic)))
+            reply = await client.request("embed", "hi", request_id="same-id-1", timeout=10)
+            assert reply.id == "same-id-1" and reply.result == {"n": 0}
+            answer = await client.hermes_query("hello", site_id=cluster, query_id="q-same-1", timeout=10)
+            assert answer.topic == hermes.TOPIC_NOT_RECOGNIZED and answer.payload["id"] == "q-same-1"
+            while len(seen) < 4:
+                await asyncio.sleep(0.02)
+    assert sorted(seen) == sorted([("same-id-1", client.requester.reply_to)] * 2
+                                  + [("q-same-1", hermes.TOPIC_NOT_RECOGNIZED)] * 2)
+
+
+# --- a short soak in the testbed ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.testbed
+@pytest.mark.mosquitto
+def test_short_chaos_soak(tmp_path):
+    """30 s, three agents (lease 3 s, keepalive 2 s), one fault of each kind: every request answered
+    exactly once within its bound, every fault undone, every agent process sampled."""
+    from detransformer_edge.testbed import TestbedUnavailable, check_host
+    from detransformer_edge.transport.broker import find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto is not installed")
+    try:
+        check_host()
+    except TestbedUnavailable as exc:
+        pytest.skip(f"testbed unavailable here: {exc}")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "chaos.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "chaos.py"), "--minutes", "0.5", "--agents", "3", "--rate", "2",
+         "--lease-s", "3", "--keepalive-s", "2", "--status-s", "0.5", "--sample-s", "2", "--grace-s", "3",
+         "--seed", "5", "--ready-timeout-s", "90", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert out.exists(), done.stdout[-3000:] + done.stderr[-3000:]
+    res = json.loads(out.read_text())
+    total = res["requests"][-1]
+    assert total["sent"] >= 50, total  # 2 per second for 30 s
+    assert (total["lost"], total["duplicated"], total["late"]) == (0, 0, 0), res["not_once"][:5]
+    assert total["once"] == total["sent"]
+    actions = [(ev["fault"], ev["action"]) for ev in res["faults"]]
+    assert ("kill", "SIGKILL") in actions and ("kill", "restarted") in actions
+    assert ("link", "down") in actions and ("link", "restored") in actions
+    assert ("broker", "stopped (SIGTERM)") in actions and ("broker", "started") in actions
+    assert any(ev["fault"] == "kill" and ev.get("leader") for ev in res["faults"]), "the first kill hits the leader"
+    killed = next(ev["target"] for ev in res["faults"] if ev["action"] == "SIGKILL")
+    assert f"{killed}#2" in res["samples"], sorted(res["samples"])  # the restarted agent: its own series
+    assert {name.split("#")[0] for name in res["samples"]} == {"dev0", "dev1", "dev2"}
+    assert all(len(s) >= 3 and all(fds > 3 and rss > 10_000 for _, rss, fds in s)
+               for name, s in res["samples"].items() if not name.endswith("#1") or name.split("#")[0] != killed)
+    assert out.with_suffix(".png").stat().st_size > 10_000 and out.with_suffix(".md").exists()
+    assert done.returncode == 0, done.stdout[-2000:]
