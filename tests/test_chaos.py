@@ -210,3 +210,50 @@ def test_short_chaos_soak(tmp_path):
                for name, s in res["samples"].items() if not name.endswith("#1") or name.split("#")[0] != killed)
     assert out.with_suffix(".png").stat().st_size > 10_000 and out.with_suffix(".md").exists()
     assert done.returncode == 0, done.stdout[-2000:]
+
+
+# --- what the soak found: a re-sent id while its first copy runs ---------------------------------------
+
+
+@pytest.mark.mosquitto
+@pytest.mark.parametrize("kind", ["request", "hermes"])
+async def test_an_id_sent_again_while_it_runs_is_answered_once(mosquitto_broker, kind):
+    """The client contract: no answer yet, send the same id again. If the leader is still running
+    the first copy (a slow home: runs take 1.5 s here), the re-send must not run a second time and
+    get a second answer; before the fix both copies ran and the client got two answers."""
+    from tests.test_service import home, wait_for_placement
+
+    host, port = mosquitto_broker
+    async with home(mosquitto_broker) as (cluster, agents):
+        lead = await wait_for_placement(agents)
+        run, runs = lead.host.run_coordinator, []
+
+        async def slow(model, job):
+            runs.append(job)
+            await asyncio.sleep(1.5)
+            return await run(model, job)
+
+        lead.host.run_coordinator = slow  # type: ignore[method-assign]
+        seen: list[str] = []
+        rid = f"again-{kind}-{uuid.uuid4().hex[:6]}"
+        async with asyncio.timeout(30), HomeClient(host, port, cluster) as client:
+            client.follow_answers(lambda answer_id, topic, body: seen.append(answer_id))
+
+            async def ask(timeout: float) -> object:
+                if kind == "request":
+                    return await client.request("embed", "hello home", request_id=rid, timeout=timeout)
+                return await client.hermes_query("turn on the kitchen light", site_id=cluster, query_id=rid,
+                                                 timeout=timeout)
+
+            with pytest.raises(TimeoutError):
+                await ask(0.4)  # the first copy is running now
+            answer = await ask(10.0)  # the same id again
+            await asyncio.sleep(2.0)  # a second run would answer now
+        lead.host.run_coordinator = run  # type: ignore[method-assign]
+    assert seen.count(rid) == 1, seen
+    assert len(runs) == 1
+    if kind == "request":
+        assert answer.error is None and lead.cluster.desk.resends_joined == 1
+    else:
+        assert answer.topic.startswith("hermes/") and next(
+            p for p in lead.plugins if p.name == "hermes").resends_joined == 1

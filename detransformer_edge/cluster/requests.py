@@ -5,6 +5,10 @@ CorrelationData properties); the desk parses it, bounds how many run at once (be
 ``max_pending`` the answer is ``busy`` at once), calls the service's handler and turns whatever
 happens into one ``Reply``: a result, or a typed error code (bad_request, busy, timeout,
 internal). A handler bug still answers the client.
+
+A client that got no reply sends the same request again under the same id (docs/API.md). A copy
+that arrives while the desk is still serving that id (same reply topic) is not run again: the
+one reply answers both, so a re-send can never produce a second reply from this leader.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ class RequestDesk:
         self.handler = handler
         self.max_pending = max_pending  # beyond this, reply "busy"
         self.pending = 0
+        self.serving: set[tuple[str, str]] = set()  # (reply topic, request id) being served now
+        self.resends_joined = 0  # copies of a request that arrived while it was being served
 
     def take(self, payload: bytes, properties: Properties | None) -> None:
         """A request arrived (this device leads): answer it in a task of its own. Counted here,
@@ -80,7 +86,16 @@ class RequestDesk:
             request = Request.from_dict(raw)
             if busy:
                 raise _Busy
-            reply = await self._reply_for(request)
+            key = (reply_to or request.reply_to, request.id)
+            if key in self.serving:
+                self.resends_joined += 1
+                log.info("request %s sent again while it runs: its one reply answers both", request.id)
+                return
+            self.serving.add(key)
+            try:
+                reply = await self._reply_for(request)
+            finally:
+                self.serving.discard(key)
         except _Busy:
             reply = Reply.failure(request_id, "busy", f"{self.max_pending} requests in flight; retry later")
         except ProtocolError as exc:

@@ -12,6 +12,10 @@ Rhasspy's rules, kept here: ``intentFilter`` masks the intents before the decisi
 null or ``[]``: no filter; nothing allowed: not recognised); slots the chosen intent does not take
 are dropped, never an error; ``siteId``, ``id``, ``sessionId``, ``lang`` and ``customData`` are
 echoed.
+
+A voice client that got no answer asks again with the same query id (docs/API.md). A copy that
+arrives while the leader is still answering that query (same ``siteId`` and ``id``) is not run
+again: the one answer serves both, so a re-sent query never gets two answers from this leader.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ class HermesNlu:
 
     def __init__(self) -> None:
         self.home: Home | None = None
+        self.answering: set[tuple[str, str]] = set()  # (siteId, query id) being answered now
+        self.resends_joined = 0
 
     async def start(self, home: Home) -> None:
         self.home = home
@@ -85,6 +91,20 @@ class HermesNlu:
             log.warning("hermes: unreadable nlu query: %s", exc)
             await self._publish(home, [hermes.nlu_error(payload, f"bad nlu query: {exc}")])
             return
+        key = (query.site_id, query.id) if query.id else None
+        if key is not None and key in self.answering:
+            self.resends_joined += 1
+            log.info("hermes: query %s asked again while it is answered: one answer serves both", query.id)
+            return
+        if key is not None:
+            self.answering.add(key)
+        try:
+            await self._answer_query(home, query)
+        finally:
+            if key is not None:
+                self.answering.discard(key)
+
+    async def _answer_query(self, home: Home, query: hermes.NluQuery) -> None:
         client_id = query.id or query.session_id or f"hermes-{uuid.uuid4().hex[:8]}"
         result: IntentResult | None = None
         allowed = query.allowed
