@@ -320,6 +320,7 @@ class Chaos:
         self.plan = phases(args.minutes * 60)
         self.timing = FaultTiming()
         self.t0 = 0.0
+        self.wall0 = 0.0  # unix time of t = 0 (the agents' logs are in wall time)
         self.outcomes: dict[str, Outcome] = {}
         self.faults: list[dict[str, Any]] = []
         self.samples: dict[str, list[tuple[float, float, float]]] = {}  # series -> (t_s, rss_kb, fds)
@@ -507,7 +508,7 @@ class Chaos:
             print(f"[chaos] home ready: leader {leader}, placement v{version}; "
                   f"{args.minutes:g} min at {args.rate:g} requests/s", flush=True)
             watch.client.follow_answers(self._on_answer)
-            self.t0 = time.monotonic()
+            self.t0, self.wall0 = time.monotonic(), time.time()
             for dev in self.fleet.ids:
                 self.series_start[self.series(dev)] = 0.0
             total = args.minutes * 60
@@ -542,7 +543,8 @@ class Chaos:
         return {
             "command": command_line(args),
             "agents": args.agents, "catalog": args.catalog, "minutes": args.minutes, "rate": args.rate,
-            "seed": args.seed, "lease_s": args.lease_s, "keepalive_s": args.keepalive_s,
+            "seed": args.seed, "started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.wall0)),
+            "lease_s": args.lease_s, "keepalive_s": args.keepalive_s,
             "status_interval_s": args.status_s, "mbit": args.mbit, "bounds_s": BOUND_S,
             "resend_every_s": args.lease_s * RESEND_LEASES,
             "flatness": dataclasses.asdict(Flatness()), "host_load": host_load,
