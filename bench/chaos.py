@@ -50,6 +50,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import random
 import secrets
@@ -588,7 +589,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         broker.start()
         fleet = AgentFleet(workdir, (home.address("broker"), MQTT_PORT), n=args.agents, catalog=args.catalog,
                            keepalive_s=args.keepalive_s, lease_s=args.lease_s, status_interval_s=args.status_s,
-                           replicate_all=True, home=home)
+                           replicate_all=True, home=home, verbose=1)
         fleet.start()
         chaos = Chaos(args, home, fleet, broker, abort)
         try:
@@ -702,6 +703,7 @@ def main(argv: list[str] | None = None, on_result: Callable[[dict[str, Any]], No
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "chaos.json")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     res = soak(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))

@@ -158,7 +158,9 @@ class ClusterAgent:
         self.work_state = WorkState()
         # leader commands are HMAC-signed when the cluster has a key (protocol/signing.py)
         self.signer, self.verifier = signing.from_config(config.cluster_key, config.id)
-        self.desk = RequestDesk(self.session, self.topics.reply, on_request, max_pending_requests)
+        # a copy of a request answered within a lease is not answered again (cluster/requests.py)
+        self.desk = RequestDesk(self.session, self.topics.reply, on_request, max_pending_requests,
+                                copies_window_s=config.election.lease_s)
         self.members = Membership()
         self.leadership = Leadership(self, lambda lease: self._safe_hook(self.on_become_leader, lease),
                                      lambda lease: self._safe_hook(self.on_lose_leadership, lease))

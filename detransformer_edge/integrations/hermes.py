@@ -14,8 +14,9 @@ are dropped, never an error; ``siteId``, ``id``, ``sessionId``, ``lang`` and ``c
 echoed.
 
 A voice client that got no answer asks again with the same query id (docs/API.md). A copy that
-arrives while the leader is still answering that query (same ``siteId`` and ``id``) is not run
-again: the one answer serves both, so a re-sent query never gets two answers from this leader.
+arrives while the leader is still answering that query (same ``siteId`` and ``id``), or within a
+lease after it answered it, is not answered again (``cluster.requests.AnswerMemory``): one query,
+one answer, even when the broker delivers a burst of held-back copies late.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 
+from detransformer_edge.cluster.requests import AnswerMemory
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.protocol import hermes
 from detransformer_edge.protocol.codec import Message, ProtocolError
@@ -69,11 +71,11 @@ class HermesNlu:
 
     def __init__(self) -> None:
         self.home: Home | None = None
-        self.answering: set[tuple[str, str]] = set()  # (siteId, query id) being answered now
-        self.resends_joined = 0
+        self.memory: AnswerMemory | None = None  # (siteId, query id); made with the agent's lease
 
     async def start(self, home: Home) -> None:
         self.home = home
+        self.memory = AnswerMemory(home.cluster.config.election.lease_s)
         home.session.subscribe(hermes.TOPIC_NLU_QUERY, self._on_query, 1)
 
     async def stop(self) -> None:
@@ -91,20 +93,22 @@ class HermesNlu:
             log.warning("hermes: unreadable nlu query: %s", exc)
             await self._publish(home, [hermes.nlu_error(payload, f"bad nlu query: {exc}")])
             return
-        key = (query.site_id, query.id) if query.id else None
-        if key is not None and key in self.answering:
-            self.resends_joined += 1
-            log.info("hermes: query %s asked again while it is answered: one answer serves both", query.id)
-            return
-        if key is not None:
-            self.answering.add(key)
-        try:
+        memory, key = self.memory, (query.site_id, query.id)
+        if memory is None or not query.id:  # no id: nothing to recognise a copy by
             await self._answer_query(home, query)
+            return
+        if not memory.begin(key):
+            log.info("hermes: query %s: a copy of one being answered or just answered; not answered again",
+                     query.id)
+            return
+        delivered = False
+        try:
+            delivered = await self._answer_query(home, query)
         finally:
-            if key is not None:
-                self.answering.discard(key)
+            memory.done(key, delivered)
 
-    async def _answer_query(self, home: Home, query: hermes.NluQuery) -> None:
+    async def _answer_query(self, home: Home, query: hermes.NluQuery) -> bool:
+        """Answer ``query``; False when the answer could not be sent."""
         client_id = query.id or query.session_id or f"hermes-{uuid.uuid4().hex[:8]}"
         result: IntentResult | None = None
         allowed = query.allowed
@@ -128,6 +132,8 @@ class HermesNlu:
             home.answer_failed(client_id, f"hermes answer: {exc}")
         if not await self._publish(home, messages):
             home.answer_failed(client_id, "hermes answer lost: the broker connection is down")
+            return False
+        return True
 
     async def _publish(self, home: Home, messages: Sequence[Message]) -> bool:
         for message in messages:

@@ -67,6 +67,7 @@ class AgentFleet:
     replicate_all: bool = True  # every device holds every model: fixed multi-device plans can run
     cluster: str = field(default_factory=lambda: f"f{uuid.uuid4().hex[:8]}")
     home: Any = None  # a testbed Home: each agent runs in the node named after it (testbed/home.py)
+    verbose: int = 0  # agents' -v: 1 logs every election step and request outcome (INFO)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -77,8 +78,8 @@ class AgentFleet:
         return self.workdir / f"{dev}.toml"
 
     def argv(self, dev: str) -> list[str]:
-        argv = [sys.executable, "-m", "detransformer_edge.cli", "agent", "--config", str(self.config_path(dev)),
-                "--catalog", self.catalog, "--threads", "1"]
+        argv = [sys.executable, "-m", "detransformer_edge.cli", *(["-v"] * self.verbose), "agent",
+                "--config", str(self.config_path(dev)), "--catalog", self.catalog, "--threads", "1"]
         return argv + (["--replicate-all"] if self.replicate_all else [])
 
     def write_configs(self) -> None:
