@@ -362,3 +362,72 @@ def test_replacements_do_not_ratchet_the_rss_up():
     assert done.returncode == 0, done.stderr[-2000:]
     growth_mb = float(done.stdout.strip().splitlines()[-1])
     assert growth_mb < 6.0, f"RSS grew {growth_mb} MB over 40 re-placements"
+
+
+# --- what the soak found: a deposed leader answering what its successor answered ----------------------
+
+
+class _Session:
+    """What the request desk needs of a session: publish (recorded) and spawn."""
+
+    is_v5 = False
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+        self.tasks: list[asyncio.Task] = []
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, properties: object = None) -> None:
+        self.sent.append((topic, json.loads(payload)))
+
+    def spawn(self, coro, name: str) -> asyncio.Task:
+        self.tasks.append(asyncio.ensure_future(coro))
+        return self.tasks[-1]
+
+
+@pytest.mark.parametrize("taken_over", [False, True])
+async def test_a_request_that_finishes_after_another_device_took_the_lease_is_not_answered(taken_over):
+    """The soak (lease 3 s) saw a leader whose link was cut answer, once back, a query it had
+    taken before the cut, after the new leader had already answered the client's re-send: two
+    answers. A request that finishes when another device holds the lease is left to it."""
+    from detransformer_edge.cluster.requests import RequestDesk
+
+    session, release = _Session(), asyncio.Event()
+    leader_now = ["dev0"]
+
+    async def handler(request):
+        await release.wait()  # the run; meanwhile the lease may move
+        return {"ok": True}
+
+    desk = RequestDesk(session, ClusterTopics("home").reply, handler, superseded=lambda: leader_now[0] != "dev0")
+    desk.take(json.dumps({"id": "r1", "reply_to": "detransformer/home/replies/c", "op": "embed",
+                          "input": "hi"}).encode(), None)
+    await asyncio.sleep(0.01)
+    if taken_over:
+        leader_now[0] = "dev1"
+    release.set()
+    await asyncio.gather(*session.tasks)
+    assert len(session.sent) == (0 if taken_over else 1)
+    assert desk.dropped == (1 if taken_over else 0) and desk.pending == 0
+    assert desk.memory.running == set()
+
+
+async def test_a_hermes_query_that_finishes_after_another_device_took_the_lease_is_not_answered():
+    from types import SimpleNamespace
+
+    from detransformer_edge.integrations.hermes import HermesNlu
+    from detransformer_edge.service.intents import IntentResult
+
+    failed: list[tuple[str, str]] = []
+    session = _Session()
+    home_ = SimpleNamespace(session=session, cluster=SimpleNamespace(superseded=True, lease=SimpleNamespace(id="dev1")),
+                            answer_failed=lambda cid, err: failed.append((cid, err)))
+
+    async def recognize(text, client_id=None, allowed=None):
+        return IntentResult("GetTime", 0.9)
+
+    home_.recognize = recognize
+    await HermesNlu()._answer(home_, json.dumps({"input": "what time is it", "id": "q1"}).encode())
+    assert session.sent == [] and failed == [("q1", "hermes answer dropped: another device leads now")]
+    home_.cluster.superseded = False
+    await HermesNlu()._answer(home_, json.dumps({"input": "what time is it", "id": "q2"}).encode())
+    assert [t for t, _ in session.sent] == ["hermes/nlu/intentParsed", "hermes/intent/GetTime"]

@@ -226,7 +226,10 @@ class _FakeSession:
 
 class _FakeHome:
     def __init__(self, fail: bool, result=None, exc=None) -> None:
+        from types import SimpleNamespace
+
         self.session, self.result, self.exc, self.failed = _FakeSession(fail), result, exc, []
+        self.cluster = SimpleNamespace(superseded=False, lease=None)  # this device still leads
         self.seen_allowed = "unset"
 
     async def recognize(self, text, client_id=None, allowed=None):

@@ -10,7 +10,9 @@ A client that got no reply sends the same request again under the same id (docs/
 that arrives while the desk is still serving that id (same reply topic), or within a window
 (a lease) after it answered it, is not run again (``AnswerMemory``): the one reply answers every
 copy. Copies that the broker held back behind a stalled connection arrive in a burst, after the
-first one was answered; without the window each would get a reply of its own.
+first one was answered; without the window each would get a reply of its own. And a request
+that finishes after another device has taken the lease is not answered from here: its client
+sends it again to the new leader, which answers it (``superseded``).
 """
 
 from __future__ import annotations
@@ -71,13 +73,16 @@ class AnswerMemory:
 
 class RequestDesk:
     def __init__(self, session: MqttSession, reply: TopicFamily[Reply], handler: RequestHandler | None,
-                 max_pending: int = 16, copies_window_s: float = 10.0) -> None:
+                 max_pending: int = 16, copies_window_s: float = 10.0,
+                 superseded: Callable[[], bool] = lambda: False) -> None:
         self.session = session
         self.reply_family = reply
         self.handler = handler
         self.max_pending = max_pending  # beyond this, reply "busy"
         self.pending = 0
         self.memory = AnswerMemory(copies_window_s)  # (reply topic, request id)
+        self.superseded = superseded  # another device leads now
+        self.dropped = 0  # answers not sent because another device took the lease meanwhile
 
     def take(self, payload: bytes, properties: Properties | None) -> None:
         """A request arrived (this device leads): answer it in a task of its own. Counted here,
@@ -130,6 +135,11 @@ class RequestDesk:
         delivered = False
         try:
             reply = await self._reply_or_error(request)
+            if self.superseded():
+                self.dropped += 1
+                log.warning("request %s finished after another device took the lease: not answered from "
+                            "here (the client sends it again to the new leader)", request.id)
+                return
             delivered = await self._send(reply, reply_to, correlation)
         finally:
             self.memory.done(key, delivered)

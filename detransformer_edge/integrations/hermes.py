@@ -16,7 +16,9 @@ echoed.
 A voice client that got no answer asks again with the same query id (docs/API.md). A copy that
 arrives while the leader is still answering that query (same ``siteId`` and ``id``), or within a
 lease after it answered it, is not answered again (``cluster.requests.AnswerMemory``): one query,
-one answer, even when the broker delivers a burst of held-back copies late.
+one answer, even when the broker delivers a burst of held-back copies late. A query that finishes
+after another device took the lease is not answered from here: the voice client asks the new
+leader again, and that one answers.
 """
 
 from __future__ import annotations
@@ -130,6 +132,12 @@ class HermesNlu:
             log.exception("hermes: query %s: cannot build the answer", client_id)
             messages = [hermes.not_recognized(query)]
             home.answer_failed(client_id, f"hermes answer: {exc}")
+        if home.cluster.superseded:
+            lease = home.cluster.lease
+            log.warning("hermes: query %s finished after %s took the lease: not answered from here (the "
+                        "client asks the new leader again)", client_id, lease.id if lease else "another device")
+            home.answer_failed(client_id, "hermes answer dropped: another device leads now")
+            return False
         if not await self._publish(home, messages):
             home.answer_failed(client_id, "hermes answer lost: the broker connection is down")
             return False
