@@ -9,6 +9,10 @@ and the soak benchmark need to treat a home as a black box over MQTT.
         fleet.kill("dev1")             # SIGKILL: no goodbye, the broker fires the LWT
     fleet.stop()
 
+With ``home=`` (a testbed ``Home``) each agent runs in the node named after it, on its shaped link
+(``bench/chaos.py``, the link test of tests/test_faults.py). The watcher is the project's one
+``HomeClient`` plus the records a test needs (presence, status, leases, every answer per id).
+
 Times are ``time.monotonic()`` of this process; the watcher stamps every message on arrival.
 """
 
