@@ -265,6 +265,31 @@ def judge_series(samples: Sequence[tuple[float, float, float]], warm_from_s: flo
     return out
 
 
+def settled_from(plan: Sequence[Phase]) -> float:
+    """When the faults that move weights end (the last agent kill or link cut phase): after it,
+    a placement holds the same devices, so memory has no reason to move at all."""
+    return max((p.end_s for p in plan if p.fault in ("kill", "link")), default=plan[0].end_s)
+
+
+def judge_all(samples: dict[str, Sequence[tuple[float, float, float]]], starts: dict[str, float],
+              plan: Sequence[Phase], warmup_s: float, min_series_s: float) -> dict[str, dict[str, Any]]:
+    """Every process's series judged twice: after its warm-up (the first phase for the first
+    processes, ``warmup_s`` after a restart) and after the faults that move weights."""
+    calm = settled_from(plan)
+    out = {}
+    for name, pts in sorted(samples.items()):
+        start = starts.get(name, 0.0)
+        warm_from = plan[0].end_s if name.endswith("#1") else start + warmup_s
+        judged = judge_series(pts, warm_from, min_series_s)
+        late = judge_series(pts, max(warm_from, calm), min_series_s)
+        judged["after_faults"] = {k: late[k] for k in ("rss_mb_per_h", "fds_per_h", "flat", "warm_span_s")}
+        judged["after_faults"]["from_s"] = round(max(warm_from, calm), 1)
+        judged["started_s"] = round(start, 1)
+        judged["warm_from_s"] = round(warm_from, 1)
+        out[name] = judged
+    return out
+
+
 def rss_and_fds(pid: int) -> tuple[int, int] | None:
     """(VmRSS in kB, open file descriptors) of ``pid``; None when it is gone."""
     try:
@@ -532,14 +557,7 @@ class Chaos:
     def result(self, host_load: dict[str, Any]) -> dict[str, Any]:
         args = self.args
         outcomes = sorted(self.outcomes.values(), key=lambda o: o.sent_s)
-        first_warm = self.plan[0].end_s
-        series = {}
-        for name, pts in sorted(self.samples.items()):
-            start = self.series_start.get(name, 0.0)
-            warm_from = first_warm if name.endswith("#1") else start + args.warmup_s
-            series[name] = judge_series(pts, warm_from, args.min_series_s)
-            series[name]["started_s"] = round(start, 1)
-            series[name]["warm_from_s"] = round(warm_from, 1)
+        series = judge_all(self.samples, self.series_start, self.plan, args.warmup_s, args.min_series_s)
         bad = [o.id for o in outcomes if o.verdict() != "once"]
         return {
             "command": command_line(args),
@@ -548,6 +566,7 @@ class Chaos:
             "lease_s": args.lease_s, "keepalive_s": args.keepalive_s,
             "status_interval_s": args.status_s, "mbit": args.mbit, "bounds_s": BOUND_S,
             "resend_every_s": args.lease_s * RESEND_LEASES,
+            "warmup_s": args.warmup_s, "min_series_s": args.min_series_s,
             "flatness": dataclasses.asdict(Flatness()), "host_load": host_load,
             "phases": [dataclasses.asdict(p) for p in self.plan],
             "requests": summarize_requests(outcomes, self.plan),
@@ -624,14 +643,17 @@ def table(res: dict[str, Any]) -> str:
                      f"{row['once']} | {row['late']} | {row['lost']} | {row['duplicated']} | {row['resent']} | "
                      f"{ms(row['voice']['p50_ms'])} / {ms(row['voice']['p99_ms'])} | "
                      f"{ms(row['generate']['p50_ms'])} / {ms(row['generate']['p99_ms'])} | {answers} |")
-    lines += ["", "| agent process | started (s) | warm-up from (s) | RSS MB first / warm / last | RSS MB/h | "
-              "FDs first / warm / last (max) | FDs/h | flat |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += ["", "| agent process | started (s) | RSS MB first / warm / last | RSS MB/h after warm-up | "
+              "RSS MB/h after the kills and link cuts | FDs first / warm / last (max) | FDs/h after warm-up / "
+              "after faults | flat after warm-up | flat after faults |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    verdict = {True: "yes", False: "**no**", None: "too short"}
     for name, s in res["series"].items():
-        flat = {True: "yes", False: "**no**", None: "too short"}[s["flat"]]
-        lines.append(f"| {name} | {s['started_s']:.0f} | {s['warm_from_s']:.0f} | {s['rss_mb_first']} / "
-                     f"{s['rss_mb_warm']} / {s['rss_mb_last']} | {s['rss_mb_per_h']} | {s['fds_first']} / "
-                     f"{s['fds_warm']} / {s['fds_last']} ({s['fds_max_warm']}) | {s['fds_per_h']} | {flat} |")
+        late = s["after_faults"]
+        lines.append(f"| {name} | {s['started_s']:.0f} | {s['rss_mb_first']} / {s['rss_mb_warm']} / "
+                     f"{s['rss_mb_last']} | {s['rss_mb_per_h']} | {late['rss_mb_per_h']} | {s['fds_first']} / "
+                     f"{s['fds_warm']} / {s['fds_last']} ({s['fds_max_warm']}) | {s['fds_per_h']} / "
+                     f"{late['fds_per_h']} | {verdict[s['flat']]} | {verdict[late['flat']]} |")
     return "\n".join(lines)
 
 
@@ -644,14 +666,18 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig, (ax_rss, ax_fd) = plt.subplots(2, 1, figsize=(11, 6.5), sharex=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     devs = sorted({name.split("#")[0] for name in res["samples"]})
+    steady_rss: list[float] = []  # RSS once each process has loaded (the boot ramp is cut off)
     for name, pts in sorted(res["samples"].items()):
         dev = name.split("#")[0]
         c = colors[devs.index(dev) % len(colors)]
         t = [p[0] / 60 for p in pts]
         label = dev if name.endswith("#1") else None
-        ax_rss.plot(t, [p[1] / 1024 for p in pts], color=c, lw=1.2, label=label)
+        ax_rss.plot(t, [p[1] / 1024 for p in pts], color=c, lw=1.2, label=label, marker=".", ms=2)
         ax_fd.plot(t, [p[2] for p in pts], color=c, lw=1.2, label=label)
+        start = res["series"].get(name, {}).get("started_s", 0.0)
+        steady_rss += [p[1] / 1024 for p in pts if p[0] >= start + 15]
     shades = {"agent kills": "#f4cccc", "link cuts": "#fff2cc", "broker restarts": "#d9ead3"}
+    calm = settled_from([Phase(**p) for p in res["phases"]])
     for ax in (ax_rss, ax_fd):
         for p in res["phases"]:
             if p["name"] in shades:
@@ -659,13 +685,23 @@ def plot(res: dict[str, Any], path: Path) -> None:
         for ev in res["faults"]:
             if ev["action"] in ("SIGKILL", "down", "shaped to 8 kbit/s") or ev["action"].startswith("stopped"):
                 ax.axvline(ev["t_s"] / 60, color="0.35", lw=0.6, ls=":")
+        ax.axvline(res["phases"][0]["end_s"] / 60, color="k", lw=0.9, ls="--")
+        ax.axvline(calm / 60, color="k", lw=0.9, ls="--")
         ax.grid(alpha=0.3)
+    if steady_rss:
+        ax_rss.set_ylim(min(steady_rss) - 4, max(steady_rss) + 6)
     top = ax_rss.get_ylim()[1]
     for p in res["phases"]:
         ax_rss.text((p["start_s"] + p["end_s"]) / 120, top, p["name"], ha="center", va="bottom", fontsize=8)
+    for t, lead in res.get("leaders", []):
+        ax_rss.annotate(f"L {lead}", (t / 60, top), xytext=(0, -9), textcoords="offset points", fontsize=6,
+                        ha="left", va="top", color="0.25")
     ax_rss.set_ylabel("agent RSS (MB)")
     ax_fd.set_ylabel("open file descriptors")
-    ax_fd.set_xlabel("minutes (dotted: a fault begins; a restarted agent starts a new line)")
+    ax_fd.set_ylim(0, max((p[2] for pts in res["samples"].values() for p in pts), default=10) + 3)
+    ax_fd.set_xlabel("minutes (dotted: a fault begins; dashed: end of warm-up, end of the kills and link cuts; "
+                     "a restarted agent starts a new line, its loading ramp below the axis; L: a new leader)",
+                     fontsize=8)
     ax_rss.legend(loc="lower right", fontsize=8, ncol=len(devs))
     all_row = res["requests"][-1]
     fig.suptitle(f"Chaos soak: {res['agents']} agents, {all_row['sent']} requests: {all_row['once']} answered once "
@@ -674,6 +710,16 @@ def plot(res: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def rejudge(res: dict[str, Any]) -> dict[str, Any]:
+    """A saved run judged again with this code (the samples and the fault timeline are kept)."""
+    plan = [Phase(**p) for p in res["phases"]]
+    starts = {name: s["started_s"] for name, s in res["series"].items()}
+    samples = {k: [tuple(x) for x in v] for k, v in res["samples"].items()}
+    res["series"] = judge_all(samples, starts, plan, res.get("warmup_s", 60.0), res.get("min_series_s", 180.0))
+    res["flatness"] = dataclasses.asdict(Flatness())
+    return res
 
 
 def verdict_ok(res: dict[str, Any]) -> bool:
@@ -702,9 +748,11 @@ def main(argv: list[str] | None = None, on_result: Callable[[dict[str, Any]], No
     p.add_argument("--prefix", default=None, help="testbed prefix (default chs + random hex)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "chaos.json")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="no soak: judge, tabulate and plot the samples of a saved run again")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    res = soak(args)
+    res = soak(args) if args.from_json is None else rejudge(json.loads(args.from_json.read_text()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     md = table(res)
