@@ -648,12 +648,16 @@ def table(res: dict[str, Any]) -> str:
               "after faults | flat after warm-up | flat after faults |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     verdict = {True: "yes", False: "**no**", None: "too short"}
+
+    def v(x: object) -> str:
+        return "-" if x is None else str(x)
+
     for name, s in res["series"].items():
         late = s["after_faults"]
-        lines.append(f"| {name} | {s['started_s']:.0f} | {s['rss_mb_first']} / {s['rss_mb_warm']} / "
-                     f"{s['rss_mb_last']} | {s['rss_mb_per_h']} | {late['rss_mb_per_h']} | {s['fds_first']} / "
-                     f"{s['fds_warm']} / {s['fds_last']} ({s['fds_max_warm']}) | {s['fds_per_h']} / "
-                     f"{late['fds_per_h']} | {verdict[s['flat']]} | {verdict[late['flat']]} |")
+        lines.append(f"| {name} | {s['started_s']:.0f} | {v(s['rss_mb_first'])} / {v(s['rss_mb_warm'])} / "
+                     f"{v(s['rss_mb_last'])} | {v(s['rss_mb_per_h'])} | {v(late['rss_mb_per_h'])} | "
+                     f"{v(s['fds_first'])} / {v(s['fds_warm'])} / {v(s['fds_last'])} ({v(s['fds_max_warm'])}) | "
+                     f"{v(s['fds_per_h'])} / {v(late['fds_per_h'])} | {verdict[s['flat']]} | {verdict[late['flat']]} |")
     return "\n".join(lines)
 
 
