@@ -95,7 +95,7 @@ class FakeHome:
     def __init__(self, answer_questions: bool = True, answer: str | Exception = "Homer wrote it.") -> None:
         self.config = AgentConfig(id="dev0", answer_questions=answer_questions)
         self.id = "dev0"
-        self.cluster = SimpleNamespace(is_leader=True, holds_lease=True)
+        self.cluster = SimpleNamespace(is_leader=True, holds_lease=True, superseded=False, lease=None)
         self.published: list[tuple[str, dict[str, Any]]] = []
         self.asked: list[str] = []
         self._answer = answer

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -201,33 +199,6 @@ async def test_broker_restarted(tmp_path):
 
 # --- testbed: a device's link goes down and comes back ----------------------------------------------
 
-_CLONE_NEWNET = 0x40000000
-
-
-def _in_netns(netns: str, fn, *args):
-    """Run ``fn(*args)`` in a thread that has joined ``netns`` (sockets are bound to the namespace
-    of the thread that creates them), so this process can talk to the testbed's broker."""
-    out: dict[str, object] = {}
-
-    def target() -> None:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        with open(f"/run/netns/{netns}") as f:
-            if libc.setns(f.fileno(), _CLONE_NEWNET) != 0:
-                out["error"] = OSError(ctypes.get_errno(), "setns failed")
-                return
-        try:
-            out["value"] = fn(*args)
-        except BaseException as exc:  # re-raised in the test's thread
-            out["error"] = exc
-
-    t = threading.Thread(target=target, name=f"netns-{netns}")
-    t.start()
-    t.join()
-    if "error" in out:
-        raise out["error"]  # type: ignore[misc]
-    return out.get("value")
-
-
 @pytest.mark.testbed
 def test_device_link_cut_and_restored(tmp_path):
     from detransformer_edge.testbed import (
@@ -252,13 +223,11 @@ def test_device_link_cut_and_restored(tmp_path):
                         "max_queued_messages 100000\n")
         home.spawn("broker", [find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         host = home.address("broker")
-        fleet = AgentFleet(tmp_path, (host, 1883), keepalive_s=KEEPALIVE_S, lease_s=LEASE_S)
-        fleet.write_configs()
-        for dev in fleet.ids:
-            log = (tmp_path / f"{dev}.log").open("ab")
-            fleet.procs[dev] = home.spawn(dev, fleet.argv(dev), stdout=log, stderr=subprocess.STDOUT)
+        fleet = AgentFleet(tmp_path, (host, 1883), keepalive_s=KEEPALIVE_S, lease_s=LEASE_S, home=home)
+        fleet.start()
         victim = "dev2"
-        result = _in_netns(home.netns("broker"), lambda: asyncio.run(_link_scenario(home, fleet, host, victim)))
+        # this process talks to the home's broker from a thread inside the broker's namespace
+        result = home.call("broker", asyncio.run, _link_scenario(home, fleet, host, victim))
         report("device_link_cut", **result)
     finally:
         home.close()

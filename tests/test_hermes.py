@@ -226,9 +226,12 @@ class _FakeSession:
 
 class _FakeHome:
     def __init__(self, fail: bool, result=None, exc=None) -> None:
+        from types import SimpleNamespace
+
         from detransformer_edge.cluster.config import AgentConfig
 
         self.session, self.result, self.exc, self.failed = _FakeSession(fail), result, exc, []
+        self.cluster = SimpleNamespace(superseded=False, lease=None)  # this device still leads
         self.seen_allowed = "unset"
         self.config = AgentConfig(id="fake")  # answer_questions off: no spoken answers here
 

@@ -158,7 +158,9 @@ class ClusterAgent:
         self.work_state = WorkState()
         # leader commands are HMAC-signed when the cluster has a key (protocol/signing.py)
         self.signer, self.verifier = signing.from_config(config.cluster_key, config.id)
-        self.desk = RequestDesk(self.session, self.topics.reply, on_request, max_pending_requests)
+        # a copy of a request answered within a lease is not answered again (cluster/requests.py)
+        self.desk = RequestDesk(self.session, self.topics.reply, on_request, max_pending_requests,
+                                copies_window_s=config.election.lease_s, superseded=lambda: self.superseded)
         self.members = Membership()
         self.leadership = Leadership(self, lambda lease: self._safe_hook(self.on_become_leader, lease),
                                      lambda lease: self._safe_hook(self.on_lose_leadership, lease))
@@ -204,6 +206,14 @@ class ClusterAgent:
         lease, session = self.leadership.lease, self.session.session_id
         return (session is not None and lease is not None and lease.record.id == self.config.id
                 and lease.record.session == session)
+
+    @property
+    def superseded(self) -> bool:
+        """Another device holds the lease this one follows. What this device took while it led
+        is then the new leader's to answer: the clients send it again there (docs/API.md), so an
+        answer from here would be a second one."""
+        lease = self.leadership.lease
+        return lease is not None and lease.record.id != self.config.id
 
     @property
     def role(self) -> str:

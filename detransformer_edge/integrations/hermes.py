@@ -16,6 +16,13 @@ Rhasspy's rules, kept here: ``intentFilter`` masks the intents before the decisi
 null or ``[]``: no filter; nothing allowed: not recognised); slots the chosen intent does not take
 are dropped, never an error; ``siteId``, ``id``, ``sessionId``, ``lang`` and ``customData`` are
 echoed.
+
+A voice client that got no answer asks again with the same query id (docs/API.md). A copy that
+arrives while the leader is still answering that query (same ``siteId`` and ``id``), or within a
+lease after it answered it, is not answered again (``cluster.requests.AnswerMemory``): one query,
+one answer, even when the broker delivers a burst of held-back copies late. A query that finishes
+after another device took the lease is not answered from here: the voice client asks the new
+leader again, and that one answers.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 
+from detransformer_edge.cluster.requests import AnswerMemory
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.protocol import hermes
 from detransformer_edge.protocol.codec import Message, ProtocolError
@@ -69,8 +77,8 @@ def should_answer(home: Home, query: hermes.NluQuery, result: IntentResult | Non
     (``asks_a_question``: a command the home cannot carry out gets no reply that sounds done), and
     never inside a dialogue that asked for particular intents (an ``intentFilter``: the user is
     answering a question there, not asking one)."""
-    return (home.config.answer_questions and result is not None and result.intent is None
-            and query.allowed is None and asks_a_question(query.input))
+    return (result is not None and result.intent is None and query.allowed is None
+            and home.config.answer_questions and asks_a_question(query.input))
 
 
 class HermesNlu:
@@ -80,9 +88,11 @@ class HermesNlu:
 
     def __init__(self) -> None:
         self.home: Home | None = None
+        self.memory: AnswerMemory | None = None  # (siteId, query id); made with the agent's lease
 
     async def start(self, home: Home) -> None:
         self.home = home
+        self.memory = AnswerMemory(home.cluster.config.election.lease_s)
         home.session.subscribe(hermes.TOPIC_NLU_QUERY, self._on_query, 1)
 
     async def stop(self) -> None:
@@ -100,6 +110,22 @@ class HermesNlu:
             log.warning("hermes: unreadable nlu query: %s", exc)
             await self._publish(home, [hermes.nlu_error(payload, f"bad nlu query: {exc}")])
             return
+        memory, key = self.memory, (query.site_id, query.id)
+        if memory is None or not query.id:  # no id: nothing to recognise a copy by
+            await self._answer_query(home, query)
+            return
+        if not memory.begin(key):
+            log.info("hermes: query %s: a copy of one being answered or just answered; not answered again",
+                     query.id)
+            return
+        delivered = False
+        try:
+            delivered = await self._answer_query(home, query)
+        finally:
+            memory.done(key, delivered)
+
+    async def _answer_query(self, home: Home, query: hermes.NluQuery) -> bool:
+        """Answer ``query``; False when the answer could not be sent."""
         client_id = query.id or query.session_id or f"hermes-{uuid.uuid4().hex[:8]}"
         result: IntentResult | None = None
         allowed = query.allowed
@@ -121,10 +147,18 @@ class HermesNlu:
             log.exception("hermes: query %s: cannot build the answer", client_id)
             messages = [hermes.not_recognized(query)]
             home.answer_failed(client_id, f"hermes answer: {exc}")
+        if home.cluster.superseded:
+            lease = home.cluster.lease
+            log.warning("hermes: query %s finished after %s took the lease: not answered from here (the "
+                        "client asks the new leader again)", client_id, lease.id if lease else "another device")
+            home.answer_failed(client_id, "hermes answer dropped: another device leads now")
+            return False
         if not await self._publish(home, messages):
             home.answer_failed(client_id, "hermes answer lost: the broker connection is down")
-        elif should_answer(home, query, result):
+            return False
+        if should_answer(home, query, result):
             await self._speak_answer(home, query, client_id)
+        return True
 
     async def _speak_answer(self, home: Home, query: hermes.NluQuery, client_id: str) -> None:
         """A question out of the intent model's domain: the language model's short answer, spoken
@@ -138,7 +172,7 @@ class HermesNlu:
         except Exception:  # a bug in the answer path must not cost the session
             log.exception("hermes: the spoken answer to %s failed", client_id)
             return
-        if text:
+        if text and not home.cluster.superseded:
             await self._publish(home, [hermes.say(query, text, query.id or uuid.uuid4().hex)])
 
     async def _publish(self, home: Home, messages: Sequence[Message]) -> bool:

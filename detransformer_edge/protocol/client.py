@@ -11,6 +11,11 @@ log::
 
 ``Requester`` is its request/reply half alone, for a program that already has a session (a
 follower agent forwarding a voice query to its leader).
+
+A caller may choose the id of a request or query (``request_id``, ``query_id``): the client
+contract for a leader that dies while holding a request is to send the *same* id again
+(docs/API.md). ``follow_answers`` sees every final answer as it arrives, a second answer to one
+id included, which is how the fault tests and the chaos soak count "exactly once".
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from detransformer_edge.protocol.topics import ClusterTopics
 from detransformer_edge.transport.session import MqttSession, SessionSettings
 
 TokenCallback = Callable[[str], Awaitable[None] | None]
+AnswerListener = Callable[[str, str, dict[str, Any]], None]
+"""``listener(id, topic, payload)``: one final answer (a reply, or a Hermes answer)."""
 _ids = itertools.count()
 
 
@@ -43,12 +50,19 @@ class Requester:
         self.topics = topics
         self.reply_to = topics.default_reply_to(client_id)
         self._pending: dict[str, tuple[asyncio.Future[Reply], TokenCallback | None]] = {}
+        self.answer_listeners: list[AnswerListener] = []  # every final reply, for any id
         session.subscribe(self.reply_to, self._on_reply, 1)
 
+    def new_id(self) -> str:
+        return f"{self.reply_to.rsplit('/', 1)[-1]}-{next(_ids)}-{uuid.uuid4().hex[:6]}"
+
     async def request(self, op: str, input: str | list[str], params: Mapping[str, Any] | None = None, *,
-                      timeout: float = 60.0, on_token: TokenCallback | None = None) -> Reply:
-        """Send one request and wait for its reply (``TimeoutError`` after ``timeout``)."""
-        rid = f"{self.reply_to.rsplit('/', 1)[-1]}-{next(_ids)}-{uuid.uuid4().hex[:6]}"
+                      timeout: float = 60.0, on_token: TokenCallback | None = None,
+                      request_id: str | None = None) -> Reply:
+        """Send one request and wait for its reply (``TimeoutError`` after ``timeout``;
+        ``NotConnectedError`` when the session has no broker now). ``request_id``: send again a
+        request that got no reply, under its own id (a fresh id by default)."""
+        rid = request_id or self.new_id()
         req = Request(rid, self.reply_to, op, input if isinstance(input, str) else tuple(input), dict(params or {}))
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[rid] = (fut, on_token)
@@ -62,7 +76,12 @@ class Requester:
     async def _on_reply(self, topic: str, payload: bytes, _props: object) -> None:
         d = load_object(payload, "reply")
         rid = d.get("id")
-        if not isinstance(rid, str) or rid not in self._pending:
+        if not isinstance(rid, str):
+            return
+        if not TokenEvent.is_event(d):
+            for listener in list(self.answer_listeners):
+                listener(rid, topic, d)
+        if rid not in self._pending:
             return  # a reply for someone else, or for a request that timed out
         fut, on_token = self._pending[rid]
         if TokenEvent.is_event(d):
@@ -112,6 +131,7 @@ class HomeClient:
         self._hermes_sessions: dict[str, str] = {}  # sessionId -> query id (errors carry the session)
         self._log_listeners: list[Callable[[LogEntry], None]] = []
         self._speech: dict[str, asyncio.Future[str]] = {}  # say id -> the text spoken
+        self._hermes_listeners: list[AnswerListener] = []
         self.session.subscribe(hermes.TOPIC_INTENT_FILTER, self._on_hermes, 1)
         self.session.subscribe(hermes.TOPIC_NOT_RECOGNIZED, self._on_hermes, 1)
         self.session.subscribe(hermes.TOPIC_NLU_ERROR, self._on_hermes, 1)
@@ -133,8 +153,19 @@ class HomeClient:
     # --- requests --------------------------------------------------------------------------------
 
     async def request(self, op: str, input: str | list[str], params: Mapping[str, Any] | None = None, *,
-                      timeout: float = 60.0, on_token: TokenCallback | None = None) -> Reply:
-        return await self.requester.request(op, input, params, timeout=timeout, on_token=on_token)
+                      timeout: float = 60.0, on_token: TokenCallback | None = None,
+                      request_id: str | None = None) -> Reply:
+        return await self.requester.request(op, input, params, timeout=timeout, on_token=on_token,
+                                            request_id=request_id)
+
+    def follow_answers(self, listener: AnswerListener) -> None:
+        """Call ``listener(id, topic, payload)`` with every final answer as it arrives: each reply
+        on this client's reply topic (token events excluded) and each Hermes answer on the broker
+        (``hermes/intent/#``, ``intentNotRecognized``, ``hermes/error/nlu``; the id is the query's,
+        for an error the one its session maps to, else its ``sessionId``), duplicates and
+        answers to other clients' queries included."""
+        self.requester.answer_listeners.append(listener)
+        self._hermes_listeners.append(listener)
 
     # --- Rhasspy Hermes ------------------------------------------------------------------------------
 
@@ -200,6 +231,10 @@ class HomeClient:
                 qid = self._hermes_sessions.get(d.get("sessionId"))  # type: ignore[arg-type]
                 with contextlib.suppress(ProtocolError):
                     qid = qid or load_object(str(d.get("context", "")), "hermes error context").get("id")
+                qid = qid or d.get("sessionId")
+            if isinstance(qid, str):
+                for listener in list(self._hermes_listeners):
+                    listener(qid, topic, d)
             fut = self._hermes_waiters.get(qid) if isinstance(qid, str) else None
             if fut is not None and not fut.done():
                 fut.set_result(HermesAnswer(topic, d))

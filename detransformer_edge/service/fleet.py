@@ -9,13 +9,16 @@ and the soak benchmark need to treat a home as a black box over MQTT.
         fleet.kill("dev1")             # SIGKILL: no goodbye, the broker fires the LWT
     fleet.stop()
 
+With ``home=`` (a testbed ``Home``) each agent runs in the node named after it, on its shaped link
+(``bench/chaos.py``, the link test of tests/test_faults.py). The watcher is the project's one
+``HomeClient`` plus the records a test needs (presence, status, leases, every answer per id).
+
 Times are ``time.monotonic()`` of this process; the watcher stamps every message on arrival.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -28,12 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
-
 from detransformer_edge.errors import DetransformerError
-from detransformer_edge.protocol.topics import ClusterTopics
+from detransformer_edge.protocol.client import HomeClient
 
-PROFILES_DIR = Path(__file__).resolve().parents[2] / "firmware_profiles"
+TREE = Path(__file__).resolve().parents[2]  # the source tree the agents must run, not an installed copy
+PROFILES_DIR = TREE / "firmware_profiles"
 PROFILES = ("intel-n100-minipc", "raspberry-pi-5", "raspberry-pi-4b", "smart-speaker-a53")
 HERMES_REPLIES = ("hermes/intent/#", "hermes/nlu/intentNotRecognized", "hermes/error/nlu")
 
@@ -68,7 +70,8 @@ class AgentFleet:
     homeassistant: bool = False
     replicate_all: bool = True  # every device holds every model: fixed multi-device plans can run
     cluster: str = field(default_factory=lambda: f"f{uuid.uuid4().hex[:8]}")
-    wrap: list[str] | None = None  # per-device command prefix (e.g. ip netns exec), by index
+    home: Any = None  # a testbed Home: each agent runs in the node named after it (testbed/home.py)
+    verbose: int = 0  # agents' -v: 1 logs every election step and request outcome (INFO)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -79,8 +82,8 @@ class AgentFleet:
         return self.workdir / f"{dev}.toml"
 
     def argv(self, dev: str) -> list[str]:
-        argv = [sys.executable, "-m", "detransformer_edge.cli", "agent", "--config", str(self.config_path(dev)),
-                "--catalog", self.catalog, "--threads", "1"]
+        argv = [sys.executable, "-m", "detransformer_edge.cli", *(["-v"] * self.verbose), "agent",
+                "--config", str(self.config_path(dev)), "--catalog", self.catalog, "--threads", "1"]
         return argv + (["--replicate-all"] if self.replicate_all else [])
 
     def write_configs(self) -> None:
@@ -93,12 +96,22 @@ class AgentFleet:
     def start(self, devs: list[str] | None = None) -> None:
         if not self.config_path(self.ids[0]).exists():
             self.write_configs()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DETRANSFORMER_THREADS": "1"}
         for dev in devs or self.ids:
             log = (self.workdir / f"{dev}.log").open("ab")
-            self.procs[dev] = subprocess.Popen(self.argv(dev), stdout=log, stderr=subprocess.STDOUT, env=env,
-                                               start_new_session=True)
+            if self.home is not None:  # the home adds these to this process's environment
+                self.procs[dev] = self.home.spawn(dev, self.argv(dev), env=self.env(), stdout=log,
+                                                  stderr=subprocess.STDOUT, start_new_session=True)
+            else:
+                self.procs[dev] = subprocess.Popen(self.argv(dev), stdout=log, stderr=subprocess.STDOUT,
+                                                   env={**os.environ, **self.env()}, start_new_session=True)
             log.close()
+
+    @staticmethod
+    def env() -> dict[str, str]:
+        """What the agents get on top of this process's environment: this source tree first on
+        ``PYTHONPATH``, so they run the code under test (the venv may hold another checkout)."""
+        path = [str(TREE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        return {"PYTHONUNBUFFERED": "1", "DETRANSFORMER_THREADS": "1", "PYTHONPATH": os.pathsep.join(path)}
 
     def pid(self, dev: str) -> int:
         return self.procs[dev].pid
@@ -167,14 +180,15 @@ class Answer:
 
 
 class HomeWatcher:
-    """An MQTT client of the home: records presence, status, leases and every final reply."""
+    """A client of the home (the project's one ``HomeClient``) that also records presence, status,
+    leases, Home Assistant discovery and every final answer to what it sent, duplicates included."""
 
     def __init__(self, host: str, port: int, cluster: str) -> None:
-        self.host, self.port = host, port
-        self.topics = ClusterTopics(cluster)
-        self.prefix = self.topics.prefix
         self.me = f"watch{uuid.uuid4().hex[:6]}"
-        self.reply_to = f"{self.prefix}/replies/{self.me}"
+        self.client = HomeClient(host, port, cluster, client_id=self.me)
+        self.topics = self.client.topics
+        self.prefix = self.topics.prefix
+        self.reply_to = self.client.requester.reply_to
         self.presence: dict[str, bool] = {}
         self.presence_events: list[tuple[float, str, bool]] = []
         self.status: dict[str, dict[str, Any]] = {}
@@ -182,95 +196,77 @@ class HomeWatcher:
         self.discovery: dict[str, float] = {}  # Home Assistant config topic -> first seen
         self.answers: dict[str, list[Answer]] = defaultdict(list)
         self.sent: dict[str, float] = {}
-        self._waiters: dict[str, asyncio.Future[Answer]] = {}
-        self._client: aiomqtt.Client | None = None
-        self._reader: asyncio.Task[None] | None = None
+        session, t = self.client.session, self.topics
+        session.subscribe(t.presence.filter, self._on_presence, 1)
+        session.subscribe(t.status.filter, self._on_status, 0)
+        session.subscribe(t.leader.filter, self._on_leader, 1)
+        session.subscribe("homeassistant/#", self._on_discovery, 1)
+        self.client.follow_answers(self._on_answer)
 
     async def __aenter__(self) -> HomeWatcher:
-        self._client = aiomqtt.Client(self.host, self.port, identifier=self.me,
-                                      protocol=aiomqtt.ProtocolVersion.V311, keepalive=10)
-        await self._client.__aenter__()
-        p = self.prefix
-        await self._client.subscribe([(f"{p}/devices/+/presence", 1), (f"{p}/devices/+/status", 0), (f"{p}/leader", 1),
-                                      (self.reply_to, 1), ("homeassistant/#", 1), *((t, 1) for t in HERMES_REPLIES)])
-        self._reader = asyncio.create_task(self._read(self._client), name=f"{self.me}-read")
+        await self.client.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._reader
-        if self._client is not None:
-            with contextlib.suppress(aiomqtt.MqttError, OSError):
-                await self._client.__aexit__(None, None, None)
+        await self.client.__aexit__(*exc)
 
-    # --- what arrives ---------------------------------------------------------------------------
+    # --- what arrives (stamped on arrival) ------------------------------------------------------
 
-    async def _read(self, client: aiomqtt.Client) -> None:
-        async for msg in client.messages:
-            now = time.monotonic()
-            topic = msg.topic.value
-            raw = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else str(msg.payload or "").encode()
-            if (dev := self.topics.presence.match(topic)) is not None:
-                online = raw.strip() == b"online"  # plain text online / offline (LWT)
-                self.presence[dev] = online
-                self.presence_events.append((now, dev, online))
-                continue
-            if topic.startswith("homeassistant/"):
-                if topic.endswith("/config") and raw and self.prefix.split("/")[-1] in raw.decode("utf-8", "replace"):
-                    self.discovery.setdefault(topic, now)
-                continue
-            try:
-                body = json.loads(raw) if raw else {}
-            except ValueError:
-                continue
-            if not isinstance(body, dict):
-                continue
-            if self.topics.status.match(topic) is not None:
-                self.status[str(body.get("id"))] = {**body, "_at": now}
-            elif topic == f"{self.prefix}/leader":
-                self.leases.append((now, body))
-            elif topic == self.reply_to or topic in HERMES_REPLIES[1:] or topic.startswith("hermes/intent/"):
-                if body.get("event") == "token":
-                    continue
-                rid = body.get("id") or body.get("sessionId")  # hermes/error/nlu carries the session id only
-                if not isinstance(rid, str) or rid not in self.sent:
-                    continue
-                ans = Answer(rid, topic, body, self.sent[rid], now)
-                self.answers[rid].append(ans)
-                fut = self._waiters.pop(rid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(ans)
+    def _on_presence(self, topic: str, payload: bytes, _props: object) -> None:
+        dev = self.topics.presence.match(topic)
+        if dev:
+            online = payload.strip() == b"online"  # plain text online / offline (LWT)
+            self.presence[dev] = online
+            self.presence_events.append((time.monotonic(), dev, online))
+
+    def _on_discovery(self, topic: str, payload: bytes, _props: object) -> None:
+        if topic.endswith("/config") and payload and self.prefix.split("/")[-1] in payload.decode("utf-8", "replace"):
+            self.discovery.setdefault(topic, time.monotonic())
+
+    @staticmethod
+    def _object(payload: bytes) -> dict[str, Any] | None:
+        try:
+            body = json.loads(payload) if payload else {}
+        except ValueError:
+            return None
+        return body if isinstance(body, dict) else None
+
+    def _on_status(self, topic: str, payload: bytes, _props: object) -> None:
+        body = self._object(payload)
+        if body is not None and self.topics.status.match(topic):
+            self.status[str(body.get("id"))] = {**body, "_at": time.monotonic()}
+
+    def _on_leader(self, topic: str, payload: bytes, _props: object) -> None:
+        body = self._object(payload)
+        if body is not None:
+            self.leases.append((time.monotonic(), body))
+
+    def _on_answer(self, rid: str, topic: str, body: dict[str, Any]) -> None:
+        if rid in self.sent:
+            self.answers[rid].append(Answer(rid, topic, body, self.sent[rid], time.monotonic()))
 
     # --- asking ---------------------------------------------------------------------------------
-
-    async def _ask(self, rid: str, topic: str, payload: dict[str, Any], timeout: float) -> Answer | None:
-        assert self._client is not None
-        fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._waiters[rid] = fut
-        self.sent.setdefault(rid, time.monotonic())
-        await self._client.publish(topic, json.dumps(payload), qos=1)
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        except TimeoutError:
-            return None
-        finally:
-            self._waiters.pop(rid, None)
 
     async def request(self, op: str, text: str | list[str], params: dict[str, Any] | None = None,
                       timeout: float = 30.0, rid: str | None = None) -> Answer | None:
         """One general request on ``P/request``; None when no final reply came within ``timeout``."""
         rid = rid or f"r{uuid.uuid4().hex[:10]}"
-        body = {"id": rid, "reply_to": self.reply_to, "op": op, "input": text, "params": params or {}}
-        return await self._ask(rid, f"{self.prefix}/request", body, timeout)
+        self.sent.setdefault(rid, time.monotonic())
+        try:
+            await self.client.request(op, text, params, timeout=timeout, request_id=rid)
+        except TimeoutError:
+            return None
+        return self.answers[rid][-1]
 
     async def hermes(self, text: str, timeout: float = 30.0, rid: str | None = None) -> Answer | None:
         """One Hermes NLU query (session id = query id, so errors can be matched too)."""
         rid = rid or f"q{uuid.uuid4().hex[:10]}"
-        return await self._ask(rid, "hermes/nlu/query", {"input": text, "id": rid, "sessionId": rid, "siteId": "test"},
-                               timeout)
+        self.sent.setdefault(rid, time.monotonic())
+        try:
+            await self.client.hermes_query(text, site_id="test", session_id=rid, timeout=timeout, query_id=rid)
+        except TimeoutError:
+            return None
+        return self.answers[rid][-1]
 
     # --- waiting for the home -------------------------------------------------------------------
 

@@ -8,17 +8,18 @@ root namespace gets no link, address or route, so test traffic cannot leave the 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from .errors import TestbedError
 from .host import HostCapabilities, check_host, enable_v2_controller, sh, write_limits
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 BRIDGE = "br0"
 NODE_IF = "eth0"
+T = TypeVar("T")
+_CLONE_NEWNET = 0x40000000  # setns(2): join a network namespace
 STOP_GRACE_S = 2.0
 """How long spawned processes get after SIGTERM at teardown before SIGKILL."""
 
@@ -300,6 +303,34 @@ class Home:
                 f"{node}: `{' '.join(argv)}` exited {done.returncode}: {err.strip()}"
             )
         return done
+
+    def call(self, node: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in a thread of this process that has joined ``node``'s network
+        namespace, and return its result (or raise its exception). Sockets belong to the
+        namespace of the thread that creates them, so an asyncio client run this way
+        (``home.call("voice", asyncio.run, main())``) talks to the home's broker; threads it
+        starts inherit the namespace. The calling thread stays where it is. The thread is a
+        daemon: if the wait is interrupted (Ctrl-C), ``fn`` should notice by itself and end."""
+        netns = self._link(node).netns
+        out: dict[str, Any] = {}
+
+        def target() -> None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            with open(f"/run/netns/{netns}") as f:
+                if libc.setns(f.fileno(), _CLONE_NEWNET) != 0:
+                    out["error"] = TestbedError(f"cannot join {netns}: {os.strerror(ctypes.get_errno())}")
+                    return
+            try:
+                out["value"] = fn(*args)
+            except BaseException as exc:  # re-raised in the caller's thread
+                out["error"] = exc
+
+        thread = threading.Thread(target=target, name=f"netns-{netns}", daemon=True)
+        thread.start()
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["value"]  # type: ignore[no-any-return]
 
     @staticmethod
     def _node_env(link: NodeLink) -> dict[str, str]:
