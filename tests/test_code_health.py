@@ -35,7 +35,8 @@ def test_ruff() -> None:
 
 
 def test_mypy_strict_on_the_core_packages() -> None:
-    done = _run(_tool("mypy"), "detransformer_edge/transport", "detransformer_edge/protocol", "detransformer_edge/planner")
+    done = _run(_tool("mypy"), "detransformer_edge/transport", "detransformer_edge/protocol", "detransformer_edge/planner",
+                "detransformer_edge/model", "detransformer_edge/parallel")
     assert done.returncode == 0, done.stdout + done.stderr
 
 

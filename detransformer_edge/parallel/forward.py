@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import numpy as np
 import torch
 
 from detransformer_edge.model.encoder import padding_mask
@@ -37,22 +38,27 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _torch(x: object) -> torch.Tensor:
+Rope = tuple[torch.Tensor, torch.Tensor]
+CacheKey = tuple[str | int, ...]  # ("c", layer), ("s", layer, j), ("g", layer), ("t", layer, rank, k)
+LayerArg = torch.Tensor | Rope | None  # what a layer takes after x: the padding mask or the rope
+
+
+def _torch(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Collectives return numpy when this device contributed nothing; the executor wants torch."""
     if isinstance(x, torch.Tensor):
         return x
-    return torch.from_numpy(x if x.flags.writeable else x.copy())  # type: ignore[union-attr]
+    return torch.from_numpy(x if x.flags.writeable else x.copy())
 
 
 @dataclass
 class RequestState:
     """Per-request state of a decoder on one device: KV caches and the position reached."""
 
-    caches: dict[tuple, KVCache] = field(default_factory=dict)
+    caches: dict[CacheKey, KVCache] = field(default_factory=dict)
     pos: int = 0
     passes: int = 0
 
-    def cache(self, key: tuple) -> KVCache:
+    def cache(self, key: CacheKey) -> KVCache:
         c = self.caches.get(key)
         if c is None:
             c = self.caches[key] = KVCache()
@@ -83,7 +89,7 @@ class ForwardPass:
         self.prefix = f"p{state.passes}"
         self.deadline = time.monotonic() + job.timeout
         self.mask = padding_mask(job.attention_mask) if job.attention_mask is not None else None
-        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.rope: Rope | None = None
         self.seq_len: int | None = None
 
     def left(self) -> float:
@@ -115,6 +121,7 @@ class ForwardPass:
         h = None
         if self.me == plan.coordinator:
             h = await self.compute("embed", self._embed, job.input_ids)
+        out: torch.Tensor | None
         if plan.mode == "single":
             assert h is not None
             out = await self.compute(f"L0-{self.cfg.n_layers - 1}", self._layers, 0, self.cfg.n_layers, h)
@@ -140,17 +147,19 @@ class ForwardPass:
     @torch.no_grad()
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         assert self.shard.head is not None
-        return self.shard.head(h)
+        logits: torch.Tensor = self.shard.head(h)
+        return logits
 
     @torch.no_grad()
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         if self.shard.embed is None:
             raise self.shard.need("the embeddings (coordinator)")
-        return self.shard.embed(ids)
+        h: torch.Tensor = self.shard.embed(ids)
+        return h
 
     # --- local layer computations --------------------------------------------------------------
 
-    def _layer_args(self, x: torch.Tensor) -> tuple:
+    def _layer_args(self, x: torch.Tensor) -> tuple[LayerArg]:
         if self.cfg.family == "encoder":
             return (self.mask,)
         if self.rope is None:
@@ -161,7 +170,7 @@ class ForwardPass:
             self.rope = self.shard.rope(torch.arange(self.state.pos, self.state.pos + self.seq_len))
         return (self.rope,)
 
-    def _cache(self, *key: object) -> KVCache | None:
+    def _cache(self, *key: str | int) -> KVCache | None:
         return self.state.cache(key) if self.cfg.family == "decoder" else None
 
     @torch.no_grad()
@@ -174,14 +183,16 @@ class ForwardPass:
         layer = self.shard.coupled.get(i)  # a coupled layer held whole
         if layer is None:
             raise self.shard.need(f"layer {i}")
-        return layer(h, *self._layer_args(h), cache=self._cache("c", i))
+        out: torch.Tensor = layer(h, *self._layer_args(h), cache=self._cache("c", i))
+        return out
 
     @torch.no_grad()
     def _sub_block(self, i: int, j: int, x: torch.Tensor) -> torch.Tensor:
         block = self.shard.sub_blocks.get((i, j))
         if block is None:
             raise self.shard.need(f"sub-block {j} of layer {i}")
-        return block(x, *self._layer_args(x), cache=self._cache("s", i, j))
+        out: torch.Tensor = block(x, *self._layer_args(x), cache=self._cache("s", i, j))
+        return out
 
     @torch.no_grad()
     def _sub_group(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -194,7 +205,7 @@ class ForwardPass:
         """Layer i on the slices this device owns: grouped when it holds exactly these."""
         js = self.shard.groups.get(i, ((),))[0]
         if js and set(js) == set(slices):
-            outs = self._sub_group(i, torch.cat([slices[j] for j in js], -1)).split(self.cfg.d_sub, dim=-1)
+            outs = torch.split(self._sub_group(i, torch.cat([slices[j] for j in js], -1)), self.cfg.d_sub, dim=-1)
             return dict(zip(js, outs))
         return {j: self._sub_block(i, j, x) for j, x in slices.items()}
 
@@ -205,14 +216,18 @@ class ForwardPass:
             raise self.shard.need(f"tensor-parallel shard {rank}/{k} of layer {i}")
 
         async def reduce(x: torch.Tensor, what: str) -> torch.Tensor:
-            return await coll.all_reduce(
+            summed: torch.Tensor = await coll.all_reduce(
                 self.t, list(group), self.job.req, self.key("L", i, what), x, self.wire, timeout=self.left()
             , timeline=self.tl)
+            return summed
 
+        out: torch.Tensor
         if self.cfg.family == "encoder":
-            return await shard(h, reduce, mask=self.mask)
+            out = await shard(h, reduce, mask=self.mask)
+            return out
         (rope,) = self._layer_args(h)
-        return await shard(h, reduce, rope=rope, cache=self._cache("t", i, rank, k))
+        out = await shard(h, reduce, rope=rope, cache=self._cache("t", i, rank, k))
+        return out
 
     # --- modes ---------------------------------------------------------------------------------
 
@@ -231,7 +246,8 @@ class ForwardPass:
             await coll.send(self.t, self.plan.coordinator, self.job.req, self.key("pp", "out"), h, self.wire, timeline=self.tl)
             return None
         if self.me == self.plan.coordinator and len(stages) > 1:
-            return await coll.recv(self.t, stages[-1].device, self.job.req, self.key("pp", "out"), timeout=self.left(), like=torch.empty(0), timeline=self.tl)
+            out: torch.Tensor = await coll.recv(self.t, stages[-1].device, self.job.req, self.key("pp", "out"), timeout=self.left(), like=torch.empty(0), timeline=self.tl)
+            return out
         return h
 
     async def _tensor_parallel(self, h: torch.Tensor | None) -> torch.Tensor:
@@ -321,7 +337,7 @@ class ForwardPass:
             cat = await coll.all_gather(self.t, list(owners), req, self.key("ag", tag), chunk, self.wire, timeout=self.left(), timeline=self.tl)
             pieces = cat.split(cfg.d_sub, dim=-1)
             order = [j for d in owners for j in plan.sub_blocks_of(d)]
-            by_j = dict(zip(order, pieces))
+            by_j: dict[int, torch.Tensor] = dict(zip(order, pieces))
             hs.full = torch.cat([by_j[j] for j in range(cfg.nd)], -1)
         else:
             # Each owner publishes its chunk once to the targets (gather: one target); all
@@ -343,10 +359,10 @@ class ForwardPass:
                         root=owner, timeout=self.left(), timeline=self.tl,
                     ))
             if self.me in targets:
-                by_j: dict[int, torch.Tensor] = {}
+                by_j = {}
                 for owner in owners:
                     js = plan.sub_blocks_of(owner)
-                    by_j.update(zip(js, received[owner].split(cfg.d_sub, dim=-1)))
+                    by_j.update(zip(js, torch.split(received[owner], cfg.d_sub, dim=-1)))
                 hs.full = torch.cat([by_j[j] for j in range(cfg.nd)], -1)
             else:
                 hs.full = None
