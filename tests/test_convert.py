@@ -277,7 +277,7 @@ def test_convert_command_passes_the_sub_block_layout(monkeypatch, tmp_path) -> N
     def fake(source, nd, nb, out, settings, device="cpu", sub_attn="full", **_):
         seen.update(source=source, nd=nd, nb=nb, sub_attn=sub_attn)
         return {"cosine_after": 0.5, "cosine_init": 0.3, "seconds": 1.0, "ppl_after": 2.0, "ppl_teacher": 1.0,
-                "ppl_init": 9.0, "agreement_after": 0.5, "steps": 1, "stopped_by": "steps"}
+                "ppl_init": 9.0, "ppl_ratio": 2.0, "agreement_after": 0.5, "steps": 1, "stopped_by": "steps"}
 
     monkeypatch.setattr(enc, "convert_and_distil", fake)
     monkeypatch.setattr(dec, "convert_decoder_and_distil", fake)

@@ -14,17 +14,19 @@ from detransformer_edge.model.config import get_config
 from detransformer_edge.model.decoder import Decoder
 from detransformer_edge.model.encoder import Encoder
 from detransformer_edge.training.convert_decoder import (
-    DecoderDistilSettings,
     calibrate_norms,
-    distil_decoder,
-    evaluate,
     init_decoder_student,
     load_decoder_student,
+    save_decoder_student,
+    student_config,
+)
+from detransformer_edge.training.distil_decoder import (
+    DecoderDistilSettings,
+    distil_decoder,
+    evaluate,
     lr_factor,
     pack_sentences,
     perplexity,
-    save_decoder_student,
-    student_config,
 )
 
 torch.set_num_threads(1)

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from detransformer_edge.errors import ConfigError
-from detransformer_edge.training import paired
+from detransformer_edge.training import lm, paired, token_data
 from detransformer_edge.training.corpus import Corpus
 
 TINY = dict(d_model=64, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=128, max_position=64)
-SETTINGS = paired.LMSettings(steps=8, batch_size=4, seq_len=32, lr=3e-3, val_tokens=1024, curve_tokens=256,
+SETTINGS = lm.LMSettings(steps=8, batch_size=4, seq_len=32, lr=3e-3, val_tokens=1024, curve_tokens=256,
                              eval_batch_size=8, checkpoint_every=100)
 
 _ADJ = "small red quiet bright old warm green heavy".split()
@@ -39,9 +39,9 @@ def _sentences(n: int, seed: int) -> tuple[str, ...]:
 def tiny(tmp_path_factory):
     cache = tmp_path_factory.mktemp("paired-cache")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(paired, "CACHE_DIR", cache)
+        mp.setattr(token_data, "CACHE_DIR", cache)
         corpus = Corpus(_sentences(600, 0), _sentences(80, 1))
-        data = paired.load_token_data(corpus, vocab_size=320)
+        data = token_data.load_token_data(corpus, vocab_size=320)
         yield corpus, data
 
 
@@ -63,35 +63,35 @@ def test_parameter_parity_of_the_real_preset():
 def test_tokenizer_is_deterministic_and_cached(tiny, tmp_path):
     corpus, data = tiny
     assert data.vocab_size == 320
-    a, b = paired.train_tokenizer(corpus.train, 320), paired.train_tokenizer(corpus.train, 320)
+    a, b = token_data.train_tokenizer(corpus.train, 320), token_data.train_tokenizer(corpus.train, 320)
     a.save(str(tmp_path / "a.json"))
     b.save(str(tmp_path / "b.json"))
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
-    assert a.token_to_id(paired.EOS) == 0
+    assert a.token_to_id(token_data.EOS) == 0
     # an explicit file gives exactly the same ids
-    again = paired.load_token_data(corpus, data.tokenizer_path, cache=False)
+    again = token_data.load_token_data(corpus, data.tokenizer_path, cache=False)
     assert torch.equal(again.train, data.train) and torch.equal(again.val, data.val)
     assert int((data.train == data.eos_id).sum()) == len(corpus.train)
 
 
 def test_batches_are_deterministic_and_indexable(tiny):
     _, data = tiny
-    a = paired.Batches(data.train, 32, 4, seed=3)
-    b = paired.Batches(data.train, 32, 4, seed=3)
+    a = token_data.Batches(data.train, 32, 4, seed=3)
+    b = token_data.Batches(data.train, 32, 4, seed=3)
     for step in (0, 5, a.per_epoch, a.per_epoch + 2, 1):  # includes the next epoch
         xa, ya = a.get(step)
         xb, yb = b.get(step)
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
         assert xa.shape == (4, 32) and torch.equal(xa[:, 1:], ya[:, :-1])
-    assert not torch.equal(a.get(0)[0], paired.Batches(data.train, 32, 4, seed=4).get(0)[0])
+    assert not torch.equal(a.get(0)[0], token_data.Batches(data.train, 32, 4, seed=4).get(0)[0])
 
 
 @pytest.mark.slow
 def test_training_loss_decreases(tiny):
     _, data = tiny
     settings = dataclasses.replace(SETTINGS, steps=40)
-    model = paired.build_model(_cfg(data, "nd2nb2"), 0)
-    run = paired.train_lm(model, data, settings, progress=False)
+    model = lm.build_model(_cfg(data, "nd2nb2"), 0)
+    run = lm.train_lm(model, data, settings, progress=False)
     losses = run["losses"]
     assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
@@ -101,7 +101,7 @@ def test_training_loss_decreases(tiny):
 
 def test_same_seed_same_losses(tiny):
     _, data = tiny
-    runs = [paired.train_lm(paired.build_model(_cfg(data, "nd2nb2"), 7), data, SETTINGS, progress=False)
+    runs = [lm.train_lm(lm.build_model(_cfg(data, "nd2nb2"), 7), data, SETTINGS, progress=False)
             for _ in range(2)]
     assert runs[0]["losses"] == runs[1]["losses"]
 
@@ -109,14 +109,14 @@ def test_same_seed_same_losses(tiny):
 def test_resume_equals_uninterrupted_run(tiny, tmp_path):
     _, data = tiny
     cfg = _cfg(data, "nd4nb2")
-    whole = paired.build_model(cfg, 0)
-    ref = paired.train_lm(whole, data, SETTINGS, tmp_path / "a", progress=False)
+    whole = lm.build_model(cfg, 0)
+    ref = lm.train_lm(whole, data, SETTINGS, tmp_path / "a", progress=False)
     (tmp_path / "b").mkdir()
-    first = paired.train_lm(paired.build_model(cfg, 0), data, SETTINGS, tmp_path / "b", progress=False,
+    first = lm.train_lm(lm.build_model(cfg, 0), data, SETTINGS, tmp_path / "b", progress=False,
                             stop_after=3)
     assert first["step"] == 3 and (tmp_path / "b" / "checkpoint.pt").exists()
-    resumed_model = paired.build_model(cfg, 123)  # different init: everything must come from the checkpoint
-    resumed = paired.train_lm(resumed_model, data, SETTINGS, tmp_path / "b", progress=False)
+    resumed_model = lm.build_model(cfg, 123)  # different init: everything must come from the checkpoint
+    resumed = lm.train_lm(resumed_model, data, SETTINGS, tmp_path / "b", progress=False)
     assert resumed["losses"] == ref["losses"]
     assert resumed["curve"] == ref["curve"]
     for (n, p), (_, q) in zip(whole.named_parameters(), resumed_model.named_parameters()):
@@ -126,18 +126,18 @@ def test_resume_equals_uninterrupted_run(tiny, tmp_path):
 def test_resume_refuses_other_settings(tiny, tmp_path):
     _, data = tiny
     cfg = _cfg(data)
-    paired.train_lm(paired.build_model(cfg, 0), data, SETTINGS, tmp_path, progress=False, stop_after=1)
+    lm.train_lm(lm.build_model(cfg, 0), data, SETTINGS, tmp_path, progress=False, stop_after=1)
     other = dataclasses.replace(SETTINGS, lr=1e-4)
     with pytest.raises(ConfigError, match="other settings"):
-        paired.train_lm(paired.build_model(cfg, 0), data, other, tmp_path, progress=False)
+        lm.train_lm(lm.build_model(cfg, 0), data, other, tmp_path, progress=False)
 
 
 def test_perplexity_is_exp_of_mean_nll(tiny):
     _, data = tiny
-    model = paired.build_model(_cfg(data), 0)
-    x, y = paired.validation_set(data, 32, 320)
+    model = lm.build_model(_cfg(data), 0)
+    x, y = token_data.validation_set(data, 32, 320)
     assert x.shape == (10, 32)
-    got = paired.evaluate(model, x, y, batch_size=3)  # uneven last batch
+    got = lm.evaluate(model, x, y, batch_size=3)  # uneven last batch
     with torch.no_grad():
         logp = torch.log_softmax(model(x).double(), dim=-1)
     nll = -logp.gather(-1, y[..., None]).mean().item()
@@ -150,28 +150,28 @@ def test_perplexity_is_exp_of_mean_nll(tiny):
 
 def test_wire_precision(tiny):
     _, data = tiny
-    model = paired.build_model(_cfg(data, "nd2nb2"), 0)
-    paired.train_lm(model, data, dataclasses.replace(SETTINGS, steps=20),
+    model = lm.build_model(_cfg(data, "nd2nb2"), 0)
+    lm.train_lm(model, data, dataclasses.replace(SETTINGS, steps=20),
                     progress=False)
-    assert paired.wire_layers(model) == [1, 3]
-    x, y = paired.validation_set(data, 32, 1024)
-    plain = paired.evaluate(model, x, y)["ppl"]
-    f4 = paired.evaluate(model, x, y, wire="float32")["ppl"]
-    f2 = paired.evaluate(model, x, y, wire="float16")["ppl"]
-    i8 = paired.evaluate(model, x, y, wire="int8")["ppl"]
+    assert lm.wire_layers(model) == [1, 3]
+    x, y = token_data.validation_set(data, 32, 1024)
+    plain = lm.evaluate(model, x, y)["ppl"]
+    f4 = lm.evaluate(model, x, y, wire="float32")["ppl"]
+    f2 = lm.evaluate(model, x, y, wire="float16")["ppl"]
+    i8 = lm.evaluate(model, x, y, wire="int8")["ppl"]
     assert f4 == plain
     assert i8 != plain and abs(i8 / plain - 1) < 0.02
     assert abs(f2 / plain - 1) < 1e-3
     # the hooks are gone afterwards
-    assert paired.evaluate(model, x, y)["ppl"] == plain
+    assert lm.evaluate(model, x, y)["ppl"] == plain
     with pytest.raises(ConfigError):
-        with paired.decoder_wire_rounding(model, "<f8"):
+        with lm.decoder_wire_rounding(model, "<f8"):
             pass
 
 
 def test_standard_model_has_no_wire_points(tiny):
     _, data = tiny
-    assert paired.wire_layers(paired.build_model(_cfg(data), 0)) == []
+    assert lm.wire_layers(lm.build_model(_cfg(data), 0)) == []
 
 
 def test_bad_arguments_raise_config_error(tmp_path):
@@ -184,13 +184,13 @@ def test_bad_arguments_raise_config_error(tmp_path):
     with pytest.raises(ConfigError):
         paired.parse_only(",")
     with pytest.raises(ConfigError, match="steps"):
-        paired.LMSettings(steps=0)
+        lm.LMSettings(steps=0)
     with pytest.raises(ConfigError, match="no such file"):
-        paired.get_tokenizer(Corpus(("a b c d e.",), ()), tmp_path / "missing.json")
+        token_data.get_tokenizer(Corpus(("a b c d e.",), ()), tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(ConfigError):
-        paired.get_tokenizer(Corpus(("a b c d e.",), ()), bad)
+        token_data.get_tokenizer(Corpus(("a b c d e.",), ()), bad)
     with pytest.raises(ConfigError, match="cuda or|cpu or cuda"):
         paired.run_paired(tmp_path, "std", device="tpu", corpus=Corpus((), ()))
 
@@ -206,7 +206,7 @@ def test_cli_reports_bad_only(tmp_path, capsys):
 @pytest.mark.slow
 def test_run_paired_writes_and_merges_reports(tiny, tmp_path, monkeypatch, capsys):
     corpus, data = tiny
-    monkeypatch.setattr(paired, "CACHE_DIR", __import__("pathlib").Path(data.tokenizer_path).parent)
+    monkeypatch.setattr(token_data, "CACHE_DIR", __import__("pathlib").Path(data.tokenizer_path).parent)
     settings = dataclasses.replace(SETTINGS, steps=4)
     kw = dict(settings=settings, corpus=corpus, vocab_size=320, model_overrides=TINY, progress=False)
     paired.run_paired(tmp_path, "std", **kw)
@@ -242,8 +242,8 @@ def test_import_pulls_in_no_service_modules():
 def test_cross_entropy_matches_training_loss_definition(tiny):
     """The training loss is the same per-token NLL the validation perplexity averages."""
     _, data = tiny
-    model = paired.build_model(_cfg(data), 0)
-    x, y = paired.Batches(data.train, 32, 4, 0).get(0)
+    model = lm.build_model(_cfg(data), 0)
+    x, y = token_data.Batches(data.train, 32, 4, 0).get(0)
     with torch.no_grad():
         loss = F.cross_entropy(model(x).reshape(-1, data.vocab_size), y.reshape(-1)).item()
-    assert paired.evaluate(model, x, y)["nll"] == pytest.approx(loss, rel=1e-5)
+    assert lm.evaluate(model, x, y)["nll"] == pytest.approx(loss, rel=1e-5)

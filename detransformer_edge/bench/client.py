@@ -1,6 +1,6 @@
 """The benchmark's voice-assistant client: run inside the home (the broker's namespace), it
-publishes requests to ``detransformer/<cluster>/request`` and times each from the publish to
-the final reply.
+sends requests through ``HomeClient`` (``detransformer/<cluster>/request``) and times each from
+the publish to the final reply.
 
 Driven over pipes by the runner: one JSON job per stdin line, one JSON answer per stdout line.
 
@@ -22,57 +22,36 @@ from typing import Any
 
 
 async def serve(host: str, port: int, cluster: str) -> int:
-    import aiomqtt
+    from detransformer_edge.protocol.client import HomeClient
+    from detransformer_edge.protocol.codec import ProtocolError
 
-    reply_to = f"detransformer/{cluster}/replies/bench-{uuid.uuid4().hex[:8]}"
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    pending: dict[str, asyncio.Future[tuple[float, dict[str, Any]]]] = {}
-
-    async def listen(client: aiomqtt.Client) -> None:
-        async for msg in client.messages:
-            t = time.perf_counter()
+    async with HomeClient(host, port, cluster, client_id=f"bench-{uuid.uuid4().hex[:8]}") as home:
+        print(json.dumps({"ok": True, "ready": True}), flush=True)
+        while line := await reader.readline():
+            job = json.loads(line)
+            timeout = job.get("timeout_s", 120.0)
+            t0 = time.perf_counter()
             try:
-                body = json.loads(msg.payload)
-            except ValueError:
-                continue
-            if not isinstance(body, dict) or ("result" not in body and "error" not in body):
-                continue  # streamed token events
-            fut = pending.pop(str(body.get("id")), None)
-            if fut is not None and not fut.done():
-                fut.set_result((t, body))
-
-    async with aiomqtt.Client(host, port, identifier=f"bench-{uuid.uuid4().hex[:8]}") as client:
-        await client.subscribe(reply_to, qos=1)
-        listener = asyncio.create_task(listen(client))
-        try:
-            print(json.dumps({"ok": True, "ready": True}), flush=True)
-            while line := await reader.readline():
-                job = json.loads(line)
-                rid = f"b{uuid.uuid4().hex[:10]}"
-                fut: asyncio.Future[tuple[float, dict[str, Any]]] = loop.create_future()
-                pending[rid] = fut
-                req = {"id": rid, "reply_to": reply_to, "op": job["op"], "input": job["input"],
-                       "params": job.get("params", {})}
-                t0 = time.perf_counter()
-                await client.publish(f"detransformer/{cluster}/request", json.dumps(req), qos=1)
-                try:
-                    t1, body = await asyncio.wait_for(fut, job.get("timeout_s", 120.0))
-                except TimeoutError:
-                    pending.pop(rid, None)
-                    answer: dict[str, Any] = {"ok": False, "error": f"no reply within {job.get('timeout_s', 120.0)} s"}
+                reply = await home.request(job["op"], job["input"], job.get("params", {}), timeout=timeout)
+            except TimeoutError:
+                answer: dict[str, Any] = {"ok": False, "error": f"no reply within {timeout} s"}
+            except ProtocolError as exc:  # a job the request schema refuses: never sent
+                answer = {"ok": False, "error": str(exc)}
+            else:
+                latency = time.perf_counter() - t0
+                if reply.error is not None:
+                    error = {"code": reply.error.code, "message": reply.error.message}
+                    answer = {"ok": False, "error": error, "latency_s": latency}
                 else:
-                    if "error" in body:
-                        answer = {"ok": False, "error": body["error"], "latency_s": t1 - t0}
-                    else:
-                        result = {k: v for k, v in body["result"].items() if k not in ("embeddings", "text")}
-                        answer = {"ok": True, "latency_s": t1 - t0, "result": result}
-                        if job.get("want_embeddings") and "embeddings" in body["result"]:
-                            answer["embeddings"] = body["result"]["embeddings"]
-                print(json.dumps(answer), flush=True)
-        finally:
-            listener.cancel()
+                    body = dict(reply.result or {})
+                    result = {k: v for k, v in body.items() if k not in ("embeddings", "text")}
+                    answer = {"ok": True, "latency_s": latency, "result": result}
+                    if job.get("want_embeddings") and "embeddings" in body:
+                        answer["embeddings"] = body["embeddings"]
+            print(json.dumps(answer), flush=True)
     return 0
 
 

@@ -14,7 +14,7 @@ HELP = ("train a standard and decoupled (nd, nb) decoders from scratch on the of
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory (one sub-directory per model)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the module's DEFAULT_STEPS)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: training/lm.py's DEFAULT_STEPS)")
     parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default 16)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 128)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3)")
@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from detransformer_edge.errors import ConfigError
     from detransformer_edge.training import paired
     from detransformer_edge.training.corpus import export_corpus, load_corpus, read_corpus_file
+    from detransformer_edge.training.lm import LMSettings
+    from detransformer_edge.training.token_data import get_tokenizer, sha256_file
 
     if args.report_only:
         if not args.out.is_dir():
@@ -55,17 +57,17 @@ def run(args: argparse.Namespace) -> int:
     if args.export_corpus is not None:
         corpus = corpus or load_corpus()
         path = export_corpus(corpus, args.export_corpus)
-        _, tok_path = paired.get_tokenizer(corpus, args.tokenizer)
+        _, tok_path = get_tokenizer(corpus, args.tokenizer)
         dest = path.parent / "tokenizer.json"
         if tok_path.resolve() != dest.resolve():
             shutil.copyfile(tok_path, dest)
         print(f"wrote {path} (corpus {corpus.fingerprint}: {len(corpus.train)} train, "
-              f"{len(corpus.held_out)} held-out sentences) and {dest} (sha256 {paired._sha256_file(dest)})")
+              f"{len(corpus.held_out)} held-out sentences) and {dest} (sha256 {sha256_file(dest)})")
         return 0
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size),
                                    ("seq_len", args.seq_len), ("lr", args.lr), ("eval_every", args.eval_every))
                  if v is not None}
-    settings = paired.LMSettings(seed=args.seed, **overrides)
+    settings = LMSettings(seed=args.seed, **overrides)
     report = paired.run_paired(args.out, args.only, settings, device=args.device, threads=args.threads,
                                tokenizer=args.tokenizer, corpus=corpus, save_weights=not args.no_weights)
     print(paired.markdown_table(report))

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from detransformer_edge.errors import ConfigError
 
@@ -41,9 +41,37 @@ def _check_positive(cfg: object, *names: str) -> None:
             raise ConfigError(f"{type(cfg).__name__}.{name} must be a positive integer, got {value!r}")
 
 
-@dataclass
 class _BlockParallelMixin:
-    """Fields and derivations shared by both families (decoupled layout, sub-block widths)."""
+    """Fields and derivations shared by both families (decoupled layout, sub-block widths).
+
+    Not a dataclass itself: each family declares the fields (with its own defaults, in its own
+    order); the annotations here only tell the type checker what the derivations read and write.
+    """
+
+    # fields of both families
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    nd: int
+    nb: int | None
+    sub_attn: SubAttention
+    sub_ffn: int | None
+    # derived by ``_derive_layout``
+    layer_kinds: tuple[LayerKind, ...]
+    head_dim: int
+    d_sub: int
+    sub_heads: int
+    sub_kv_heads: int
+    d_ff_sub: int
+
+    def layer_params(self, width: int, heads: int, ffn: int) -> int:
+        """Parameters of one layer of residual width ``width`` (each family counts its own)."""
+        raise NotImplementedError
+
+    def layer_matrix_params(self, width: int, heads: int, ffn: int) -> int:
+        """Weight-matrix entries of one layer (each family counts its own)."""
+        raise NotImplementedError
 
     def _derive_layout(self) -> None:
         _check_positive(self, "d_model", "n_layers", "n_heads", "d_ff", "nd")
@@ -53,14 +81,16 @@ class _BlockParallelMixin:
             raise ConfigError(
                 f"nd={self.nd} must divide d_model={self.d_model} (each sub-block owns d_model/nd features)"
             )
+        coupled: LayerKind = "coupled"
+        decoupled: LayerKind = "decoupled"
         if self.nb is None:
-            kinds: tuple[LayerKind, ...] = ("coupled",) * self.n_layers
+            kinds = (coupled,) * self.n_layers
         else:
             if not isinstance(self.nb, int) or self.nb <= 0 or self.n_layers % self.nb:
                 raise ConfigError(f"nb={self.nb!r} must be a positive divisor of n_layers={self.n_layers}")
             per_block = self.n_layers // self.nb
             kinds = tuple(
-                "coupled" if (i + 1) % per_block == 0 else "decoupled" for i in range(self.n_layers)
+                coupled if (i + 1) % per_block == 0 else decoupled for i in range(self.n_layers)
             )
         self.layer_kinds = kinds
         self.head_dim = self.d_model // self.n_heads
@@ -275,13 +305,16 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-def _from_name(name: str, cls: type, overrides: dict[str, object]) -> ModelConfig:
+_Config = TypeVar("_Config", EncoderConfig, DecoderConfig)
+
+
+def _from_name(name: str, cls: type[_Config], overrides: dict[str, object]) -> _Config:
     base = PRESETS.get(name)
     if base is None:
         raise ConfigError(f"unknown model {name!r}; known: {', '.join(sorted(PRESETS))}")
     if not isinstance(base, cls):
         raise ConfigError(f"model {name!r} is a {base.family}, not a {cls.__name__}")
-    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]  # __post_init__ checks the overrides
 
 
 def get_config(name: str, nd: int = 1, nb: int | None = None, **overrides: object) -> ModelConfig:
@@ -289,4 +322,4 @@ def get_config(name: str, nd: int = 1, nb: int | None = None, **overrides: objec
     base = PRESETS.get(name)
     if base is None:
         raise ConfigError(f"unknown model {name!r}; known: {', '.join(sorted(PRESETS))}")
-    return dataclasses.replace(base, nd=nd, nb=nb, **overrides)  # type: ignore[arg-type]
+    return dataclasses.replace(base, nd=nd, nb=nb, **overrides)  # type: ignore[arg-type]  # __post_init__ checks the overrides

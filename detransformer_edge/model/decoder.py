@@ -36,7 +36,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope=rope, cache=cache)
-        return x + self.ffn(self.ffn_norm(x))
+        out: torch.Tensor = x + self.ffn(self.ffn_norm(x))
+        return out
 
     @staticmethod
     def group_forward(g: SubBlockGroup, x: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> torch.Tensor:
@@ -44,6 +45,7 @@ class DecoderLayer(nn.Module):
         holds all n sub-blocks' K/V heads (n * B, Hkv, S, hd)."""
         B, T, _ = x.shape
         first = g.blocks[0]
+        assert isinstance(first, DecoderLayer)  # a group holds sub-blocks of one layer class
         H, Hkv = first.attn.n_heads, first.attn.n_kv_heads
         xs = g.split(x)  # (n, B*T, w)
         a = g.rms_norm("attn_norm", xs, first.attn_norm.eps)
@@ -93,7 +95,8 @@ class Decoder(nn.Module):
 
     def rope(self, start_pos: int, length: int, device: torch.device | None = None) -> Rope:
         positions = torch.arange(start_pos, start_pos + length, device=device)
-        return self.rotary(positions)
+        cos_sin: Rope = self.rotary(positions)
+        return cos_sin
 
     def forward(
         self, input_ids: torch.Tensor, start_pos: int = 0, caches: list[LayerCache] | None = None
@@ -103,10 +106,15 @@ class Decoder(nn.Module):
         rope = self.rope(start_pos, input_ids.shape[1], input_ids.device)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache=None if caches is None else caches[i])
-        return self.lm_head(self.norm(h))
+        logits: torch.Tensor = self.lm_head(self.norm(h))
+        return logits
 
     def new_caches(self) -> list[LayerCache]:
-        return [layer.new_cache() for layer in self.layers]
+        caches: list[LayerCache] = []
+        for layer in self.layers:
+            assert isinstance(layer, (DecoderLayer, DecoupledLayer))  # what __init__ builds
+            caches.append(layer.new_cache())
+        return caches
 
     def fuse_sub_blocks(self) -> None:
         """Run each decoupled layer's sub-blocks as one batched computation when no gradient is

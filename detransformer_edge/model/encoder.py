@@ -31,7 +31,8 @@ class EncoderLayer(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
         x = self.attn_norm(x + self.attn(x, mask))
-        return self.ffn_norm(x + self.ffn(x))
+        out: torch.Tensor = self.ffn_norm(x + self.ffn(x))
+        return out
 
     @staticmethod
     def group_forward(
@@ -40,6 +41,7 @@ class EncoderLayer(nn.Module):
         """``forward`` of every sub-block of group ``g`` at once: x (B, T, n * w)."""
         B, T, _ = x.shape
         first = g.blocks[0]
+        assert isinstance(first, EncoderLayer)  # a group holds sub-blocks of one layer class
         H, eps = first.attn.n_heads, first.attn_norm.eps
         xs = g.split(x)  # (n, B*T, w)
         q = g.heads(g.linear("attn.q_proj", xs), B, T, H)  # (n*B, H, T, hd)
@@ -67,7 +69,8 @@ class EncoderEmbeddings(nn.Module):
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         h = self.word(input_ids) + self.position(positions)[None] + self.token_type(token_type_ids)
-        return self.norm(h)  # (B, T, d)
+        out: torch.Tensor = self.norm(h)  # (B, T, d)
+        return out
 
 
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -110,7 +113,7 @@ class Encoder(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last hidden states (B, T, d)."""
-        h = self.embeddings(input_ids, token_type_ids)
+        h: torch.Tensor = self.embeddings(input_ids, token_type_ids)
         mask = padding_mask(attention_mask)
         for layer in self.layers:
             h = layer(h, mask)

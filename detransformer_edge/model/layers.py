@@ -9,6 +9,7 @@ device computes is an ordinary ``nn.Module`` that runs on its own.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +90,8 @@ class Attention(nn.Module):
     still span all heads (d/nd -> d) unless the config asks for sliced attention.
     """
 
+    kv_map: torch.Tensor | None  # a buffer (not saved): K/V head of each query head, or None
+
     def __init__(
         self,
         d_in: int,
@@ -121,7 +124,8 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        return self.o_proj(self.attend(x, mask, rope, cache))
+        out: torch.Tensor = self.o_proj(self.attend(x, mask, rope, cache))
+        return out
 
     def attend(
         self,
@@ -136,9 +140,9 @@ class Attention(nn.Module):
         with their rows of ``o_proj`` themselves.
         """
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q: torch.Tensor = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k: torch.Tensor = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v: torch.Tensor = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         out = attend_heads(q, k, v, self.causal, mask, rope, cache, self.kv_map)  # (B, H, T, hd)
         return out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
 
@@ -189,7 +193,8 @@ class GeluMLP(nn.Module):
         self.down = nn.Linear(d_ff, d_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.gelu(self.up(x)))
+        out: torch.Tensor = self.down(F.gelu(self.up(x)))
+        return out
 
 
 class SwiGLU(nn.Module):
@@ -202,7 +207,8 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(d_ff, d_in, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        out: torch.Tensor = self.down(F.silu(self.gate(x)) * self.up(x))
+        return out
 
 
 class SubBlockGroup:
@@ -232,8 +238,11 @@ class SubBlockGroup:
         if not self.blocks:
             raise ValueError("a sub-block group needs at least one sub-block")
         kinds = {type(b) for b in self.blocks}
-        if len(kinds) != 1 or not hasattr(self.blocks[0], "group_forward"):
+        group_forward = getattr(type(self.blocks[0]), "group_forward", None)
+        if len(kinds) != 1 or group_forward is None:
             raise ValueError(f"sub-blocks of one layer class with a group_forward are needed, got {kinds}")
+        # the family's forward of a whole group (EncoderLayer.group_forward, DecoderLayer.group_forward)
+        self._group_forward: Callable[..., torch.Tensor] = group_forward
         self.n = len(self.blocks)
         self.stacks: dict[str, torch.Tensor] = {}
         self._used: dict[str, torch.Tensor] = {}  # the stacks as the forward uses them (views)
@@ -286,7 +295,7 @@ class SubBlockGroup:
     def __call__(self, x: torch.Tensor, *args: object, cache: KVCache | None = None) -> torch.Tensor:
         """x: the group's slices side by side (B, T, n * w) -> the same shape."""
         self._fresh()
-        return type(self.blocks[0]).group_forward(self, x, *args, cache=cache)
+        return self._group_forward(self, x, *args, cache=cache)
 
     # -- helpers for the families' group_forward ---------------------------------------------
 
@@ -358,7 +367,7 @@ class DecoupledLayer(nn.Module):
         if isinstance(cache, KVCache):
             raise ValueError("a fused layer's KV cache is one for the whole group; pass a list of per-sub-block caches")
         width = h.shape[-1] // len(self.sub_blocks)
-        slices = h.split(width, dim=-1)
+        slices = torch.split(h, width, dim=-1)
         outs = [
             block(x, *args, cache=None if cache is None else cache[j])
             for j, (block, x) in enumerate(zip(self.sub_blocks, slices))

@@ -118,7 +118,7 @@ async def _encode_and_send(transport: Transport, dsts: list[str], req: str, step
                            wire_dtype: str, tl: Timeline) -> bytes:
     """Encode once and publish to ``dsts`` (one receiver: a send; several: one fan-out)."""
     with tl.span("encode", step):
-        payload = encode_tensor(x, req, step, transport.device_id, wire_dtype)  # type: ignore[arg-type]
+        payload = encode_tensor(x, req, step, transport.device_id, wire_dtype)
     with tl.span("publish", step, len(payload), len(dsts)):
         if len(dsts) == 1:
             await transport.send(dsts[0], (req, step), payload)

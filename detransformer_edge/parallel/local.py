@@ -83,6 +83,7 @@ class LocalCluster:
             for _ in range(max_new_tokens):
                 if not res.ok:
                     raise DetransformerError(f"request {req} failed: {res.failure}")
+                assert res.output is not None  # the coordinator's result: the logits
                 logits = res.output[:, -1, :]
                 steps.append(logits)
                 nxt = logits.argmax(-1, keepdim=True)  # (B, 1)

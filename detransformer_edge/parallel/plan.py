@@ -199,7 +199,7 @@ class Plan:
                         and all(isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1 << 31
                                 for v in (s.start, s.end))):
                     raise PlanError(f"bad pipeline stage {s!r}")
-            return cls(**{**data, "stages": stages})  # type: ignore[arg-type]
+            return cls(**{**data, "stages": stages})
         except TypeError as exc:
             raise PlanError(f"bad plan: {exc}") from None
 

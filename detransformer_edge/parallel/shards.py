@@ -21,9 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from detransformer_edge.model.config import DecoderConfig, EncoderConfig
-from detransformer_edge.model.decoder import Decoder
-from detransformer_edge.model.encoder import Encoder
-from detransformer_edge.model.layers import Attention, DecoupledLayer, KVCache, SubBlockGroup
+from detransformer_edge.model.decoder import Decoder, DecoderLayer
+from detransformer_edge.model.encoder import Encoder, EncoderLayer
+from detransformer_edge.model.layers import (
+    Attention,
+    DecoupledLayer,
+    KVCache,
+    SubBlockGroup,
+    SwiGLU,
+)
 from detransformer_edge.parallel.plan import DeviceWeights, PlanError
 from detransformer_edge.weights.quant.linear import GROUP_SIZE, quantize_model
 
@@ -63,7 +69,7 @@ def _linear(src: nn.Linear, rows: slice | None = None, cols: slice | None = None
 class TPShard(nn.Module):
     """Rank ``rank`` of ``k`` of one coupled layer; partial sums meet in an all-reduce."""
 
-    def __init__(self, layer: nn.Module, cfg: EncoderConfig | DecoderConfig, rank: int, k: int) -> None:
+    def __init__(self, layer: EncoderLayer | DecoderLayer, cfg: EncoderConfig | DecoderConfig, rank: int, k: int) -> None:
         super().__init__()
         self.family = cfg.family
         hd = cfg.head_dim
@@ -82,7 +88,7 @@ class TPShard(nn.Module):
         f0, f1 = even_ranges(cfg.d_ff, k)[rank]
         ffn = layer.ffn
         self.up = _linear(ffn.up, rows=slice(f0, f1))
-        self.gate = _linear(ffn.gate, rows=slice(f0, f1)) if hasattr(ffn, "gate") else None
+        self.gate = _linear(ffn.gate, rows=slice(f0, f1)) if isinstance(ffn, SwiGLU) else None
         self.down = _linear(ffn.down, cols=slice(f0, f1), bias=False)
         self.down_bias = ffn.down.bias
         self.attn_norm, self.ffn_norm = layer.attn_norm, layer.ffn_norm  # replicated
@@ -97,7 +103,9 @@ class TPShard(nn.Module):
     ) -> torch.Tensor:
         # Grad mode is entered per synchronous segment: held across an ``await`` it would leak
         # into whatever else the event loop runs meanwhile.
+        part: torch.Tensor
         if self.family == "encoder":  # post-LN
+            assert self.o_bias is not None and self.down_bias is not None  # BERT's linears have biases
             with torch.no_grad():
                 part = self.attn(x, mask)
             a = await reduce(part, "attn")
@@ -106,7 +114,8 @@ class TPShard(nn.Module):
                 part = self.down(F.gelu(self.up(x)))
             f = await reduce(part, "ffn")
             with torch.no_grad():
-                return self.ffn_norm(x + f + self.down_bias)
+                out: torch.Tensor = self.ffn_norm(x + f + self.down_bias)
+                return out
         with torch.no_grad():  # pre-norm
             part = self.attn(self.attn_norm(x), rope=rope, cache=cache)
         x = x + await reduce(part, "attn")
@@ -159,7 +168,8 @@ class _Head(nn.Module):
         self.norm, self.lm_head = norm, lm_head
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h))
+        logits: torch.Tensor = self.lm_head(self.norm(h))
+        return logits
 
 
 def build_shard(model: Encoder | Decoder, weights: DeviceWeights) -> DeviceShard:
@@ -185,6 +195,7 @@ def build_shard(model: Encoder | Decoder, weights: DeviceWeights) -> DeviceShard
             if i in weights.whole_layers:
                 shard.coupled[i] = layer
             for rank, k in weights.tp_shards:
+                assert isinstance(layer, (EncoderLayer, DecoderLayer))  # what the models build
                 shard.tp[(i, rank, k)] = TPShard(layer, cfg, rank, k).eval()
     return shard
 

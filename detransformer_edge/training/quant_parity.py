@@ -66,15 +66,15 @@ def compare_continuations(reference: Sequence[Sequence[int]], candidate: Sequenc
 def held_out_sequences(tokenizer: Any, tokens: int = 8192, seq_len: int = 256) -> torch.Tensor:
     """(N, seq_len) ids of the held-out corpus (``training/corpus.py``, split by sentence hash),
     shuffled with a fixed seed."""
-    from detransformer_edge.training.convert_decoder import pack_sentences
     from detransformer_edge.training.corpus import load_corpus
+    from detransformer_edge.training.distil_decoder import pack_sentences
 
     return pack_sentences(load_corpus().held_out, tokenizer, seq_len, seed=0, max_tokens=tokens)
 
 
 def perplexity(model: Any, sequences: torch.Tensor, batch_size: int = 4) -> float:
     """exp(mean next-token NLL) of ``sequences`` under ``model`` (inference mode)."""
-    from detransformer_edge.training.convert_decoder import perplexity as ppl
+    from detransformer_edge.training.distil_decoder import perplexity as ppl
 
     with torch.inference_mode():
         return ppl(model, sequences, batch_size=batch_size)
