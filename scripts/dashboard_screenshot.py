@@ -4,8 +4,12 @@ private Mosquitto), a few voice queries, embeddings and generations so the reque
 latency chart have data, then a headless Chromium screenshot of the leader's dashboard.
 
     .venv/bin/python scripts/dashboard_screenshot.py [--out docs/dashboard.png] [--serve]
+    .venv/bin/python scripts/dashboard_screenshot.py --timeline     # docs/dashboard-timeline.png
 
-``--serve`` keeps the home running and prints the dashboard URL instead of exiting (Ctrl-C).
+``--timeline`` replicates every model on every device (so a fixed block-parallel plan can run
+on all four), ends the traffic with one traced request on that plan and shoots the page with
+its timeline open (``?request=<id>``). ``--serve`` keeps the home running and prints the
+dashboard URL instead of exiting (Ctrl-C).
 Needs the mosquitto binary and /usr/bin/chromium (scripts/setup.sh test installs both).
 """
 
@@ -79,8 +83,9 @@ def config(dev: str, port: int) -> AgentConfig:
     )
 
 
-async def traffic(port: int) -> None:
-    """Voice queries, embeddings and generations, one after the other, plus one bad request."""
+async def traffic(port: int, traced: bool = False) -> None:
+    """Voice queries, embeddings and generations, one after the other, plus one bad request;
+    ``traced``: then one traced embedding on every device (request id "traced")."""
     async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V311) as client:
         reply_to = "detransformer/home/replies/screenshot"
         await client.subscribe("hermes/intent/#")
@@ -107,25 +112,34 @@ async def traffic(port: int) -> None:
                                                          "input": "Say hello to the", "params": {"max_new_tokens": 8, "chat": False}})
             else:
                 await one("hermes/nlu/query", {"input": q, "id": f"q{k}", "siteId": "kitchen"})
+        if traced:
+            await one("detransformer/home/request", {"id": "traced", "reply_to": reply_to, "op": "embed",
+                                                     "input": "turn on the kitchen light", "params": {
+                                                         "model": "tiny-encoder-bp", "plan": "bp-fixed", "trace": True}})
 
 
-def screenshot(url: str, out: Path, height: int = 900, dark: bool = False) -> None:
+def screenshot(url: str, out: Path, height: int = 900, dark: bool = False, query: str = "") -> None:
     if not Path(CHROMIUM).exists():
         raise SystemExit(f"{CHROMIUM} not found (scripts/setup.sh test installs chromium)")
     with tempfile.TemporaryDirectory() as profile:
         cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                f"--user-data-dir={profile}", "--force-prefers-reduced-motion", f"--window-size=1280,{height}",
-               *(["--force-dark-mode"] if dark else []), "--virtual-time-budget=5000", f"--screenshot={out}", url + "?poll=1"]
+               *(["--force-dark-mode"] if dark else []), "--virtual-time-budget=5000", f"--screenshot={out}", url + "?poll=1" + query]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
 
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboard.png")
-    ap.add_argument("--height", type=int, default=900, help="window height in pixels (width 1280)")
+    ap.add_argument("--out", type=Path, default=None, help="default docs/dashboard.png (with --timeline "
+                    "docs/dashboard-timeline.png)")
+    ap.add_argument("--timeline", action="store_true", help="a traced request's timeline, open")
+    ap.add_argument("--height", type=int, default=None,
+                    help="window height in pixels (width 1280; default 900, with --timeline 1800: the whole page)")
     ap.add_argument("--dark", action="store_true", help="the dark colour scheme")
     ap.add_argument("--serve", action="store_true", help="keep serving the dashboard until Ctrl-C")
     args = ap.parse_args()
+    args.out = args.out or ROOT / "docs" / ("dashboard-timeline.png" if args.timeline else "dashboard.png")
+    args.height = args.height or (1800 if args.timeline else 900)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +149,8 @@ async def main() -> int:
                 agents = []
                 for dev, prof in HOME:
                     agent = HomeAgent(config(dev, port), load_profile(ROOT / "firmware_profiles" / f"{prof}.toml"),
-                                      tiny_catalog(), plugins=plugins_for(config(dev, port)), broker=("127.0.0.1", port), intent_threshold=0.0, replan_delay_s=0.3)
+                                      tiny_catalog(), plugins=plugins_for(config(dev, port)), broker=("127.0.0.1", port), intent_threshold=0.0, replan_delay_s=0.3,
+                                      replicate_all=args.timeline)
                     agents.append(await stack.enter_async_context(agent))
                 async with asyncio.timeout(60):
                     while not any(a.cluster.is_leader and a.placements.state.placement_ready() for a in agents):
@@ -144,13 +159,19 @@ async def main() -> int:
                 dash = await stack.enter_async_context(
                     Dashboard(leader.snapshot, port=0, layouts=model_layouts(leader.catalog)))
                 leader.add_listener(dash.notify)
-                await traffic(port)
+                await traffic(port, traced=args.timeline)
+                query = ""
+                if args.timeline:
+                    rec = next(r for r in leader.tasks.log if r.client_id == "traced")
+                    if rec.error:
+                        raise SystemExit(f"the traced request failed: {rec.error}")
+                    query = f"&request={rec.id}"
                 await asyncio.sleep(1.5)  # one more status round, so every card shows its latest numbers
                 if args.serve:
-                    print(f"dashboard: {dash.url} (Ctrl-C to stop)", flush=True)
+                    print(f"dashboard: {dash.url}{query.replace('&', '?', 1)} (Ctrl-C to stop)", flush=True)
                     await asyncio.Event().wait()
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                await asyncio.to_thread(screenshot, dash.url, args.out, args.height, args.dark)
+                await asyncio.to_thread(screenshot, dash.url, args.out, args.height, args.dark, query)
                 print(f"wrote {args.out}")
         finally:
             broker.terminate()

@@ -77,27 +77,11 @@ class Samples:
 
 
 def where_time_went(latency_s: float, trace: Sequence[Sequence[Any]], link_mbit: float) -> dict[str, float]:
-    """One traced run in seconds: the slowest device's compute, the wire time of its bytes, the
-    activation codec and publishing on the busiest device, and the residual (the rest)."""
-    from detransformer_edge.parallel.trace import (
-        Span,
-        breakdown,
-        critical_compute,
-        residual,
-        wire_seconds,
-    )
+    """One traced run's reply rows (``result.trace``) split as ``parallel/trace.py``
+    ``where_time_went`` splits them: compute, wire, codec, publish, planning, residual (s)."""
+    from detransformer_edge.parallel import trace as timeline
 
-    spans = [Span.from_list(row) for row in trace]
-    per = breakdown(spans)
-    return {
-        "latency_s": latency_s,
-        "compute_s": critical_compute(spans),
-        "wire_s": wire_seconds(spans, link_mbit),
-        "codec_s": max((d["encode"] + d["decode"] for d in per.values()), default=0.0),
-        "publish_s": max((d["publish"] for d in per.values()), default=0.0),
-        "plan_s": max((d["plan"] for d in per.values()), default=0.0),
-        "residual_s": residual(latency_s, spans, link_mbit),
-    }
+    return timeline.where_time_went(latency_s, [timeline.Span.from_list(row) for row in trace], link_mbit)
 
 
 def where_table(samples: Sequence[Samples]) -> str:

@@ -8,6 +8,10 @@ assistant would, and print the intent, its slots, the plan the leader chose and 
 A question the intent model does not know is answered by the home's language model when the
 agents have ``answer_questions = true``: ``ask`` prints that spoken answer too.
 
+``--trace`` sends the utterance as a traced intent request instead (``P/request``, op ``intent``,
+``params.trace``): the leader's request log keeps every device's timeline of it, and the
+leader's dashboard draws it when the request is clicked (docs/DASHBOARD.md).
+
 Exit code: 0 recognised (or answered), 1 not recognised, 2 the home could not be asked (no broker,
 no answer, an error).
 """
@@ -20,7 +24,11 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from detransformer_edge.protocol.client import HomeClient
+    from detransformer_edge.protocol.messages import LogEntry, Reply
 
 HELP = "ask the home something from a shell (Hermes over MQTT, or Wyoming with --wyoming)"
 
@@ -49,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-answer", action="store_true",
                    help="do not wait for a spoken answer to a question the intent model does not know")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default: %(default)s)")
+    p.add_argument("--trace", action="store_true",
+                   help="send it as a traced intent request (P/request) instead of a Hermes query: the leader's "
+                        "dashboard then draws its timeline, one lane per device (no spoken answer)")
 
 
 def _host_port(value: str, default_port: int, what: str) -> tuple[str, int]:
@@ -63,6 +74,8 @@ def _host_port(value: str, default_port: int, what: str) -> tuple[str, int]:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.wyoming and args.trace:
+            raise AskError("--trace asks over MQTT (P/request); drop --wyoming and give --broker or --config")
         if args.wyoming:
             return asyncio.run(ask_wyoming(args.text, *_host_port(args.wyoming, 10600, "--wyoming"), args.timeout))
         return asyncio.run(ask_hermes(args))
@@ -102,7 +115,6 @@ def _client_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 async def ask_hermes(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from detransformer_edge.protocol.client import HomeClient
-    from detransformer_edge.protocol.messages import LogEntry
     from detransformer_edge.service.answers import asks_a_question
 
     out = out or sys.stdout
@@ -120,22 +132,26 @@ async def ask_hermes(args: argparse.Namespace, out: TextIO | None = None) -> int
 
             home.follow_log(on_log)
             t0 = time.perf_counter()
-            qid = uuid.uuid4().hex
-            home.listen_for_speech(qid)
-            try:
-                answer = await home.hermes_query(args.text, site_id=args.site_id, intent_filter=flt,
-                                                 timeout=args.timeout, query_id=qid)
-            except TimeoutError:
-                raise AskError(f"no answer within {args.timeout:g} s: is an agent of cluster "
-                               f"'{home.topics.cluster}' running on this broker, and may this account "
-                               "write hermes/nlu/query and read hermes/intent/#?") from None
-            ms = (time.perf_counter() - t0) * 1e3
             said = None
-            if (answer.topic == "hermes/nlu/intentNotRecognized" and flt is None and not args.no_answer
-                    and asks_a_question(args.text)):  # with answer_questions the home speaks an answer
-                said = await home.speech(qid, timeout=min(args.timeout, SPEECH_WAIT_S))
+            if args.trace:
+                reply = await traced_intent(home, args.text, flt, args.timeout)
+                qid, ms = str(reply.id), (time.perf_counter() - t0) * 1e3
             else:
-                home.forget_speech(qid)
+                qid = uuid.uuid4().hex
+                home.listen_for_speech(qid)
+                try:
+                    answer = await home.hermes_query(args.text, site_id=args.site_id, intent_filter=flt,
+                                                     timeout=args.timeout, query_id=qid)
+                except TimeoutError:
+                    raise AskError(f"no answer within {args.timeout:g} s: is an agent of cluster "
+                                   f"'{home.topics.cluster}' running on this broker, and may this account "
+                                   "write hermes/nlu/query and read hermes/intent/#?") from None
+                ms = (time.perf_counter() - t0) * 1e3
+                if (answer.topic == "hermes/nlu/intentNotRecognized" and flt is None and not args.no_answer
+                        and asks_a_question(args.text)):  # with answer_questions the home speaks an answer
+                    said = await home.speech(qid, timeout=min(args.timeout, SPEECH_WAIT_S))
+                else:
+                    home.forget_speech(qid)
             deadline = time.monotonic() + LOG_WAIT_S
             while qid not in entries and time.monotonic() < deadline:
                 logged.clear()
@@ -145,11 +161,52 @@ async def ask_hermes(args: argparse.Namespace, out: TextIO | None = None) -> int
                     break
     except ConnectionError as exc:
         raise AskError(str(exc)) from None
+    if args.trace:
+        return print_traced(reply, entries.get(qid), ms, out)
     code = print_hermes(answer, entries.get(qid), ms, out)
     if said is not None:
         print(f"answer   {said!r} (hermes/tts/say)", file=out)
         return ANSWERED
     return code
+
+
+async def traced_intent(home: HomeClient, text: str, flt: list[str] | None, timeout: float) -> Reply:
+    """The utterance as a traced ``intent`` request to the leader; its reply."""
+    params: dict[str, Any] = {"trace": True}
+    if flt is not None:
+        params["intent_filter"] = ",".join(flt)
+    try:
+        reply = await home.request("intent", text, params, timeout=timeout)
+    except TimeoutError:
+        raise AskError(f"no reply within {timeout:g} s: is an agent of cluster '{home.topics.cluster}' running "
+                       "on this broker, and may this account write the cluster's request topic and read its "
+                       "replies topic?") from None
+    if reply.error is not None:
+        raise AskError(f"the home answered {reply.error.code}: {reply.error.message}")
+    return reply
+
+
+def print_traced(reply: Reply, entry: LogEntry | None, ms: float, out: TextIO) -> int:
+    from detransformer_edge.service.intents import intent_from_dict
+
+    result = intent_from_dict(reply.result or {})
+    if result.intent is not None:
+        print(f"intent   {result.intent} (confidence {result.confidence:.2f})", file=out)
+        for k, s in enumerate(result.slots):
+            print(f"{'slots' if k == 0 else '':8} {s.slot_name} = {s.value!r}  (heard {s.raw_value!r})", file=out)
+        if not result.slots:
+            print("slots    -", file=out)
+    else:
+        print(f"not recognised (confidence {result.confidence:.2f})", file=out)
+    if entry is not None:
+        print(f"plan     {entry.plan or '-'}", file=out)
+        print(f"latency  {ms:.0f} ms end to end (leader {entry.latency_ms} ms)", file=out)
+        print(f"trace    request {entry.id}: click it in the Requests list of the leader's dashboard", file=out)
+    else:
+        print(f"latency  {ms:.0f} ms end to end", file=out)
+        print(f"trace    request {reply.id} (client id): click it in the Requests list of the leader's dashboard",
+              file=out)
+    return RECOGNISED if result.intent is not None else NOT_RECOGNISED
 
 
 def _typed(value: dict[str, Any]) -> str:

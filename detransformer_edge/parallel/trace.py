@@ -7,7 +7,9 @@ share one clock; a real home's NTP keeps them within a few ms). Workers send the
 the coordinator when their part ends; the leader adds its planning and reply spans. Untraced
 passes use ``NULL_TIMELINE``, whose spans cost one attribute lookup.
 
-``breakdown`` sums a timeline per device and kind: what ``bench --trace`` prints.
+``breakdown`` sums a timeline per device and kind; ``where_time_went`` splits a request's
+latency into its slowest device's compute, its bytes on the wire and the residual (what
+``bench --trace`` prints); ``summary`` is both for people, in ms (the dashboard's timeline).
 """
 
 from __future__ import annotations
@@ -119,3 +121,35 @@ def wire_seconds(spans: Sequence[Span], link_mbit: float) -> float:
 def residual(latency_s: float, spans: Sequence[Span], link_mbit: float) -> float:
     """What a request spent beyond its slowest device's compute and its bytes on the wire."""
     return latency_s - critical_compute(spans) - wire_seconds(spans, link_mbit)
+
+
+def where_time_went(latency_s: float, spans: Sequence[Span], link_mbit: float) -> dict[str, float]:
+    """One traced run in seconds: the slowest device's compute, the wire time of its bytes, the
+    activation codec and publishing on the busiest device, and the residual (the rest)."""
+    per = breakdown(spans)
+    return {
+        "latency_s": latency_s,
+        "compute_s": critical_compute(spans),
+        "wire_s": wire_seconds(spans, link_mbit),
+        "codec_s": max((d["encode"] + d["decode"] for d in per.values()), default=0.0),
+        "publish_s": max((d["publish"] for d in per.values()), default=0.0),
+        "plan_s": max((d["plan"] for d in per.values()), default=0.0),
+        "residual_s": residual(latency_s, spans, link_mbit),
+    }
+
+
+def summary(latency_s: float, spans: Sequence[Span], link_mbit: float, first: str = "") -> dict[str, Any]:
+    """A traced request for people, in ms: ``where_time_went`` (``compute_ms``, ``wire_ms``, …,
+    ``residual_ms``), the link rate it assumed, and ``devices``: each device's ms per kind
+    (``breakdown``) in lane order — ``first`` (the coordinator) first, then by first span."""
+    starts: dict[str, float] = {}
+    for s in spans:
+        starts[s.device] = min(s.start, starts.get(s.device, s.start))
+    order = sorted(starts, key=lambda d: (d != first, starts[d], d))
+    per = breakdown(spans)
+    split = where_time_went(latency_s, spans, link_mbit)
+    return {
+        **{k.removesuffix("_s") + "_ms": round(v * 1e3, 3) for k, v in split.items()},
+        "link_mbit": link_mbit,
+        "devices": [{"device": d, **{k: round(per[d][k] * 1e3, 3) for k in SPAN_KINDS}} for d in order],
+    }

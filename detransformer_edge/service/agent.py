@@ -220,18 +220,21 @@ class HomeAgent:
         return self.cluster.is_leader or self.cluster.holds_lease
 
     async def recognize(self, text: str, client_id: str | None = None,
-                        allowed: frozenset[str] | None = None) -> IntentResult:
+                        allowed: frozenset[str] | None = None, trace: bool = False) -> IntentResult:
         """The intent of an utterance (``allowed``: only these intents may be recognised): computed
         by the home when this device leads, else asked of the leader over MQTT (``P/request``, op
-        ``intent``). ServiceError when it cannot answer."""
+        ``intent``). ``trace``: the request log keeps its timeline. ServiceError when it cannot
+        answer."""
         if not self.leads:
-            params = {} if allowed is None else {"intent_filter": ",".join(sorted(allowed))}
+            params: dict[str, Any] = {} if allowed is None else {"intent_filter": ",".join(sorted(allowed))}
+            if trace:
+                params["trace"] = True
             reply = await self.requester.request("intent", text, params, timeout=FORWARD_TIMEOUT_S)
             if reply.error is not None:
                 raise ServiceError(reply.error.code, reply.error.message)
             return intent_from_dict(reply.result or {})
         await self._await_ready()
-        result, rec = await self.tasks.intent(text, client_id=client_id, allowed=allowed)
+        result, rec = await self.tasks.intent(text, client_id=client_id, trace=trace, allowed=allowed)
         self.device.note_latency(rec.latency_ms)
         if result.intent is not None and result.confidence < self.intent_threshold:
             return IntentResult(None, result.confidence)
@@ -283,7 +286,7 @@ class HomeAgent:
                 if flt is not None and not isinstance(flt, str):
                     raise ServiceError("bad_request", "params.intent_filter must be intent names, comma-separated")
                 allowed = None if flt is None else frozenset(n for n in flt.split(",") if n)
-                result = await self.recognize(request.input, request.id, allowed)
+                result = await self.recognize(request.input, request.id, allowed, trace)
                 return intent_to_dict(result)
             if request.op == "embed":
                 texts = [request.input] if isinstance(request.input, str) else list(request.input)

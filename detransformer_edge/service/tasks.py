@@ -28,7 +28,7 @@ from detransformer_edge.cluster.config import AnswerConfig
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.model.generation import DecodeLoop, SamplingConfig, build_prompt
 from detransformer_edge.model.tokenizer import IncrementalDecoder
-from detransformer_edge.parallel.trace import Span
+from detransformer_edge.parallel.trace import Span, summary
 from detransformer_edge.protocol.messages import LogEntry
 from detransformer_edge.service.answers import SYSTEM_PROMPT, as_written, has_full_sentence, spoken
 from detransformer_edge.service.catalog import Catalog
@@ -55,6 +55,7 @@ class RequestRecord:
     error: str | None = None
     client_id: str | None = None  # the caller's id (Hermes query id, request id)
     spans: list[Span] | None = None  # a traced request's timeline, every device's spans
+    breakdown: dict[str, Any] | None = None  # a finished traced request's ``trace.summary`` (ms)
 
     def entry(self) -> LogEntry:
         return LogEntry(self.id, self.kind, self.text, self.started, self.plan, self.latency_ms, self.result,
@@ -67,6 +68,8 @@ class RequestRecord:
         d = self.entry().to_dict()
         if self.spans is not None:
             d["trace"] = self.trace()
+        if self.breakdown is not None:
+            d["breakdown"] = self.breakdown
         return d
 
 
@@ -120,7 +123,15 @@ class Tasks:
     def finish(self, rec: RequestRecord, t0: float, result: str = "", error: str | None = None) -> None:
         rec.latency_ms = round((time.perf_counter() - t0) * 1e3, 2)
         rec.result, rec.error = result, error
+        if rec.spans:  # a traced request that ran (one refused at once has no spans to sum)
+            rec.breakdown = summary(rec.latency_ms / 1e3, rec.spans, self.slowest_link(rec.spans), first=self.runs.me)
         self.emit("request", rec.to_dict())
+
+    def slowest_link(self, spans: list[Span]) -> float:
+        """The slowest link (Mbit/s) among the devices of a traced run: the rate its wire time is
+        counted at (0, no wire time, when no device's profile is known)."""
+        profiles = self.runs.placements.state.profiles
+        return min((profiles[d].link_mbit for d in {s.device for s in spans} if d in profiles), default=0.0)
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         for listener in list(self.listeners):

@@ -7,7 +7,14 @@ const SVG = "http://www.w3.org/2000/svg";
 const PALETTE = ["#3b6fd8", "#27a387", "#e07a2f", "#9b5de5", "#d1453b", "#c9a20f", "#2a9fd6", "#d15b9a"];
 const KIND_COLOR = { intent: "#3b6fd8", embed: "#27a387", generate: "#9b5de5", answer: "#d17a22" };
 const CHART_N = 50;
+// span kinds of a traced request's timeline (parallel/trace.py SPAN_KINDS), in legend order
+const SPAN_COLOR = { plan: "#6a7283", compute: "#3b6fd8", encode: "#27a387", decode: "#9b5de5",
+  publish: "#e07a2f", wait: "#c9a20f", reply: "#d15b9a" };
 let colors = new Map();
+let lastState = null;
+// the id of the request whose timeline is open; ?request=<id> opens one (a link to a request)
+let selectedRequest = new URLSearchParams(location.search).get("request");
+let shownTimeline = ""; // what the timeline panel draws now: periodic pushes redraw only on a change
 
 // --- small DOM helpers -----------------------------------------------------------------------------
 
@@ -41,6 +48,10 @@ function tip(node, text) { node.append(svg("title", {}, text)); return node; }
 function fmt(n, digits = 1) {
   if (n === null || n === undefined || Number.isNaN(n)) return "–";
   return Number(n).toLocaleString(undefined, { maximumFractionDigits: digits, minimumFractionDigits: 0 });
+}
+
+function fmtBytes(n) {
+  return n >= 1048576 ? `${fmt(n / 1048576, 1)} MiB` : n >= 1024 ? `${fmt(n / 1024, 1)} KiB` : `${n} B`;
 }
 
 function fmtMem(mb) {
@@ -247,15 +258,141 @@ function renderRequests(s) {
   list.replaceChildren(...reqs.map((r) => {
     const kind = KIND_COLOR[r.kind] ? r.kind : "other";
     const pending = r.latency_ms === null && !r.error;
-    return el("li", { class: r.error ? "error" : "", "data-request": r.id },
+    const traced = Array.isArray(r.trace);
+    const classes = [r.error ? "error" : "", r.id === selectedRequest ? "selected" : ""].filter(Boolean).join(" ");
+    return el("li", { class: classes, "data-request": r.id, "data-traced": traced ? "1" : "0", tabindex: 0,
+      role: "button", "aria-pressed": r.id === selectedRequest ? "true" : "false",
+      title: traced ? "traced: click for its timeline" : "click for its timeline (not traced)" },
       el("span", { class: "time" }, clock(r.started)),
       el("span", { class: `kind ${kind}` }, r.kind),
       el("span", { class: "text", title: r.text }, r.text),
       el("span", { class: "ms" }, pending ? "…" : `${fmt(r.latency_ms, 1)} ms`),
       el("span", { class: "detail" },
         el("span", { class: "plan" }, r.plan || "no plan"), " → ",
-        el("span", { class: "result" }, r.error ? `error: ${r.error}` : (pending ? "running" : (r.result || "–")))));
+        el("span", { class: "result" }, r.error ? `error: ${r.error}` : (pending ? "running" : (r.result || "–"))),
+        traced ? el("span", { class: "traced" }, "timeline") : null));
   }));
+}
+
+function selectRequest(id) {
+  selectedRequest = selectedRequest === id ? null : id;
+  shownTimeline = "";
+  if (!lastState) return;
+  renderRequests(lastState);
+  renderTimeline(lastState);
+  if (selectedRequest) document.getElementById("timeline-panel").scrollIntoView({ block: "nearest" });
+}
+
+// --- a traced request's timeline ---------------------------------------------------------------------
+
+function renderTimeline(s) {
+  const panel = document.getElementById("timeline-panel");
+  if (!selectedRequest) { panel.hidden = true; shownTimeline = ""; return; }
+  const r = (s.requests || []).find((q) => q.id === selectedRequest);
+  const key = r ? [r.id, r.latency_ms, r.error, Array.isArray(r.trace) ? r.trace.length : -1].join("|") : "gone";
+  if (key === shownTimeline) return;
+  shownTimeline = key;
+  panel.hidden = false;
+  const box = document.getElementById("timeline");
+  const title = document.getElementById("timeline-title");
+  if (!r) {
+    title.textContent = "";
+    box.replaceChildren(el("p", { class: "empty" }, "This request is no longer in the leader's log."));
+    return;
+  }
+  box.dataset.request = r.id;
+  title.textContent = `${r.kind} · ${clock(r.started)} · ${r.text}`;
+  if (!Array.isArray(r.trace)) {
+    box.replaceChildren(el("p", { class: "empty untraced" }, "This request was not traced. To trace one, send ",
+      el("code", {}, "params.trace = true"), " with a request, or run ", el("code", {}, "detransformer-edge ask --trace \"…\""),
+      " or ", el("code", {}, "detransformer-edge bench --trace"), "."));
+    return;
+  }
+  if (r.latency_ms === null && !r.error) {
+    box.replaceChildren(el("p", { class: "empty" }, "Still running: its timeline comes when it finishes."));
+    return;
+  }
+  if (!r.trace.length) {
+    box.replaceChildren(el("p", { class: "empty" }, `Traced, but no device ran it${r.error ? `: ${r.error}` : "."}`));
+    return;
+  }
+  const spans = r.trace.map(([device, kind, name, start, end, bytes, copies]) => ({ device, kind, name, start, end, bytes, copies }));
+  const kinds = Object.keys(SPAN_COLOR).filter((k) => spans.some((x) => x.kind === k));
+  box.replaceChildren(
+    el("div", { class: "plan-label", title: "the plan the runtime planner chose" },
+      `${r.plan || "no plan"} · request ${r.id} · ${spans.length} spans`),
+    timelineSvg(spans, laneOrder(spans, r.breakdown, s.me), s.me, box.clientWidth),
+    el("div", { class: "legend" }, kinds.map((k) => el("span", { "data-kind": k, style: { "--dev": SPAN_COLOR[k] || "#6a7283" } }, el("i"), k))),
+    r.breakdown ? breakdownTable(r.breakdown, kinds) : null,
+    r.breakdown ? residualLine(r.breakdown) : null);
+}
+
+function laneOrder(spans, breakdown, me) {
+  // the server's order (the coordinator first, then by first span); the same here without one
+  const first = new Map();
+  for (const x of spans) first.set(x.device, Math.min(x.start, first.has(x.device) ? first.get(x.device) : Infinity));
+  const order = breakdown ? breakdown.devices.map((d) => d.device) : [];
+  const rest = [...first.keys()].filter((d) => !order.includes(d))
+    .sort((a, b) => (a !== me) - (b !== me) || first.get(a) - first.get(b));
+  return order.concat(rest);
+}
+
+function timelineSvg(spans, lanes, me, boxWidth) {
+  let t0 = Infinity, t1 = -Infinity;
+  for (const x of spans) { t0 = Math.min(t0, x.start); t1 = Math.max(t1, x.end); }
+  const totalMs = Math.max((t1 - t0) * 1e3, 1e-3);
+  const W = Math.max(640, Math.round(boxWidth || 1000));
+  const labelW = Math.max(80, 30 + 7.2 * Math.max(...lanes.map((d) => d.length + (d === me ? 2 : 0))));
+  const right = 16, top = 26, rowH = 22, gap = 6;
+  const plotW = W - labelW - right;
+  const H = top + lanes.length * (rowH + gap) + 4;
+  const x = (t) => labelW + ((t - t0) * 1e3 / totalMs) * plotW;
+  const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img", class: "timeline-chart",
+    "aria-label": `timeline: ${lanes.length} devices over ${fmt(totalMs, 1)} ms` });
+  const step = niceStep(totalMs / 2);
+  for (let v = 0; v <= totalMs + 1e-9; v += step) {
+    const tx = labelW + (v / totalMs) * plotW;
+    root.append(svg("line", { x1: tx, x2: tx, y1: top - 6, y2: H, class: "tick" }));
+    root.append(svg("text", { x: tx, y: top - 10, "text-anchor": v === 0 ? "start" : "middle", "font-size": 10, class: "muted" },
+      v + step > totalMs + 1e-9 ? `${fmt(v, 2)} ms` : fmt(v, 2)));
+  }
+  lanes.forEach((dev, i) => {
+    const y = top + i * (rowH + gap);
+    const lane = svg("g", { "data-lane": dev });
+    lane.append(svg("rect", { x: labelW, y, width: plotW, height: rowH, rx: 3, class: "lane" }));
+    lane.append(svg("rect", { x: 0, y: y + 6, width: 4, height: rowH - 12, rx: 1, fill: deviceColor(dev) }));
+    lane.append(tip(svg("text", { x: 10, y: y + rowH / 2 + 4, "font-size": 12, "font-weight": dev === me ? 650 : 500 },
+      dev === me ? `${dev} ★` : dev), dev === me ? `${dev}: the leader, which coordinated this request` : dev));
+    // waits first, so work drawn over them stays visible
+    const mine = spans.filter((sp) => sp.device === dev).sort((a, b) => (a.kind !== "wait") - (b.kind !== "wait"));
+    for (const sp of mine) {
+      const bx = x(sp.start), bw = Math.max(1, x(sp.end) - bx);
+      const ms = (sp.end - sp.start) * 1e3;
+      const bytes = sp.bytes ? ` · ${fmtBytes(sp.bytes)}${sp.copies ? ` to ${sp.copies} device${sp.copies === 1 ? "" : "s"}` : ""}` : "";
+      lane.append(tip(svg("rect", { x: bx, y: y + 2, width: bw, height: rowH - 4, rx: 1.5, fill: SPAN_COLOR[sp.kind] || "#6a7283",
+        class: `span ${sp.kind}`, "data-kind": sp.kind }),
+        `${dev} · ${sp.kind}${sp.name ? " " + sp.name : ""} · ${fmt(ms, 2)} ms at +${fmt((sp.start - t0) * 1e3, 2)} ms${bytes}`));
+    }
+    root.append(lane);
+  });
+  return root;
+}
+
+function breakdownTable(b, kinds) {
+  return el("table", { class: "breakdown" },
+    el("thead", {}, el("tr", {}, el("th", {}, "ms per device"), kinds.map((k) => el("th", { "data-kind": k }, k)))),
+    el("tbody", {}, b.devices.map((d) => el("tr", { "data-device": d.device },
+      el("th", {}, d.device), kinds.map((k) => el("td", {}, fmt(d[k], 2)))))));
+}
+
+function residualLine(b) {
+  const wire = b.link_mbit > 0 ? `wire ${fmt(b.wire_ms, 2)} ms (its bytes at ${fmt(b.link_mbit, 0)} Mbit/s, the slowest link)`
+    : "wire – (no device's link rate known)";
+  return el("div", { class: "residual" },
+    el("p", {}, `latency ${fmt(b.latency_ms, 2)} ms = compute ${fmt(b.compute_ms, 2)} ms (the slowest device) + ${wire} + `,
+      el("strong", { class: "residual-ms", title: "what the request spent beyond its slowest device's compute and its bytes on the wire: waiting on other devices, the broker, planning, Python" },
+        `residual ${fmt(b.residual_ms, 2)} ms`)),
+    el("p", { class: "muted" }, `on the busiest device: codec ${fmt(b.codec_ms, 2)} ms · publish ${fmt(b.publish_ms, 2)} ms · planning ${fmt(b.plan_ms, 2)} ms`));
 }
 
 function niceStep(max) {
@@ -315,6 +452,8 @@ function render(s) {
   renderPlacement(s);
   renderLatency(s);
   renderRequests(s);
+  renderTimeline(s);
+  lastState = s;
   document.getElementById("footer").textContent =
     `read-only view · updated ${new Date().toLocaleTimeString([], { hour12: false })}`;
   document.body.dataset.loaded = "1";
@@ -352,4 +491,21 @@ function connect() {
   source.addEventListener("error", () => setLive("offline", "reconnecting…"));
 }
 
-fetchState().then(connect);
+function wireClicks() {
+  const list = document.getElementById("requests");
+  list.addEventListener("click", (ev) => {
+    const li = ev.target.closest("[data-request]");
+    if (li) selectRequest(li.dataset.request);
+  });
+  list.addEventListener("keydown", (ev) => {
+    const li = ev.target.closest("[data-request]");
+    if (li && (ev.key === "Enter" || ev.key === " ")) { ev.preventDefault(); selectRequest(li.dataset.request); }
+  });
+  document.getElementById("timeline-close").addEventListener("click", () => selectRequest(selectedRequest));
+}
+
+wireClicks();
+fetchState().then(() => {
+  if (selectedRequest) document.getElementById("timeline-panel").scrollIntoView({ block: "start" });
+  connect();
+});
