@@ -29,7 +29,7 @@ from detransformer_edge.integrations import plugins_for
 from detransformer_edge.integrations.hermes import HermesNlu, should_answer
 from detransformer_edge.integrations.wyoming import HANDLE_PROGRAM, AssistConnection
 from detransformer_edge.planner.profile import load_profile
-from detransformer_edge.protocol import hermes
+from detransformer_edge.protocol import hermes, hermes_tts
 from detransformer_edge.protocol.client import HomeClient
 from detransformer_edge.service.agent import HomeAgent
 from detransformer_edge.service.answers import (
@@ -126,7 +126,7 @@ async def test_an_out_of_domain_question_is_not_recognised_then_spoken_on_tts_sa
     home = FakeHome()
     await HermesNlu()._answer(home, query("who wrote the odyssey"))  # type: ignore[arg-type]
     topics = [t for t, _ in home.published]
-    assert topics == [hermes.TOPIC_NOT_RECOGNIZED, hermes.TOPIC_TTS_SAY]  # Rhasspy's answer first
+    assert topics == [hermes.TOPIC_NOT_RECOGNIZED, hermes_tts.TOPIC_TTS_SAY]  # Rhasspy's answer first
     NluIntentNotRecognized.from_dict(home.published[0][1])
     say = TtsSay.from_dict(home.published[1][1])  # the reference library reads it
     assert (say.text, say.site_id, say.session_id, say.id, say.lang) == ("Homer wrote it.", "kitchen", "s1", "q1", "en")

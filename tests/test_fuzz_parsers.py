@@ -19,7 +19,8 @@ from detransformer_edge.cluster.config import AgentConfig
 from detransformer_edge.errors import ConfigError, DetransformerError
 from detransformer_edge.parallel.plan import Plan, PlanError
 from detransformer_edge.protocol.codec import ProtocolError, load_object
-from detransformer_edge.protocol.hermes import HermesError, NluQuery, TtsSay, parse_nlu_query
+from detransformer_edge.protocol.hermes import HermesError, NluQuery, parse_nlu_query
+from detransformer_edge.protocol.hermes_tts import TtsSay
 from detransformer_edge.protocol.messages import (
     Assignment,
     DeviceStatus,

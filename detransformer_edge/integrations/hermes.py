@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 from detransformer_edge.cluster.requests import AnswerMemory
 from detransformer_edge.errors import DetransformerError
-from detransformer_edge.protocol import hermes
+from detransformer_edge.protocol import hermes, hermes_tts
 from detransformer_edge.protocol.codec import Message, ProtocolError
 from detransformer_edge.service.answers import asks_a_question
 from detransformer_edge.service.intents import IntentResult
@@ -173,7 +173,7 @@ class HermesNlu:
             log.exception("hermes: the spoken answer to %s failed", client_id)
             return
         if text and not home.cluster.superseded:
-            await self._publish(home, [hermes.say(query, text, query.id or uuid.uuid4().hex)])
+            await self._publish(home, [hermes_tts.say(query, text, query.id or uuid.uuid4().hex)])
 
     async def _publish(self, home: Home, messages: Sequence[Message]) -> bool:
         for message in messages:

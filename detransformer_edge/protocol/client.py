@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from detransformer_edge.protocol import hermes
+from detransformer_edge.protocol import hermes, hermes_tts
 from detransformer_edge.protocol.codec import ProtocolError, load_object
 from detransformer_edge.protocol.messages import LogEntry, Reply, Request, TokenEvent
 from detransformer_edge.protocol.topics import ClusterTopics
@@ -195,7 +195,7 @@ class HomeClient:
         id: a question its intent model does not know, with ``answer_questions``); call before the
         query is sent, then ``await speech(query_id, timeout)``."""
         if not self._speech:
-            self.session.subscribe(hermes.TOPIC_TTS_SAY, self._on_say, 1)
+            self.session.subscribe(hermes_tts.TOPIC_TTS_SAY, self._on_say, 1)
         self._speech.setdefault(query_id, asyncio.get_running_loop().create_future())
 
     async def speech(self, query_id: str, timeout: float) -> str | None:
@@ -218,7 +218,7 @@ class HomeClient:
 
     def _on_say(self, topic: str, payload: bytes, _props: object) -> None:
         with contextlib.suppress(ProtocolError):
-            say = hermes.TtsSay.from_json(payload)
+            say = hermes_tts.TtsSay.from_json(payload)
             fut = self._speech.get(say.id or "")
             if fut is not None and not fut.done():
                 fut.set_result(say.text)

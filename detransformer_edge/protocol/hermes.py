@@ -1,12 +1,13 @@
-"""Rhasspy Hermes protocol schemas for the home's voice assistant (NLU, and the spoken answer).
+"""Rhasspy Hermes protocol schemas for the home's voice assistant (NLU).
 
 A voice client publishes `hermes/nlu/query`; the cluster leader answers as Rhasspy's NLU does:
 `hermes/nlu/intentParsed` then `hermes/intent/<intentName>` for a recognised intent, else
 `hermes/nlu/intentNotRecognized`; `hermes/error/nlu` only for a query it cannot read. With
-``answer_questions`` an out-of-domain question is also answered by `hermes/tts/say`. Field names
+``answer_questions`` an out-of-domain question is also answered by `hermes/tts/say`
+(``protocol/hermes_tts.py``). Field names
 follow the Hermes JSON used by Rhasspy (camelCase: siteId, sessionId, intentName, confidenceScore,
 slotName, rawValue, customData); every message here is parsed by rhasspy-hermes 0.6.2 in the tests
-(`rhasspyhermes/nlu.py`, `intent.py`, `tts.py`).
+(`rhasspyhermes/nlu.py`, `intent.py`).
 
 `INTENTS`, `SLOTS` and `INTENT_SLOTS` are the vocabulary the intent model is trained on; they
 live in `detransformer_edge.nlu.vocabulary` and are re-exported here.
@@ -45,7 +46,6 @@ TOPIC_INTENT_FILTER = "hermes/intent/#"
 TOPIC_INTENT_PARSED = "hermes/nlu/intentParsed"
 TOPIC_NOT_RECOGNIZED = "hermes/nlu/intentNotRecognized"
 TOPIC_NLU_ERROR = "hermes/error/nlu"
-TOPIC_TTS_SAY = "hermes/tts/say"
 
 _INTENT_NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
@@ -405,36 +405,6 @@ class NluError(_HermesMessage):
         s = cls.SCHEMA
         return cls(req_str(d, "error", s, allow_empty=True), opt_str(d, "siteId", s, "default") or "default",
                    _opt_str_or_none(d, "sessionId", s), _opt_str_or_none(d, "context", s))
-
-
-@dataclass(frozen=True)
-class TtsSay(_HermesMessage):
-    """`hermes/tts/say`: text for the site's speech synthesiser (the home's spoken answer to a
-    question its intent model does not know). ``id`` comes back in Rhasspy's `hermes/tts/sayFinished`."""
-
-    SCHEMA: ClassVar[str] = "hermes/tts/say"
-    text: str
-    site_id: str = "default"
-    lang: str | None = None
-    id: str | None = None
-    session_id: str | None = None
-
-    topic: ClassVar[str] = TOPIC_TTS_SAY
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "siteId": self.site_id, "lang": self.lang, "id": self.id,
-                "sessionId": self.session_id}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Self:
-        s = cls.SCHEMA
-        return cls(req_str(d, "text", s, allow_empty=True), opt_str(d, "siteId", s, "default") or "default",
-                   _opt_str_or_none(d, "lang", s), _opt_str_or_none(d, "id", s), _opt_str_or_none(d, "sessionId", s))
-
-
-def say(query: NluQuery, text: str, say_id: str) -> TtsSay:
-    """Speak ``text`` at the query's site, in its session and language."""
-    return TtsSay(text, query.site_id, query.lang or None, say_id, query.session_id or None)
 
 
 def parse_nlu_query(payload: str | bytes | bytearray) -> NluQuery:
