@@ -145,3 +145,19 @@ def test_fused_layer_trains_one_by_one_and_restacks_after_reassignment() -> None
     with pytest.raises(ValueError, match="per-sub-block caches"):
         DecoupledLayer(list(Decoder(get_config("tiny-decoder", nd=2, nb=2)).layers[0].sub_blocks))(
             torch.zeros(1, 3, 64), None, cache=KVCache())
+
+
+@pytest.mark.parametrize("catalog", ["tiny", "shapes"])
+def test_a_coordinators_tools_never_build_the_model(catalog) -> None:
+    """The tokenizer (and intent head) of every random model come without its weights: a device
+    coordinating a BERT-base or SmolLM2 shape must not hold a whole random model beside its shard
+    (two SmolLM2 shapes on a 2.5 GB bench device ran out of memory that way before they were ready)."""
+    from detransformer_edge.service.catalog import CATALOGS
+
+    cat = CATALOGS[catalog]()
+    for name in cat.models:
+        tools = cat.tools(name)
+        assert tools.model is None and tools.tokenizer is not None, name
+        assert name not in cat._cache  # the full model was never loaded
+        if cat.get(name).task == "intent":
+            assert tools.intent_head is not None

@@ -363,21 +363,28 @@ def _random_model(cfg: Any, seed: int) -> Any:
 
 def _random_entry(task: Task, cfg_factory: Callable[[], Any], seed: int, description: str,
                   max_tokens: int, head: bool = False) -> ServedModel:
-    def load() -> LoadedServedModel:
+    def tools() -> LoadedServedModel:
         cfg = cfg_factory()
         intent_head = None
         if head:
             from detransformer_edge.service.intents import TinyIntentHead
 
             intent_head = TinyIntentHead(cfg.d_model, cfg.vocab_size, seed)
-        return LoadedServedModel(_random_model(cfg, seed), ByteTokenizer(cfg.vocab_size), intent_head)
+        return LoadedServedModel(None, ByteTokenizer(cfg.vocab_size), intent_head)
+
+    def load() -> LoadedServedModel:
+        t = tools()
+        return LoadedServedModel(_random_model(cfg_factory(), seed), t.tokenizer, t.intent_head)
 
     def tensors(names: Collection[str]) -> dict[str, Any]:
         from detransformer_edge.service.weights import random_tensors
 
         return random_tensors(cfg_factory(), seed, names)
 
-    return ServedModel(task, cfg_factory, load, max_tokens, description, tensors)
+    # the tokenizer (and head) without the weights: a coordinator of a BERT-base or SmolLM2 shape
+    # must not build the whole random model beside its shard just to tokenize (it did, and a
+    # 2.5 GB device holding two SmolLM2 shapes ran out of memory before it was ready)
+    return ServedModel(task, cfg_factory, load, max_tokens, description, tensors, tools)
 
 
 def tiny_catalog(seed: int = 0) -> Catalog:
