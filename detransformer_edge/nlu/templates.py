@@ -487,6 +487,8 @@ ROOMS: tuple[str, ...] = (
     "loft", "home office", "upstairs", "downstairs", "landing", "spare room", "toilet", "en suite", "cellar",
     "garden room", "second bedroom", "boys' room", "girls' room", "workshop", "mudroom", "upstairs bathroom",
     "downstairs toilet", "front room", "back room", "sitting room", "library", "gym", "shed", "patio", "balcony",
+    "snug", "music room", "box room", "cloakroom", "guest bathroom", "back porch", "front hall", "dressing room",
+    "craft room", "tv room", "breakfast room", "annex", "wine cellar", "boot room", "media room", "rec room",
 )
 DOORS: tuple[str, ...] = (
     "front", "back", "garage", "side", "patio", "basement", "kitchen", "cellar", "main", "garden", "porch",
@@ -515,6 +517,9 @@ ITEMS: tuple[str, ...] = (
     "hot sauce", "maple syrup", "pancake mix", "vanilla extract", "baking powder", "icing sugar", "cocoa powder",
     "bread rolls", "burger buns", "pitta bread", "croissants", "muffins", "dishwasher salt", "rinse aid",
     "hand wash", "face cream", "sun cream", "plasters", "paracetamol", "vitamins", "mouthwash", "floss",
+    "cream of tartar", "a loaf of bread", "a tin of tomatoes", "a bag of ice", "a box of eggs", "a jar of mayonnaise",
+    "a bottle of olive oil", "salt and vinegar crisps", "mac and cheese", "hot cross buns", "pain au chocolat",
+    "fish fingers", "cream crackers", "sweet potatoes", "spring onions", "bag of rice", "pint of milk",
 )
 MEDIA: tuple[str, ...] = (
     "jazz", "classical music", "classical", "rock", "pop", "hip hop", "rap", "country", "blues", "reggae",
