@@ -162,7 +162,7 @@ def test_calibration_meets_its_target_and_keeps_locks_strict() -> None:
     # an unlock with a door at 0.97, an out-of-domain "unlock" with a door at 0.93
     rows = [("TurnOnLight", "TurnOnLight", 0.95, "lights on")] * 20 + [
         (None, "TurnOnLight", 0.6, "open the blinds"), (None, "TurnOnLight", 0.7, "make the lights blue"),
-        ("UnlockDoor", "UnlockDoor", 0.97, "unlock the front door"), (None, "UnlockDoor", 0.93, "who is at the door"),
+        ("UnlockDoor", "UnlockDoor", 0.97, "unlock the front door"), (None, "UnlockDoor", 0.93, "unlock the car door"),
         (None, "UnlockDoor", 0.99, "unlock my phone"),  # no door named: rejected before any threshold
         (None, "LockDoor", 0.99, "is the back door locked"),  # a question: rejected before any threshold
     ] + [(None, NOT_RECOGNISED, 0.9, "tell me a joke")] * 100
@@ -173,6 +173,21 @@ def test_calibration_meets_its_target_and_keeps_locks_strict() -> None:
     assert summary["met"] and summary["validation_false_acceptance"] == 0.0
     with pytest.raises(ConfigError):
         CalibrationTarget(max_false_acceptance=1.5)
+
+
+def test_an_intent_without_evidence_takes_the_pooled_threshold() -> None:
+    # SetTemperature: commands at 0.95 and no out-of-domain row of its own, so its own cost is
+    # flat on 0..0.95; the lights' false acceptances at 0.6 and 0.7 put the pooled optimum above
+    # 0.7, and the pooled term carries it there instead of the flat range's middle.
+    rows = [("TurnOnLight", "TurnOnLight", 0.95, "lights on")] * 20 + [
+        (None, "TurnOnLight", 0.6, "open the blinds"), (None, "TurnOnLight", 0.7, "make the lights blue"),
+    ] + [("SetTemperature", "SetTemperature", 0.95, "heat to 20")] * 20 + [(None, NOT_RECOGNISED, 0.9, "hi")] * 100
+    probs = [_probs(label, conf) for _, label, conf, _ in rows]
+    args = (probs, [r[3] for r in rows], [r[0] for r in rows], CalibrationTarget(0.01, 0.9))
+    pooled, _ = choose_thresholds(*args)
+    alone, _ = choose_thresholds(*args, pooled_weight=0.0)
+    assert 0.7 < pooled.of("SetTemperature") <= 0.95 and alone.of("SetTemperature") < 0.6
+    assert 0.7 < pooled.of("TurnOnLight") <= 0.95
 
 
 def test_rare_intents_weigh_more() -> None:

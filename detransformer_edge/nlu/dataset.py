@@ -7,7 +7,9 @@ Out-of-domain examples carry the intent ``None`` ("not recognised") and no slots
 
 Spoken variety comes from the values (levels and durations as digits or words, fractions,
 decimals, compound durations, "15-second" before "timer"), a leading "hey"/"okay" or a trailing
-"please" now and then, and the case and punctuation of speech-to-text front ends.
+"please" now and then, the frames people put around a command (a clause of context before it, "could
+you" before an imperative, a remark after it) on commands and out-of-domain utterances alike, and
+the case and punctuation of speech-to-text front ends.
 ``could_be_generated(text)`` answers whether any template could have produced a text, so the
 independent evaluation sets can be checked against it.
 """
@@ -43,6 +45,38 @@ IGNORE = -100  # label of special tokens ([CLS], [SEP], padding): no loss, no pr
 _PLACEHOLDER = re.compile(r"\{(~?\w+)\}")  # "{~duration}": filled like a duration, but not a slot
 PREFIXES: tuple[str, ...] = ("hey ", "okay ", "um ", "so ", "right, ", "hey there, ")
 SUFFIXES: tuple[str, ...] = (" please", " thanks", " now", " thank you")
+# People put a command inside a sentence: a clause of context before it, a polite frame around an
+# imperative, a remark after it. Rendered on commands and out-of-domain utterances alike, so the
+# frame never decides the intent, and its nouns ("work", "sleep") are never slot values. None
+# starts with a question word: the lock rule would refuse a lock command after one.
+LEAD_INS: tuple[str, ...] = (
+    "before i forget, ", "while you're at it, ", "one more thing, ", "actually, ", "alright, ", "quick one, ",
+    "sorry, ", "it's getting late, ", "i'm back, ", "we've got guests, ", "i'm working from home today, ",
+    "morning, ", "evening, ", "listen, ", "i'm off to work, ", "the baby is asleep, ", "it's movie night, ",
+    "ok so ", "oh and ", "just a sec, ",
+)
+IMPERATIVE_FRAMES: tuple[str, ...] = (  # before a template that starts with a verb
+    "can you ", "could you ", "would you ", "will you ", "please ", "i'd like you to ", "i want you to ",
+    "do me a favour and ", "can you please ", "just ", "could you please ", "i need you to ",
+)
+TAILS: tuple[str, ...] = (
+    " for me", " if you can", " when you get a chance", ", thanks a lot", ", cheers", ", i'm reading",
+    ", it's late", ", i'm going to sleep", ", we're going out", " right away", ", would you", " for a bit",
+)
+IMPERATIVE_VERBS: frozenset[str] = frozenset({  # first words that make a template an imperative
+    "turn", "switch", "set", "put", "dim", "make", "lock", "unlock", "add", "play", "stop", "pause", "start",
+    "cancel", "change", "adjust", "raise", "lower", "bring", "heat", "warm", "cool", "keep", "kill", "shut",
+    "power", "activate", "deactivate", "flick", "get", "brighten", "darken", "increase",
+    "reduce", "tell", "check", "read", "give", "create", "begin", "count", "remind", "wake", "alert",
+    "delete", "remove", "clear", "abort", "end", "dismiss", "scrap", "forget", "silence", "quit", "halt",
+    "resume", "unpause", "continue", "secure", "bolt", "engage", "deadbolt", "close", "release", "disengage",
+    "open", "undo", "unlatch", "unbolt", "take", "write", "note", "pick", "buy", "order", "reorder",
+    "send", "show", "call", "ring", "text", "mute", "unmute", "skip", "go", "mow", "vacuum", "mop", "dock",
+    "return", "park", "tilt", "lift", "draw", "roll", "cross", "tick", "mark", "empty", "arm", "disarm",
+    "answer", "boost", "preheat", "run", "water", "schedule", "navigate", "book", "find", "translate",
+    "convert", "define", "recommend", "flip", "sing", "restart", "update", "charge", "connect",
+    "throw", "stick", "fire", "queue", "crank", "bump", "drop", "knock", "jot", "grab", "ping", "hit",
+})
 
 
 @dataclass(frozen=True)
@@ -177,14 +211,32 @@ def _value(slot: str, intent: str | None, template: str, end: int, rng: random.R
     raise ConfigError(f"unknown slot {slot!r} in template {template!r}")
 
 
+def is_imperative(template: str) -> bool:
+    """Does ``template`` start with a verb (so "could you " may go before it)?"""
+    first = template.split(" ", 1)[0].strip(",")
+    return first in IMPERATIVE_VERBS
+
+
+def _frame_before(template: str, rng: random.Random) -> list[str]:
+    """What goes before a rendering: "hey " (12 %), a clause of context (8 %), a polite frame
+    around an imperative (12 % of imperatives)."""
+    out = []
+    if rng.random() < 0.12:
+        out.append(rng.choice(PREFIXES))
+    if rng.random() < 0.08:
+        out.append(rng.choice(LEAD_INS))
+    if is_imperative(template) and rng.random() < 0.12:
+        out.append(rng.choice(IMPERATIVE_FRAMES))
+    return out
+
+
 def _fill(template: str, intent: str | None, rng: random.Random) -> tuple[str, tuple[SlotSpan, ...]]:
     """Render one template; returns text and the character spans of its slots."""
     out: list[str] = []
     spans: list[SlotSpan] = []
     pos = 0
     length = 0
-    if rng.random() < 0.12:
-        prefix = rng.choice(PREFIXES)
+    for prefix in _frame_before(template, rng):
         out.append(prefix)
         length += len(prefix)
     for m in _PLACEHOLDER.finditer(template):
@@ -199,8 +251,11 @@ def _fill(template: str, intent: str | None, rng: random.Random) -> tuple[str, t
         length += len(value)
         pos = m.end()
     out.append(template[pos:])
-    if rng.random() < 0.1:
+    r = rng.random()
+    if r < 0.1:
         out.append(rng.choice(SUFFIXES))
+    elif r < 0.16:
+        out.append(rng.choice(TAILS))
     text = "".join(out)
     if rng.random() < 0.15:  # spoken-to-text front ends differ in case and punctuation
         text = text[0].upper() + text[1:]
@@ -285,14 +340,17 @@ def _template_patterns() -> tuple[re.Pattern[str], ...]:
         "level": _NUMBERISH, "duration": _NUMBERISH,
         **{k: _alternation(v) for k, v in OOD_FILLERS.items()},
     }
-    prefix = _alternation(tuple(p.strip() for p in PREFIXES))
-    suffix = _alternation(tuple(s.strip() for s in SUFFIXES))
+    prefix = f"(?:{_alternation(tuple(p.strip() for p in PREFIXES))}[ ,]*)?"
+    lead_in = f"(?:{_alternation(tuple(p.strip() for p in LEAD_INS))}[ ,]*)?"
+    frame = f"(?:{_alternation(tuple(p.strip() for p in IMPERATIVE_FRAMES))} )?"
+    suffix = f"(?:{_alternation(tuple(s.strip() for s in SUFFIXES))}|{_alternation(tuple(s.strip(' ,') for s in TAILS))})"
     templates = [t for ts in TEMPLATES.values() for t in ts] + [t for _, ts in OUT_OF_DOMAIN.values() for t in ts]
     out = []
     for t in templates:
         body = "".join(slot_pattern[piece.lstrip("~")] if k % 2 else re.escape(piece)
                        for k, piece in enumerate(_PLACEHOLDER.split(t)))
-        out.append(re.compile(f"(?:{prefix}[ ,]*)?{body}(?: {suffix})?[.?]?", re.IGNORECASE))
+        before = prefix + lead_in + (frame if is_imperative(t) else "")
+        out.append(re.compile(f"{before}{body}(?:,? {suffix})?[.?]?", re.IGNORECASE))
     return tuple(out)
 
 
