@@ -56,6 +56,16 @@ def test_decide_rejects_below_threshold_without_a_door_and_on_questions() -> Non
     assert decide(_probs("UnlockDoor", 0.9), "unlock the front door", th)[0] is None  # stricter threshold
 
 
+@pytest.mark.parametrize("text", ["unbolt the side door please", "unlatch the front door", "unlock the back door",
+                                  "let me in the front door", "i'm outside, let her in through the side door"])
+def test_an_unlocking_utterance_is_never_answered_with_a_lock(text: str) -> None:
+    """The model once answered "unbolt the side door please" with LockDoor at its threshold: an un-
+    verb or "let ... in" rules LockDoor out, and the rule rejects rather than flipping to an unlock."""
+    th = Thresholds({i: 0.5 for i in INTENTS})
+    assert decide(_probs("LockDoor", 0.999), text, th)[0] is None
+    assert decide(_probs("LockDoor", 0.999), "lock the side door please", th)[0] == "LockDoor"
+
+
 def test_thresholds_are_validated() -> None:
     with pytest.raises(ConfigError, match="missing"):
         Thresholds({"TurnOnLight": 0.5})

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from detransformer_edge.errors import ConfigError
 from detransformer_edge.nlu.evalsets import EVAL_SETS, load_eval_set
-from detransformer_edge.nlu.locks import asks_to_unlock, names_door_or_lock
+from detransformer_edge.nlu.locks import asks_to_unlock, names_door_or_lock, says_unlock_verb
 from detransformer_edge.nlu.templates import (
     DOORS,
     ITEMS,
@@ -118,6 +118,8 @@ def _check_vocabulary() -> None:
                 raise ConfigError(f"{intent} template {t!r} names no door or lock; the decision would reject it")
             if intent == "UnlockDoor" and not asks_to_unlock(t):
                 raise ConfigError(f"UnlockDoor template {t!r} has no unlocking word; the decision would reject it")
+            if intent == "LockDoor" and says_unlock_verb(t):
+                raise ConfigError(f"LockDoor template {t!r} has an unlocking word; the decision would reject it")
     for domain, (nearness, templates) in OUT_OF_DOMAIN.items():
         if nearness not in ("near", "far"):
             raise ConfigError(f"out-of-domain group {domain!r} must be 'near' or 'far', not {nearness!r}")

@@ -52,9 +52,19 @@ def asks_to_unlock(text: str) -> bool:
     return bool(_UNLOCK_VERB.search(t) or (_RELEASE_VERB.search(t) and _LOCK_NOUN.search(t)))
 
 
+def says_unlock_verb(text: str) -> bool:
+    """True when ``text`` has an un- verb ("unlock", "unbolt", "unlatch") or "let ... in": words
+    that never ask for a lock to close."""
+    return bool(_UNLOCK_VERB.search(text.lower()))
+
+
 def lock_allowed(text: str, intent: str = "LockDoor") -> bool:
     """The deterministic part of the lock rule: a door or lock is named, it is not a question,
-    and for UnlockDoor an unlocking word is said."""
+    for UnlockDoor an unlocking word is said, and LockDoor is never the answer to an utterance
+    with an un- verb ("unbolt the side door" is not a lock request, whatever the model says; it is
+    rejected, never turned into an unlock)."""
     if not names_door_or_lock(text) or is_question(text):
         return False
-    return intent != "UnlockDoor" or asks_to_unlock(text)
+    if intent == "UnlockDoor":
+        return asks_to_unlock(text)
+    return not says_unlock_verb(text)
