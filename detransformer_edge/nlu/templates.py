@@ -4,17 +4,18 @@ A template is text with ``{slot}`` placeholders (``{~slot}``: filled like the sl
 as one, for words the intent does not take: "cancel the {~duration} timer"). Templates, not examples, are split between
 train / validation / test (``dataset.py``), so test phrasings are never seen in training.
 
-Out-of-domain templates are grouped by domain; "near" domains sit next to ours (fans, covers,
-vacuum, mower, media transport, timer status, list editing, light colours, scenes, alarms,
-calendar, calls, messages, lock status, appliances) and share their words, "far" ones do not.
-Their placeholders are filled from the same value lists as the intents' (a room or a number
-alone must not decide an intent), and they carry no slots.
+Out-of-domain templates (grouped by domain, near and far) live in ``out_of_domain.py`` and are
+re-exported here.
 
 The lock intents' templates all name a door or a lock: without one the decision rejects them
 anyway (``locks.names_door_or_lock``), and the dataset checks it.
 """
 
 from __future__ import annotations
+
+from detransformer_edge.nlu.out_of_domain import OOD_FILLERS, OUT_OF_DOMAIN
+
+__all__ = ["DOORS", "ITEMS", "MEDIA", "OOD_FILLERS", "OUT_OF_DOMAIN", "ROOMS", "TEMPLATES"]
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "TurnOnLight": (
@@ -287,199 +288,6 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# Out-of-domain phrasings by domain: (how near, templates).
-OUT_OF_DOMAIN: dict[str, tuple[str, tuple[str, ...]]] = {
-    "fan": ("near", (
-        "turn on the fan", "turn off the {room} fan", "set the fan to high", "fan speed {level}",
-        "switch the fan on in the {room}", "make the fan faster", "turn the fan down", "put the {room} fan on low",
-        "fan off in the {room}", "start the ceiling fan", "set the {room} fan to {level}", "oscillate the fan",
-        "is the fan on", "turn the fan speed up", "the {room} fan on medium",
-    )),
-    "cover": ("near", (
-        "open the blinds", "close the {room} curtains", "open the {room} blinds", "lower the blinds",
-        "raise the {room} shades", "set the blinds to {level}", "close the shutters", "open the garage door",
-        "close the garage door", "shut the {room} blinds", "open the curtains in the {room}", "draw the {room} curtains",
-        "put the {room} blinds at {level}", "open the window", "close the {room} window", "is the garage door open",
-        "open the skylight", "roll down the shutters in the {room}", "open the gate", "close the gate",
-        "put the {room} at {level}", "open the {room} shades halfway",
-        "tilt the {room} blinds", "lift the blinds", "open the awning",
-    )),
-    "vacuum": ("near", (
-        "start the vacuum", "vacuum the {room}", "send the vacuum back to its base", "return the robot vacuum to the dock",
-        "stop the vacuum", "pause the vacuum cleaner", "clean the {room} floor", "dock the vacuum",
-        "start the robot cleaner in the {room}", "have the hoover clean the {room}", "is the vacuum charging",
-        "send the roomba home", "mop the {room}", "tell the vacuum to go home", "vacuum for {duration}",
-        "stop cleaning", "resume vacuuming",
-    )),
-    "mower": ("near", (
-        "start the mower", "mow the lawn", "send the mower home", "stop the lawnmower", "dock the mower",
-        "return the mower to its base", "pause the mower", "mow the front lawn", "start mowing",
-        "is the mower done", "mow for {duration}", "park the lawn mower", "send the robot mower out",
-    )),
-    "media_control": ("near", (
-        "next song", "skip this track", "play the next song", "previous track", "go back a song",
-        "skip forward {duration}", "rewind {duration}", "fast forward {duration}", "shuffle the playlist",
-        "repeat this track", "what's playing", "what song is playing", "who is this artist", "turn shuffle on",
-        "skip", "skip to the next one", "play the previous song", "restart the song", "like this track",
-        "add this song to my playlist", "turn on the tv", "turn off the tv in the {room}", "switch to channel {level}",
-        "mute the speaker", "mute", "unmute", "mute the {room} speaker", "what's on tv", "play the next episode",
-        "pause the tv", "turn on the radio", "open netflix", "play a podcast",
-        "what was that song", "i love this song", "who sings this", "the music is great",
-        "what album is this from", "how long is this song",
-    )),
-    "timer_status": ("near", (
-        "how much time is left on the timer", "how long is left", "pause the timer", "resume the timer",
-        "add {duration} to the timer", "how long until the timer is done", "what timers are running",
-        "is the timer still going", "restart the timer", "extend the timer by {duration}",
-        "how much longer on the {duration} timer", "status of the timer", "check the kitchen timer",
-        "how far along is the egg timer", "pause my countdown", "take {duration} off the timer", "when will the timer go off",
-        "the timer went off", "was a timer set", "how long was the timer for", "the {duration} timer is beeping",
-        "did the timer finish", "show me the timers",
-    )),
-    "list_edit": ("near", (
-        "remove {item} from the shopping list", "take {item} off my list", "cross {item} off the list",
-        "what's on the shopping list", "read me my shopping list", "check off {item}", "clear the shopping list",
-        "delete {item} from the list", "is {item} on the list", "did i add {item} to the list",
-        "mark {item} as done", "tick {item} off the shopping list", "empty my shopping list",
-        "how many items are on the list", "add {thing} to my to-do list", "put {thing} on my to do list",
-        "what's on my to do list", "remove the last item from the list", "we already have {item}, take it off",
-        "start a new shopping list", "send the shopping list to {name}",
-        "we're out of time", "the {item} is in the fridge", "where's the {item}", "how much {item} do we have",
-        "did we buy {item}", "who ate all the {item}",
-    )),
-    "light_colour": ("near", (
-        "make the {room} lights blue", "set the lights to red", "change the {room} light colour to green",
-        "make the lights warm white", "turn the {room} lights purple", "set the lamp to orange",
-        "make the lights cooler", "change the lights to daylight", "set the {room} lights to a warm colour",
-        "make the lights flash", "turn on the disco lights", "set a colour loop in the {room}",
-        "change the light temperature in the {room}", "make the {room} lamp pink", "the lights should be yellow",
-        "the {room} light bulb is broken", "the {room} lights keep flickering", "who turned the {room} lights on",
-        "are the {room} lights on", "how long has the {room} light been on", "which lights are on",
-    )),
-    "scene": ("near", (
-        "activate movie mode", "start the relax scene", "good night", "turn on party mode", "run my morning routine",
-        "set the {room} scene to reading", "i'm leaving", "i'm home", "turn on away mode", "activate vacation mode",
-        "start the bedtime routine", "set the mood for dinner", "run the goodnight automation",
-        "turn on night mode in the {room}", "switch to cinema mode",
-    )),
-    "alarm": ("near", (
-        "set an alarm for {clock}", "wake me up at {clock}", "cancel my alarm", "snooze", "turn off the alarm",
-        "what time is my alarm", "set an alarm for tomorrow morning", "delete my {clock} alarm",
-        "remind me to {thing} at {clock}", "remind me to {thing} tomorrow", "set a reminder for {clock}",
-        "change my alarm to {clock}", "stop the alarm", "is my alarm set", "create a reminder to {thing}",
-    )),
-    "calendar": ("near", (
-        "what's the date", "what day is it today", "what's the date tomorrow", "what's on my calendar",
-        "when is my next appointment", "add a meeting on friday", "am i busy tomorrow", "how many days until {holiday}",
-        "when is {holiday}", "what day of the week is it", "what year is it", "schedule a dentist appointment",
-        "what's today's date", "which day is {holiday} this year",
-    )),
-    "communication": ("near", (
-        "call {name}", "ring {name}", "phone {name} on the mobile", "text {name} that i'm on my way",
-        "send a message to {name}", "read my messages", "any new messages", "check my email", "email {name}",
-        "video call {name}", "tell {name} dinner is ready", "message the family group", "who called me",
-        "announce dinner is ready in the {room}", "broadcast time for bed",
-    )),
-    "climate_other": ("near", (
-        "turn on the air conditioning", "switch off the heating", "turn the heating on", "set the thermostat to eco",
-        "what's the humidity in the {room}", "turn on the dehumidifier", "is the heating on", "boost the hot water",
-        "turn on the humidifier in the {room}", "set the ac to cool", "switch the heater off in the {room}",
-        "turn on the towel warmer", "put the heating on holiday mode", "how humid is it in the {room}",
-        "is the heating working", "why is the {room} so cold", "the radiator in the {room} is leaking",
-        "how much does the heating cost", "when does the heating come on",
-    )),
-    "security": ("near", (
-        "who's at the {room} door", "show me the {room} door camera", "is the {room} door locked",
-        "did i lock the {room} door", "is the {room} door open", "arm the alarm", "disarm the security system",
-        "ring the doorbell", "who rang the doorbell", "when was the {room} door last opened", "door lock status",
-        "what's the code for the {room} lock", "change the lock code", "the {room} lock battery is low",
-        "is the {room} door closed", "was the door unlocked today", "unlock my phone", "unlock the car",
-        "lock my phone", "lock the car", "lock the screen", "unlock my laptop", "open the cat flap",
-        "show the {room} camera", "is anyone at the door", "who unlocked the {room} door", "open the dog door",
-        "answer the door", "check the {room} door", "the {room} door is stuck", "open the {room} door camera",
-        "is the {room} lock working", "open the garage", "open the garage app", "unlock the next level",
-        "are the doors locked", "are all the doors locked", "is the {room} door unlocked", "was the {room} door locked",
-        "did someone unlock the {room} door", "check if the {room} door is locked", "is the {room} lock on",
-        "has the {room} door been locked", "why is the {room} door unlocked", "tell me if the {room} door is locked",
-        "how long has the {room} door been unlocked", "is the {room} door lock engaged", "the {room} door won't lock",
-        "show the lock history", "did i leave the {room} door unlocked", "when was the {room} door locked",
-        "the {room} door is open", "someone is at the {room} door", "the {room} door is squeaking",
-        "the {room} lock is broken", "who has a key to the {room} door",
-    )),
-    "appliance": ("near", (
-        "turn on the coffee machine", "switch off the kettle", "start the dishwasher", "turn on the tv in the {room}",
-        "turn on the christmas lights", "preheat the oven to {level}", "turn the oven to {level}",
-        "start the washing machine", "is the dryer finished", "turn on the sprinklers", "water the garden for {duration}",
-        "turn on the hot tub", "switch on the plug in the {room}", "turn off the socket in the {room}",
-        "start the robot lawn mower", "turn on the electric blanket", "switch off the iron", "turn on the heated floor",
-        "run the dishwasher for {duration}", "turn on the printer", "switch on the aquarium pump",
-    )),
-    "sensor": ("near", (
-        "how much energy are we using", "what's the battery on the {room} lock", "is there motion in the {room}",
-        "what's the air quality in the {room}", "is any window open", "is the {room} window open",
-        "how much electricity did we use today", "is there a leak in the {room}", "what's the co2 level",
-        "check the smoke alarm",
-    )),
-    "shopping_order": ("near", (
-        "order {item} online", "buy {item} on amazon", "reorder {item}", "where's my package", "track my order",
-        "order a pizza", "order takeaway", "when does my delivery arrive", "how much is {item}",
-    )),
-    "chitchat": ("far", (
-        "tell me a joke", "how are you today", "what's your name", "good morning", "thank you", "do you like cats",
-        "i'm bored", "who made you", "are you listening", "you're great", "what can you do", "never mind",
-        "hello", "goodbye", "i love you", "are you a robot", "sing a song", "tell me a story", "how old are you",
-        "what's up", "cancel", "nothing", "stop talking", "that's all", "good job", "what's your favourite food",
-    )),
-    "knowledge": ("far", (
-        "who wrote {thing}", "what is the capital of {country}", "how tall is mount everest", "what's {a} plus {b}",
-        "how do you spell {word}", "translate {word} into spanish", "what's the meaning of life",
-        "who is the president of {country}", "how far is the moon", "what does {word} mean",
-        "what's the population of {country}", "how old is {name}", "how many ounces in a cup", "what is photosynthesis",
-        "who painted the mona lisa", "tell me about {country}", "what's {a} times {b}", "how many days in a year",
-        "what's {a} percent of {b}", "who discovered gravity", "why is the ocean salty", "how hot is the sun",
-        "how many centimetres in an inch", "define {word}", "what's the biggest animal", "who was {name}",
-        "how deep is the ocean", "what language is spoken in {country}", "when was {country} founded",
-        "how many seconds in an hour", "what's the time in {country}", "convert {a} pounds to kilos",
-    )),
-    "cooking": ("far", (
-        "how do i make pancakes", "find a recipe for {thing}", "how long do you boil {item}",
-        "what can i cook with {item}", "how many calories in {item}", "is {item} healthy", "how do i bake bread",
-        "what goes well with {item}", "how long to roast a chicken", "what temperature do i cook {item} at",
-        "give me a recipe with {item}", "how do you make {thing}",
-    )),
-    "news_sport_money": ("far", (
-        "who won the game last night", "read me the news", "what's the score of the match", "what's trending today",
-        "how are my stocks doing", "what's the price of gold", "when is the next {team} game", "did {team} win",
-        "what's the exchange rate", "give me the headlines", "what's new today", "latest sports news",
-    )),
-    "travel": ("far", (
-        "navigate to the airport", "book a flight to {country}", "where is the nearest pharmacy",
-        "how long to drive to work", "how's the traffic", "call a taxi", "when's the next bus",
-        "find a hotel in {country}", "directions to the station", "is the shop open", "where can i park",
-    )),
-    "life": ("far", (
-        "how do i fix a leaky faucet", "recommend a good movie", "is {name} coming for dinner",
-        "set up a meeting with {name}", "what should i wear", "how do i get rid of ants", "i have a cold",
-        "how much sleep do i need", "how do i clean the oven", "give me a fun fact", "flip a coin",
-        "roll a die", "pick a number", "what's a good name for a cat", "recommend a book", "i'm tired",
-        "the kids are asleep", "the dog needs feeding", "i'm going out", "we have guests tonight", "i'm hungry",
-        "my head hurts", "where did i put my glasses", "let's play a game", "play i spy", "tell me a riddle",
-        "what should we have for dinner", "how do i change a tyre", "book a table for two",
-        "the dog needs a walk", "my phone is dead", "the baby is crying", "i need a holiday",
-        "i can't find my keys", "it's my birthday", "we're having a party on saturday", "i'm late for work",
-        "the car won't start", "it's been a long day", "the bins need taking out",
-    )),
-    "device_app": ("far", (
-        "find my phone", "take a photo", "open youtube", "turn on wifi", "what's the wifi password",
-        "restart the router", "update the software", "turn on bluetooth", "open the camera app",
-        "charge my phone", "connect to the tv", "open spotify settings",
-    )),
-    "noise": ("far", (
-        "um", "hmm okay", "the the", "what", "sorry", "testing testing", "can you hear me", "i was talking to {name}",
-        "blah blah", "yes", "no", "maybe later", "oops", "wrong button", "hang on",
-    )),
-}
-
 ROOMS: tuple[str, ...] = (
     "kitchen", "living room", "bedroom", "bathroom", "office", "garage", "hallway", "dining room",
     "kids room", "basement", "guest room", "study", "attic", "laundry room", "nursery", "master bedroom",
@@ -535,14 +343,3 @@ MEDIA: tuple[str, ...] = (
     "the top forty", "some relaxing music", "focus music", "dinner music", "party music",
     "the new album by adele", "fleetwood mac", "david bowie", "the eagles", "bon jovi", "metallica",
 )
-OOD_FILLERS: dict[str, tuple[str, ...]] = {
-    "thing": ("hamlet", "the odyssey", "lasagna", "banana bread", "war and peace", "curry", "call the plumber",
-              "water the plants", "pick up the kids", "take the bins out", "pay the bills", "buy a present"),
-    "country": ("france", "japan", "brazil", "kenya", "canada", "italy", "india", "norway"),
-    "word": ("serendipity", "necessary", "ubiquitous", "rhythm", "hello", "library"),
-    "name": ("john", "sarah", "grandma", "alex", "maria", "dad", "mum", "the kids"),
-    "a": ("two", "seven", "12", "40", "fifty"), "b": ("three", "nine", "8", "15", "twenty"),
-    "clock": ("7 am", "six thirty", "half past seven", "8 o'clock", "noon", "quarter to six", "10 pm"),
-    "holiday": ("christmas", "easter", "halloween", "new year", "my birthday"),
-    "team": ("united", "the lakers", "the yankees", "arsenal", "the giants"),
-}
