@@ -33,11 +33,17 @@ from typing import Any
 
 from detransformer_edge.errors import DetransformerError
 from detransformer_edge.protocol.client import HomeClient
+from detransformer_edge.protocol.hermes import (
+    TOPIC_INTENT_FILTER,
+    TOPIC_INTENT_PREFIX,
+    TOPIC_NLU_ERROR,
+    TOPIC_NOT_RECOGNIZED,
+)
 
 TREE = Path(__file__).resolve().parents[2]  # the source tree the agents must run, not an installed copy
 PROFILES_DIR = TREE / "firmware_profiles"
 PROFILES = ("intel-n100-minipc", "raspberry-pi-5", "raspberry-pi-4b", "smart-speaker-a53")
-HERMES_REPLIES = ("hermes/intent/#", "hermes/nlu/intentNotRecognized", "hermes/error/nlu")
+HERMES_REPLIES = (TOPIC_INTENT_FILTER, TOPIC_NOT_RECOGNIZED, TOPIC_NLU_ERROR)
 
 
 class FleetError(DetransformerError):
@@ -165,7 +171,7 @@ class Answer:
 
     @property
     def ok(self) -> bool:
-        return "result" in self.body or self.topic.startswith("hermes/intent/") or self.topic == HERMES_REPLIES[1]
+        return "result" in self.body or self.topic.startswith(TOPIC_INTENT_PREFIX) or self.topic == HERMES_REPLIES[1]
 
     @property
     def error(self) -> str | None:
