@@ -79,6 +79,24 @@ def test_ties_broken_by_smaller_id() -> None:
     assert ranked_candidates({"b": 3.0, "a": 3.0}, frozenset({"a"})) == ["b"]
 
 
+def test_devices_holding_the_model_files_rank_first() -> None:
+    """A device that holds the model files leads before a faster one that would fetch them."""
+    assert ranked_candidates({"fast": 9.0, "files": 1.0, "mid": 5.0}, preferred=frozenset({"files"})) == [
+        "files", "fast", "mid"]
+    s = snap(self_id="fast", members={"fast": 9.0, "files": 1.0}, preferred=frozenset({"files"}))
+    assert decide(s) == Hold()  # ranked second: waits its stagger
+    assert isinstance(decide(snap(self_id="files", members={"fast": 9.0, "files": 1.0},
+                                  preferred=frozenset({"files"}))), PublishLease)
+
+
+def test_a_loading_device_does_not_claim_but_a_loading_leader_renews() -> None:
+    assert decide(snap(loading=True)) == Hold()  # vacant, best ranked, but busy loading
+    assert isinstance(decide(snap(loading=False)), PublishLease)
+    mine = lease("a", term=5, expires=100.0 + LEASE * 0.4)  # past the renewal point
+    renew = decide(snap(lease=mine, vacant_since=None, loading=True))
+    assert isinstance(renew, PublishLease) and renew.reason == "renew" and renew.record.term == 5
+
+
 def test_live_lease_is_not_preempted_by_higher_score() -> None:
     s = snap(self_id="big", members={"big": 100.0, "a": 1.0}, lease=lease("a", session="sa"))
     assert decide(s) == Hold()
