@@ -295,3 +295,27 @@ def test_traced_runs_say_where_the_time_goes():
     table = where_table([s])
     assert "| enc128 | 100 | bp-fixed | 450 | 300 | 10 |" in table and table.rstrip().endswith("| 140 |")
     assert where_table([Samples("single", "enc128", "homo", (0.4,), 100, None, "bert-base")]) == ""
+
+
+def test_an_agent_killed_before_readiness_is_named_at_once(tmp_path: Path) -> None:
+    """The heterogeneous home waited its whole 300 s while its leader lay OOM-killed: the wait now
+    fails at once, naming the device and the signal."""
+    import subprocess
+    import sys
+
+    from detransformer_edge.bench.runner import BenchError, BenchHome
+
+    sc = Scenario("hetero", (0.8, 0.4, 0.2, 0.2), 100, None, (WORKLOADS["enc128"],), ())
+    bh = BenchHome(sc, None, tmp_path, progress=lambda _m: None, ram_mb=2500)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    killed = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    killed.wait()
+    try:
+        bh._agents = {"dev1": alive}
+        bh._check_agents_alive()  # all alive: nothing to say
+        bh._agents["dev0"] = killed
+        with pytest.raises(BenchError, match=r"dev0's agent was killed by signal 9 \(SIGKILL: out of memory in its 2500 MB"):
+            bh._check_agents_alive()
+    finally:
+        alive.kill()
+        alive.wait()

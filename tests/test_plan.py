@@ -85,3 +85,15 @@ def test_required_weights_and_placement():
     placement = Placement(1, {d: required_weights(plan, kinds, d) for d in plan.devices})
     assert placement.can_run(plan, kinds)
     assert not placement.can_run(PLANS[4], kinds)
+
+
+def test_full_replicas_hold_a_tp_shard_only_among_several_devices() -> None:
+    """A shard of one is the whole model a second time: a leader alone (the heterogeneous bench
+    home starts its strongest device first) was OOM-killed holding three models twice."""
+    from detransformer_edge.parallel.plan import full_replica_weights
+
+    kinds = ("decoupled", "coupled")
+    alone = full_replica_weights(("dev0",), kinds, 2)
+    assert alone["dev0"].tp_shards == () and alone["dev0"].whole_layers == (0, 1) and alone["dev0"].embeddings
+    three = full_replica_weights(("dev0", "dev1", "dev2"), kinds, 2)
+    assert [three[d].tp_shards for d in ("dev0", "dev1", "dev2")] == [((0, 3),), ((1, 3),), ((2, 3),)]

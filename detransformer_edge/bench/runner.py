@@ -221,6 +221,7 @@ class BenchHome:
         self.leader: str | None = None
         self._stack = ExitStack()
         self._client: subprocess.Popen[str] | None = None
+        self._agents: dict[str, subprocess.Popen[Any]] = {}  # device -> its agent process
         self.home: Any = None
 
     def __enter__(self) -> BenchHome:
@@ -258,7 +259,7 @@ class BenchHome:
             dump_profile(prof, ppath)
             cpath = self.workdir / f"{name}.agent.toml"
             cpath.write_text(agent_toml(name, ppath, broker_ip))
-            self.home.spawn(name, [sys.executable, "-m", "detransformer_edge.cli", "agent", "--config", str(cpath),
+            self._agents[name] = self.home.spawn(name, [sys.executable, "-m", "detransformer_edge.cli", "agent", "--config", str(cpath),
                                    "--catalog", self.catalog, "--replicate-all", "--models", ",".join(self.models),
                                    "--threads", str(self.threads)],
                             stdout=self._log(name), stderr=subprocess.STDOUT)
@@ -349,6 +350,18 @@ class BenchHome:
         answer: dict[str, Any] = json.loads(line)
         return answer
 
+    def _check_agents_alive(self) -> None:
+        """An agent that exited never becomes ready: say which one and how, at once, instead of
+        waiting out the readiness timeout (a device over its memory limit is killed by the kernel
+        without a word in its own log)."""
+        for name, proc in self._agents.items():
+            code = proc.poll()
+            if code is None:
+                continue
+            how = (f"was killed by signal {-code}" + (" (SIGKILL: out of memory in its "
+                   f"{self.ram_mb} MB limit? see dmesg)" if code == -9 else "")) if code < 0 else f"exited with {code}"
+            raise BenchError(f"{name}'s agent {how} before the home was ready; its log: {self.workdir / (name + '.log')}")
+
     def wait_ready(self, workload: Workload, timeout_s: float = 300.0, model: str | None = None) -> str:
         """Wait until the leader plans TP over every device (all agents joined and loaded);
         returns the leader's id (the coordinator of baseline plans)."""
@@ -360,6 +373,7 @@ class BenchHome:
             params.update(max_new_tokens=1, chat=False)
         wait = 3.0  # a probe sent before a leader exists is never answered: re-ask, patiently more
         while time.monotonic() < deadline:
+            self._check_agents_alive()
             ans = self.request(workload.op, "ready?", params, timeout_s=min(wait, max(1.0, deadline - time.monotonic())))
             wait = min(2 * wait, 30.0)
             if ans.get("ok"):

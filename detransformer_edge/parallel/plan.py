@@ -294,9 +294,12 @@ def baseline_plan(strategy: str, devices: tuple[str, ...], n_layers: int, nd: in
 
 
 def full_replica_weights(devices: tuple[str, ...], layer_kinds: tuple[str, ...], nd: int) -> dict[str, DeviceWeights]:
-    """Every device holds everything (and its TP shard for ``devices`` order): any plan runs."""
+    """Every device holds everything (and its TP shard for ``devices`` order): any plan runs.
+    Alone, a device holds no TP shard: a shard of one is the whole model a second time (a leader
+    that started before the others was OOM-killed holding three models twice)."""
     whole = tuple(range(len(layer_kinds)))
+    k = len(devices)
     return {
-        d: DeviceWeights(True, tuple(range(nd)), whole, ((rank, len(devices)),))
+        d: DeviceWeights(True, tuple(range(nd)), whole, ((rank, k),) if k > 1 else ())
         for rank, d in enumerate(devices)
     }
