@@ -24,3 +24,36 @@ async def test_weights_load_on_a_lower_priority_thread_and_compute_on_its_own():
             assert host.ready and host.version == 1
         finally:
             await host.close()
+
+
+async def test_a_replaced_model_is_let_go_before_its_new_shard_loads():
+    """A re-placement holds a model once: the old shard of a model whose weights change is
+    dropped before the new one is built (the device is not ready meanwhile), models kept
+    unchanged stay the same objects, and models no longer named are dropped."""
+    from detransformer_edge.parallel.plan import DeviceWeights
+
+    cat = tiny_catalog()
+    a, b = cat.names[0], cat.names[1]
+    hub = MemoryHub()
+    async with hub.transport("dev0") as t:
+        host = ModelHost(t, cat)
+        try:
+            whole_a = DeviceWeights(True, (), tuple(range(len(cat.get(a).config().layer_kinds))), ())
+            first = DeviceWeights(True, (), (0,), ())
+            await host.assign(1, {a: first, b: DeviceWeights(True, (), (0,), ())})
+            kept_b = host.held[b]
+            seen: list[set[str]] = []
+            real_load = host._load
+
+            async def spying_load(model, weights, version):
+                seen.append(set(host.held))  # what the device still holds while it builds this shard
+                return await real_load(model, weights, version)
+
+            host._load = spying_load  # type: ignore[method-assign]
+            await host.assign(2, {a: whole_a, b: DeviceWeights(True, (), (0,), ())})
+            assert seen == [{b}]  # a's old shard was gone before its new one was built
+            assert host.held[b] is kept_b and host.held[a].weights == whole_a and host.ready
+            await host.assign(3, {a: whole_a})
+            assert set(host.held) == {a}
+        finally:
+            await host.close()

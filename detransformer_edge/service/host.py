@@ -129,6 +129,13 @@ class ModelHost:
                     held[model] = current
                 elif weights != DeviceWeights():
                     to_load[model] = weights
+            previous = self.held
+            if to_load or held.keys() != previous.keys():
+                # Nothing runs while the device loads (not ready): let go of every shard that is being
+                # replaced or dropped first, so a re-placement never holds a model twice (old and
+                # new shards: a bench leader re-placed as each device joined was OOM-killed).
+                self.held = dict(held)
+                await self._in_loader(return_free_memory)
             with progress(f"{self.device_id}: loading placement v{version}", total=len(to_load), unit="model",
                           quiet=not to_load) as bar:
                 for model, weights in to_load.items():
@@ -141,12 +148,11 @@ class ModelHost:
                     log.info("%s holds %s of %s: %.1f MB %s", self.device_id, weights, model, shard.nbytes() / 1e6,
                              scheme)
                     bar.update(1)
-            replaced = any(self.held.get(model) is not h for model, h in held.items()) or held.keys() != self.held.keys()
             self.held = held
             self.version = version
             self.ready = True
-            if replaced:
-                await self._in_loader(return_free_memory)  # the old weights are garbage now
+            if to_load:
+                await self._in_loader(return_free_memory)  # the loaders' temporaries are garbage now
 
     def scheme(self, model: str) -> str:
         """The weight format this device runs ``model`` in."""
