@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from detransformer_edge.bench.results import Samples
-from detransformer_edge.bench.spec import BenchConfig, Scenario, Workload
+from detransformer_edge.bench.spec import DEVICE_MEM_MB, BenchConfig, Scenario, Workload
 from detransformer_edge.errors import DetransformerError
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class BenchHome:
 
     def __init__(self, scenario: Scenario, profiles: Sequence[Any] | None, workdir: Path,
                  progress: Progress = stderr_progress, threads: int = 1, catalog: str = "shapes",
-                 models: Sequence[str] | None = None, ram_mb: int = 2500,
+                 models: Sequence[str] | None = None, ram_mb: int = DEVICE_MEM_MB,
                  cfs_period_ms: float | None = None) -> None:
         """``profiles``: the devices' planner profiles; None calibrates them in the home
         (``bench.calibrate`` in the first device's namespace and quota, scaled by quota).
@@ -464,7 +464,6 @@ def run_bench(cfg: BenchConfig, progress: Progress = stderr_progress, rates: Hos
     """Run every scenario of ``cfg`` (``rates``: fixed per-core rates for the device profiles;
     None calibrates them in each home, see ``BenchHome``); ``on_scenario`` sees the samples so far after each
     (the command saves partial results, so a long run interrupted keeps what it measured)."""
-    from detransformer_edge.bench.spec import DEVICE_MEM_MB
     from detransformer_edge.testbed import check_host
 
     check_host()
