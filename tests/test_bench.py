@@ -83,7 +83,7 @@ def test_n_b_2_variants_run_their_own_models_and_scenarios_load_every_model_once
 
 def test_predictions_for_the_sliced_variant():
     sc = Scenario("homo", (0.4,) * 4, 100, None, (WORKLOADS["enc128-bp2"],), ())
-    profs = device_profiles(sc, HostRates(50.0, 40.0, 10.0), )
+    profs = device_profiles(sc, HostRates(50.0, 40.0, 10.0), ram_mb=2500)
     bp2 = predict(sc, WORKLOADS["enc128-bp2"], "bp-fixed", "dev0", profs)
     bp4 = predict(sc, WORKLOADS["enc128"], "bp-fixed", "dev0", profs)
     single = predict(sc, WORKLOADS["enc128-bp2"], "single", "dev0", profs)
@@ -217,7 +217,7 @@ def test_agent_and_broker_configs(tmp_path):
 
 def test_profiles_scale_with_quota_and_predictions_cover_every_plan():
     sc = Scenario("hetero", (0.8, 0.4, 0.2, 0.2), 100, None, (WORKLOADS["enc128"],), ())
-    profs = device_profiles(sc, HostRates(50.0, 40.0, 10.0), )
+    profs = device_profiles(sc, HostRates(50.0, 40.0, 10.0), ram_mb=2500)
     assert [p.gflops for p in profs] == [40.0, 20.0, 10.0, 10.0] and {p.link_mbit for p in profs} == {100.0}
     preds = {p: predict(sc, WORKLOADS["enc128"], p, "dev0", profs) for p in ("single", "tp", "bp-fixed", "adaptive")}
     assert preds["single"]["desc"].startswith("single on dev0")
@@ -306,7 +306,7 @@ def test_an_agent_killed_before_readiness_is_named_at_once(tmp_path: Path) -> No
     from detransformer_edge.bench.runner import BenchError, BenchHome
 
     sc = Scenario("hetero", (0.8, 0.4, 0.2, 0.2), 100, None, (WORKLOADS["enc128"],), ())
-    bh = BenchHome(sc, None, tmp_path, progress=lambda _m: None)
+    bh = BenchHome(sc, None, tmp_path, progress=lambda _m: None, ram_mb=2500)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     killed = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     killed.wait()
@@ -314,7 +314,7 @@ def test_an_agent_killed_before_readiness_is_named_at_once(tmp_path: Path) -> No
         bh._agents = {"dev1": alive}
         bh._check_agents_alive()  # all alive: nothing to say
         bh._agents["dev0"] = killed
-        with pytest.raises(BenchError, match=r"dev0's agent was killed by signal 9 \(SIGKILL: out of memory in its 3000 MB"):
+        with pytest.raises(BenchError, match=r"dev0's agent was killed by signal 9 \(SIGKILL: out of memory in its 2500 MB"):
             bh._check_agents_alive()
     finally:
         alive.kill()

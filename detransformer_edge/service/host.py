@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import copy
 import ctypes
+import gc
 import logging
 import os
 import threading
@@ -57,11 +58,30 @@ def _lower_priority() -> None:
         pass
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+MMAP_THRESHOLD_BYTES = 1 << 20
+
+
+def pin_mmap_threshold() -> None:
+    """Serve every allocation of 1 MiB or more (weight tensors) from its own mapping, returned to
+    the OS when freed. glibc raises its mmap threshold after each large free (up to 32 MiB), after
+    which weight tensors come from the heap, where a freed shard stays in the process's RSS
+    (measured: a BERT-base-family re-placement left 1.1 GB of freed heap, and the bench's first
+    device was OOM-killed; with the threshold pinned, RSS follows the weights held). Fixing the
+    threshold also stops glibc from adjusting it. No-op without glibc."""
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def return_free_memory() -> None:
     """Give the heap's free memory back to the OS (glibc ``malloc_trim``). A re-placement frees the
     old weights, but glibc keeps freed heap pages, so without this a device's RSS stays at the
     high-water mark of every placement it ever held (in the chaos soak: up to ~10 MB more per
-    agent after a few re-placements with the tiny catalog). No-op without glibc."""
+    agent after a few re-placements with the tiny catalog). No-op without glibc. Collects
+    reference cycles first, so weights held only by a cycle are free when the heap is trimmed."""
+    gc.collect()
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
@@ -108,6 +128,7 @@ class ModelHost:
         self._runs: dict[str, asyncio.Task] = {}
         # the device's one compute thread: model compute of every held model runs there, off the
         # event loop (parallel/executor.py)
+        pin_mmap_threshold()  # before any weights are loaded: a freed shard must leave the RSS
         self.compute_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"compute-{self.device_id}")
         # weights load on a thread of their own at a lower CPU priority: on a small CPU the event
         # loop (lease renewals, status, the leader's answers) must not starve behind a long load
@@ -145,14 +166,13 @@ class ModelHost:
                     if scheme != "float32":
                         await self._in_loader(quantize_shard, shard, scheme)
                     held[model] = HeldModel(weights, shard, Executor(self.transport, shard, self.compute_pool))
+                    await self._in_loader(return_free_memory)  # a cut's temporaries, before the next model
                     log.info("%s holds %s of %s: %.1f MB %s", self.device_id, weights, model, shard.nbytes() / 1e6,
                              scheme)
                     bar.update(1)
             self.held = held
             self.version = version
             self.ready = True
-            if to_load:
-                await self._in_loader(return_free_memory)  # the loaders' temporaries are garbage now
 
     def scheme(self, model: str) -> str:
         """The weight format this device runs ``model`` in."""
