@@ -59,15 +59,15 @@ def _lower_priority() -> None:
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-MMAP_THRESHOLD_BYTES = 1 << 20
+MMAP_THRESHOLD_BYTES = 128 << 10  # glibc's own starting value, kept instead of raised
 
 
 def pin_mmap_threshold() -> None:
-    """Serve every allocation of 1 MiB or more (weight tensors) from its own mapping, returned to
+    """Serve every allocation of 128 KiB or more (weight tensors) from its own mapping, returned to
     the OS when freed. glibc raises its mmap threshold after each large free (up to 32 MiB), after
     which weight tensors come from the heap, where a freed shard stays in the process's RSS
-    (measured: a BERT-base-family re-placement left 1.1 GB of freed heap, and the bench's first
-    device was OOM-killed; with the threshold pinned, RSS follows the weights held). Fixing the
+    (measured: a BERT-base-family re-placement left 1.1 GB of freed heap, RSS 2.64 GB for 1.56 GB
+    of weights, and the bench's first device was OOM-killed; pinned: 1.89 GB). Fixing the
     threshold also stops glibc from adjusting it. No-op without glibc."""
     try:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
@@ -150,13 +150,6 @@ class ModelHost:
                     held[model] = current
                 elif weights != DeviceWeights():
                     to_load[model] = weights
-            previous = self.held
-            if to_load or held.keys() != previous.keys():
-                # Nothing runs while the device loads (not ready): let go of every shard that is being
-                # replaced or dropped first, so a re-placement never holds a model twice (old and
-                # new shards: a bench leader re-placed as each device joined was OOM-killed).
-                self.held = dict(held)
-                await self._in_loader(return_free_memory)
             with progress(f"{self.device_id}: loading placement v{version}", total=len(to_load), unit="model",
                           quiet=not to_load) as bar:
                 for model, weights in to_load.items():
@@ -166,13 +159,15 @@ class ModelHost:
                     if scheme != "float32":
                         await self._in_loader(quantize_shard, shard, scheme)
                     held[model] = HeldModel(weights, shard, Executor(self.transport, shard, self.compute_pool))
-                    await self._in_loader(return_free_memory)  # a cut's temporaries, before the next model
                     log.info("%s holds %s of %s: %.1f MB %s", self.device_id, weights, model, shard.nbytes() / 1e6,
                              scheme)
                     bar.update(1)
+            replaced = bool(to_load) or held.keys() != self.held.keys()
             self.held = held
             self.version = version
             self.ready = True
+            if replaced:
+                await self._in_loader(return_free_memory)  # the old weights are garbage now
 
     def scheme(self, model: str) -> str:
         """The weight format this device runs ``model`` in."""
