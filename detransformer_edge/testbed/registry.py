@@ -168,7 +168,8 @@ def teardown(netns: list[str], cgroups: list[str]) -> list[str]:
                 leftovers.append(f"netns {ns}: {done.stderr.strip()}")
     for group in cgroups:
         path = Path(group)
-        for _ in range(100):  # exiting tasks leave the cgroup a moment after SIGKILL
+        deadline = time.monotonic() + CGROUP_EXIT_S
+        while True:  # exiting tasks leave the cgroup a moment after SIGKILL (seconds on a loaded host)
             try:
                 path.rmdir()
                 break
@@ -176,13 +177,34 @@ def teardown(netns: list[str], cgroups: list[str]) -> list[str]:
                 break
             except OSError as exc:
                 err = exc
+                alive = _kill_members(path)  # a task still there (or that joined after the first kill)
                 _reap(signalled)
+                # only zombies left (no live task): set it aside after a moment; live tasks: wait
+                if time.monotonic() > deadline or (not alive and time.monotonic() > deadline - CGROUP_EXIT_S + 5):
+                    break
                 time.sleep(0.05)
-        else:
+        if path.exists():
             if _set_aside(path):
                 continue
             leftovers.append(f"cgroup {group}: {err}")
     return leftovers
+
+
+CGROUP_EXIT_S = 30.0  # how long a killed home's tasks may take to leave its cgroups
+
+
+def _kill_members(path: Path) -> bool:
+    """SIGKILL every task still in the cgroup; whether there was one."""
+    try:
+        pids = [int(p) for p in Path(path, "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return False
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return bool(pids)
 
 
 def _set_aside(path: Path) -> bool:
