@@ -319,3 +319,51 @@ def test_an_agent_killed_before_readiness_is_named_at_once(tmp_path: Path) -> No
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_readiness_waits_while_agents_progress_and_stops_on_silence(tmp_path: Path) -> None:
+    """A slower host takes longer to load the same models: the wait is bounded by silence (no agent
+    log line, no new answer from the leader), not by a deadline a faster host happens to meet."""
+    from detransformer_edge.bench.readiness import StartupWatch
+
+    now = [0.0]
+    logs = {"dev0": tmp_path / "dev0.log", "dev1": tmp_path / "dev1.log"}
+    logs["dev0"].write_text("agent dev0 starting\n")
+    watch = StartupWatch(logs, quiet_s=300, cap_s=3600, clock=lambda: now[0])
+    # 20 minutes of start-up, a line every 250 s (one model loaded on a slow device): still waiting
+    for minute in range(1, 6):
+        now[0] = minute * 250.0
+        with logs["dev1"].open("a") as f:
+            f.write(f"dev1: loading placement v1: {minute}/5 models\r\n")
+        assert watch.why_stop() is None, minute
+    # a new answer from the leader is progress too, a repeated one is not
+    now[0] = 1500.0
+    watch.saw({"code": "not_ready", "message": "dev1 is loading"})
+    now[0] = 1790.0
+    watch.saw({"code": "not_ready", "message": "dev1 is loading"})
+    assert watch.why_stop() is None and watch.remaining() == pytest.approx(10.0)
+    # then silence: it gives up 300 s after the last news, naming where each agent stopped
+    now[0] = 1800.0
+    why = watch.why_stop()
+    assert why is not None and "nothing new for 300 s" in why
+    assert "dev0: agent dev0 starting" in why and "dev1: dev1: loading placement v1: 5/5 models" in why
+    assert watch.remaining() == 0.0
+
+
+def test_readiness_gives_up_at_its_cap_even_while_agents_keep_logging(tmp_path: Path) -> None:
+    from detransformer_edge.bench.readiness import StartupWatch, last_line
+
+    now = [0.0]
+    log = tmp_path / "dev0.log"
+    watch = StartupWatch({"dev0": log, "dev1": tmp_path / "missing.log"}, quiet_s=60, cap_s=600, clock=lambda: now[0])
+    for t in range(30, 631, 30):
+        now[0] = float(t)
+        with log.open("a") as f:
+            f.write("WARNING cannot reach the broker, retrying\n")
+        why = watch.why_stop()
+        if t < 600:
+            assert why is None, t
+    assert why is not None and "not ready after 600 s in all" in why and "dev1: (empty)" in why
+    assert last_line(tmp_path / "missing.log") == "" and last_line(log) == "WARNING cannot reach the broker, retrying"
+    with pytest.raises(ValueError, match="quiet_s"):
+        StartupWatch({}, quiet_s=600, cap_s=60)

@@ -53,7 +53,7 @@ def test_two_device_home_answers_an_embedding(host_ok: None, tmp_path: Path) -> 
     workdir.chmod(0o755)  # mosquitto may drop root and must read its config
     with BenchHome(scenario, profiles, workdir, catalog="tiny",
                    models=("tiny-encoder", "tiny-encoder-bp")) as bh:
-        leader = bh.wait_ready(workload, timeout_s=60, model="tiny-encoder")
+        leader = bh.wait_ready(workload, quiet_s=60, cap_s=600, model="tiny-encoder")
         assert leader in ("dev0", "dev1")
         # fixed block parallelism: both devices compute sub-blocks, float32 activations on the wire
         model = "tiny-encoder-bp"

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from detransformer_edge.bench.readiness import StartupWatch
 from detransformer_edge.bench.results import Samples
 from detransformer_edge.bench.spec import DEVICE_MEM_MB, BenchConfig, Scenario, Workload
 from detransformer_edge.errors import DetransformerError
@@ -362,31 +363,31 @@ class BenchHome:
                    f"{self.ram_mb} MB limit? see dmesg)" if code == -9 else "")) if code < 0 else f"exited with {code}"
             raise BenchError(f"{name}'s agent {how} before the home was ready; its log: {self.workdir / (name + '.log')}")
 
-    def wait_ready(self, workload: Workload, timeout_s: float = 300.0, model: str | None = None) -> str:
+    def wait_ready(self, workload: Workload, quiet_s: float = 300.0, cap_s: float = 3600.0,
+                   model: str | None = None) -> str:
         """Wait until the leader plans TP over every device (all agents joined and loaded);
-        returns the leader's id (the coordinator of baseline plans)."""
+        returns the leader's id (the coordinator of baseline plans). Bounded by silence, not by
+        the clock (``bench.readiness``): a slower host is waited for while its agents progress."""
         names = self.scenario.device_names()
-        deadline = time.monotonic() + timeout_s
-        last: Any = None
+        watch = StartupWatch({n: self.workdir / f"{n}.log" for n in names}, quiet_s, cap_s)
         params: dict[str, Any] = {"model": model or workload.model_for("tp"), "plan": "tp"}
         if workload.op == "generate":
             params.update(max_new_tokens=1, chat=False)
         wait = 3.0  # a probe sent before a leader exists is never answered: re-ask, patiently more
-        while time.monotonic() < deadline:
+        while (why := watch.why_stop()) is None:
             self._check_agents_alive()
-            ans = self.request(workload.op, "ready?", params, timeout_s=min(wait, max(1.0, deadline - time.monotonic())))
+            ans = self.request(workload.op, "ready?", params, timeout_s=max(1.0, min(wait, watch.remaining())))
             wait = min(2 * wait, 30.0)
             if ans.get("ok"):
                 desc = str(ans["result"].get("plan", ""))
                 if desc.startswith("tp over ") and all(n in desc for n in names):
                     self.leader = desc[len("tp over "):].split(",")[0].split(" ")[0]
                     return self.leader
-                last = desc
-            else:
-                last = ans.get("error")
+                watch.saw(desc)
+            elif isinstance(ans.get("error"), dict):  # the leader's answer; a probe timing out says nothing new
+                watch.saw(ans["error"])
             time.sleep(1.0)
-        raise BenchError(f"the home was not ready within {timeout_s:.0f} s (last answer: {last}); "
-                         f"agent logs in {self.workdir}")
+        raise BenchError(f"{why}; agent logs in {self.workdir}")
 
 
 # --- the matrix -------------------------------------------------------------------------------------
@@ -412,7 +413,7 @@ def run_scenario(scenario: Scenario, cfg: BenchConfig, rates: HostRates | None, 
     with BenchHome(scenario, profiles, workdir, progress, ram_mb=mem_mb, cfs_period_ms=cfg.cfs_period_ms) as bh:
         profiles = bh.profiles
         progress(f"{scenario.label()}: home up ({time.monotonic() - t_start:.1f} s), waiting for agents")
-        leader = bh.wait_ready(scenario.workloads[0], timeout_s=max(300.0, cfg.request_timeout_s))
+        leader = bh.wait_ready(scenario.workloads[0], quiet_s=max(300.0, cfg.request_timeout_s))
         progress(f"ready after {time.monotonic() - t_start:.1f} s; leader {leader}")
         for workload in scenario.workloads:
             samples = {p: Samples(p, workload.name, scenario.home, scenario.cpu, scenario.bandwidth_mbit,
