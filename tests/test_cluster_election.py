@@ -4,6 +4,8 @@ The simulation models what the election relies on from MQTT and nothing more: on
 `P/leader` record, per-subscriber FIFO delivery in broker order (each agent drains its inbox
 at its own pace, so claims race), retained messages replayed on (re)connect, and LWT
 `offline` when a connection dies without a clean exit (fired at an arbitrary later step).
+With ``prevote`` the simulated agents also publish their status when they see a vacancy and
+claim only once the broker has echoed one back (``hears_itself_since_vacancy``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from detransformer_edge.cluster.election import (
+    FRESH_ECHO_FRACTION,
     ElectionSnapshot,
     Hold,
     ObservedLease,
@@ -27,6 +30,7 @@ from detransformer_edge.cluster.election import (
     next_vacant_since,
     observe_lease,
     ranked_candidates,
+    vacant_by_silence,
 )
 from detransformer_edge.protocol.messages import LeaderLease
 
@@ -65,6 +69,24 @@ def test_best_candidate_claims_vacant_lease_with_growing_term() -> None:
     old = lease("b", term=10**15, expires=99.0, session="x")
     b = decide(snap(lease=old, members={"a": 5.0, "b": 1.0}))
     assert isinstance(b, PublishLease) and b.record.term == 10**15 + 1
+
+
+def test_prevote_claims_only_after_hearing_itself_since_the_vacancy() -> None:
+    members = {"a": 5.0, "b": 1.0}
+    silent = lease("b", expires=99.0, session="x")  # b's lease ran out here: its renewals stopped arriving
+    assert isinstance(decide(snap(lease=silent, members=members, heard_self_at=None)), PublishLease)  # not tracked
+    assert isinstance(decide(snap(lease=silent, members=members, heard_self_at=float("-inf"))), Hold)  # never heard
+    assert isinstance(decide(snap(lease=silent, members=members, heard_self_at=99.0)), Hold)  # heard before it
+    assert isinstance(decide(snap(lease=silent, members=members, heard_self_at=99.9995)), PublishLease)  # ms rounding
+    assert isinstance(decide(snap(lease=silent, members=members, heard_self_at=100.4, now=100.5)), PublishLease)
+    assert isinstance(decide(snap(lease=silent, members=members, heard_self_at=100.4, vacant_since=None)), Hold)
+    # vacancies the broker told us of are not silence: no record at all, an offline holder, our old session
+    never = float("-inf")
+    assert isinstance(decide(snap(members=members, heard_self_at=never)), PublishLease)
+    assert isinstance(decide(snap(lease=lease("b", session="x"), offline=frozenset({"b"}), members=members,
+                                  heard_self_at=never)), PublishLease)
+    assert isinstance(decide(snap(lease=lease("a", session="old"), members=members, heard_self_at=never)),
+                      PublishLease)
 
 
 def test_lower_ranked_candidate_waits_its_stagger() -> None:
@@ -178,6 +200,9 @@ class SimAgent:
     conflict: bool = False
     last_publish_at: float | None = None
     inbox: deque[tuple[str, str, Any]] = field(default_factory=deque)
+    prevote: bool = False
+    heard_self_at: float = float("-inf")  # own clock time of the newest own status echoed back
+    probe_at: float | None = None
 
     def snapshot(self, true_now: float) -> ElectionSnapshot:
         now = true_now + self.skew
@@ -195,23 +220,28 @@ class SimAgent:
             last_publish_at=self.last_publish_at,
             lease_s=LEASE,
             stagger_s=LEASE / 2,
+            heard_self_at=self.heard_self_at if self.prevote else None,
         )
 
 
 class SimHome:
-    def __init__(self, scores: list[float], skews: list[float] | None = None) -> None:
+    def __init__(self, scores: list[float], skews: list[float] | None = None, prevote: bool = False) -> None:
         self.now = 1_000.0
+        self.prevote = prevote
         skews = skews or [0.0] * len(scores)
-        self.agents = [SimAgent(f"d{i}", s, alive=False, skew=k) for i, (s, k) in enumerate(zip(scores, skews))]
+        self.agents = [SimAgent(f"d{i}", s, alive=False, skew=k, prevote=prevote)
+                       for i, (s, k) in enumerate(zip(scores, skews))]
         self.retained_at: float = 0.0
         self.connected: set[int] = set()  # connections the broker holds
         self.pending_lwt: set[int] = set()
         self.retained: dict[tuple[str, str], Any] = {}
         self.leaders_by_term: dict[int, set[str]] = {}
+        self.published: list[tuple[str, str, Any]] = []
 
     # broker
     def publish(self, kind: str, key: str, value: Any) -> None:
         self.retained[(kind, key)] = value
+        self.published.append((kind, key, value))
         if kind == "leader":
             self.retained_at = self.now
         for j in self.connected:
@@ -229,7 +259,7 @@ class SimHome:
             return
         self.fire_lwt(i)  # the broker drops the old connection before a takeover
         if not a.alive:
-            self.agents[i] = a = SimAgent(a.id, a.score, skew=a.skew)  # a fresh process remembers nothing
+            self.agents[i] = a = SimAgent(a.id, a.score, skew=a.skew, prevote=a.prevote)  # remembers nothing
         a.session = f"s{next(_sessions)}"
         a.conflict = False
         a.inbox.clear()
@@ -277,6 +307,9 @@ class SimHome:
                 a.presence[key] = value
             elif kind == "profile":
                 a.scores[key] = value
+            elif kind == "status":
+                if key == a.id and self.now + a.skew - value <= LEASE * FRESH_ECHO_FRACTION:
+                    a.heard_self_at = max(a.heard_self_at, value)  # only a fresh echo counts
             else:
                 obs = observe_lease(a.lease, value, self.now + a.skew, a.id)
                 if obs.conflict and a.lease is not None and a.lease.record.session == a.session:
@@ -293,6 +326,12 @@ class SimHome:
         s = a.snapshot(self.now)
         a.vacant_since = next_vacant_since(s)
         action = decide(s)
+        since = a.vacant_since
+        if a.prevote and since is not None and vacant_by_silence(s) and a.heard_self_at < since and (
+                a.probe_at is None or a.probe_at < since or s.now - a.probe_at >= LEASE / 6):
+            a.probe_at = s.now  # the shell's status probe: its echo lets the claim go ahead
+            if i in self.connected:
+                self.publish("status", a.id, s.now)
         if isinstance(action, PublishLease):
             a.last_publish_at = s.now
             if i in self.connected:
@@ -389,9 +428,9 @@ def test_racing_claims_of_one_term_resolve_to_the_first() -> None:
     assert sim.settle() == ["d0"]  # stability: the first claim keeps the lease, bumped
 
 
-def _run_random_home(home: tuple[list[float], list[float], list[tuple[Any, ...]]]) -> None:
+def _run_random_home(home: tuple[list[float], list[float], list[tuple[Any, ...]]], prevote: bool = False) -> None:
     scores, skews, evs = home
-    sim = SimHome(scores, skews)
+    sim = SimHome(scores, skews, prevote)
     for ev in evs:
         sim.step(ev)
     leaders = sim.settle()
@@ -419,6 +458,72 @@ def test_random_homes_with_clock_skew(
 ) -> None:
     """Device clocks off by up to half a lease: same guarantees."""
     _run_random_home(home)
+
+
+@settings(max_examples=300, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(homes(skewed=True))
+def test_random_homes_with_prevote_keep_every_guarantee(
+    home: tuple[list[float], list[float], list[tuple[Any, ...]]],
+) -> None:
+    """The pre-vote (claim only after hearing itself) keeps safety and still settles to one leader."""
+    _run_random_home(home, prevote=True)
+
+
+def _deaf_follower_home(prevote: bool) -> SimHome:
+    """d1 leads; d0's link delivers nothing for two leases while d1 renews as usual."""
+    sim = SimHome([1.0, 5.0], prevote=prevote)
+    sim.step(("join", 0))
+    sim.step(("join", 1))
+    assert sim.settle() == ["d1"]
+    for _ in range(24):  # 3 leases: d1 hears everything and renews, d0 hears nothing
+        sim.step(("advance", LEASE / 8))
+        sim.step(("deliver", 1, 10_000))
+        sim.step(("tick", 1))
+        sim.step(("tick", 0))
+    return sim
+
+
+def test_prevote_a_deaf_follower_does_not_depose_a_renewing_leader() -> None:
+    """The chaos soak's degraded link: a device that stops hearing the leader's renewals must
+    not claim the lease (its claim still gets through and the healthy leader steps down)."""
+    before = _deaf_follower_home(prevote=False)  # without the pre-vote: the deaf device claims
+    assert before.retained[("leader", "")].id == "d0"
+    sim = _deaf_follower_home(prevote=True)
+    assert sim.retained[("leader", "")].id == "d1", "the deaf follower claimed"
+    assert sim.agents[0].probe_at is not None  # it asked, and is waiting for its own echo
+    # its link recovers: the backlog (old renewals that look expired, old echoes of its probes)
+    # arrives first — an old echo must not let it claim — then the fresh renewals
+    while sim.agents[0].inbox:
+        sim.step(("deliver", 0, 1))
+        sim.step(("tick", 0))
+        sim.step(("deliver", 1, 10_000))
+        sim.step(("tick", 1))
+    assert [v.id for k, _, v in sim.published if k == "leader"][-1] == "d1"
+    assert not [v for k, _, v in sim.published if k == "leader" and v.id == "d0"]
+    assert sim.settle() == ["d1"]
+
+
+def test_prevote_costs_a_silently_dead_leader_one_round_trip() -> None:
+    """A leader that stops renewing before the broker notices (no LWT yet): the followers' leases
+    run out by silence, and the best of them claims one round trip (its own status) later."""
+    sim = SimHome([1.0, 5.0, 3.0], prevote=True)
+    for i in range(3):
+        sim.step(("join", i))
+    assert sim.settle() == ["d1"]
+    sim.step(("crash", 1))
+    sim.step(("advance", LEASE))
+    for i in (0, 2):
+        sim.step(("deliver", i, 100))
+    claims_by = lambda who: [v for k, _, v in sim.published if k == "leader" and v.id == who]  # noqa: E731
+    sim.step(("tick", 2))  # d2 sees the vacancy: no claim yet, a status probe instead
+    assert claims_by("d2") == [] and sim.published[-1] == ("status", "d2", sim.now)
+    sim.step(("advance", LEASE / 2))  # the dead d1 is still online (no LWT yet) and ranks first: one stagger
+    sim.step(("tick", 2))
+    assert claims_by("d2") == []  # its stagger is over, but it has not heard itself yet
+    sim.step(("deliver", 2, 100))  # its own status comes back
+    sim.step(("tick", 2))
+    assert [c.id for c in claims_by("d2")] == ["d2"]
+    assert sim.settle() == ["d2"]
 
 
 @settings(max_examples=100, database=None, deadline=None)

@@ -384,7 +384,9 @@ class ClusterAgent:
     def _on_status(self, topic: str, payload: bytes, _props: object) -> None:
         dev = self.topics.status.match(topic)
         if dev and payload:
-            self.members.status[dev] = self.topics.status.decode(payload)
+            status = self.members.status[dev] = self.topics.status.decode(payload)
+            if dev == self.config.id:
+                self.leadership.heard_self(status.ts)
 
     async def _on_leader(self, topic: str, payload: bytes, _props: object) -> None:
         if payload:

@@ -33,6 +33,16 @@ Rules (docs/API.md repeats them for implementers of other agents):
   vacant for k × stagger_s (so a dead-but-not-yet-offline favourite cannot block the election).
 * Stability: a live lease is never preempted, not even by a higher-score device that joins.
   Leadership moves only when the lease becomes vacant.
+* Pre-vote (hearing itself): a lease that ran out because its renewals stopped arriving may be
+  this device's own deafness — a degraded link that delivers nothing for a lease while the
+  leader renews as usual. So after such a vacancy (not an `offline` holder, not our own old
+  session: those are news the broker sent, not silence) a candidate claims only once the broker
+  has echoed back one of its own status messages published at or after the vacancy began, and
+  echoed it fresh (within `FRESH_ECHO_FRACTION` of a lease; `heard_self_at >= vacant_since`): the
+  broker sends one connection's messages in order, so a device that hears its own message fresh
+  has heard every renewal the leader sent before it — a late echo in a recovering link's backlog
+  proves nothing, the renewals before it arrive late too and look expired. The shell publishes a
+  status at once when it sees such a vacancy: a real one costs a round trip.
 """
 
 from __future__ import annotations
@@ -114,6 +124,9 @@ class ElectionSnapshot:
     stagger_s: float  # delay per rank before a lower-ranked candidate claims
     preferred: frozenset[str] = frozenset()  # members holding the model files: ranked first
     loading: bool = False  # this agent is loading model weights: it does not claim a vacant lease
+    # pre-vote: this agent's clock time in its newest own status the broker echoed back; None =
+    # not tracked (no pre-vote, as in the pure simulations)
+    heard_self_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +177,26 @@ def next_vacant_since(s: ElectionSnapshot) -> float | None:
     return s.vacant_since if s.vacant_since is not None else s.now
 
 
+HEARD_SELF_SLACK_S = 0.002  # status timestamps are rounded to the millisecond
+FRESH_ECHO_FRACTION = 1.0 / 4.0  # an own message back within this part of a lease is fresh
+
+
+def vacant_by_silence(s: ElectionSnapshot) -> bool:
+    """The followed lease is vacant only because no renewal arrived here in time."""
+    if s.lease is None or s.now < s.lease.deadline:
+        return False
+    holder = s.lease.record.id
+    return holder != s.self_id and holder not in s.offline
+
+
+def hears_itself_since_vacancy(s: ElectionSnapshot) -> bool:
+    """Pre-vote: after a vacancy by silence, the broker has echoed one of our own messages sent
+    at or after the vacancy began (always true for other vacancies, or when not tracked)."""
+    if s.heard_self_at is None or not vacant_by_silence(s):
+        return True
+    return s.vacant_since is not None and s.heard_self_at + HEARD_SELF_SLACK_S >= s.vacant_since
+
+
 def _retry_due(s: ElectionSnapshot) -> bool:
     return s.last_publish_at is None or s.now - s.last_publish_at >= s.lease_s * RETRY_FRACTION
 
@@ -188,6 +221,8 @@ def decide(s: ElectionSnapshot) -> Action:
         return Hold()
     vacant_for = s.now - (s.vacant_since if s.vacant_since is not None else s.now)
     if vacant_for < ranked.index(s.self_id) * s.stagger_s:
+        return Hold()
+    if not hears_itself_since_vacancy(s):
         return Hold()
     known = s.lease.record.term if s.lease is not None else 0
     # terms are a hybrid clock (>= unix ms): an agent that restarted, or found the retained

@@ -40,6 +40,8 @@ class Leadership:
         self._conflict = False
         self._last_publish_at: float | None = None
         self._was_leader = False
+        self._probe_at: float | None = None  # when the last pre-vote status was sent
+        self._heard_self_at = -math.inf  # the newest own status that came back fresh (our clock)
 
     def reset(self) -> None:
         """A new connection is a new session: it must settle and claim anew."""
@@ -68,7 +70,13 @@ class Leadership:
             stagger_s=el.stagger,
             preferred=frozenset(i for i, p in m.profiles.items() if p.has_models),
             loading=a.work_state.loading,
+            heard_self_at=self.heard_self_at(),
         )
+
+    def heard_self_at(self) -> float:
+        """Pre-vote: the time (our clock) in our newest own status that came back *fresh*;
+        -inf before the first."""
+        return self._heard_self_at
 
     @property
     def is_leader(self) -> bool:
@@ -91,6 +99,7 @@ class Leadership:
         snap = self.snapshot()
         self._vacant_since = election.next_vacant_since(snap)
         action = election.decide(snap)
+        await self._probe_link(snap)
         if isinstance(action, election.PublishLease):
             self._last_publish_at = snap.now
             record = action.record
@@ -105,6 +114,34 @@ class Leadership:
                 await a.publish(topic, a.sign(topic, record.term, t.encode(record)), qos=t.qos,
                                 retain=True, properties=props)
         await self.check_role()
+
+    async def _probe_link(self, snap: election.ElectionSnapshot) -> None:
+        """Pre-vote: while the lease is vacant by silence and the broker has not echoed our own
+        status since the vacancy began, send one now (again after a sixth of a lease if it was lost) — its echo
+        is what lets this device claim (``election.hears_itself_since_vacancy``)."""
+        since = self._vacant_since
+        if since is None or snap.session is None or not election.vacant_by_silence(snap):
+            return
+        if snap.heard_self_at is not None and snap.heard_self_at + election.HEARD_SELF_SLACK_S >= since:
+            return
+        if self._probe_at is not None and self._probe_at >= since and \
+                snap.now - self._probe_at < snap.lease_s * election.RETRY_FRACTION:
+            return
+        self._probe_at = snap.now
+        with contextlib.suppress(NotConnectedError):
+            await self.agent.publish_status()
+
+    def heard_self(self, sent_at: float) -> None:
+        """Our own status, sent at ``sent_at`` (our clock), came back from the broker. Only an echo
+        that took at most a quarter of a lease counts: after a stalled link recovers, the backlog
+        brings old echoes *and* old renewals, which look expired, and an old echo must not let this
+        device claim before the fresh renewals behind it arrive. A fresh echo proves the broker had
+        nothing older for us, so any renewal sent before it has arrived."""
+        if self.agent.clock() - sent_at > self.agent.config.election.lease_s * election.FRESH_ECHO_FRACTION:
+            return
+        self._heard_self_at = max(self._heard_self_at, sent_at)
+        if self._vacant_since is not None:
+            self.wake.set()
 
     async def check_role(self) -> None:
         leader = self.is_leader
