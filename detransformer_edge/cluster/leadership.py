@@ -70,13 +70,8 @@ class Leadership:
             stagger_s=el.stagger,
             preferred=frozenset(i for i, p in m.profiles.items() if p.has_models),
             loading=a.work_state.loading,
-            heard_self_at=self.heard_self_at(),
+            heard_self_at=self._heard_self_at,
         )
-
-    def heard_self_at(self) -> float:
-        """Pre-vote: the time (our clock) in our newest own status that came back *fresh*;
-        -inf before the first."""
-        return self._heard_self_at
 
     @property
     def is_leader(self) -> bool:
@@ -116,9 +111,9 @@ class Leadership:
         await self.check_role()
 
     async def _probe_link(self, snap: election.ElectionSnapshot) -> None:
-        """Pre-vote: while the lease is vacant by silence and the broker has not echoed our own
-        status since the vacancy began, send one now (again after a sixth of a lease if it was lost) — its echo
-        is what lets this device claim (``election.hears_itself_since_vacancy``)."""
+        """Pre-vote: while the lease is vacant by silence and no own status has come back fresh
+        since the vacancy began, send one now (again after a sixth of a lease if it was lost): its
+        echo is what lets this device claim (``election.hears_itself_since_vacancy``)."""
         since = self._vacant_since
         if since is None or snap.session is None or not election.vacant_by_silence(snap):
             return
