@@ -6,6 +6,7 @@ Short keepalive (1 s) and lease (2 s) keep each test to a few seconds; every wai
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import signal
@@ -386,6 +387,63 @@ async def test_a_deaf_follower_does_not_depose_a_renewing_leader(
         await asyncio.sleep(LEASE)
         assert leader.is_leader and not deaf.is_leader
         assert not [p for _, tp, p, _ in w.messages[since:] if b'"ddeaf"' in p]
+
+
+@pytest.mark.parametrize("waits", [True, False], ids=["waits", "without-waiting"])
+async def test_a_leader_back_from_a_cut_link_does_not_answer_its_backlog(
+    mosquitto_broker: tuple[str, int], monkeypatch: pytest.MonkeyPatch, waits: bool,
+) -> None:
+    """The second chaos soak's duplicates: the leader's link is cut for longer than its lease, a
+    successor takes over and answers the client's re-send; when the link returns, the old leader
+    reads its backlog — the original request comes before the successor's claim — and must not
+    answer it a second time."""
+    if not waits:  # the scenario is real: taking the backlog at once answers twice
+        async def at_once(self: ClusterAgent, wait_s: float | None = None) -> bool:
+            return True
+        monkeypatch.setattr(ClusterAgent, "still_leading", at_once)
+    host, port = mosquitto_broker
+    cl = cluster_name()
+    t = ClusterTopics(cl)
+
+    def handler(dev: str) -> Callable[[Request], Any]:
+        async def on_request(req: Request) -> Any:
+            return {"by": dev}
+        return on_request
+
+    old = ClusterAgent(make_config("dold", cl, host, port), profile("dold", 5.0), on_request=handler("dold"))
+    new = ClusterAgent(make_config("dnew", cl, host, port), profile("dnew", 1.0), on_request=handler("dnew"))
+    link = asyncio.Event()
+    link.set()
+
+    def through_the_link(fn: Any) -> Any:
+        async def call(*args: Any, **kw: Any) -> Any:
+            if not link.is_set():
+                await link.wait()
+                await asyncio.sleep(0.1)  # the backlog trickles in over the recovering link
+            result = fn(*args, **kw)
+            return await result if inspect.isawaitable(result) else result
+        return call
+
+    for sub in old.session._subs:
+        sub.handler = through_the_link(sub.handler)
+    old.session.publish = through_the_link(old.session.publish)  # type: ignore[method-assign]
+    reply_to = t.default_reply_to("phone")
+    async with watcher(host, port, reply_to) as w, old, new:
+        await until(lambda: old.is_leader and new.lease is not None and new.lease.id == "dold", 10, "dold leads")
+        link.clear()  # dold's link is cut both ways (its TCP connection stays open, as in the soak)
+        request = Request("q1", reply_to, "embed", "x").to_json()
+        await w.client.publish(t.request.format(), request, qos=1)  # queued for dold; dnew does not lead
+        await until(lambda: new.is_leader, 4 * LEASE, "dnew takes over")
+        await w.client.publish(t.request.format(), request, qos=1)  # the client sends it again
+        await w.wait_for(lambda tp, p: Reply.from_json(p).result == {"by": "dnew"}, 5)
+        link.set()  # the link returns: dold reads the original request, then dnew's claim
+        await until(lambda: old.superseded, 5, "dold sees dnew's claim")
+        await asyncio.sleep(1.0)
+        answers = [Reply.from_json(p).result for _, _, p, _ in w.messages]
+    if waits:
+        assert answers == [{"by": "dnew"}]
+    else:
+        assert {"by": "dold"} in answers and len(answers) == 2, answers
 
 
 async def test_reconnect_after_broker_restart_republishes_presence(

@@ -100,8 +100,16 @@ class HermesNlu:
 
     def _on_query(self, topic: str, payload: bytes, _props: object) -> None:
         home = self.home
-        if home is not None and (home.cluster.is_leader or home.cluster.holds_lease):
+        if home is not None and home.cluster.is_leader:
             home.spawn(self._answer(home, payload), "hermes")  # a query must not hold up the session
+        elif home is not None and home.cluster.holds_lease:  # leading, or back from a cut link? (still_leading)
+            home.spawn(self._answer_if_still_leading(home, payload), "hermes")
+
+    async def _answer_if_still_leading(self, home: Home, payload: bytes) -> None:
+        if await home.cluster.still_leading():
+            await self._answer(home, payload)
+        else:
+            log.info("hermes: a query read while this device's lease was running out was not answered here")
 
     async def _answer(self, home: Home, payload: bytes) -> None:
         try:
