@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -115,10 +116,10 @@ class Leadership:
         since the vacancy began, send one now (again after a sixth of a lease if it was lost): its
         echo is what lets this device claim (``election.hears_itself_since_vacancy``)."""
         since = self._vacant_since
-        if since is None or snap.session is None or not election.vacant_by_silence(snap):
+        if since is None or snap.session is None:
             return
-        if snap.heard_self_at is not None and snap.heard_self_at + election.HEARD_SELF_SLACK_S >= since:
-            return
+        if election.hears_itself_since_vacancy(dataclasses.replace(snap, vacant_since=since)):
+            return  # not a vacancy by silence, or our status already came back since it began
         if self._probe_at is not None and self._probe_at >= since and \
                 snap.now - self._probe_at < snap.lease_s * election.RETRY_FRACTION:
             return
