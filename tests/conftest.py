@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import random
+import signal
 import uuid
 from collections.abc import Iterator
 
@@ -25,6 +26,14 @@ from detransformer_edge.transport.broker import (  # noqa: F401 - re-exported fo
     run_mosquitto,
     wait_for_port,
 )
+
+# A test run started in the background by a non-interactive shell (`make test &`, a CI wrapper)
+# inherits SIGINT *ignored*, and so would every command the tests start: the tests that send
+# SIGINT (Ctrl-C) to a demo or a testbed owner would wait for an exit that never comes. With
+# SIGINT handled here, the commands the tests start get the default back (a handled signal is
+# reset on exec, an ignored one stays ignored), and Python raises KeyboardInterrupt in them.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 hypothesis_settings.register_profile("dte", print_blob=True)  # a failure prints how to replay it
 hypothesis_settings.load_profile("dte")

@@ -398,9 +398,11 @@ async def test_a_leader_back_from_a_cut_link_does_not_answer_its_backlog(
     reads its backlog — the original request comes before the successor's claim — and must not
     answer it a second time."""
     if not waits:  # the scenario is real: taking the backlog at once answers twice
-        async def at_once(self: ClusterAgent, wait_s: float | None = None) -> bool:
+        from detransformer_edge.cluster.leadership import Leadership
+
+        async def at_once(self: Leadership, wait_s: float | None = None) -> bool:
             return True
-        monkeypatch.setattr(ClusterAgent, "still_leading", at_once)
+        monkeypatch.setattr(Leadership, "still_leading", at_once)
     host, port = mosquitto_broker
     cl = cluster_name()
     t = ClusterTopics(cl)

@@ -207,23 +207,6 @@ class ClusterAgent:
         return (session is not None and lease is not None and lease.record.id == self.config.id
                 and lease.record.session == session)
 
-    async def still_leading(self, wait_s: float | None = None) -> bool:
-        """May this device take a request now? A leader: yes. One whose own lease ran out by its
-        clock while no other record has reached it (``holds_lease``) is either reading its
-        renewal's echo late (a busy event loop) or just back from a cut link and reading the
-        backlog, where the requests that queued while it was away come *before* its successor's
-        claim: answering them would answer twice (the successor answers the clients' re-sends).
-        So wait, up to a quarter of a lease, until one or the other shows: its renewal echoed (it
-        leads) or another device's record (superseded); a request not taken is sent again by its
-        client (docs/API.md)."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + (self.config.election.lease_s / 4 if wait_s is None else wait_s)
-        while not self.is_leader:
-            if not self.holds_lease or loop.time() >= end:
-                return False
-            await asyncio.sleep(0.02)
-        return True
-
     @property
     def superseded(self) -> bool:
         """Another device holds the lease this one follows. What this device took while it led
@@ -412,15 +395,8 @@ class ClusterAgent:
     def _on_request(self, topic: str, payload: bytes, props: Any) -> None:
         if self.is_leader:
             self.desk.take(payload, props)
-        elif self.holds_lease:
-            self.session.spawn(self._take_if_still_leading(payload, props), "request")
-
-    async def _take_if_still_leading(self, payload: bytes, props: Any) -> None:
-        if await self.still_leading():
-            self.desk.take(payload, props)
-        else:
-            log.info("agent %s: a request read while its lease was running out was not taken: %s",
-                     self.config.id, "another device leads" if self.superseded else "the lease lapsed")
+        elif self.holds_lease:  # leading still, or back from a cut link? (Leadership.still_leading)
+            self.session.spawn(self.leadership.take_if_still_leading(self.desk.take, payload, props), "request")
 
     async def _on_assign(self, topic: str, payload: bytes, _props: object) -> None:
         msg = self.topics.assign.decode(payload)

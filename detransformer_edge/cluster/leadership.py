@@ -139,6 +139,31 @@ class Leadership:
         if self._vacant_since is not None:
             self.wake.set()
 
+    async def still_leading(self, wait_s: float | None = None) -> bool:
+        """May this device take a request now? A leader: yes. One whose own lease ran out by its
+        clock while no other record has reached it (``holds_lease``) is either reading its
+        renewal's echo late (a busy event loop) or just back from a cut link and reading the
+        backlog, where the requests that queued while it was away come *before* its successor's
+        claim: answering them would answer twice (the successor answers the clients' re-sends).
+        So wait, up to a quarter of a lease, until one or the other shows: its renewal echoed (it
+        leads) or another device's record (superseded); a request not taken is sent again by its
+        client (docs/API.md)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (self.agent.config.election.lease_s / 4 if wait_s is None else wait_s)
+        while not self.agent.is_leader:
+            if not self.agent.holds_lease or loop.time() >= end:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def take_if_still_leading(self, take: Callable[..., None], *args: Any) -> None:
+        """``take(*args)`` (a request read while the lease was running out) if this device still leads."""
+        if await self.still_leading():
+            take(*args)
+        else:
+            log.info("agent %s: a request read while its lease was running out was not taken: %s",
+                     self.agent.config.id, "another device leads" if self.agent.superseded else "the lease lapsed")
+
     async def check_role(self) -> None:
         leader = self.is_leader
         if leader and not self._was_leader:

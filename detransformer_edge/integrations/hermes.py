@@ -102,11 +102,11 @@ class HermesNlu:
         home = self.home
         if home is not None and home.cluster.is_leader:
             home.spawn(self._answer(home, payload), "hermes")  # a query must not hold up the session
-        elif home is not None and home.cluster.holds_lease:  # leading, or back from a cut link? (still_leading)
+        elif home is not None and home.cluster.holds_lease:  # leading, or back from a cut link? (Leadership.still_leading)
             home.spawn(self._answer_if_still_leading(home, payload), "hermes")
 
     async def _answer_if_still_leading(self, home: Home, payload: bytes) -> None:
-        if await home.cluster.still_leading():
+        if await home.cluster.leadership.still_leading():
             await self._answer(home, payload)
         else:
             log.info("hermes: a query read while this device's lease was running out was not answered here")
