@@ -32,7 +32,6 @@ class StartupWatch:
         self.last_progress = self.started
         self._sizes = {name: self._size(path) for name, path in self.logs.items()}
         self._answer: Any = None
-        self.progress_events = 0
 
     @staticmethod
     def _size(path: Path) -> int:
@@ -57,7 +56,6 @@ class StartupWatch:
 
     def _progressed(self) -> None:
         self.last_progress = self._clock()
-        self.progress_events += 1
 
     def remaining(self) -> float:
         """Seconds before the watch gives up if nothing new happens (never below 0)."""

@@ -139,7 +139,7 @@ class Leadership:
         if self._vacant_since is not None:
             self.wake.set()
 
-    async def still_leading(self, wait_s: float | None = None) -> bool:
+    async def still_leading(self) -> bool:
         """May this device take a request now? A leader: yes. One whose own lease ran out by its
         clock while no other record has reached it (``holds_lease``) is either reading its
         renewal's echo late (a busy event loop) or just back from a cut link and reading the
@@ -149,7 +149,7 @@ class Leadership:
         leads) or another device's record (superseded); a request not taken is sent again by its
         client (docs/API.md)."""
         loop = asyncio.get_running_loop()
-        end = loop.time() + (self.agent.config.election.lease_s / 4 if wait_s is None else wait_s)
+        end = loop.time() + self.agent.config.election.lease_s / 4
         while not self.agent.is_leader:
             if not self.agent.holds_lease or loop.time() >= end:
                 return False
