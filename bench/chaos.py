@@ -530,7 +530,8 @@ class Chaos:
         args = self.args
         async with HomeWatcher(self.home.address("broker"), MQTT_PORT, self.fleet.cluster) as watch:
             self.watch = watch
-            leader, version = await watch.wait_placement(self.fleet.ids, timeout=args.ready_timeout_s)
+            leader, version = await self.fleet.wait_ready(watch, quiet_s=min(60.0, args.ready_timeout_s),
+                                                          cap_s=args.ready_timeout_s)
             print(f"[chaos] home ready: leader {leader}, placement v{version}; "
                   f"{args.minutes:g} min at {args.rate:g} requests/s", flush=True)
             watch.client.follow_answers(self._on_answer)
@@ -748,7 +749,8 @@ def main(argv: list[str] | None = None, on_result: Callable[[dict[str, Any]], No
     p.add_argument("--warmup-s", type=float, default=60.0, help="warm-up of a restarted agent")
     p.add_argument("--min-series-s", type=float, default=180.0, help="shortest series judged flat or not")
     p.add_argument("--grace-s", type=float, default=10.0, help="listening for late and duplicate answers")
-    p.add_argument("--ready-timeout-s", type=float, default=300.0)
+    p.add_argument("--ready-timeout-s", type=float, default=300.0,
+                   help="start-up bound in all; it also fails after a minute with no agent progressing")
     p.add_argument("--prefix", default=None, help="testbed prefix (default chs + random hex)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "chaos.json")
     p.add_argument("--no-plot", action="store_true")

@@ -81,7 +81,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict:
                            keepalive_s=5, lease_s=6.0, status_interval_s=2.0, replicate_all=args.catalog == "tiny")
         with fleet:
             async with HomeWatcher(broker.host, broker.port, fleet.cluster) as watch:
-                leader, version = await watch.wait_placement(fleet.ids, timeout=300)
+                leader, version = await fleet.wait_ready(watch)  # as long as the agents progress
                 print(f"soak: {args.agents} agents ({args.catalog}), leader {leader}, placement v{version}; "
                       f"{args.minutes} min, sampling every {args.interval_s:.0f} s", flush=True)
                 stop = asyncio.Event()

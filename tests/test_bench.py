@@ -324,7 +324,7 @@ def test_an_agent_killed_before_readiness_is_named_at_once(tmp_path: Path) -> No
 def test_readiness_waits_while_agents_progress_and_stops_on_silence(tmp_path: Path) -> None:
     """A slower host takes longer to load the same models: the wait is bounded by silence (no agent
     log line, no new answer from the leader), not by a deadline a faster host happens to meet."""
-    from detransformer_edge.bench.readiness import StartupWatch
+    from detransformer_edge.service.readiness import StartupWatch
 
     now = [0.0]
     logs = {"dev0": tmp_path / "dev0.log", "dev1": tmp_path / "dev1.log"}
@@ -350,8 +350,28 @@ def test_readiness_waits_while_agents_progress_and_stops_on_silence(tmp_path: Pa
     assert watch.remaining() == 0.0
 
 
+def test_readiness_counts_busy_agents_as_progress_and_idle_ones_not(tmp_path: Path) -> None:
+    """Agents that log only warnings are silent while they import torch or load a model: their CPU
+    time is the progress there, but only while they use a tenth of a core or more together."""
+    from detransformer_edge.service.readiness import StartupWatch
+
+    now, cpu = [0.0], [0.0]
+    watch = StartupWatch({"dev0": tmp_path / "dev0.log"}, quiet_s=60, cap_s=600, clock=lambda: now[0],
+                         cpu=lambda: cpu[0])
+    for t in range(1, 301):  # 5 minutes of silent start-up on a slow host: 0.15 of a core in all
+        now[0], cpu[0] = float(t), cpu[0] + 0.15
+        assert watch.why_stop() is None, t
+    for t in range(301, 400):  # then idle: a status message now and then, 0.02 of a core
+        now[0], cpu[0] = float(t), cpu[0] + 0.02
+        if watch.why_stop() is not None:
+            break
+    assert now[0] == 360.0, "gave up too early or too late"
+    why = watch.why_stop()
+    assert why is not None and "nothing new for 60 s" in why and "none was busy" in why
+
+
 def test_readiness_gives_up_at_its_cap_even_while_agents_keep_logging(tmp_path: Path) -> None:
-    from detransformer_edge.bench.readiness import StartupWatch, last_line
+    from detransformer_edge.service.readiness import StartupWatch, last_line
 
     now = [0.0]
     log = tmp_path / "dev0.log"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from detransformer_edge.service.fleet import AgentFleet, Answer, HomeWatcher
+from detransformer_edge.service.fleet import AgentFleet, Answer, FleetError, HomeWatcher
 from detransformer_edge.transport.broker import find_mosquitto, free_port, run_mosquitto
 
 pytestmark = [pytest.mark.slow, pytest.mark.mosquitto]
@@ -76,8 +76,9 @@ async def steady_requests(watch: HomeWatcher, stop: asyncio.Event, clients: int 
 async def test_device_killed_mid_request(broker, tmp_path):
     fleet = AgentFleet(tmp_path, broker, keepalive_s=KEEPALIVE_S, lease_s=LEASE_S)
     with fleet:
-        async with asyncio.timeout(90), HomeWatcher(*broker, fleet.cluster) as watch:
-            leader, v1 = await watch.wait_placement(fleet.ids)
+        async with HomeWatcher(*broker, fleet.cluster) as watch, asyncio.timeout(None) as budget:
+            leader, v1 = await fleet.wait_ready(watch)  # start-up: as long as the agents progress
+            budget.reschedule(asyncio.get_running_loop().time() + 90)  # then the test's own bound
             victim = next(d for d in fleet.ids if d != leader)
             first = await watch.request("embed", TEXT, EMBED)
             assert first is not None and first.ok and victim in plan_of(first), first
@@ -109,6 +110,29 @@ async def test_device_killed_mid_request(broker, tmp_path):
             assert all(a.ok for a in kill_answers), [a.body for a in kill_answers]
 
 
+async def test_start_up_wait_ends_at_once_when_an_agent_exits(broker, tmp_path):
+    """``wait_ready`` waits as long as the home progresses, but an agent that exits ends it at once,
+    naming the agent, its exit status and its last words (here: a catalog it does not know)."""
+    fleet = AgentFleet(tmp_path, broker, n=2, catalog="no-such-catalog")
+    with fleet:
+        async with HomeWatcher(*broker, fleet.cluster) as watch, asyncio.timeout(60):
+            with pytest.raises(FleetError, match=r"(?s)agent dev\d exited with 2: .*invalid choice: 'no-such-catalog'"):
+                await fleet.wait_ready(watch)
+
+
+def test_process_cpu_time_is_read_from_proc():
+    from detransformer_edge.service.readiness import process_cpu_s
+
+    before = process_cpu_s(os.getpid())
+    end = time.process_time() + 0.3
+    while time.process_time() < end:  # busy for 0.3 CPU seconds
+        pass
+    assert process_cpu_s(os.getpid()) - before >= 0.2
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert process_cpu_s(dead.pid) == 0.0
+
+
 async def _ask_until_answered(watch: HomeWatcher, rid: str, per_try_s: float, tries: int = 5) -> Answer:
     """The client contract for a leader that dies: re-send the same id after the lease time."""
     for _ in range(tries):
@@ -121,8 +145,9 @@ async def _ask_until_answered(watch: HomeWatcher, rid: str, per_try_s: float, tr
 async def test_leader_killed(broker, tmp_path):
     fleet = AgentFleet(tmp_path, broker, keepalive_s=KEEPALIVE_S, lease_s=LEASE_S)
     with fleet:
-        async with asyncio.timeout(90), HomeWatcher(*broker, fleet.cluster) as watch:
-            leader, v1 = await watch.wait_placement(fleet.ids)
+        async with HomeWatcher(*broker, fleet.cluster) as watch, asyncio.timeout(None) as budget:
+            leader, v1 = await fleet.wait_ready(watch)  # start-up: as long as the agents progress
+            budget.reschedule(asyncio.get_running_loop().time() + 90)  # then the test's own bound
             ok = await watch.hermes(TEXT)
             assert ok is not None and ok.ok
             # queries in flight on the leader when it dies: the client re-sends them after the lease
@@ -152,12 +177,13 @@ async def test_broker_restarted(tmp_path):
         pytest.skip("mosquitto is not installed (scripts/setup.sh test installs it)")
     host, port = "127.0.0.1", free_port()
     fleet = AgentFleet(tmp_path, (host, port), keepalive_s=KEEPALIVE_S, lease_s=LEASE_S, homeassistant=True)
-    async with asyncio.timeout(120):
+    async with asyncio.timeout(None) as budget:
         with run_mosquitto(host, port, workdir=tmp_path) as _:
             fleet.start()
             try:
                 async with HomeWatcher(host, port, fleet.cluster) as watch:
-                    await watch.wait_placement(fleet.ids)
+                    await fleet.wait_ready(watch)  # start-up: as long as the agents progress
+                    budget.reschedule(asyncio.get_running_loop().time() + 120)  # then the test's own bound
                     before = await watch.request("embed", TEXT, EMBED)
                     assert before is not None and before.ok
             except BaseException:
@@ -242,8 +268,8 @@ async def _link_scenario(home, fleet: AgentFleet, host: str, victim: str) -> dic
                     break
                 except Exception:
                     await asyncio.sleep(0.2)
+        leader, v1 = await fleet.wait_ready(watch)  # as long as the agents progress
         async with asyncio.timeout(120):
-            leader, v1 = await watch.wait_placement(fleet.ids, timeout=90)
             if leader == victim:
                 victim = next(d for d in fleet.ids if d != leader)
             stop = asyncio.Event()

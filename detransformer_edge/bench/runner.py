@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from detransformer_edge.bench.readiness import StartupWatch
 from detransformer_edge.bench.results import Samples
 from detransformer_edge.bench.spec import DEVICE_MEM_MB, BenchConfig, Scenario, Workload
 from detransformer_edge.errors import DetransformerError
+from detransformer_edge.service.readiness import StartupWatch
 
 log = logging.getLogger(__name__)
 CLUSTER = "bench"
@@ -367,7 +367,7 @@ class BenchHome:
                    model: str | None = None) -> str:
         """Wait until the leader plans TP over every device (all agents joined and loaded);
         returns the leader's id (the coordinator of baseline plans). Bounded by silence, not by
-        the clock (``bench.readiness``): a slower host is waited for while its agents progress."""
+        the clock (``service.readiness``): a slower host is waited for while its agents progress."""
         names = self.scenario.device_names()
         watch = StartupWatch({n: self.workdir / f"{n}.log" for n in names}, quiet_s, cap_s)
         params: dict[str, Any] = {"model": model or workload.model_for("tp"), "plan": "tp"}

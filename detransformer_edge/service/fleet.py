@@ -4,7 +4,7 @@ and the soak benchmark need to treat a home as a black box over MQTT.
     fleet = AgentFleet(workdir, broker=(host, port), n=3, keepalive_s=2, lease_s=3.0)
     fleet.start()                      # detransformer-edge agent --config ... --catalog tiny
     async with HomeWatcher(host, port, fleet.cluster) as watch:
-        leader = await watch.wait_placement(fleet.ids)
+        leader, version = await fleet.wait_ready(watch)   # as long as the agents progress
         reply = await watch.request("embed", "hi", {"plan": "pipeline"})
         fleet.kill("dev1")             # SIGKILL: no goodbye, the broker fires the LWT
     fleet.stop()
@@ -39,6 +39,7 @@ from detransformer_edge.protocol.hermes import (
     TOPIC_NLU_ERROR,
     TOPIC_NOT_RECOGNIZED,
 )
+from detransformer_edge.service.readiness import StartupWatch, process_cpu_s
 
 TREE = Path(__file__).resolve().parents[2]  # the source tree the agents must run, not an installed copy
 PROFILES_DIR = TREE / "firmware_profiles"
@@ -77,7 +78,9 @@ class AgentFleet:
     replicate_all: bool = True  # every device holds every model: fixed multi-device plans can run
     cluster: str = field(default_factory=lambda: f"f{uuid.uuid4().hex[:8]}")
     home: Any = None  # a testbed Home: each agent runs in the node named after it (testbed/home.py)
-    verbose: int = 0  # agents' -v: 1 logs every election step and request outcome (INFO)
+    # agents' -v: 1 logs every election step and request outcome (INFO); DTE_FLEET_VERBOSE=1 sets it
+    # for every fleet a test starts (the logs are the agents' dev*.log in the test's tmp_path)
+    verbose: int = field(default_factory=lambda: int(os.environ.get("DTE_FLEET_VERBOSE", "0") or 0))
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -151,12 +154,34 @@ class AgentFleet:
                 p.kill()
                 p.wait()
 
+    async def wait_ready(self, watch: HomeWatcher, devices: list[str] | None = None, quiet_s: float = 60.0,
+                         cap_s: float = 480.0) -> tuple[str, int]:
+        """The first placement with every one of ``devices`` (default: all) ready; returns (leader,
+        version). Start-up is the host's speed times the work, so this waits as long as the home
+        progresses (``service/readiness.py``: an agent's log grows, an agent is busy, the leader or
+        a device's state changes) and fails after ``quiet_s`` of none, at ``cap_s`` in all, or at
+        once when an agent exits, saying what each agent and the watcher saw last."""
+        devices = devices or self.ids
+        sw = StartupWatch({d: self.workdir / f"{d}.log" for d in self.ids}, quiet_s, cap_s,
+                          cpu=lambda: sum(process_cpu_s(p.pid) for p in self.procs.values()))
+        while (why := sw.why_stop()) is None:
+            self.check_alive()
+            lead, v = watch.leader(), watch.placement(devices)
+            if lead is not None and v:
+                return lead, v
+            sw.saw((lead, tuple(watch.state_of(d) for d in devices)))
+            await asyncio.sleep(0.1)
+        raise FleetError(f"{why}; the watcher saw {watch.describe(devices)}")
+
     def __enter__(self) -> AgentFleet:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.stop()
+        if exc_type is not None:  # pytest shows a failing test's output: the agents' last words
+            for dev in self.ids:
+                print(f"--- {dev}.log (last lines) ---\n{self.log_tail(dev, 4000)}")
 
 
 @dataclass
@@ -294,13 +319,37 @@ class HomeWatcher:
     async def wait_placement(self, devices: list[str], timeout: float = 60.0, newer_than: int = 0,
                              leader_not: str | None = None) -> tuple[str, int]:
         """Wait until a leader (not ``leader_not``) has a placement newer than ``newer_than`` with
-        all of ``devices`` ready; returns (leader, version)."""
-        async with asyncio.timeout(timeout):
-            while True:
-                lead, v = self.leader(), self.placement(devices)
-                if lead is not None and v > newer_than and lead != leader_not:
-                    return lead, v
-                await asyncio.sleep(0.05)
+        all of ``devices`` ready; returns (leader, version). On timeout the TimeoutError says what
+        the home showed instead (leader, each device's state)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    lead, v = self.leader(), self.placement(devices)
+                    if lead is not None and v > newer_than and lead != leader_not:
+                        return lead, v
+                    await asyncio.sleep(0.05)
+        except TimeoutError as e:
+            raise TimeoutError(f"no placement newer than v{newer_than} with {', '.join(devices)} ready "
+                               f"within {timeout:g} s: {self.describe(devices)}") from e
+
+    def state_of(self, dev: str) -> tuple[Any, ...]:
+        """What changes as ``dev`` starts: presence, role, readiness, loading, placement version."""
+        st = self.status.get(dev, {})
+        return (self.presence.get(dev), st.get("role"), st.get("ready"), st.get("loading"),
+                st.get("weights_percent"), st.get("placement_version"))
+
+    def describe(self, devices: list[str]) -> str:
+        """The home as this watcher sees it now: leader, lease records seen, each device's state."""
+        now = time.monotonic()
+        parts = [f"leader {self.leader()} ({len(self.leases)} lease records)"]
+        for d in devices:
+            st = self.status.get(d)
+            state = "no status" if st is None else (
+                f"{st.get('role')}, ready={st.get('ready')} loading={st.get('loading')} "
+                f"placement v{st.get('placement_version')}, "
+                f"status {now - float(st['_at']):.1f} s old")
+            parts.append(f"{d}: {'online' if self.presence.get(d) else 'offline'}, {state}")
+        return "; ".join(parts)
 
     async def wait_presence(self, dev: str, online: bool, after: float, timeout: float = 30.0) -> float:
         """The moment (after ``after``) ``dev``'s presence became ``online``."""
